@@ -1,0 +1,129 @@
+"""Helpers for tests that run against the real local Kafka broker.
+
+The broker is started once per test session by `tests/conftest.py` (or given
+by `SCM_RELAY_TEST_KAFKA=host:port`). Every test gets its own uuid-named
+topics and consumer groups, so tests never see each other's records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KAFKA_LOCAL = REPO_ROOT / "deploy" / "local-kafka" / "kafka-local"
+TEST_KAFKA_ENV = "SCM_RELAY_TEST_KAFKA"
+# Bounds every admin or client call a test makes, so a wedged broker fails a test
+# instead of hanging it until the per-test timeout.
+CALL_TIMEOUT_S = 30.0
+
+
+def unique_name(prefix: str) -> str:
+    """Return `prefix` plus a uuid: a name no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class LocalBroker:
+    """The broker the test session runs against."""
+
+    bootstrap_servers: str
+    started_here: bool
+
+    @classmethod
+    def from_environment_or_start(cls) -> LocalBroker:
+        """Use `SCM_RELAY_TEST_KAFKA` when set; otherwise start the local broker."""
+        given = os.environ.get(TEST_KAFKA_ENV, "").strip()
+        if given:
+            return cls(bootstrap_servers=given, started_here=False)
+        subprocess.run([str(KAFKA_LOCAL), "start"], check=True, timeout=600)
+        address = subprocess.run(
+            [str(KAFKA_LOCAL), "address"], check=True, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        return cls(bootstrap_servers=address, started_here=True)
+
+    def stop(self) -> None:
+        """Stop the broker if this session started it."""
+        if self.started_here:
+            subprocess.run([str(KAFKA_LOCAL), "stop"], check=True, timeout=120)
+
+
+@dataclass
+class TopicFactory:
+    """Creates uuid-named topics on the test broker through one admin client."""
+
+    admin: AIOKafkaAdminClient
+    created: list[str] = field(default_factory=list)
+
+    async def create(
+        self, prefix: str = "topic", *, partitions: int = 1, config: dict[str, str] | None = None
+    ) -> str:
+        """Create a fresh topic and return its name once the broker lists it."""
+        name = unique_name(prefix)
+        topic = NewTopic(
+            name=name, num_partitions=partitions, replication_factor=1, topic_configs=config or {}
+        )
+        response = await asyncio.wait_for(self.admin.create_topics([topic]), timeout=CALL_TIMEOUT_S)
+        errors = [(t[0], t[1]) for t in response.topic_errors if t[1] != 0]
+        if errors:
+            raise RuntimeError(f"create_topics({name}) failed: {errors}")
+        self.created.append(name)
+        await wait_until(lambda: self._listed(name), what=f"topic {name} to be listed")
+        return name
+
+    async def _listed(self, name: str) -> bool:
+        return name in await self.admin.list_topics()
+
+
+@asynccontextmanager
+async def admin_client(bootstrap_servers: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client that is always closed."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await asyncio.wait_for(admin.start(), timeout=CALL_TIMEOUT_S)
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    what: str,
+    timeout_s: float = CALL_TIMEOUT_S,
+    interval_s: float = 0.2,
+) -> None:
+    """Poll `condition` until it is true; fail naming `what` after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await condition():
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+async def read_all(
+    consumer: AIOKafkaConsumer, expected: int, *, timeout_s: float = CALL_TIMEOUT_S
+) -> list[Any]:
+    """Read from `consumer` until `expected` records arrived or `timeout_s` passed.
+
+    Returns what was read; the caller asserts on it, so a shortfall shows the records.
+    """
+    records: list[Any] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while len(records) < expected and loop.time() < deadline:
+        batches = await consumer.getmany(timeout_ms=200)
+        for batch in batches.values():
+            records.extend(batch)
+    return records
