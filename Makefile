@@ -13,7 +13,7 @@ KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help setup lint fmt test test-unit kafka-up kafka-down kafka-status lock clean
+.PHONY: help setup lint fmt test test-unit schemas kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ setup: $(VENV)/.synced ## create .venv from the lock files (idempotent)
 lock: | $(UV) ## re-resolve requirements/*.lock from pyproject.toml
 	$(UV) pip compile pyproject.toml --generate-hashes --universal --python-version 3.11 -q -o requirements/runtime.lock
 	$(UV) pip compile pyproject.toml --group dev --generate-hashes --universal --python-version 3.11 -q -o requirements/dev.lock
+
+schemas: setup ## regenerate schemas/*.schema.json from the models
+	$(BIN)/python -m service.schemas write schemas
 
 lint: setup ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff check .

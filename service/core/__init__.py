@@ -1,0 +1,1 @@
+"""The pure core: contract, batching, offsets, ordering. No Kafka, no HTTP, no I/O."""

@@ -1,0 +1,780 @@
+"""The change-event contract: what upstream publishes and how each record is judged.
+
+Pure: no Kafka, no HTTP, no clock. `parse_event(raw, limits)` turns the bytes
+of one Kafka record into either a `ParsedEvent` or a `Rejection` with a stable
+reason code, a message that names the field and the fix, and the stage
+(`decode` or `validate`) that the dead-letter headers carry.
+
+The vendor's rules (docs/scantrust-scm-api.md sections 1 and 2.6) are applied
+here so that a bad event is refused before it can spoil a whole batch at the
+API. Values are normalised to what the API is sent: strings, with surrounding
+white space removed; their case and inner spaces are never touched, because
+the API matches constraint values exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import date
+from enum import StrEnum
+from typing import Annotated, Any, Final, NamedTuple
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
+
+
+class Stage(StrEnum):
+    """Where a record was refused; carried in `scm_relay.error.stage`."""
+
+    DECODE = "decode"
+    VALIDATE = "validate"
+    API = "api"
+
+
+class Reason(StrEnum):
+    """Stable machine codes for refused records (`scm_relay.error.reason`).
+
+    Never rename a member's value: operators filter dead letters and alert on them.
+    """
+
+    # decode: the bytes are not a JSON object
+    NOT_UTF8 = "not_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    TOO_DEEPLY_NESTED = "too_deeply_nested"
+    # validate: the object breaks a rule
+    RECORD_TOO_LARGE = "record_too_large"
+    UNKNOWN_FIELD = "unknown_field"
+    MISSING_FIELD = "missing_field"
+    EVENT_ID_INVALID = "event_id_invalid"
+    EVENT_ID_TOO_LONG = "event_id_too_long"
+    CONSTRAINTS_NOT_OBJECT = "constraints_not_object"
+    CONSTRAINTS_KEY_COUNT = "constraints_key_count"
+    CONSTRAINT_KEY_MESSAGE = "constraint_key_message"
+    CONSTRAINT_KEY_FORBIDDEN = "constraint_key_forbidden"
+    CONSTRAINT_KEY_INVALID = "constraint_key_invalid"
+    CONSTRAINT_VALUES_EMPTY = "constraint_values_empty"
+    CONSTRAINT_VALUE_INVALID = "constraint_value_invalid"
+    CONSTRAINT_VALUE_BLANK = "constraint_value_blank"
+    CONSTRAINT_VALUE_TOO_LONG = "constraint_value_too_long"
+    CONSTRAINT_VALUE_DUPLICATE = "constraint_value_duplicate"
+    TOO_MANY_VALUES = "too_many_values"
+    SCM_DATA_NOT_OBJECT = "scm_data_not_object"
+    SCM_DATA_EMPTY = "scm_data_empty"
+    SCM_DATA_TOO_MANY_KEYS = "scm_data_too_many_keys"
+    SCM_DATA_KEY_IMMUTABLE = "scm_data_key_immutable"
+    SCM_DATA_KEY_PRODUCT_ID = "scm_data_key_product_id"
+    SCM_DATA_KEY_STATUS = "scm_data_key_status"
+    SCM_DATA_KEY_INVALID = "scm_data_key_invalid"
+    SCM_DATA_VALUE_INVALID = "scm_data_value_invalid"
+    SCM_DATA_VALUE_TOO_LONG = "scm_data_value_too_long"
+    ACTIVATION_STATUS_INVALID = "activation_status_invalid"
+    BLACKLIST_REASON_INVALID = "blacklist_reason_invalid"
+    CAMPAIGN_TYPE = "campaign_type"
+    CAMPAIGN_NOT_POSITIVE = "campaign_not_positive"
+    REFERENCE_INVALID = "reference_invalid"
+    REFERENCE_TOO_LONG = "reference_too_long"
+    EXPECTED_CODES_INVALID = "expected_codes_invalid"
+    # api: the API refused the batch the event was in
+    API_REJECTED = "api_rejected"
+
+    @property
+    def stage(self) -> Stage:
+        """The stage this reason belongs to."""
+        if self in _DECODE_REASONS:
+            return Stage.DECODE
+        if self is Reason.API_REJECTED:
+            return Stage.API
+        return Stage.VALIDATE
+
+
+_DECODE_REASONS: Final = frozenset(
+    {Reason.NOT_UTF8, Reason.INVALID_JSON, Reason.NOT_AN_OBJECT, Reason.TOO_DEEPLY_NESTED}
+)
+
+# Keys that select exactly one code per value: without `expected_codes`, each value
+# of such a key is expected to touch one code.
+IDENTIFIER_KEYS: Final = frozenset({"extended_id", "serial_number"})
+DEFAULT_ONE_CODE_PER_VALUE_KEYS: Final = frozenset({"rfid"})
+# The JSON parser's own recursion limit; deeper input is refused as too_deeply_nested.
+MAX_JSON_NESTING: Final = 200
+KEY_PATTERN: Final = r"^[A-Za-z0-9_-]+$"
+_KEY_RE: Final = re.compile(KEY_PATTERN)
+_ISO_DATE_RE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+ACTIVATION_STATUSES: Final = ("0", "1", "2")
+BLACKLIST_REASONS: Final = tuple(str(n) for n in range(11))
+TOP_LEVEL_FIELDS: Final = (
+    "event_id",
+    "constraints",
+    "scm_data",
+    "campaign",
+    "reference",
+    "expected_codes",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ContractLimits:
+    """Bounds on one event; each is a setting (docs/settings.md) with this default."""
+
+    max_record_bytes: int = 1024 * 1024
+    max_values_per_event: int = 100_000
+    max_scm_data_keys: int = 100
+    max_key_length: int = 128
+    max_value_length: int = 1024
+    max_reference_length: int = 255
+    max_event_id_length: int = 256
+    one_code_per_value_keys: frozenset[str] = DEFAULT_ONE_CODE_PER_VALUE_KEYS
+
+
+DEFAULT_LIMITS: Final = ContractLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a record was refused: what the dead-letter headers and `validate` report."""
+
+    reason: Reason
+    message: str
+    field: str | None = None
+    further_problems: int = 0
+
+    @property
+    def stage(self) -> Stage:
+        """The stage of `reason`."""
+        return self.reason.stage
+
+
+# ---------------------------------------------------------------------------
+# Field validators. Each raises PydanticCustomError whose type is a Reason value
+# and whose context carries the human message and the exact field path.
+
+
+def _problem(reason: Reason, field: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(reason.value, "{message}", {"message": message, "field": field})
+
+
+def _show(value: Any) -> str:
+    """A short, safe rendering of a user value for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _limits(info: ValidationInfo) -> ContractLimits:
+    context = info.context
+    if isinstance(context, dict):
+        limits = context.get("limits")
+        if isinstance(limits, ContractLimits):
+            return limits
+    return DEFAULT_LIMITS
+
+
+def _warn(info: ValidationInfo, warning: str) -> None:
+    context = info.context
+    if isinstance(context, dict):
+        warnings = context.get("warnings")
+        if isinstance(warnings, list):
+            warnings.append(warning)
+
+
+def _check_key(key: str, field: str, limits: ContractLimits, reason: Reason) -> None:
+    if not _KEY_RE.match(key):
+        raise _problem(
+            reason,
+            field,
+            f"key {_show(key)} is not a valid field key: use only letters, digits, '_' and '-' "
+            "(as in the campaign's template.csv)",
+        )
+    if len(key) > limits.max_key_length:
+        raise _problem(
+            reason, field, f"key {_show(key)} is longer than {limits.max_key_length} characters"
+        )
+
+
+_FORBIDDEN_CONSTRAINT_KEYS: Final = {
+    "product": "select codes by extended_id, serial_number or an SCM field, not by product",
+    "product_id": "select codes by extended_id, serial_number or an SCM field, not by product",
+    "campaign": "put the campaign id in the top-level 'campaign' field, not in constraints",
+    "campaign_id": "put the campaign id in the top-level 'campaign' field, not in constraints",
+}
+
+
+def _constraint_key(key: str, limits: ContractLimits) -> None:
+    field = f"constraints.{key}"
+    if key == "message":
+        raise _problem(
+            Reason.CONSTRAINT_KEY_MESSAGE,
+            field,
+            "Invalid constraint name, please use 'extended_id' instead of 'message'",
+        )
+    if key in _FORBIDDEN_CONSTRAINT_KEYS:
+        raise _problem(
+            Reason.CONSTRAINT_KEY_FORBIDDEN,
+            field,
+            f"'{key}' is not allowed as a constraint: {_FORBIDDEN_CONSTRAINT_KEYS[key]}",
+        )
+    _check_key(key, "constraints", limits, Reason.CONSTRAINT_KEY_INVALID)
+
+
+def _constraint_value(value: Any, field: str, limits: ContractLimits) -> str:
+    # bool is an int in Python, but `true` is no code; floats lose digits.
+    if isinstance(value, str):
+        text = value.strip()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    else:
+        raise _problem(
+            Reason.CONSTRAINT_VALUE_INVALID,
+            field,
+            f"constraint value {_show(value)} must be a string (or a whole number); "
+            "write codes as strings",
+        )
+    if not text:
+        raise _problem(
+            Reason.CONSTRAINT_VALUE_BLANK,
+            field,
+            "constraint value is blank: remove it or fill it in",
+        )
+    if len(text) > limits.max_value_length:
+        raise _problem(
+            Reason.CONSTRAINT_VALUE_TOO_LONG,
+            field,
+            f"constraint value is {len(text)} characters long; "
+            f"the limit is {limits.max_value_length}",
+        )
+    return text
+
+
+def _constraints(value: Any, info: ValidationInfo) -> dict[str, tuple[str, ...]]:
+    limits = _limits(info)
+    if not isinstance(value, dict):
+        raise _problem(
+            Reason.CONSTRAINTS_NOT_OBJECT,
+            "constraints",
+            'constraints must be an object with one key, e.g. {"extended_id": ["0A70X1"]}',
+        )
+    if len(value) != 1:
+        found = ", ".join(_show(k) for k in value) or "none"
+        raise _problem(
+            Reason.CONSTRAINTS_KEY_COUNT,
+            "constraints",
+            f"constraints must have exactly one key, found {len(value)} ({found}); "
+            "publish one event per constraint key",
+        )
+    ((key, raw_values),) = value.items()
+    _constraint_key(key, limits)
+    field = f"constraints.{key}"
+    if isinstance(raw_values, list):
+        if not raw_values:
+            raise _problem(
+                Reason.CONSTRAINT_VALUES_EMPTY,
+                field,
+                "the list of constraint values is empty: list at least one code",
+            )
+        if len(raw_values) > limits.max_values_per_event:
+            raise _problem(
+                Reason.TOO_MANY_VALUES,
+                field,
+                f"{len(raw_values)} values exceed the limit of {limits.max_values_per_event} "
+                "per event: split the event",
+            )
+        first_index: dict[str, int] = {}
+        for index, raw in enumerate(raw_values):
+            text = _constraint_value(raw, f"{field}[{index}]", limits)
+            earlier = first_index.setdefault(text, index)
+            if earlier != index:
+                raise _problem(
+                    Reason.CONSTRAINT_VALUE_DUPLICATE,
+                    f"{field}[{index}]",
+                    f"value {_show(text)} at index {index} duplicates index {earlier}: "
+                    "list each value once",
+                )
+        return {key: tuple(first_index)}
+    return {key: (_constraint_value(raw_values, field, limits),)}
+
+
+_IMMUTABLE_SCM_KEYS: Final = frozenset({"extended_id", "serial_number", "message"})
+
+
+def _scm_key(key: str, limits: ContractLimits) -> None:
+    field = f"scm_data.{key}"
+    if key in _IMMUTABLE_SCM_KEYS:
+        raise _problem(
+            Reason.SCM_DATA_KEY_IMMUTABLE,
+            field,
+            f"Invalid key name: '{key}' can not be changed; use it in constraints "
+            "to select codes instead",
+        )
+    if key == "product_id":
+        raise _problem(
+            Reason.SCM_DATA_KEY_PRODUCT_ID,
+            field,
+            "Invalid key name, use 'product' instead of 'product_id'",
+        )
+    if key == "status":
+        raise _problem(
+            Reason.SCM_DATA_KEY_STATUS,
+            field,
+            "Invalid key name, use 'activation_status' instead of 'status'",
+        )
+    _check_key(key, "scm_data", limits, Reason.SCM_DATA_KEY_INVALID)
+
+
+def _scm_value(key: str, value: Any, limits: ContractLimits) -> str:
+    field = f"scm_data.{key}"
+    if isinstance(value, str):
+        text = value.strip()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, float) and math.isfinite(value):
+        text = repr(value)
+    else:
+        raise _problem(
+            Reason.SCM_DATA_VALUE_INVALID,
+            field,
+            f"value {_show(value)} must be a string or a number",
+        )
+    if len(text) > limits.max_value_length:
+        raise _problem(
+            Reason.SCM_DATA_VALUE_TOO_LONG,
+            field,
+            f"value is {len(text)} characters long; the limit is {limits.max_value_length}",
+        )
+    if key == "activation_status" and text not in ACTIVATION_STATUSES:
+        raise _problem(
+            Reason.ACTIVATION_STATUS_INVALID,
+            field,
+            f"activation_status {_show(value)} must be 0 (inactive), 1 (active) or 2 (blacklisted)",
+        )
+    if key == "blacklist_reason" and text not in BLACKLIST_REASONS:
+        raise _problem(
+            Reason.BLACKLIST_REASON_INVALID,
+            field,
+            f"blacklist_reason {_show(value)} must be a whole number from 0 to 10",
+        )
+    return text
+
+
+def is_date_key(key: str) -> bool:
+    """Keys the API treats as Date fields by convention: `date` or `*_date`."""
+    return key == "date" or key.endswith("_date")
+
+
+def is_iso_date(text: str) -> bool:
+    """True for a real calendar date written `YYYY-MM-DD`."""
+    if not _ISO_DATE_RE.match(text):
+        return False
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _scm_data(value: Any, info: ValidationInfo) -> dict[str, str]:
+    limits = _limits(info)
+    if not isinstance(value, dict):
+        raise _problem(
+            Reason.SCM_DATA_NOT_OBJECT,
+            "scm_data",
+            'scm_data must be an object of field keys and values, e.g. {"intended_market": "DE"}',
+        )
+    if not value:
+        raise _problem(
+            Reason.SCM_DATA_EMPTY, "scm_data", "scm_data is empty: give at least one field to set"
+        )
+    if len(value) > limits.max_scm_data_keys:
+        raise _problem(
+            Reason.SCM_DATA_TOO_MANY_KEYS,
+            "scm_data",
+            f"scm_data has {len(value)} keys; the limit is {limits.max_scm_data_keys}",
+        )
+    normalised: dict[str, str] = {}
+    for key in sorted(value):
+        _scm_key(key, limits)
+        text = _scm_value(key, value[key], limits)
+        if is_date_key(key) and not is_iso_date(text):
+            _warn(
+                info,
+                f"scm_data.{key}: {_show(text)} is not a YYYY-MM-DD date; "
+                "the API saves it as-is and the portal may show it badly",
+            )
+        normalised[key] = text
+    return normalised
+
+
+def _bounded_text(
+    value: Any,
+    *,
+    field: str,
+    limit: int,
+    invalid: Reason,
+    too_long: Reason,
+    allow_blank: bool,
+) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or (not allow_blank and not value.strip()):
+        raise _problem(invalid, field, f"{field} must be a non-blank string or be left out")
+    if len(value) > limit:
+        raise _problem(
+            too_long, field, f"{field} is {len(value)} characters long; the limit is {limit}"
+        )
+    return value
+
+
+def _event_id(value: Any, info: ValidationInfo) -> str | None:
+    return _bounded_text(
+        value,
+        field="event_id",
+        limit=_limits(info).max_event_id_length,
+        invalid=Reason.EVENT_ID_INVALID,
+        too_long=Reason.EVENT_ID_TOO_LONG,
+        allow_blank=False,
+    )
+
+
+def _reference(value: Any, info: ValidationInfo) -> str | None:
+    return _bounded_text(
+        value,
+        field="reference",
+        limit=_limits(info).max_reference_length,
+        invalid=Reason.REFERENCE_INVALID,
+        too_long=Reason.REFERENCE_TOO_LONG,
+        allow_blank=True,
+    )
+
+
+def _campaign(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # The API's own wording for a campaign given as a string.
+        raise _problem(
+            Reason.CAMPAIGN_TYPE,
+            "campaign",
+            "Incorrect type. Expected pk value, received str. "
+            "Give the campaign id as a number, e.g. 11",
+        )
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _problem(
+            Reason.CAMPAIGN_TYPE,
+            "campaign",
+            f"Incorrect type. Expected pk value, received {type(value).__name__}. "
+            "Give the campaign id as a whole number, e.g. 11",
+        )
+    if value < 1:
+        raise _problem(
+            Reason.CAMPAIGN_NOT_POSITIVE,
+            "campaign",
+            f"campaign {value} is not a campaign id: ids are positive whole numbers",
+        )
+    return value
+
+
+def _expected_codes(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _problem(
+            Reason.EXPECTED_CODES_INVALID,
+            "expected_codes",
+            f"expected_codes {_show(value)} must be a whole number of codes, 0 or more",
+        )
+    return value
+
+
+# JSON Schemas of the accepted input (the field validators above are plain
+# functions, so pydantic cannot derive them). They use the default limits.
+_KEY_SCHEMA: Final = {
+    "type": "string",
+    "pattern": KEY_PATTERN,
+    "maxLength": DEFAULT_LIMITS.max_key_length,
+}
+_CONSTRAINT_VALUE_SCHEMA: Final = {
+    "oneOf": [
+        {"type": "string", "pattern": r"\S", "maxLength": DEFAULT_LIMITS.max_value_length},
+        {"type": "integer"},
+    ]
+}
+_CONSTRAINTS_SCHEMA: Final = {
+    "type": "object",
+    "description": (
+        "Selects the codes to change: exactly one key (extended_id, serial_number or an "
+        "SCM field key such as rfid) with one value or a list of distinct values. "
+        "Values are matched exactly (case sensitive)."
+    ),
+    "minProperties": 1,
+    "maxProperties": 1,
+    "propertyNames": {
+        **_KEY_SCHEMA,
+        "not": {"enum": ["message", "product", "product_id", "campaign", "campaign_id"]},
+    },
+    "additionalProperties": {
+        "oneOf": [
+            _CONSTRAINT_VALUE_SCHEMA,
+            {
+                "type": "array",
+                "items": _CONSTRAINT_VALUE_SCHEMA,
+                "minItems": 1,
+                "maxItems": DEFAULT_LIMITS.max_values_per_event,
+                "uniqueItems": True,
+            },
+        ]
+    },
+    "examples": [{"extended_id": ["0A70X1", "0A70X2"]}, {"rfid": "E2801160600002"}],
+}
+_SCM_VALUE_SCHEMA: Final = {
+    "oneOf": [
+        {"type": "string", "maxLength": DEFAULT_LIMITS.max_value_length},
+        {"type": "number"},
+    ],
+}
+_SCM_DATA_SCHEMA: Final = {
+    "type": "object",
+    "description": (
+        "The SCM fields to write on every selected code. Values are sent as strings. "
+        "Keys named 'date' or ending in '_date' should hold YYYY-MM-DD dates."
+    ),
+    "minProperties": 1,
+    "maxProperties": DEFAULT_LIMITS.max_scm_data_keys,
+    "propertyNames": {
+        **_KEY_SCHEMA,
+        "not": {"enum": sorted([*_IMMUTABLE_SCM_KEYS, "product_id", "status"])},
+    },
+    "properties": {
+        "activation_status": {
+            "description": "0 inactive, 1 active, 2 blacklisted",
+            "oneOf": [
+                {"type": "integer", "enum": [0, 1, 2]},
+                {"type": "string", "pattern": r"^\s*[0-2]\s*$"},
+            ],
+        },
+        "blacklist_reason": {
+            "description": "0 to 10, see docs/event-contract.md",
+            "oneOf": [
+                {"type": "integer", "minimum": 0, "maximum": 10},
+                {"type": "string", "pattern": r"^\s*([0-9]|10)\s*$"},
+            ],
+        },
+    },
+    "additionalProperties": _SCM_VALUE_SCHEMA,
+    "examples": [{"production_date": "2026-11-27", "intended_market": "DE"}],
+}
+
+
+def _constraints_as_lists(value: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    return {key: list(values) for key, values in value.items()}
+
+
+Constraints = Annotated[
+    dict[str, tuple[str, ...]],
+    PlainValidator(_constraints),
+    PlainSerializer(_constraints_as_lists),
+    WithJsonSchema(_CONSTRAINTS_SCHEMA),
+]
+ScmData = Annotated[dict[str, str], PlainValidator(_scm_data), WithJsonSchema(_SCM_DATA_SCHEMA)]
+EventId = Annotated[
+    str | None,
+    PlainValidator(_event_id),
+    WithJsonSchema(
+        {
+            "type": ["string", "null"],
+            "pattern": r"\S",
+            "maxLength": DEFAULT_LIMITS.max_event_id_length,
+            "description": "The publisher's id of this event; carried into results and logs.",
+        }
+    ),
+]
+Campaign = Annotated[
+    int | None,
+    PlainValidator(_campaign),
+    WithJsonSchema(
+        {"type": ["integer", "null"], "minimum": 1, "description": "Scantrust campaign id."}
+    ),
+]
+Reference = Annotated[
+    str | None,
+    PlainValidator(_reference),
+    WithJsonSchema(
+        {
+            "type": ["string", "null"],
+            "maxLength": DEFAULT_LIMITS.max_reference_length,
+            "description": "Human-readable name; tasks can be grouped by it at the API.",
+        }
+    ),
+]
+ExpectedCodes = Annotated[
+    int | None,
+    PlainValidator(_expected_codes),
+    WithJsonSchema(
+        {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "description": "How many codes this event should touch.",
+        }
+    ),
+]
+
+
+class ChangeEvent(BaseModel):
+    """One SCM change published by an upstream system (docs/design.md section 2.1)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        title="SCM change event",
+        json_schema_extra={
+            "$comment": "Generated from service.core.contract.ChangeEvent; do not edit.",
+        },
+    )
+
+    event_id: EventId = Field(default=None)
+    constraints: Constraints
+    scm_data: ScmData
+    campaign: Campaign = Field(default=None)
+    reference: Reference = Field(default=None)
+    expected_codes: ExpectedCodes = Field(default=None)
+
+    @property
+    def constraint_key(self) -> str:
+        """The one constraint key (`extended_id`, `serial_number` or an SCM field)."""
+        return next(iter(self.constraints))
+
+    @property
+    def constraint_values(self) -> tuple[str, ...]:
+        """The constraint values, normalised, in the order given, without duplicates."""
+        return self.constraints[self.constraint_key]
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedEvent:
+    """An accepted event and the warnings it raised (e.g. a non-ISO date)."""
+
+    event: ChangeEvent
+    warnings: tuple[str, ...] = ()
+
+
+def parse_event(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> ParsedEvent | Rejection:
+    """Judge the value bytes of one record: an accepted event, or why not.
+
+    Never raises for any input: every failure is a classified `Rejection`.
+    """
+    if len(raw) > limits.max_record_bytes:
+        return Rejection(
+            Reason.RECORD_TOO_LARGE,
+            f"the record is {len(raw)} bytes; the limit is {limits.max_record_bytes}",
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection(
+            Reason.NOT_UTF8,
+            f"the record is not UTF-8 text (byte {exc.start}): publish JSON encoded as UTF-8",
+        )
+    warnings: list[str] = []
+    try:
+        event = ChangeEvent.model_validate_json(
+            text, context={"limits": limits, "warnings": warnings}
+        )
+    except ValidationError as exc:
+        return rejection_from(exc)
+    return ParsedEvent(event, tuple(warnings))
+
+
+def rejection_from(error: ValidationError) -> Rejection:
+    """Classify pydantic's errors for one event into the first `Rejection`."""
+    problems = error.errors(include_url=False, include_input=False)
+    first = problems[0]
+    further = len(problems) - 1
+    kind = first["type"]
+    location = ".".join(str(part) for part in first["loc"])
+    context = first.get("ctx") or {}
+    try:
+        reason = Reason(kind)
+    except ValueError:
+        return _builtin_rejection(kind, location, first["msg"], context, further)
+    return Rejection(reason, str(context["message"]), str(context["field"]), further)
+
+
+_MISSING_HINTS: Final = {
+    "constraints": ': select the codes, e.g. "constraints": {"extended_id": ["0A70X1"]}',
+    "scm_data": ': give the fields to set, e.g. "scm_data": {"intended_market": "DE"}',
+}
+
+
+def _builtin_rejection(
+    kind: str, location: str, text: str, context: dict[str, Any], further: int
+) -> Rejection:
+    if kind == "json_invalid":
+        detail = str(context.get("error", text))
+        if "recursion limit" in detail:
+            return Rejection(
+                Reason.TOO_DEEPLY_NESTED,
+                f"the JSON is nested more than {MAX_JSON_NESTING} levels deep ({detail})",
+            )
+        return Rejection(Reason.INVALID_JSON, f"the record is not valid JSON: {detail}")
+    if kind in ("model_type", "model_attributes_type") and not location:
+        return Rejection(
+            Reason.NOT_AN_OBJECT,
+            "the record must be a JSON object with constraints and scm_data",
+        )
+    if kind == "extra_forbidden":
+        return Rejection(
+            Reason.UNKNOWN_FIELD,
+            f"unknown field {location!r}: an event has only {', '.join(TOP_LEVEL_FIELDS)}",
+            location,
+            further,
+        )
+    if kind == "missing":
+        hint = _MISSING_HINTS.get(location, "")
+        return Rejection(Reason.MISSING_FIELD, f"{location!r} is required{hint}", location, further)
+    # Every field has its own validator, so this is unreachable for ChangeEvent;
+    # classify rather than crash if a model change makes it reachable.
+    return Rejection(Reason.INVALID_JSON, f"{location or 'record'}: {text}", location or None)
+
+
+class BatchKey(NamedTuple):
+    """Events with equal keys may share one upload request (docs/design.md section 4)."""
+
+    campaign: int | None
+    scm_data: tuple[tuple[str, str], ...]
+    constraint_key: str
+    reference: str
+
+
+def batch_key(event: ChangeEvent) -> BatchKey:
+    """The canonical batch key of an accepted event.
+
+    scm_data values are already normalised strings with sorted keys, so key order,
+    `2` versus `"2"` and surrounding white space never split a batch. An absent
+    reference and an empty one both mean "no reference" at the API.
+    """
+    return BatchKey(
+        campaign=event.campaign,
+        scm_data=tuple(sorted(event.scm_data.items())),
+        constraint_key=event.constraint_key,
+        reference=event.reference or "",
+    )
+
+
+def expected_codes(event: ChangeEvent, limits: ContractLimits = DEFAULT_LIMITS) -> int | None:
+    """How many codes the event should touch, or None when that is unknown."""
+    if event.expected_codes is not None:
+        return event.expected_codes
+    if event.constraint_key in IDENTIFIER_KEYS or (
+        event.constraint_key in limits.one_code_per_value_keys
+    ):
+        return len(event.constraint_values)
+    return None

@@ -1,0 +1,178 @@
+"""Records scm-relay writes: the task ledger, task outcomes and dead-letter headers.
+
+Pure models (docs/design.md sections 2.2 and 2.3). The ledger record is what
+`scm.tasks` holds for a submitted, unfinished task; the outcome is what
+`scm.results` receives once per finished task; the dead-letter headers travel
+with the untouched original bytes on `scm.dlq`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import Annotated, Final, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
+
+from service.core.contract import Reason, Stage
+
+SCHEMA_VERSION: Final = 1
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EventSource(_Record):
+    """Where an event carried by a task came from."""
+
+    topic: str
+    partition: NonNegativeInt
+    offset: NonNegativeInt
+    event_id: str | None = None
+
+
+class TaskLedgerRecord(_Record):
+    """An unfinished task in the compacted `scm.tasks` topic, keyed by task id.
+
+    Written in the same Kafka transaction as the input offsets it releases; its
+    tombstone is written in the transaction that publishes the task's outcome.
+    """
+
+    model_config = ConfigDict(
+        title="SCM task ledger record",
+        json_schema_extra={
+            "$comment": "Generated from service.core.records.TaskLedgerRecord; do not edit."
+        },
+    )
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    task_id: Annotated[str, Field(min_length=1)]
+    batch_id: Annotated[str, Field(min_length=1)]
+    submitted_at: AwareDatetime
+    campaign: int | None
+    reference: str
+    scm_data: dict[str, str]
+    constraints: Annotated[dict[str, list[str]], Field(min_length=1, max_length=5)]
+    expected_codes: NonNegativeInt | None
+    events: Annotated[list[EventSource], Field(min_length=1)]
+
+
+class TaskState(StrEnum):
+    """The final states of a Scantrust SCM task."""
+
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class TaskOutcome(_Record):
+    """What happened to one server task: one record per task on `scm.results`."""
+
+    model_config = ConfigDict(
+        title="SCM task result",
+        json_schema_extra={
+            "$comment": "Generated from service.core.records.TaskOutcome; do not edit."
+        },
+    )
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    task_id: Annotated[str, Field(min_length=1)]
+    state: TaskState
+    codes_affected: NonNegativeInt | None = Field(
+        description="As reported by the API; null when the API reported none."
+    )
+    expected_codes: NonNegativeInt | None = Field(
+        description="How many codes the carried events should have touched; null if unknown."
+    )
+    shortfall: NonNegativeInt | None = Field(
+        description="expected_codes - codes_affected when positive, else 0; null if unknown."
+    )
+    short: bool = Field(description="True when shortfall > 0.")
+    campaign: int | None
+    reference: str
+    scm_data: dict[str, str]
+    constraints: dict[str, list[str]]
+    events: list[EventSource]
+    submitted_at: AwareDatetime
+    created_at: AwareDatetime | None = Field(description="The API's created_at.")
+    started_at: AwareDatetime | None = Field(description="The API's started_at.")
+    completed_at: AwareDatetime | None = Field(description="The API's completed_at.")
+    published_at: AwareDatetime
+
+
+# Dead-letter headers: names are part of the contract (docs/design.md 2.3).
+HEADER_STAGE: Final = "scm_relay.error.stage"
+HEADER_REASON: Final = "scm_relay.error.reason"
+HEADER_MESSAGE: Final = "scm_relay.error.message"
+HEADER_SOURCE_TOPIC: Final = "scm_relay.source.topic"
+HEADER_SOURCE_PARTITION: Final = "scm_relay.source.partition"
+HEADER_SOURCE_OFFSET: Final = "scm_relay.source.offset"
+HEADER_API_STATUS: Final = "scm_relay.error.api_status"
+HEADER_API_BODY: Final = "scm_relay.error.api_body"
+MAX_MESSAGE_BYTES: Final = 1024
+MAX_API_BODY_BYTES: Final = 4096
+_TRUNCATED: Final = " [truncated]"
+
+
+def truncate_utf8(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes, on a character boundary, marked if cut."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    room = max_bytes - len(_TRUNCATED)
+    return encoded[:room].decode("utf-8", errors="ignore") + _TRUNCATED
+
+
+class DeadLetterHeaders(_Record):
+    """The headers of a dead letter; its value is the original record bytes, unchanged."""
+
+    stage: Stage
+    reason: Reason
+    message: str
+    source_topic: str
+    source_partition: NonNegativeInt
+    source_offset: NonNegativeInt
+    api_status: int | None = None
+    api_body: str | None = None
+
+    @field_validator("message")
+    @classmethod
+    def _bound_message(cls, value: str) -> str:
+        return truncate_utf8(value, MAX_MESSAGE_BYTES)
+
+    @field_validator("api_body")
+    @classmethod
+    def _bound_body(cls, value: str | None) -> str | None:
+        return None if value is None else truncate_utf8(value, MAX_API_BODY_BYTES)
+
+    def to_kafka(self) -> list[tuple[str, bytes]]:
+        """Kafka record headers, values UTF-8 encoded."""
+        headers = [
+            (HEADER_STAGE, self.stage.value),
+            (HEADER_REASON, self.reason.value),
+            (HEADER_MESSAGE, self.message),
+            (HEADER_SOURCE_TOPIC, self.source_topic),
+            (HEADER_SOURCE_PARTITION, str(self.source_partition)),
+            (HEADER_SOURCE_OFFSET, str(self.source_offset)),
+        ]
+        if self.api_status is not None:
+            headers.append((HEADER_API_STATUS, str(self.api_status)))
+        if self.api_body is not None:
+            headers.append((HEADER_API_BODY, self.api_body))
+        return [(name, value.encode("utf-8")) for name, value in headers]
+
+    @classmethod
+    def from_kafka(cls, headers: Iterable[tuple[str, bytes]]) -> DeadLetterHeaders:
+        """Read the headers back, e.g. for a replay tool; foreign headers are ignored."""
+        values = {name: value.decode("utf-8") for name, value in headers}
+        api_status = values.get(HEADER_API_STATUS)
+        return cls(
+            stage=Stage(values[HEADER_STAGE]),
+            reason=Reason(values[HEADER_REASON]),
+            message=values[HEADER_MESSAGE],
+            source_topic=values[HEADER_SOURCE_TOPIC],
+            source_partition=int(values[HEADER_SOURCE_PARTITION]),
+            source_offset=int(values[HEADER_SOURCE_OFFSET]),
+            api_status=None if api_status is None else int(api_status),
+            api_body=values.get(HEADER_API_BODY),
+        )

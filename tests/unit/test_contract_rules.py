@@ -1,0 +1,302 @@
+"""Each rule of the change-event contract: its reason code, the field it names, its fix."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from service.core.contract import (
+    ContractLimits,
+    ParsedEvent,
+    Reason,
+    Rejection,
+    Stage,
+    expected_codes,
+    parse_event,
+)
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    """A valid event with `fields` replaced (a value of ... removes the field)."""
+    base: dict[str, Any] = {
+        "constraints": {"extended_id": ["0A70X1"]},
+        "scm_data": {"intended_market": "DE"},
+    }
+    base.update(fields)
+    return {name: value for name, value in base.items() if value is not ...}
+
+
+def encode(document: Any) -> bytes:
+    return json.dumps(document).encode()
+
+
+def accepted(raw: bytes, limits: ContractLimits | None = None) -> ParsedEvent:
+    result = parse_event(raw) if limits is None else parse_event(raw, limits)
+    assert isinstance(result, ParsedEvent), result
+    return result
+
+
+def refused(raw: bytes, limits: ContractLimits | None = None) -> Rejection:
+    result = parse_event(raw) if limits is None else parse_event(raw, limits)
+    assert isinstance(result, Rejection), result
+    return result
+
+
+RULES: list[tuple[str, bytes, Reason, str | None, str]] = [
+    # (id, record, reason, field, a fragment the message must contain)
+    ("not utf-8", b'{"a": "\xff"}', Reason.NOT_UTF8, None, "UTF-8"),
+    ("not json", b"{'single': 'quotes'}", Reason.INVALID_JSON, None, "not valid JSON"),
+    ("empty record", b"", Reason.INVALID_JSON, None, "not valid JSON"),
+    ("array", b"[1, 2]", Reason.NOT_AN_OBJECT, None, "JSON object"),
+    ("string", b'"text"', Reason.NOT_AN_OBJECT, None, "JSON object"),
+    ("nested", b"[" * 500 + b"]" * 500, Reason.TOO_DEEPLY_NESTED, None, "nested"),
+    ("unknown field", encode(event(campain=11)), Reason.UNKNOWN_FIELD, "campain", "campaign"),
+    ("no constraints", encode(event(constraints=...)), Reason.MISSING_FIELD, "constraints",
+     "extended_id"),
+    ("no scm_data", encode(event(scm_data=...)), Reason.MISSING_FIELD, "scm_data", "required"),
+    ("event_id number", encode(event(event_id=7)), Reason.EVENT_ID_INVALID, "event_id",
+     "non-blank string"),
+    ("event_id blank", encode(event(event_id=" ")), Reason.EVENT_ID_INVALID, "event_id",
+     "non-blank"),
+    ("event_id long", encode(event(event_id="e" * 257)), Reason.EVENT_ID_TOO_LONG, "event_id",
+     "limit is 256"),
+    ("constraints list", encode(event(constraints=["0A70X1"])), Reason.CONSTRAINTS_NOT_OBJECT,
+     "constraints", "one key"),
+    ("two keys", encode(event(constraints={"extended_id": "a", "rfid": "b"})),
+     Reason.CONSTRAINTS_KEY_COUNT, "constraints", "found 2"),
+    ("no keys", encode(event(constraints={})), Reason.CONSTRAINTS_KEY_COUNT, "constraints",
+     "found 0"),
+    ("message key", encode(event(constraints={"message": "a"})), Reason.CONSTRAINT_KEY_MESSAGE,
+     "constraints.message", "use 'extended_id'"),
+    ("product key", encode(event(constraints={"product": "a"})), Reason.CONSTRAINT_KEY_FORBIDDEN,
+     "constraints.product", "not allowed"),
+    ("product_id key", encode(event(constraints={"product_id": "a"})),
+     Reason.CONSTRAINT_KEY_FORBIDDEN, "constraints.product_id", "not allowed"),
+    ("campaign key", encode(event(constraints={"campaign": 11})), Reason.CONSTRAINT_KEY_FORBIDDEN,
+     "constraints.campaign", "top-level 'campaign'"),
+    ("campaign_id key", encode(event(constraints={"campaign_id": 11})),
+     Reason.CONSTRAINT_KEY_FORBIDDEN, "constraints.campaign_id", "top-level 'campaign'"),
+    ("key with space", encode(event(constraints={"extended id": "a"})),
+     Reason.CONSTRAINT_KEY_INVALID, "constraints", "letters, digits"),
+    ("key too long", encode(event(constraints={"k" * 129: "a"})), Reason.CONSTRAINT_KEY_INVALID,
+     "constraints", "longer than 128"),
+    ("empty list", encode(event(constraints={"extended_id": []})), Reason.CONSTRAINT_VALUES_EMPTY,
+     "constraints.extended_id", "at least one"),
+    ("bool value", encode(event(constraints={"extended_id": ["a", True]})),
+     Reason.CONSTRAINT_VALUE_INVALID, "constraints.extended_id[1]", "string"),
+    ("float value", encode(event(constraints={"serial_number": 1.5})),
+     Reason.CONSTRAINT_VALUE_INVALID, "constraints.serial_number", "string"),
+    ("null value", encode(event(constraints={"extended_id": None})),
+     Reason.CONSTRAINT_VALUE_INVALID, "constraints.extended_id", "string"),
+    ("blank value", encode(event(constraints={"extended_id": ["a", " \t"]})),
+     Reason.CONSTRAINT_VALUE_BLANK, "constraints.extended_id[1]", "blank"),
+    ("long value", encode(event(constraints={"extended_id": "x" * 1025})),
+     Reason.CONSTRAINT_VALUE_TOO_LONG, "constraints.extended_id", "limit is 1024"),
+    ("duplicate", encode(event(constraints={"extended_id": ["a", "b", "a"]})),
+     Reason.CONSTRAINT_VALUE_DUPLICATE, "constraints.extended_id[2]", "duplicates index 0"),
+    ("duplicate after trim", encode(event(constraints={"extended_id": ["a", " a "]})),
+     Reason.CONSTRAINT_VALUE_DUPLICATE, "constraints.extended_id[1]", "'a'"),
+    ("duplicate number", encode(event(constraints={"serial_number": [7, "7"]})),
+     Reason.CONSTRAINT_VALUE_DUPLICATE, "constraints.serial_number[1]", "'7'"),
+    ("scm_data list", encode(event(scm_data=["DE"])), Reason.SCM_DATA_NOT_OBJECT, "scm_data",
+     "object"),
+    ("scm_data empty", encode(event(scm_data={})), Reason.SCM_DATA_EMPTY, "scm_data",
+     "at least one"),
+    ("too many keys", encode(event(scm_data={f"f{i}": "v" for i in range(101)})),
+     Reason.SCM_DATA_TOO_MANY_KEYS, "scm_data", "limit is 100"),
+    ("set extended_id", encode(event(scm_data={"extended_id": "x"})),
+     Reason.SCM_DATA_KEY_IMMUTABLE, "scm_data.extended_id", "can not be changed"),
+    ("set serial_number", encode(event(scm_data={"serial_number": "x"})),
+     Reason.SCM_DATA_KEY_IMMUTABLE, "scm_data.serial_number", "can not be changed"),
+    ("set message", encode(event(scm_data={"message": "x"})), Reason.SCM_DATA_KEY_IMMUTABLE,
+     "scm_data.message", "can not be changed"),
+    ("product_id", encode(event(scm_data={"product_id": "x"})), Reason.SCM_DATA_KEY_PRODUCT_ID,
+     "scm_data.product_id", "use 'product'"),
+    ("status", encode(event(scm_data={"status": 1})), Reason.SCM_DATA_KEY_STATUS,
+     "scm_data.status", "use 'activation_status'"),
+    ("bad key", encode(event(scm_data={"intended-market!": "x"})), Reason.SCM_DATA_KEY_INVALID,
+     "scm_data", "letters, digits"),
+    ("null value", encode(event(scm_data={"m": None})), Reason.SCM_DATA_VALUE_INVALID,
+     "scm_data.m", "string or a number"),
+    ("bool value", encode(event(scm_data={"m": False})), Reason.SCM_DATA_VALUE_INVALID,
+     "scm_data.m", "string or a number"),
+    ("object value", encode(event(scm_data={"m": {"a": 1}})), Reason.SCM_DATA_VALUE_INVALID,
+     "scm_data.m", "string or a number"),
+    ("long value", encode(event(scm_data={"m": "v" * 1025})), Reason.SCM_DATA_VALUE_TOO_LONG,
+     "scm_data.m", "limit is 1024"),
+    ("activation 3", encode(event(scm_data={"activation_status": 3})),
+     Reason.ACTIVATION_STATUS_INVALID, "scm_data.activation_status", "0 (inactive)"),
+    ("activation word", encode(event(scm_data={"activation_status": "active"})),
+     Reason.ACTIVATION_STATUS_INVALID, "scm_data.activation_status", "2 (blacklisted)"),
+    ("blacklist 11", encode(event(scm_data={"blacklist_reason": 11})),
+     Reason.BLACKLIST_REASON_INVALID, "scm_data.blacklist_reason", "0 to 10"),
+    ("blacklist -1", encode(event(scm_data={"blacklist_reason": "-1"})),
+     Reason.BLACKLIST_REASON_INVALID, "scm_data.blacklist_reason", "0 to 10"),
+    ("campaign string", encode(event(campaign="11")), Reason.CAMPAIGN_TYPE, "campaign",
+     "Incorrect type. Expected pk value, received str."),
+    ("campaign bool", encode(event(campaign=True)), Reason.CAMPAIGN_TYPE, "campaign",
+     "Expected pk value, received bool"),
+    ("campaign float", encode(event(campaign=1.5)), Reason.CAMPAIGN_TYPE, "campaign",
+     "Expected pk value, received float"),
+    ("campaign zero", encode(event(campaign=0)), Reason.CAMPAIGN_NOT_POSITIVE, "campaign",
+     "positive"),
+    ("reference number", encode(event(reference=5)), Reason.REFERENCE_INVALID, "reference",
+     "string"),
+    ("reference long", encode(event(reference="r" * 256)), Reason.REFERENCE_TOO_LONG,
+     "reference", "limit is 255"),
+    ("expected negative", encode(event(expected_codes=-1)), Reason.EXPECTED_CODES_INVALID,
+     "expected_codes", "0 or more"),
+    ("expected string", encode(event(expected_codes="2")), Reason.EXPECTED_CODES_INVALID,
+     "expected_codes", "whole number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "field", "fragment"),
+    [rule[1:] for rule in RULES],
+    ids=[rule[0] for rule in RULES],
+)
+def test_rule(raw: bytes, reason: Reason, field: str | None, fragment: str) -> None:
+    rejection = refused(raw)
+    assert rejection.reason is reason
+    assert rejection.field == field
+    assert fragment in rejection.message
+    expected_stage = Stage.DECODE if reason.stage is Stage.DECODE else Stage.VALIDATE
+    assert rejection.stage is expected_stage
+
+
+def test_every_record_level_reason_has_a_rule_test() -> None:
+    tested = {rule[2] for rule in RULES} | {Reason.RECORD_TOO_LARGE, Reason.TOO_MANY_VALUES}
+    assert set(Reason) - tested == {Reason.API_REJECTED}
+
+
+def test_record_over_the_byte_limit_is_refused_before_decoding() -> None:
+    fits = encode(event())
+    limits = ContractLimits(max_record_bytes=len(fits))
+    accepted(fits, limits)
+    raw = encode(event(event_id="x"))
+    rejection = refused(raw, limits)
+    assert rejection.reason is Reason.RECORD_TOO_LARGE
+    assert f"{len(raw)} bytes; the limit is {len(fits)}" in rejection.message
+    # Even bytes that are not UTF-8 are refused for their size first.
+    assert refused(b"\xff" * (len(fits) + 1), limits).reason is Reason.RECORD_TOO_LARGE
+
+
+def test_values_per_event_limit() -> None:
+    limits = ContractLimits(max_values_per_event=3)
+    accepted(encode(event(constraints={"extended_id": ["a", "b", "c"]})), limits)
+    rejection = refused(encode(event(constraints={"extended_id": ["a", "b", "c", "d"]})), limits)
+    assert rejection.reason is Reason.TOO_MANY_VALUES
+    assert rejection.field == "constraints.extended_id"
+    assert "4 values exceed the limit of 3" in rejection.message
+
+
+def test_settable_limits_are_honoured() -> None:
+    limits = ContractLimits(
+        max_scm_data_keys=1, max_key_length=3, max_value_length=2, max_reference_length=1
+    )
+    base = {"constraints": {"abc": "ab"}, "scm_data": {"m": "v"}}
+    accepted(encode(base), limits)
+    too_many = refused(encode({**base, "scm_data": {"a": "1", "b": "2"}}), limits)
+    assert too_many.reason is Reason.SCM_DATA_TOO_MANY_KEYS
+    assert refused(encode({**base, "constraints": {"abcd": "a"}}), limits).reason is (
+        Reason.CONSTRAINT_KEY_INVALID
+    )
+    assert refused(encode({**base, "constraints": {"abc": "abc"}}), limits).reason is (
+        Reason.CONSTRAINT_VALUE_TOO_LONG
+    )
+    assert refused(encode({**base, "reference": "ab"}), limits).reason is Reason.REFERENCE_TOO_LONG
+
+
+def test_values_are_normalised_to_trimmed_strings_keeping_case_and_inner_spaces() -> None:
+    parsed = accepted(
+        encode(
+            {
+                "constraints": {"extended_id": [" 0a70X1 ", "Code With  Spaces", 12345678901]},
+                "scm_data": {
+                    "lot": 42,
+                    "weight_kg": 12.5,
+                    "market": "  De  ",
+                    "activation_status": 1,
+                },
+            }
+        )
+    )
+    assert parsed.event.constraint_key == "extended_id"
+    assert parsed.event.constraint_values == ("0a70X1", "Code With  Spaces", "12345678901")
+    assert parsed.event.scm_data == {
+        "activation_status": "1",
+        "lot": "42",
+        "market": "De",
+        "weight_kg": "12.5",
+    }
+
+
+def test_single_value_constraint_becomes_a_one_value_list() -> None:
+    parsed = accepted(encode(event(constraints={"rfid": "E2801160"})))
+    assert parsed.event.constraints == {"rfid": ("E2801160",)}
+
+
+def test_optional_fields_are_carried() -> None:
+    parsed = accepted(
+        encode(event(event_id="mes-1", campaign=11, reference="line 7", expected_codes=2))
+    )
+    assert (parsed.event.event_id, parsed.event.campaign) == ("mes-1", 11)
+    assert (parsed.event.reference, parsed.event.expected_codes) == ("line 7", 2)
+
+
+@pytest.mark.parametrize("key", ["production_date", "date", "expiry_date"])
+def test_non_iso_date_is_accepted_with_a_warning(key: str) -> None:
+    parsed = accepted(encode(event(scm_data={key: "27/11/2026"})))
+    assert parsed.event.scm_data[key] == "27/11/2026"
+    (warning,) = parsed.warnings
+    assert f"scm_data.{key}" in warning
+    assert "YYYY-MM-DD" in warning
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("production_date", "2026-11-27"), ("dated", "soon"), ("update", "x"), ("date_code", "7")],
+)
+def test_iso_dates_and_non_date_keys_raise_no_warning(key: str, value: str) -> None:
+    assert accepted(encode(event(scm_data={key: value}))).warnings == ()
+
+
+def test_impossible_calendar_date_is_flagged() -> None:
+    assert accepted(encode(event(scm_data={"production_date": "2026-02-30"}))).warnings
+
+
+def test_activation_and_blacklist_accept_numbers_and_numeric_strings() -> None:
+    parsed = accepted(encode(event(scm_data={"activation_status": "2", "blacklist_reason": 10})))
+    assert parsed.event.scm_data == {"activation_status": "2", "blacklist_reason": "10"}
+
+
+def test_several_problems_report_the_first_and_count_the_rest() -> None:
+    rejection = refused(encode(event(scm_data={"status": 1}, campaign="11", extra=1)))
+    assert rejection.reason is Reason.SCM_DATA_KEY_STATUS
+    assert rejection.further_problems == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"constraints": {"extended_id": ["a", "b"]}}, 2),
+        ({"constraints": {"serial_number": "a"}}, 1),
+        ({"constraints": {"rfid": ["a", "b", "c"]}}, 3),
+        ({"constraints": {"pallet_sscc": "0034"}}, None),
+        ({"constraints": {"pallet_sscc": "0034"}, "expected_codes": 240}, 240),
+        ({"constraints": {"extended_id": ["a", "b"]}, "expected_codes": 0}, 0),
+    ],
+)
+def test_expected_codes(fields: dict[str, Any], expected: int | None) -> None:
+    assert expected_codes(accepted(encode(event(**fields))).event) == expected
+
+
+def test_one_code_per_value_keys_is_settable() -> None:
+    parsed = accepted(encode(event(constraints={"case_id": ["c1", "c2"]})))
+    assert expected_codes(parsed.event) is None
+    limits = ContractLimits(one_code_per_value_keys=frozenset({"case_id"}))
+    assert expected_codes(parsed.event, limits) == 2
+    assert expected_codes(accepted(encode(event(constraints={"rfid": "r"}))).event, limits) is None

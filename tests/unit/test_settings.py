@@ -1,0 +1,172 @@
+"""Settings: defaults, environment, config file, token file, and errors that name the setting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings, SettingsError, env_name, load_settings
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SCM_RELAY_* variable of the developer's shell leaks into these tests."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("SCM_RELAY_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_match_the_design() -> None:
+    settings = load_settings({})
+    assert settings.kafka_bootstrap_servers == "localhost:9092"
+    assert settings.kafka_group_id == "scm-relay"
+    assert (settings.input_topic, settings.results_topic) == ("scm.changes", "scm.results")
+    assert (settings.dlq_topic, settings.tasks_topic) == ("scm.dlq", "scm.tasks")
+    assert str(settings.api_base_url) == "https://api.scantrust.com/"
+    assert (settings.batch_max_values, settings.batch_max_keys) == (1000, 1)
+    assert settings.upload_rate_per_s == 10
+    assert settings.http_port == 8080
+    assert settings.api_token is None
+
+
+def test_environment_variables_set_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCM_RELAY_BATCH_MAX_VALUES", "500")
+    monkeypatch.setenv("SCM_RELAY_LOG_LEVEL", "debug")
+    monkeypatch.setenv("SCM_RELAY_ONE_CODE_PER_VALUE_KEYS", "rfid, case_id,")
+    monkeypatch.setenv("SCM_RELAY_MAX_VALUES_PER_EVENT", "7")
+    settings = load_settings({})
+    assert settings.batch_max_values == 500
+    assert settings.log_level == "DEBUG"
+    limits = settings.contract_limits()
+    assert limits.one_code_per_value_keys == frozenset({"rfid", "case_id"})
+    assert limits.max_values_per_event == 7
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("SCM_RELAY_BATCH_MAX_VALUES", "5000", "less than or equal to 1000"),
+        ("SCM_RELAY_BATCH_MAX_KEYS", "6", "less than or equal to 5"),
+        ("SCM_RELAY_BATCH_LINGER_MS", "soon", "valid integer"),
+        ("SCM_RELAY_UPLOAD_RATE_PER_S", "0", "greater than 0"),
+        ("SCM_RELAY_HTTP_PORT", "70000", "less than or equal to 65535"),
+        ("SCM_RELAY_LOG_FORMAT", "xml", "'auto', 'json' or 'console'"),
+        ("SCM_RELAY_API_BASE_URL", "not a url", "URL"),
+        ("SCM_RELAY_KAFKA_SECURITY_PROTOCOL", "TLS", "PLAINTEXT"),
+    ],
+)
+def test_a_bad_value_names_the_setting_and_why(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings({})
+    message = str(raised.value)
+    assert f"{name}: " in message
+    assert fragment in message
+    assert repr(value) in message
+
+
+def test_sasl_needs_mechanism_and_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(SettingsError, match="SCM_RELAY_KAFKA_SASL_MECHANISM"):
+        load_settings({})
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SASL_USERNAME", "relay")
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SASL_PASSWORD", "pw-secret")
+    settings = load_settings({})
+    assert settings.kafka_sasl_password is not None
+    assert "pw-secret" not in repr(settings)
+
+
+def test_token_is_secret_and_never_in_repr_or_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCM_RELAY_API_TOKEN", "tok-123-secret")
+    settings = load_settings({})
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == "tok-123-secret"
+    assert "tok-123-secret" not in repr(settings)
+    assert "tok-123-secret" not in str(settings.model_dump())
+    monkeypatch.setenv("SCM_RELAY_HTTP_PORT", "-1")
+    with pytest.raises(SettingsError) as raised:
+        load_settings({})
+    assert "tok-123-secret" not in str(raised.value)
+
+
+def test_token_from_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token\n")
+    monkeypatch.setenv("SCM_RELAY_API_TOKEN_FILE", str(token_file))
+    settings = load_settings({})
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == "file-token"
+
+
+@pytest.mark.parametrize(("content", "fragment"), [(None, "cannot be read"), ("  \n", "is empty")])
+def test_unusable_token_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | None, fragment: str
+) -> None:
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    monkeypatch.setenv("SCM_RELAY_API_TOKEN_FILE", str(token_file))
+    with pytest.raises(SettingsError, match=rf"SCM_RELAY_API_TOKEN_FILE .* {fragment}"):
+        load_settings({})
+
+
+def test_token_and_token_file_together_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("a")
+    monkeypatch.setenv("SCM_RELAY_API_TOKEN_FILE", str(token_file))
+    monkeypatch.setenv("SCM_RELAY_API_TOKEN", "b")
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings({})
+
+
+def test_config_file_sets_values_and_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('batch_linger_ms = 250\ninput_topic = "factory.scm"\nhttp_port = 9000\n')
+    monkeypatch.setenv("SCM_RELAY_HTTP_PORT", "9100")
+    settings = load_settings({"SCM_RELAY_CONFIG": str(config)})
+    assert settings.batch_linger_ms == 250
+    assert settings.input_topic == "factory.scm"
+    assert settings.http_port == 9100
+
+
+def test_config_file_problems_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"SCM_RELAY_CONFIG: .* is not a readable file"):
+        load_settings({"SCM_RELAY_CONFIG": str(tmp_path / "missing.toml")})
+    typo = tmp_path / "typo.toml"
+    typo.write_text("batch_max_valuse = 10\n")
+    with pytest.raises(SettingsError, match="SCM_RELAY_BATCH_MAX_VALUSE: Extra inputs"):
+        load_settings({"SCM_RELAY_CONFIG": str(typo)})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("batch_max_values = \n")
+    with pytest.raises(SettingsError, match="SCM_RELAY_CONFIG"):
+        load_settings({"SCM_RELAY_CONFIG": str(broken)})
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({})
+    with pytest.raises(ValueError, match="frozen"):
+        settings.http_port = 1  # type: ignore[misc]
+
+
+def test_docs_list_every_setting_and_nothing_else() -> None:
+    documented = set(re.findall(r"`(SCM_RELAY_[A-Z0-9_]+)`", DOCS.read_text()))
+    settings = {env_name(name) for name in Settings.model_fields}
+    tooling = {"SCM_RELAY_CONFIG", "SCM_RELAY_TEST_KAFKA"} | {
+        f"SCM_RELAY_KAFKA_{name}"
+        for name in ("PORT", "HEAP", "VERSION", "RUN_DIR", "START_TIMEOUT")
+    }
+    assert settings - documented == set(), "settings missing from docs/settings.md"
+    assert documented - settings - tooling == set(), "docs/settings.md names unknown settings"
