@@ -8,6 +8,7 @@ Subcommands are added here as the parts they drive exist.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import BinaryIO
 
 from service import __version__
 from service.settings import SettingsError, load_settings
+from service.simulator.seed import DEFAULT_CODES_PER_CAMPAIGN
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -47,6 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "file", nargs="?", default="-", help="a JSON-lines file, or - for standard input"
     )
+    simulator = commands.add_parser(
+        "simulator",
+        help="run a local simulator of the Scantrust SCM API (not Scantrust)",
+        description=(
+            "Run a LOCAL SIMULATION of the documented Scantrust SCM upload API for tests, "
+            "demos and teams without a staging account. It is not Scantrust and changes no "
+            "real codes. Prints its base URL on stdout once it listens; stops on SIGINT/SIGTERM. "
+            "See docs/scantrust-api.md."
+        ),
+    )
+    simulator.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    simulator.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks one)")
+    simulator.add_argument(
+        "--token", help="the UAT token it accepts (default: SCM_RELAY_API_TOKEN)"
+    )
+    simulator.add_argument("--seed", type=Path, help="JSON file of campaigns and codes")
+    simulator.add_argument(
+        "--codes-per-campaign",
+        type=int,
+        default=DEFAULT_CODES_PER_CAMPAIGN,
+        help=f"size of the built-in seed when --seed is not given ({DEFAULT_CODES_PER_CAMPAIGN})",
+    )
+    simulator.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="a fault knob at start, e.g. --fault error_rate=0.1 (repeatable; GET /_sim/faults)",
+    )
+    simulator.add_argument("--rng-seed", type=int, default=0, help="seed of the fault dice (0)")
     return parser
 
 
@@ -56,8 +88,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(args.file)
+    if args.command == "simulator":
+        return _simulator(args)
     parser.print_help()
     return EXIT_USAGE
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.simulator.app import serve
+    from service.simulator.seed import default_seed, load_seed
+    from service.simulator.state import Account, Faults
+
+    token = args.token or os.environ.get("SCM_RELAY_API_TOKEN")
+    if not token:
+        print("scm-relay simulator: give --token or set SCM_RELAY_API_TOKEN", file=sys.stderr)
+        return EXIT_USAGE
+    knobs: dict[str, str] = {}
+    for item in args.fault:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"scm-relay simulator: --fault {item!r} is not KNOB=VALUE", file=sys.stderr)
+            return EXIT_USAGE
+        knobs[name.strip()] = value.strip()
+    try:
+        seed = load_seed(args.seed) if args.seed else default_seed(args.codes_per_campaign)
+        faults = Faults.model_validate(knobs)
+    except (OSError, ValidationError) as exc:
+        print(f"scm-relay simulator: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    account = Account(seed, faults, rng_seed=args.rng_seed)
+    asyncio.run(serve(account, token, args.host, args.port))
+    return EXIT_OK
 
 
 def _validate(file: str) -> int:

@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     api_base_url: AnyHttpUrl = AnyHttpUrl("https://api.scantrust.com")
     api_token: SecretStr | None = None
     api_token_file: Path | None = None
+    api_ca_file: Path | None = None
+    api_connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    api_request_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    api_max_connections: int = Field(default=10, ge=1, le=1000)
+    api_max_response_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    api_rate_per_min: int = Field(default=3000, ge=1, le=1_000_000)
+    api_retry_initial_s: float = Field(default=0.5, gt=0, le=60)
+    api_retry_max_backoff_s: float = Field(default=30.0, gt=0, le=3600)
+    api_retry_max_elapsed_s: float = Field(default=120.0, ge=0, le=86_400)
+    api_breaker_failures: int = Field(default=5, ge=1, le=1000)
+    api_breaker_cooldown_s: float = Field(default=30.0, ge=0, le=3600)
+    api_status_chunk_size: int = Field(default=100, ge=1, le=1000)
 
     # Batching
     batch_max_values: int = Field(default=1000, ge=1, le=1000)

@@ -1,0 +1,520 @@
+"""The Scantrust SCM API client: the relay's only door to Scantrust (aiohttp).
+
+One `ClientSession` per process. Every call goes through one path
+(`_call`): circuit breaker, rate limiters, the HTTP exchange with timeouts and
+a bounded body, classification into a typed outcome, and retries with
+exponential backoff and full jitter that honour throttling waits. Callers get
+a value or a typed `Failure`; they never see aiohttp exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Protocol, Self, TypeVar
+from urllib.parse import quote, urlencode, urljoin
+
+import aiohttp
+import structlog
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+
+from service import __version__
+from service.core.resilience import Backoff, BreakerState, CircuitBreaker, SlidingWindowLimiter
+from service.scantrust.outcomes import (
+    RETRYABLE,
+    Accepted,
+    Ambiguous,
+    ApiTask,
+    ApiTaskGroup,
+    AuthFailed,
+    Failure,
+    Rejected,
+    TaskPage,
+    Throttled,
+    Unavailable,
+    UploadOutcome,
+    throttle_wait,
+)
+from service.settings import Settings, SettingsError
+
+log = structlog.get_logger(__name__)
+_Model = TypeVar("_Model", bound=BaseModel)
+
+UPLOAD_PATH: Final = "/api/v2/scm/upload/async/"
+TASKS_PATH: Final = "/api/v2/scm/tasks/"
+TASK_GROUPS_PATH: Final = "/api/v2/scm/task-groups/"
+ME_PATH: Final = "/api/v2/me/"
+# The period of the vendor's overall limit (3000 requests per minute).
+OVERALL_PERIOD_S: Final = 60.0
+# Widens our windows so loopback or network jitter never lets one request too many
+# into the server's window.
+LIMITER_MARGIN_S: Final = 0.02
+MAX_TASK_PAGES: Final = 10_000
+_CHUNK: Final = 64 * 1024
+
+
+class UploadRequest(BaseModel):
+    """The body of `POST /api/v2/scm/upload/async/`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    constraints: dict[str, list[str]]
+    scm_data: dict[str, str]
+    campaign: int | None = None
+    reference: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON body: absent optional fields are left out, not sent as null."""
+        return self.model_dump(exclude_none=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Everything the client needs; built from the settings by the composition root."""
+
+    base_url: str
+    token: SecretStr
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+    max_connections: int = 10
+    max_response_bytes: int = 1024 * 1024
+    ca_file: Path | None = None
+    upload_rate_per_s: float = 10.0
+    overall_rate_per_min: int = 3000
+    retry_initial_s: float = 0.5
+    retry_max_backoff_s: float = 30.0
+    retry_max_elapsed_s: float = 120.0
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+    status_chunk_size: int = 100
+
+    def __repr__(self) -> str:
+        return f"ClientConfig(base_url={self.base_url!r}, token=SecretStr('**********'), ...)"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClientConfig:
+        """The client configuration the settings describe; the token is required."""
+        if settings.api_token is None:
+            raise SettingsError(
+                "SCM_RELAY_API_TOKEN (or SCM_RELAY_API_TOKEN_FILE) is required to call the API"
+            )
+        return cls(
+            base_url=str(settings.api_base_url),
+            token=settings.api_token,
+            connect_timeout_s=settings.api_connect_timeout_s,
+            request_timeout_s=settings.api_request_timeout_s,
+            max_connections=settings.api_max_connections,
+            max_response_bytes=settings.api_max_response_bytes,
+            ca_file=settings.api_ca_file,
+            upload_rate_per_s=settings.upload_rate_per_s,
+            overall_rate_per_min=settings.api_rate_per_min,
+            retry_initial_s=settings.api_retry_initial_s,
+            retry_max_backoff_s=settings.api_retry_max_backoff_s,
+            retry_max_elapsed_s=settings.api_retry_max_elapsed_s,
+            breaker_failures=settings.api_breaker_failures,
+            breaker_cooldown_s=settings.api_breaker_cooldown_s,
+            status_chunk_size=settings.api_status_chunk_size,
+        )
+
+
+class ApiObserver(Protocol):
+    """Hooks for metrics; the composition root passes the Prometheus implementation."""
+
+    def request_finished(self, endpoint: str, status_class: str, duration_s: float) -> None:
+        """One HTTP exchange ended; `status_class` is 2xx..5xx or `error` (no response)."""
+
+    def retry_scheduled(self, endpoint: str, outcome: str, wait_s: float) -> None:
+        """A call will be retried after `wait_s`."""
+
+    def throttled(self, endpoint: str) -> None:
+        """The API answered 429."""
+
+    def ambiguous(self, endpoint: str) -> None:
+        """A request was sent and its fate is unknown."""
+
+    def breaker_changed(self, state: BreakerState) -> None:
+        """The circuit breaker changed state."""
+
+
+class NullObserver:
+    """Observes nothing (tools and tests that do not count)."""
+
+    def request_finished(self, endpoint: str, status_class: str, duration_s: float) -> None:
+        """Ignore."""
+
+    def retry_scheduled(self, endpoint: str, outcome: str, wait_s: float) -> None:
+        """Ignore."""
+
+    def throttled(self, endpoint: str) -> None:
+        """Ignore."""
+
+    def ambiguous(self, endpoint: str) -> None:
+        """Ignore."""
+
+    def breaker_changed(self, state: BreakerState) -> None:
+        """Ignore."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: str
+    retry_after: str | None
+
+
+@dataclass
+class _Call:
+    endpoint: str
+    method: str
+    url: str
+    body: dict[str, Any] | None = None
+    is_upload: bool = False
+    params: dict[str, str] = field(default_factory=dict)
+
+
+class ScantrustClient:
+    """Typed, rate-limited, retrying access to the Scantrust SCM API."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        observer: ApiObserver | None = None,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._config = config
+        self._observer: ApiObserver = observer or NullObserver()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._base = config.base_url.rstrip("/")
+        # Both limiters are shared by every call of this process (one client per process).
+        # A rate r/s becomes "n uploads per n/r seconds" with a whole n: 10/s -> 10 per 1 s.
+        uploads_per_window = max(1, round(config.upload_rate_per_s))
+        self._upload_limiter = SlidingWindowLimiter(
+            uploads_per_window, uploads_per_window / config.upload_rate_per_s, LIMITER_MARGIN_S
+        )
+        self._overall_limiter = SlidingWindowLimiter(
+            config.overall_rate_per_min, OVERALL_PERIOD_S, LIMITER_MARGIN_S
+        )
+        self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
+        self._last_failure = "none"
+        self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the HTTP session (idempotent)."""
+        if self._session is not None:
+            return
+        ssl_context = ssl.create_default_context(
+            cafile=str(self._config.ca_file) if self._config.ca_file else None
+        )
+        connector = aiohttp.TCPConnector(limit=self._config.max_connections, ssl=ssl_context)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=self._config.request_timeout_s, connect=self._config.connect_timeout_s
+            ),
+            headers={
+                "Authorization": f"UAT {self._config.token.get_secret_value()}",
+                "Accept": "application/json",
+                "User-Agent": f"scm-relay/{__version__}",
+            },
+            raise_for_status=False,
+        )
+
+    async def stop(self) -> None:
+        """Close the HTTP session (idempotent)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        return f"ScantrustClient(base_url={self._base!r})"
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        """The circuit breaker's state, for readiness and metrics."""
+        return self._breaker.state
+
+    # -- calls -------------------------------------------------------------
+
+    async def upload(self, request: UploadRequest) -> UploadOutcome:
+        """Submit one batch; `Accepted` carries the new task's id."""
+        call = _Call("upload", "POST", self._url(UPLOAD_PATH), request.to_json(), is_upload=True)
+        result = await self._call(call)
+        if not isinstance(result, _Response):
+            return result
+        task_id = _json_object(result.body).get("task_id")
+        if isinstance(task_id, str) and task_id:
+            return Accepted(task_id)
+        # Processed (200) yet no task id: the task may exist, so never resend blindly.
+        self._observer.ambiguous("upload")
+        return Ambiguous(f"upload answered {result.status} without a task_id")
+
+    async def task(self, task_id: str) -> ApiTask | Failure:
+        """`GET /api/v2/scm/tasks/{id}/`."""
+        result = await self._call(_Call("task", "GET", self._url(f"{TASKS_PATH}{task_id}/")))
+        if not isinstance(result, _Response):
+            return result
+        return _parse(ApiTask, _json_object(result.body), "task")
+
+    async def tasks(self, task_ids: Sequence[str]) -> TaskPage | Failure:
+        """Many tasks by id with `POST /api/v2/scm/tasks/`, in chunks; ids the API does not
+        return are simply absent from the page."""
+        found: list[ApiTask] = []
+        size = self._config.status_chunk_size
+        for start in range(0, len(task_ids), size):
+            chunk = list(task_ids[start : start + size])
+            call = _Call("tasks_bulk", "POST", self._url(TASKS_PATH), {"task_ids": chunk})
+            page = await self._follow_pages(call)
+            if not isinstance(page, TaskPage):
+                return page
+            found.extend(page.tasks)
+        return TaskPage(found)
+
+    async def list_tasks(
+        self,
+        *,
+        state: str | None = None,
+        reference: str | None = None,
+        created_at: str | None = None,
+    ) -> TaskPage | Failure:
+        """The task list with the documented filters, following every `next` link."""
+        params = {
+            name: value
+            for name, value in (
+                ("state", state),
+                ("reference", reference),
+                ("created_at", created_at),
+            )
+            if value is not None
+        }
+        url = self._url(TASKS_PATH) + (f"?{urlencode(params)}" if params else "")
+        return await self._follow_pages(_Call("task_list", "GET", url))
+
+    async def task_group(self, reference: str) -> ApiTaskGroup | Failure:
+        """`GET /api/v2/scm/task-groups/{reference}/`."""
+        url = self._url(f"{TASK_GROUPS_PATH}{_path_segment(reference)}/")
+        result = await self._call(_Call("task_group", "GET", url))
+        if not isinstance(result, _Response):
+            return result
+        return _parse(ApiTaskGroup, _json_object(result.body), "task_group")
+
+    async def me(self) -> dict[str, Any] | Failure:
+        """`GET /api/v2/me/`: proves the token works (for `scm-relay check`)."""
+        result = await self._call(_Call("me", "GET", self._url(ME_PATH)))
+        if not isinstance(result, _Response):
+            return result
+        return _json_object(result.body)
+
+    # -- the one path every call takes ---------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"{self._base}{path}"
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    async def _follow_pages(self, call: _Call) -> TaskPage | Failure:
+        tasks: list[ApiTask] = []
+        url: str | None = call.url
+        for _ in range(MAX_TASK_PAGES):
+            if url is None:
+                return TaskPage(tasks)
+            result = await self._call(_Call(call.endpoint, call.method, url, call.body))
+            if not isinstance(result, _Response):
+                return result
+            page = _json_object(result.body)
+            for item in page.get("results") or []:
+                parsed = _parse(ApiTask, item, call.endpoint)
+                if isinstance(parsed, Rejected):
+                    return parsed
+                tasks.append(parsed)
+            next_url = page.get("next")
+            # Follow `next` as given (the API's own pagination), resolved against our URL.
+            url = urljoin(url, next_url) if isinstance(next_url, str) and next_url else None
+        return Unavailable(f"{call.endpoint}: more than {MAX_TASK_PAGES} pages")
+
+    async def _call(self, call: _Call) -> _Response | Failure:
+        """Attempt `call` until it succeeds, fails for good, or the retry budget is spent."""
+        loop_deadline = self._now() + self._config.retry_max_elapsed_s
+        attempt = 0
+        while True:
+            outcome = await self._attempt(call)
+            if isinstance(outcome, _Response) or not isinstance(outcome, RETRYABLE):
+                return outcome
+            wait = self._retry_wait(outcome, attempt)
+            if self._now() + wait > loop_deadline:
+                log.warning(
+                    "api_retries_exhausted",
+                    endpoint=call.endpoint,
+                    outcome=type(outcome).__name__,
+                    attempts=attempt + 1,
+                )
+                return outcome
+            self._observer.retry_scheduled(call.endpoint, type(outcome).__name__, wait)
+            log.info(
+                "api_retry",
+                endpoint=call.endpoint,
+                outcome=type(outcome).__name__,
+                reason=getattr(outcome, "reason", None),
+                wait_s=round(wait, 3),
+                attempt=attempt + 1,
+            )
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    def _retry_wait(self, outcome: Throttled | Unavailable | Ambiguous, attempt: int) -> float:
+        if isinstance(outcome, Throttled):
+            return outcome.retry_after_s
+        backoff = self._backoff.delay(attempt, self._rng)
+        if isinstance(outcome, Unavailable) and outcome.retry_after_s is not None:
+            return max(backoff, outcome.retry_after_s)
+        return backoff
+
+    async def _attempt(self, call: _Call) -> _Response | Failure:
+        before = self._breaker.state
+        allowed = self._breaker.allow(self._now())
+        self._note_breaker(before)
+        if not allowed:
+            retry_in = self._breaker.retry_in(self._now())
+            reason = f"circuit breaker open (last failure: {self._last_failure})"
+            return Unavailable(reason, retry_after_s=retry_in or None)
+        await self._acquire(call.is_upload)
+        outcome = await self._exchange(call)
+        before = self._breaker.state
+        if isinstance(outcome, Unavailable | Ambiguous):
+            self._last_failure = outcome.reason
+            self._breaker.record_failure(self._now())
+        else:
+            self._breaker.record_success()
+        self._note_breaker(before)
+        return outcome
+
+    def _note_breaker(self, before: BreakerState) -> None:
+        after = self._breaker.state
+        if after is not before:
+            log.warning("api_circuit_breaker", state=after.value, previous=before.value)
+            self._observer.breaker_changed(after)
+
+    async def _acquire(self, is_upload: bool) -> None:
+        limiters = [self._overall_limiter]
+        if is_upload:
+            limiters.append(self._upload_limiter)
+        while True:
+            now = self._now()
+            wait = max(limiter.delay(now) for limiter in limiters)
+            if wait <= 0:
+                for limiter in limiters:
+                    limiter.try_acquire(now)
+                return
+            await asyncio.sleep(wait)
+
+    async def _exchange(self, call: _Call) -> _Response | Failure:
+        session = self._session
+        if session is None:
+            raise RuntimeError("ScantrustClient used before start()")
+        started = self._now()
+        try:
+            async with session.request(call.method, call.url, json=call.body) as response:
+                body = await self._read_bounded(response)
+                status, retry_after = response.status, response.headers.get("Retry-After")
+        except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake: not sent
+            return self._transport_failure(call, started, Unavailable(f"connect: {exc.os_error}"))
+        except aiohttp.ConnectionTimeoutError:
+            return self._transport_failure(call, started, Unavailable("connect timeout"))
+        except TimeoutError:
+            return self._transport_failure(call, started, Ambiguous("no answer before timeout"))
+        except _BodyTooLarge as exc:
+            return self._transport_failure(call, started, Ambiguous(str(exc)))
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            reason = f"connection lost: {type(exc).__name__}"
+            return self._transport_failure(call, started, Ambiguous(reason))
+        self._observer.request_finished(call.endpoint, f"{status // 100}xx", self._now() - started)
+        return self._classify(call, status, body, retry_after)
+
+    def _transport_failure(
+        self, call: _Call, started: float, outcome: Unavailable | Ambiguous
+    ) -> Unavailable | Ambiguous:
+        self._observer.request_finished(call.endpoint, "error", self._now() - started)
+        if isinstance(outcome, Ambiguous) and call.is_upload:
+            self._observer.ambiguous(call.endpoint)
+        if isinstance(outcome, Ambiguous) and not call.is_upload:
+            # A read has no side effect: its lost answer is a plain outage.
+            return Unavailable(outcome.reason)
+        return outcome
+
+    def _classify(
+        self, call: _Call, status: int, body: str, retry_after: str | None
+    ) -> _Response | Failure:
+        if 200 <= status < 300:
+            return _Response(status, body, retry_after)
+        if status in (401, 403):
+            log.error("api_auth_failed", endpoint=call.endpoint, status=status, body=body[:200])
+            return AuthFailed(status, body)
+        if status == 429:
+            self._observer.throttled(call.endpoint)
+            return Throttled(throttle_wait(retry_after, body), body)
+        if status >= 500:
+            wait = throttle_wait(retry_after, "") if retry_after else None
+            return Unavailable(f"HTTP {status}", status=status, retry_after_s=wait)
+        parsed = _json_object(body)
+        return Rejected(status, parsed if parsed else {"detail": body}, body)
+
+    async def _read_bounded(self, response: aiohttp.ClientResponse) -> str:
+        limit = self._config.max_response_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge(f"response body over {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+class _BodyTooLarge(Exception):
+    """A response body over `max_response_bytes`."""
+
+
+def _json_object(body: str) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _parse(model: type[_Model], data: Any, endpoint: str) -> _Model | Rejected:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problem = str(exc)
+    # A 200 we cannot read is the vendor's change or a proxy's page: loud, not retried.
+    log.error("api_unexpected_body", endpoint=endpoint, problem=problem[:300])
+    return Rejected(200, {"detail": f"unexpected {endpoint} body: {problem}"}, str(data)[:500])
+
+
+def _path_segment(text: str) -> str:
+    return quote(text, safe="")

@@ -1,0 +1,143 @@
+"""What an API call came to, as types the pipeline acts on without reading HTTP.
+
+Each response class of docs/scantrust-api.md maps to one type here. The client
+classifies once, where the response enters; everything after matches on type.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict
+
+
+class TaskApiState(StrEnum):
+    """States of a Scantrust SCM task."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in-progress"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        """Complete or failed: the task will not change again."""
+        return self in (TaskApiState.COMPLETE, TaskApiState.FAILED)
+
+
+class ApiTask(BaseModel):
+    """A task as the API reports it (single view, list view and bulk view)."""
+
+    # The vendor may add fields; unknown ones are kept, never an error.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str
+    state: TaskApiState
+    reference: str | None = ""
+    codes_affected: int | None = None
+    created_by: int | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    details: dict[str, Any] | None = None
+
+
+class ApiTaskGroup(BaseModel):
+    """`GET /api/v2/scm/task-groups/{reference}/`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    reference: str
+    tasks_count: int
+    codes_affected: int | None = None
+    completed: bool
+    state_stats: dict[str, int] = {}
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """200 to an upload: the server created task `task_id`."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A 4xx other than 401/403/429: the request is wrong and resending it fails again.
+
+    `errors` is the parsed error body by field (400), or `{"detail": body}` when the
+    body is not a JSON object.
+    """
+
+    status: int
+    errors: dict[str, Any]
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """401 or 403: the token is missing, wrong or lacks a permission. Never retried."""
+
+    status: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Throttled:
+    """429: wait `retry_after_s` before the next request."""
+
+    retry_after_s: float
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """The request did not reach a working API: 5xx, refused, DNS, connect timeout,
+    or the circuit breaker is open. Safe to retry."""
+
+    reason: str
+    status: int | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ambiguous:
+    """The request was sent but no answer came (timeout, reset): it may have been processed."""
+
+    reason: str
+
+
+Failure = Rejected | AuthFailed | Throttled | Unavailable | Ambiguous
+UploadOutcome = Accepted | Failure
+RETRYABLE: Final = (Throttled, Unavailable, Ambiguous)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """The tasks a status or list call returned."""
+
+    tasks: list[ApiTask] = field(default_factory=list)
+
+
+_THROTTLE_SECONDS_RE: Final = re.compile(r"available in (\d+(?:\.\d+)?) second", re.IGNORECASE)
+DEFAULT_THROTTLE_WAIT_S: Final = 1.0
+
+
+def throttle_wait(retry_after: str | None, body: str) -> float:
+    """Seconds to wait after a 429: `Retry-After` when given (seconds), else the number in
+    the documented `detail` text, else one second."""
+    if retry_after is not None:
+        try:
+            return max(0.0, float(retry_after.strip()))
+        except ValueError:
+            pass  # an HTTP-date or junk: fall back to the body, as the vendor documents it
+    match = _THROTTLE_SECONDS_RE.search(body)
+    if match:
+        return float(match.group(1))
+    return DEFAULT_THROTTLE_WAIT_S

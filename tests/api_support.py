@@ -1,0 +1,113 @@
+"""A simulator on real loopback HTTP, and clients pointed at it, for the API tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from pydantic import SecretStr
+
+from service.core.resilience import BreakerState
+from service.scantrust.client import ClientConfig, ScantrustClient
+from service.simulator.app import running_simulator
+from service.simulator.seed import default_seed
+from service.simulator.state import Account, Faults
+
+TOKEN = "sim-token-3f9a"
+# Instant task processing; tests that need delays set them.
+FAST = Faults(pending_delay_s=0.0, progress_delay_s=0.0, jitter_s=0.0)
+
+
+@dataclass
+class Simulator:
+    """A running simulator: its base URL and its account (for direct inspection)."""
+
+    base_url: str
+    account: Account
+
+    async def set_faults(self, **knobs: Any) -> dict[str, Any]:
+        """Change fault knobs through the simulator's own control endpoint."""
+        url = f"{self.base_url}/_sim/faults"
+        async with aiohttp.ClientSession() as session, session.post(url, json=knobs) as response:
+            body: dict[str, Any] = await response.json()
+            assert response.status == 200, body
+            return body
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        """GET a simulator-only endpoint."""
+        url = f"{self.base_url}{path}"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status, await response.json()
+
+
+@asynccontextmanager
+async def simulator(
+    faults: Faults = FAST, codes_per_campaign: int = 50
+) -> AsyncIterator[Simulator]:
+    """Serve a simulator on 127.0.0.1 with a free port."""
+    account = Account(default_seed(codes_per_campaign), faults, rng_seed=7)
+    async with running_simulator(account, TOKEN) as base_url:
+        yield Simulator(base_url, account)
+
+
+@dataclass
+class RecordingObserver:
+    """Counts what the client reports, as the metrics will."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
+    throttled_count: int = 0
+    ambiguous_count: int = 0
+    breaker_states: list[BreakerState] = field(default_factory=list)
+
+    def request_finished(self, endpoint: str, status_class: str, duration_s: float) -> None:
+        self.requests[f"{endpoint} {status_class}"] += 1
+
+    def retry_scheduled(self, endpoint: str, outcome: str, wait_s: float) -> None:
+        self.retries[outcome] += 1
+
+    def throttled(self, endpoint: str) -> None:
+        self.throttled_count += 1
+
+    def ambiguous(self, endpoint: str) -> None:
+        self.ambiguous_count += 1
+
+    def breaker_changed(self, state: BreakerState) -> None:
+        self.breaker_states.append(state)
+
+
+def config(base_url: str, token: str = TOKEN, **overrides: Any) -> ClientConfig:
+    """A client configuration with quick retries for tests."""
+    values: dict[str, Any] = {
+        "base_url": base_url,
+        "token": SecretStr(token),
+        "retry_initial_s": 0.01,
+        "retry_max_backoff_s": 0.05,
+        "retry_max_elapsed_s": 2.0,
+        "request_timeout_s": 5.0,
+        "connect_timeout_s": 2.0,
+    }
+    values.update(overrides)
+    return ClientConfig(**values)
+
+
+@asynccontextmanager
+async def client(
+    base_url: str, observer: RecordingObserver | None = None, **overrides: Any
+) -> AsyncIterator[ScantrustClient]:
+    """A started client against `base_url`."""
+    async with ScantrustClient(config(base_url, **overrides), observer) as started:
+        yield started
+
+
+async def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    """Poll an async predicate."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
