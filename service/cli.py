@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "run",
+        help="run the relay (settings from SCM_RELAY_* variables)",
+        description=(
+            "Consume change events, submit them to the Scantrust API, follow each task and "
+            "publish its outcome, until SIGTERM or SIGINT. See docs/settings.md."
+        ),
+    )
     validate = commands.add_parser(
         "validate",
         help="validate JSON-lines change events offline",
@@ -86,12 +94,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run()
     if args.command == "validate":
         return _validate(args.file)
     if args.command == "simulator":
         return _simulator(args)
     parser.print_help()
     return EXIT_USAGE
+
+
+def _run() -> int:
+    from service.app import main as run_main
+
+    try:
+        settings = load_settings(os.environ)
+    except SettingsError as exc:
+        print(f"scm-relay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_main(settings)
 
 
 def _simulator(args: argparse.Namespace) -> int:

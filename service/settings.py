@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
+    kafka_transactional_id: str | None = Field(default=None, min_length=1)
     input_topic: str = Field(default="scm.changes", min_length=1)
     results_topic: str = Field(default="scm.results", min_length=1)
     dlq_topic: str = Field(default="scm.dlq", min_length=1)
@@ -89,6 +90,18 @@ class Settings(BaseSettings):
     batch_max_keys: int = Field(default=1, ge=1, le=5)
     batch_linger_ms: int = Field(default=1000, ge=0, le=600_000)
     upload_rate_per_s: float = Field(default=10.0, gt=0, le=1000)
+    max_in_flight_requests: int = Field(default=4, ge=1, le=100)
+    max_open_batches: int = Field(default=1000, ge=1, le=100_000)
+    max_buffered_values: int = Field(default=200_000, ge=1000, le=10_000_000)
+    max_unfinished_tasks: int = Field(default=200, ge=1, le=100_000)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
+    rebalance_timeout_s: float = Field(default=20.0, ge=0, le=3600)
+
+    # Task tracking
+    poll_initial_s: float = Field(default=1.0, gt=0, le=3600)
+    poll_factor: float = Field(default=1.5, ge=1, le=10)
+    poll_max_s: float = Field(default=30.0, gt=0, le=3600)
+    task_stuck_after_s: float = Field(default=900.0, gt=0, le=7 * 86_400)
 
     # Event contract limits
     max_record_bytes: int = Field(default=DEFAULT_LIMITS.max_record_bytes, ge=1024, le=64 << 20)

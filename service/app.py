@@ -1,0 +1,155 @@
+"""The composition root: settings in, every client built and entered in one exit stack.
+
+Only this module (and the CLI that calls it) builds Kafka clients, the HTTP
+session and the logger configuration. Signal handlers only set an event;
+shutdown then runs in a fixed order inside `Relay.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import AsyncExitStack, suppress
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from service.kafka import KafkaSetupError, check_topics, client_options, transactional_id
+from service.logs import configure_logging
+from service.pipeline import Relay, RelayConfig
+from service.scantrust.client import ClientConfig, ScantrustClient
+from service.settings import Settings, SettingsError
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+# aiokafka's default (5 minutes) would let a stuck member hold its partitions that long.
+MAX_POLL_INTERVAL_MS = 60_000
+
+
+def relay_config(settings: Settings) -> RelayConfig:
+    """The relay's view of the settings."""
+    return RelayConfig(
+        input_topic=settings.input_topic,
+        results_topic=settings.results_topic,
+        dlq_topic=settings.dlq_topic,
+        tasks_topic=settings.tasks_topic,
+        group_id=settings.kafka_group_id,
+        limits=settings.contract_limits(),
+        batch_max_values=settings.batch_max_values,
+        batch_max_keys=settings.batch_max_keys,
+        batch_linger_s=settings.batch_linger_ms / 1000,
+        max_in_flight_requests=settings.max_in_flight_requests,
+        max_open_batches=settings.max_open_batches,
+        max_buffered_values=settings.max_buffered_values,
+        max_unfinished_tasks=settings.max_unfinished_tasks,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
+        rebalance_timeout_s=settings.rebalance_timeout_s,
+        poll_initial_s=settings.poll_initial_s,
+        poll_factor=settings.poll_factor,
+        poll_max_s=settings.poll_max_s,
+        task_stuck_after_s=settings.task_stuck_after_s,
+    )
+
+
+async def run_relay(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    """Run the relay until SIGTERM/SIGINT (or `stop`); return the exit code."""
+    stop = stop or asyncio.Event()
+    try:
+        client_config = ClientConfig.from_settings(settings)
+    except SettingsError as exc:
+        log.error("settings_invalid", problem=str(exc))
+        return EXIT_CONFIG
+    options = client_options(settings)
+    loop = asyncio.get_running_loop()
+    with suppress(NotImplementedError, RuntimeError):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+    try:
+        async with AsyncExitStack() as stack:
+            admin = AIOKafkaAdminClient(**options)
+            await admin.start()
+            try:
+                await check_topics(admin, settings)
+            finally:
+                await admin.close()
+            client = await stack.enter_async_context(ScantrustClient(client_config))
+            relay = await _build_relay(stack, settings, options, client)
+            log.info(
+                "relay_started",
+                input_topic=settings.input_topic,
+                group_id=settings.kafka_group_id,
+                api=str(settings.api_base_url),
+            )
+            await relay.run(stop)
+    except KafkaSetupError as exc:
+        log.error("kafka_setup_invalid", problem=str(exc))
+        return EXIT_CONFIG
+    except KafkaError as exc:
+        log.error("kafka_unavailable", error=f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signum)
+    log.info("relay_stopped")
+    return EXIT_OK
+
+
+async def _build_relay(
+    stack: AsyncExitStack, settings: Settings, options: dict[str, Any], client: ScantrustClient
+) -> Relay:
+    producer = AIOKafkaProducer(
+        transactional_id=transactional_id(settings), enable_idempotence=True, acks="all", **options
+    )
+    await producer.start()
+    stack.push_async_callback(producer.stop)
+    consumer = AIOKafkaConsumer(
+        group_id=settings.kafka_group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+        **options,
+    )
+    ledger_reader = AIOKafkaConsumer(
+        settings.tasks_topic,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        **options,
+    )
+    poller_consumer = AIOKafkaConsumer(
+        group_id=f"{settings.kafka_group_id}.task-poller",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        **options,
+    )
+    relay = Relay(
+        relay_config(settings),
+        consumer=consumer,
+        producer=producer,
+        ledger_reader=ledger_reader,
+        poller_consumer=poller_consumer,
+        client=client,
+    )
+    consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())
+    for kafka_consumer in (ledger_reader, poller_consumer, consumer):
+        await kafka_consumer.start()
+        # aiokafka's stop() does not call the revoke listener: Relay.run flushes and
+        # commits before the stack stops the consumers.
+        stack.push_async_callback(kafka_consumer.stop)
+    return relay
+
+
+def main(settings: Settings) -> int:
+    """Entry point of `scm-relay run`."""
+    configure_logging(settings.log_format, settings.log_level)
+    return asyncio.run(run_relay(settings))

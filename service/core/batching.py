@@ -1,0 +1,265 @@
+"""Merging accepted events into upload requests (docs/design.md section 4).
+
+Events with the same (campaign, scm_data, reference, constraint key) merge:
+their values are unioned (a value already in the open batch is dropped and
+counted) up to `max_values`; an event with more values than fit is split
+across batches. With `max_keys` > 1, batches of the same campaign, scm_data and
+reference share a request across constraint keys. A batch is ready when full,
+when its oldest event has waited `linger_s`, when too many batches are open
+(the oldest goes first), or on shutdown.
+
+Pure: it takes events and the time, and returns batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+from typing import Final
+
+from service.core.contract import IDENTIFIER_KEYS, ChangeEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an event was read: its Kafka position and the publisher's id."""
+
+    topic: str
+    partition: int
+    offset: int
+    event_id: str | None = None
+
+
+@dataclass(eq=False, slots=True)
+class PendingEvent:
+    """An accepted event on its way to the API, and what is left to account for."""
+
+    source: Source
+    event: ChangeEvent
+    raw: bytes
+    key: bytes | None
+    received_at: float
+    parts: int = 0
+    parts_done: int = 0
+    rejected: bool = False
+
+    @property
+    def value_count(self) -> int:
+        """The number of constraint values the event carries."""
+        return len(self.event.constraint_values)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """The values one event put into one batch (empty when all were already there)."""
+
+    event: PendingEvent
+    constraint_key: str
+    values: tuple[str, ...]
+
+
+class FlushReason(StrEnum):
+    """Why a batch was sent; a metric label."""
+
+    FULL = "full"
+    LINGER = "linger"
+    KEYS = "keys"
+    OPEN_BATCHES = "open_batches"
+    SHUTDOWN = "shutdown"
+
+
+GroupKey = tuple[int | None, tuple[tuple[str, str], ...], str, str | None]
+_NEXT_BATCH: Final = itertools.count(1)
+
+
+def new_batch_id() -> str:
+    """A batch id unique across processes and restarts."""
+    return f"b-{uuid.uuid4().hex[:16]}-{next(_NEXT_BATCH)}"
+
+
+@dataclass(eq=False)
+class Batch:
+    """One future upload request and the event parts it carries."""
+
+    group: GroupKey
+    opened_at: float
+    batch_id: str = field(default_factory=new_batch_id)
+    values: dict[str, dict[str, None]] = field(default_factory=dict)
+    parts: list[Part] = field(default_factory=list)
+    flush_reason: FlushReason | None = None
+
+    @property
+    def campaign(self) -> int | None:
+        """The campaign of every event in the batch."""
+        return self.group[0]
+
+    @cached_property
+    def scm_data(self) -> dict[str, str]:
+        """The scm_data of every event in the batch (one shared mapping: do not modify)."""
+        return dict(self.group[1])
+
+    @property
+    def reference(self) -> str:
+        """The reference of every event ("" for none)."""
+        return self.group[2]
+
+    @property
+    def size(self) -> int:
+        """Values in the request, over all constraint keys."""
+        return sum(len(values) for values in self.values.values())
+
+    def constraints(self) -> dict[str, list[str]]:
+        """The request's constraints: each key with its distinct values, in arrival order."""
+        return {key: list(values) for key, values in self.values.items()}
+
+    def events(self) -> list[PendingEvent]:
+        """The distinct events with a part in this batch, in arrival order."""
+        seen: dict[int, PendingEvent] = {}
+        for part in self.parts:
+            seen.setdefault(id(part.event), part.event)
+        return list(seen.values())
+
+    def expected_codes(self, one_code_per_value_keys: Iterable[str]) -> int | None:
+        """How many codes the request should touch, or None when that is unknown.
+
+        Events without `expected_codes` on an identifier key count one code per distinct
+        value; events with it count what they say, if wholly inside this batch. Any other
+        event makes the expectation unknown.
+        """
+        per_value_keys = IDENTIFIER_KEYS | set(one_code_per_value_keys)
+        explicit = 0
+        counted: set[tuple[str, str]] = set()
+        for pending in self.events():
+            declared = pending.event.expected_codes
+            if declared is not None:
+                if pending.parts != 1:
+                    return None  # split across requests: its share of each is unknown
+                explicit += declared
+            elif pending.event.constraint_key not in per_value_keys:
+                return None
+        for part in self.parts:
+            if part.event.event.expected_codes is None:
+                counted.update((part.constraint_key, value) for value in part.values)
+        return explicit + len(counted)
+
+
+class Batcher:
+    """Open batches by group key; hands out the ones that are ready."""
+
+    def __init__(
+        self,
+        *,
+        max_values: int,
+        max_keys: int,
+        linger_s: float,
+        max_open_batches: int,
+    ) -> None:
+        if not 1 <= max_values <= 1000 or not 1 <= max_keys <= 5 or max_open_batches < 1:
+            raise ValueError("max_values 1..1000, max_keys 1..5 and max_open_batches >= 1")
+        self.max_values = max_values
+        self.max_keys = max_keys
+        self.linger_s = linger_s
+        self.max_open_batches = max_open_batches
+        self._open: dict[GroupKey, Batch] = {}
+        self.deduplicated = 0
+
+    def group_of(self, event: ChangeEvent) -> GroupKey:
+        """The key of the batch an event joins."""
+        return (
+            event.campaign,
+            tuple(sorted(event.scm_data.items())),
+            event.reference or "",
+            event.constraint_key if self.max_keys == 1 else None,
+        )
+
+    def add(
+        self, pending: PendingEvent, now: float
+    ) -> tuple[list[Batch], list[tuple[Batch, Part]]]:
+        """Put an event into batches. Returns the batches now ready to send and the
+        (batch, part) pairs the event created, for the caller's bookkeeping."""
+        ready: list[Batch] = []
+        placed: list[tuple[Batch, Part]] = []
+        event = pending.event
+        key = event.constraint_key
+        group = self.group_of(event)
+        batch = self._open.get(group)
+        if batch is None:
+            batch = self._open_new(group, now)
+        elif key not in batch.values and len(batch.values) >= self.max_keys:
+            ready.append(self._close(batch, FlushReason.KEYS))
+            batch = self._open_new(group, now)
+        known = batch.values.get(key, {})
+        remaining = [value for value in event.constraint_values if value not in known]
+        self.deduplicated += len(event.constraint_values) - len(remaining)
+        if not remaining:
+            placed.append((batch, self._attach(batch, pending, key, ())))
+        while remaining:
+            room = self.max_values - batch.size
+            chunk, remaining = remaining[:room], remaining[room:]
+            placed.append((batch, self._attach(batch, pending, key, tuple(chunk))))
+            if batch.size >= self.max_values:
+                ready.append(self._close(batch, FlushReason.FULL))
+                if remaining:
+                    batch = self._open_new(group, now)
+        while len(self._open) > self.max_open_batches:
+            ready.append(self._close(next(iter(self._open.values())), FlushReason.OPEN_BATCHES))
+        return ready, placed
+
+    def due(self, now: float) -> list[Batch]:
+        """Batches whose oldest event has waited `linger_s` (oldest first)."""
+        ready = []
+        for batch in list(self._open.values()):
+            if batch.opened_at + self.linger_s > now:
+                break  # batches are kept in opening order
+            ready.append(self._close(batch, FlushReason.LINGER))
+        return ready
+
+    def drain(self, reason: FlushReason = FlushReason.SHUTDOWN) -> list[Batch]:
+        """Every open batch."""
+        return [self._close(batch, reason) for batch in list(self._open.values())]
+
+    def discard(self) -> list[Batch]:
+        """Forget every open batch without sending it (partitions revoked)."""
+        dropped = list(self._open.values())
+        self._open.clear()
+        return dropped
+
+    def next_deadline(self) -> float | None:
+        """When the oldest open batch is due, or None."""
+        for batch in self._open.values():
+            return batch.opened_at + self.linger_s
+        return None
+
+    @property
+    def open_batches(self) -> int:
+        """Batches being filled."""
+        return len(self._open)
+
+    @property
+    def open_values(self) -> int:
+        """Values in open batches."""
+        return sum(batch.size for batch in self._open.values())
+
+    def _open_new(self, group: GroupKey, now: float) -> Batch:
+        batch = Batch(group=group, opened_at=now)
+        self._open[group] = batch
+        return batch
+
+    def _attach(
+        self, batch: Batch, pending: PendingEvent, key: str, values: tuple[str, ...]
+    ) -> Part:
+        part = Part(pending, key, values)
+        batch.parts.append(part)
+        batch.values.setdefault(key, {}).update(dict.fromkeys(values))
+        pending.parts += 1
+        return part
+
+    def _close(self, batch: Batch, reason: FlushReason) -> Batch:
+        if self._open.get(batch.group) is batch:
+            del self._open[batch.group]
+        batch.flush_reason = reason
+        return batch

@@ -1,0 +1,138 @@
+"""Per-code order (guarantee 4): a later change to a code never overtakes an earlier one.
+
+Scantrust runs tasks concurrently, so two requests that write different values
+to the same field of the same code could be applied in either order. The
+guard knows, for every (constraint key, value) in an open batch or an
+unfinished task, which scm_data that batch or task writes (its *claims*). An
+event that would write a different value to a claimed field is held back
+until every batch or task it conflicts with has ended; events that touch a
+code with an event already held back queue behind it, first in, first out.
+Writing the same value again is no conflict.
+
+Order is kept per (constraint key, value): the guard cannot know that an
+extended_id and a serial number name the same code.
+
+Pure: owners are batch ids; the pipeline claims when it batches an event and
+releases when the batch's task ends (or the batch is rejected or dropped).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+CodeKey = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What an event writes: scm_data to every value of one constraint key."""
+
+    constraint_key: str
+    values: tuple[str, ...]
+    scm_data: Mapping[str, str]
+
+    def codes(self) -> Iterable[CodeKey]:
+        """The (constraint key, value) pairs it touches."""
+        return ((self.constraint_key, value) for value in self.values)
+
+
+class OrderGuard(Generic[Item]):
+    """Claims of open batches and unfinished tasks, and the events held back by them."""
+
+    def __init__(self) -> None:
+        # (key, value) -> [(owner, scm_data)]: the scm_data mapping is shared per owner.
+        self._claims: dict[CodeKey, list[tuple[str, Mapping[str, str]]]] = {}
+        self._owned: dict[str, list[CodeKey]] = {}
+        self._held: deque[tuple[Item, Change]] = deque()
+        self._held_codes: Counter[CodeKey] = Counter()
+
+    # -- claims ------------------------------------------------------------------
+
+    def claim(self, owner: str, change: Change) -> None:
+        """Record that `owner` (a batch) writes `change`. Claiming again is harmless."""
+        owned = self._owned.setdefault(owner, [])
+        for code in change.codes():
+            holders = self._claims.setdefault(code, [])
+            if not any(holder == owner for holder, _ in holders):
+                holders.append((owner, change.scm_data))
+                owned.append(code)
+
+    def owns(self, owner: str) -> bool:
+        """Whether `owner` holds any claim."""
+        return owner in self._owned
+
+    def release(self, owner: str) -> None:
+        """`owner`'s task ended, or its batch was rejected or dropped."""
+        for code in self._owned.pop(owner, ()):
+            holders = self._claims.get(code)
+            if holders is None:
+                continue
+            holders[:] = [(holder, data) for holder, data in holders if holder != owner]
+            if not holders:
+                del self._claims[code]
+
+    def conflicts(self, change: Change) -> bool:
+        """Would `change` overtake an earlier change to one of its codes?"""
+        return self._conflicts_with_claims(change) or any(
+            code in self._held_codes for code in change.codes()
+        )
+
+    def _conflicts_with_claims(self, change: Change) -> bool:
+        for code in change.codes():
+            for _, written in self._claims.get(code, ()):
+                for field, value in change.scm_data.items():
+                    earlier = written.get(field)
+                    if earlier is not None and earlier != value:
+                        return True
+        return False
+
+    # -- held events -----------------------------------------------------------------
+
+    def hold(self, item: Item, change: Change) -> None:
+        """Keep `item` until nothing earlier blocks it."""
+        self._held.append((item, change))
+        self._held_codes.update(change.codes())
+
+    def next_admissible(self) -> Item | None:
+        """The first held item that nothing blocks any more, taken out of the queue.
+
+        An item is blocked by a conflicting claim, or by an earlier held item that
+        touches one of its codes (first in, first out per code).
+        """
+        blocked: set[CodeKey] = set()
+        for index, (item, change) in enumerate(self._held):
+            codes = set(change.codes())
+            if codes & blocked or self._conflicts_with_claims(change):
+                blocked |= codes
+                continue
+            del self._held[index]
+            self._held_codes.subtract(codes)
+            self._held_codes = +self._held_codes
+            return item
+        return None
+
+    def drop_held(self) -> list[Item]:
+        """Forget every held item (their partitions were revoked); returns them."""
+        items = [item for item, _ in self._held]
+        self._held.clear()
+        self._held_codes.clear()
+        return items
+
+    @property
+    def held(self) -> int:
+        """Events held back."""
+        return len(self._held)
+
+    @property
+    def held_values(self) -> int:
+        """Constraint values of the events held back."""
+        return self._held_codes.total()
+
+    @property
+    def claimed_codes(self) -> int:
+        """(constraint key, value) pairs with a claim."""
+        return len(self._claims)

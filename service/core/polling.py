@@ -1,0 +1,79 @@
+"""When to ask the API about each unfinished task: soon at first, then less often.
+
+Pure: the poller feeds it task ids and the time, and asks which are due.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Final
+
+MAX_DUE_PER_ROUND: Final = 1000
+
+
+@dataclass
+class _Entry:
+    due_at: float
+    interval: float
+    finishing: bool = False
+
+
+class PollSchedule:
+    """Per-task next poll time with geometric backoff between `initial_s` and `max_s`."""
+
+    def __init__(self, *, initial_s: float, factor: float, max_s: float) -> None:
+        if initial_s <= 0 or factor < 1 or max_s < initial_s:
+            raise ValueError("need initial_s > 0, factor >= 1 and max_s >= initial_s")
+        self.initial_s = initial_s
+        self.factor = factor
+        self.max_s = max_s
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def add(self, task_id: str, now: float) -> None:
+        """Start following a task; its first check is `initial_s` from now."""
+        if task_id in self._entries:
+            return
+        entry = _Entry(due_at=now + self.initial_s, interval=self.initial_s)
+        self._entries[task_id] = entry
+        heapq.heappush(self._heap, (entry.due_at, task_id))
+
+    def due(self, now: float, limit: int = MAX_DUE_PER_ROUND) -> list[str]:
+        """Task ids due at `now`, earliest first, at most `limit`; each is taken off the
+        schedule until `polled` or `remove` is called for it."""
+        taken: list[str] = []
+        while self._heap and self._heap[0][0] <= now and len(taken) < limit:
+            due_at, task_id = heapq.heappop(self._heap)
+            entry = self._entries.get(task_id)
+            if entry is None or entry.finishing or entry.due_at != due_at:
+                continue  # removed, finishing, or rescheduled since
+            taken.append(task_id)
+        return taken
+
+    def polled(self, task_id: str, now: float) -> None:
+        """The task is still unfinished (or its status unknown): check again later."""
+        entry = self._entries.get(task_id)
+        if entry is None:
+            return
+        entry.interval = min(self.max_s, entry.interval * self.factor)
+        entry.due_at = now + entry.interval
+        heapq.heappush(self._heap, (entry.due_at, task_id))
+
+    def finishing(self, task_id: str) -> None:
+        """The task ended and its result is being published: stop checking it."""
+        entry = self._entries.get(task_id)
+        if entry is not None:
+            entry.finishing = True
+
+    def is_finishing(self, task_id: str) -> bool:
+        """Whether the task's result is being published."""
+        entry = self._entries.get(task_id)
+        return entry is not None and entry.finishing
+
+    def remove(self, task_id: str) -> None:
+        """Forget a task (published, tombstoned, or its partition revoked)."""
+        self._entries.pop(task_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,170 @@
+"""The relay end to end: real Kafka broker, simulator over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from service.core.records import DeadLetterHeaders
+from service.simulator.state import Faults
+from tests.api_support import FAST, Simulator, simulator
+from tests.kafka_support import TopicFactory
+from tests.pipeline_support import (
+    event,
+    make_topics,
+    publish,
+    read_topic,
+    relay_settings,
+    results,
+    running_relay,
+    wait_for_commit,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+def code_key(item: Any) -> bytes | None:
+    """Key each event by its first constraint value, as upstream is advised to."""
+    if isinstance(item, bytes):
+        return b"raw"
+    values = next(iter(item["constraints"].values()))
+    first = values[0] if isinstance(values, list) else values
+    return str(first).encode()
+
+
+async def history(sim: Simulator, extended_id: str) -> list[dict[str, Any]]:
+    status, code = await sim.get(f"/_sim/codes?extended_id={extended_id}")
+    assert status == 200, extended_id
+    return list(code["history"])
+
+
+def mixed_events() -> tuple[list[Any], dict[str, str]]:
+    """Valid events over three markets (with a duplicate and a split-worthy list) and bad ones.
+
+    Returns the events and, per code, the market it must end with.
+    """
+    events: list[Any] = []
+    final: dict[str, str] = {}
+    for n in range(60):
+        market = ("DE", "FR", "IT")[n % 3]
+        codes = [f"11X{n * 5 + i:06d}" for i in range(5)]
+        events.append(event(codes, scm_data={"intended_market": market}, event_id=f"e{n}"))
+        final.update(dict.fromkeys(codes, market))
+    events.append(event(["11X000000", "11X000001"], scm_data={"intended_market": "DE"}))  # dup
+    events.append(b"\xff\xfe not json")
+    events.append(event(["11X000999"], scm_data={"status": "1"}, event_id="bad-status"))
+    events.append(event(["11X000998"], key="message", scm_data={"a": "b"}, event_id="bad-key"))
+    return events, final
+
+
+async def test_events_reach_the_api_once_in_order_and_offsets_reach_the_end(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=3)
+    events, final = mixed_events()
+    async with simulator(FAST, codes_per_campaign=400) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics, batch_max_values=100)
+        await publish(kafka_bootstrap, topics.input, events, key_of=code_key)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            stats = sim.account.stats
+            outcomes = await results(kafka_bootstrap, topics.results, stats.uploads_accepted)
+            assert stats.throttled == 0
+            assert stats.upload_values_max <= 100
+            # Every valid code got its market once. The two codes of the duplicate event get
+            # it again only if their first batch had already left when the duplicate came.
+            for extended_id, market in final.items():
+                applied = [h["set"] for h in await history(sim, extended_id)]
+                times = (1, 2) if extended_id in ("11X000000", "11X000001") else (1,)
+                assert len(applied) in times, extended_id
+                assert set(map(str, applied)) == {str({"intended_market": market})}
+        dead = await read_topic(kafka_bootstrap, topics.dlq, expected=3)
+    reasons = Counter(DeadLetterHeaders.from_kafka(record.headers).reason.value for record in dead)
+    assert reasons == {"not_utf8": 1, "scm_data_key_status": 1, "constraint_key_message": 1}
+    assert {record.value for record in dead} >= {b"\xff\xfe not json"}
+    assert all(o["state"] == "complete" for o in outcomes)
+    assert len(outcomes) in (3, 4)
+    assert sum(o["codes_affected"] for o in outcomes) == 300 + 2 * (len(outcomes) - 3)
+    for outcome in outcomes:
+        assert len(outcome["constraints"]) == 1
+        assert outcome["short"] is False
+
+
+async def test_a_code_changed_a_b_a_reaches_the_api_in_that_order(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    """Guarantee 4 against a simulator whose tasks may overtake each other (jitter)."""
+    topics = await make_topics(topic_factory, partitions=1)
+    slow = Faults(pending_delay_s=0.2, progress_delay_s=0.3, jitter_s=0.3)
+    sequence = ["A", "B", "A", "C", "A"]
+    events = [
+        event(["11X000007", "11X000008"], scm_data={"intended_market": m}, event_id=f"m{i}")
+        for i, m in enumerate(sequence)
+    ]
+    async with simulator(slow) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics, batch_linger_ms=50)
+        await publish(kafka_bootstrap, topics.input, events, key_of=code_key)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            await results(kafka_bootstrap, topics.results, expected=len(sequence))
+            for code in ("11X000007", "11X000008"):
+                applied = [h["set"]["intended_market"] for h in await history(sim, code)]
+                assert applied == sequence, code
+
+
+async def test_api_rejection_dead_letters_the_batch_with_the_api_body(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=1)
+    # Campaign 12 has no rfid field: the API refuses the constraint key with a 400.
+    bad = event(["E2801160000001"], key="rfid", scm_data={"lot": "L1"}, campaign=12)
+    good = event(["12X000001"], scm_data={"lot": "L1"}, campaign=12)
+    async with simulator() as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics)
+        await publish(kafka_bootstrap, topics.input, [bad, good])
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            (dead,) = await read_topic(kafka_bootstrap, topics.dlq, expected=1)
+            (outcome,) = await results(kafka_bootstrap, topics.results, expected=1)
+    headers = DeadLetterHeaders.from_kafka(dead.headers)
+    assert (headers.stage.value, headers.reason.value, headers.api_status) == (
+        "api",
+        "api_rejected",
+        400,
+    )
+    assert json.loads(headers.api_body or "{}") == {
+        "constraints": {"rfid": "Invalid constraint name, 'rfid' is not a field of campaign 12"}
+    }
+    assert json.loads(dead.value) == bad
+    assert outcome["constraints"] == {"extended_id": ["12X000001"]}
+
+
+async def test_outage_then_recovery_and_a_throttle_storm_lose_nothing(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=2)
+    first = [event([f"11X{n:06d}"], scm_data={"batch_number": f"B{n}"}) for n in range(20)]
+    second = [
+        event([f"11X{n:06d}"], scm_data={"lot_x": "1"}, key="serial_number") for n in range(5)
+    ]
+    async with simulator(
+        Faults(error_rate=1.0, pending_delay_s=0, progress_delay_s=0, jitter_s=0)
+    ) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics)
+        await publish(kafka_bootstrap, topics.input, first, key_of=code_key)
+        async with running_relay(settings) as relay:
+            await asyncio.sleep(3)
+            assert sim.account.stats.uploads_accepted == 0
+            await sim.set_faults(error_rate=0.0)
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            await sim.set_faults(throttle_storm_s=2)
+            await publish(kafka_bootstrap, topics.input, second, key_of=code_key)
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+        for n in range(20):
+            applied = await history(sim, f"11X{n:06d}")
+            assert [h["set"] for h in applied] == [{"batch_number": f"B{n}"}]
+    assert await read_topic(kafka_bootstrap, topics.dlq, expected=1, timeout_s=2) == []

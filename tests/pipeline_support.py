@@ -1,0 +1,183 @@
+"""Run the relay in-process against the real broker and the simulator, and read what it wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from service.app import run_relay
+from service.settings import Settings
+from tests.api_support import TOKEN
+from tests.kafka_support import TopicFactory, read_all, unique_name
+
+
+@dataclass
+class Topics:
+    """A fresh set of relay topics."""
+
+    input: str
+    results: str
+    dlq: str
+    tasks: str
+    group: str
+
+
+async def make_topics(factory: TopicFactory, partitions: int = 3) -> Topics:
+    """Input, results and dead-letter topics; the relay creates the ledger itself."""
+    return Topics(
+        input=await factory.create("scm-changes", partitions=partitions),
+        results=await factory.create("scm-results", partitions=partitions),
+        dlq=await factory.create("scm-dlq"),
+        tasks=unique_name("scm-tasks"),
+        group=unique_name("relay"),
+    )
+
+
+def relay_settings(bootstrap: str, api_url: str, topics: Topics, **overrides: Any) -> Settings:
+    """Settings for a relay in a test: fast linger and polling, quick retries."""
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "kafka_group_id": topics.group,
+        "input_topic": topics.input,
+        "results_topic": topics.results,
+        "dlq_topic": topics.dlq,
+        "tasks_topic": topics.tasks,
+        "api_base_url": api_url,
+        "api_token": TOKEN,
+        "batch_linger_ms": 200,
+        "poll_initial_s": 0.1,
+        "poll_factor": 1.5,
+        "poll_max_s": 0.5,
+        "api_retry_initial_s": 0.05,
+        "api_retry_max_backoff_s": 0.5,
+        "api_retry_max_elapsed_s": 2.0,
+        "api_breaker_cooldown_s": 1.0,
+        "shutdown_timeout_s": 10.0,
+        "rebalance_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class RunningRelay:
+    """A relay running as a task of the test's event loop."""
+
+    stop: asyncio.Event
+    task: asyncio.Task[int]
+
+    def check_alive(self) -> None:
+        """Fail at once if the relay has exited."""
+        if self.task.done():
+            raise AssertionError(f"the relay exited early with {self.task.result()}")
+
+
+@asynccontextmanager
+async def running_relay(settings: Settings) -> AsyncIterator[RunningRelay]:
+    """Run the relay as a task; on exit stop it and require a clean exit code."""
+    stop = asyncio.Event()
+    relay = RunningRelay(stop, asyncio.create_task(run_relay(settings, stop)))
+    try:
+        yield relay
+    finally:
+        stop.set()
+        code = await asyncio.wait_for(relay.task, timeout=60)
+    assert code == 0, f"the relay exited with {code}"
+
+
+def event(values: list[str] | str, key: str = "extended_id", **fields: Any) -> dict[str, Any]:
+    """A change event."""
+    return {"constraints": {key: values}, "scm_data": fields.pop("scm_data"), **fields}
+
+
+async def publish(bootstrap: str, topic: str, events: list[Any], key_of: Any = None) -> None:
+    """Publish events (dicts are JSON-encoded, bytes sent as they are)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for item in events:
+            value = item if isinstance(item, bytes) else json.dumps(item).encode()
+            key = key_of(item) if key_of else None
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60) -> list[Any]:
+    """Read committed records of `topic` from the beginning until `expected` arrived."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        return await read_all(consumer, expected, timeout_s=timeout_s)
+    finally:
+        await consumer.stop()
+
+
+async def results(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 60
+) -> list[dict[str, Any]]:
+    """Task outcomes on the results topic."""
+    records = await read_topic(bootstrap, topic, expected, timeout_s)
+    return [json.loads(record.value) for record in records]
+
+
+async def assigned_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Wait until a group-less consumer subscribed to `topic` is assigned its partitions."""
+    for _ in range(100):
+        if consumer.assignment():
+            return sorted(consumer.assignment())
+        await consumer.getmany(timeout_ms=100)
+    raise AssertionError(f"no partitions found for {topic}")
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offset of every partition of `topic`."""
+    partitions = list((await end_offsets(bootstrap, topic)).keys())
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in partitions}
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """The end offset of every partition of `topic`."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(await assigned_partitions(consumer, topic))
+        return {tp.partition: offset for tp, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def wait_for_commit(
+    bootstrap: str, topics: Topics, relay: RunningRelay | None = None, timeout_s: float = 60
+) -> None:
+    """Wait until the relay's group has committed the end of every input partition."""
+    ends = await end_offsets(bootstrap, topics.input)
+    assert ends, f"no partitions found for {topics.input}"
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        if relay is not None:
+            relay.check_alive()
+        committed = await committed_offsets(bootstrap, topics.group, topics.input)
+        if all((committed.get(p) or 0) >= end for p, end in ends.items()):
+            return
+        assert asyncio.get_running_loop().time() < deadline, (committed, ends)
+        await asyncio.sleep(0.3)

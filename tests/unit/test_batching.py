@@ -1,0 +1,153 @@
+"""Batching rules (docs/design.md section 4), without any server."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from service.core.batching import Batcher, FlushReason, PendingEvent, Source
+from service.core.contract import ChangeEvent
+
+_offsets = itertools.count()
+
+
+def pending(values: list[str] | str, key: str = "extended_id", **fields: Any) -> PendingEvent:
+    scm_data = fields.pop("scm_data", {"intended_market": "DE"})
+    event = ChangeEvent.model_validate(
+        {"constraints": {key: values}, "scm_data": scm_data, **fields}
+    )
+    offset = next(_offsets)
+    return PendingEvent(
+        source=Source("in", 0, offset, f"e{offset}"),
+        event=event,
+        raw=b"{}",
+        key=None,
+        received_at=0,
+    )
+
+
+def batcher(**overrides: Any) -> Batcher:
+    options: dict[str, Any] = {
+        "max_values": 1000,
+        "max_keys": 1,
+        "linger_s": 1.0,
+        "max_open_batches": 100,
+    }
+    options.update(overrides)
+    return Batcher(**options)
+
+
+def test_same_scm_data_merges_and_duplicates_are_dropped_and_counted() -> None:
+    b = batcher()
+    assert b.add(pending(["a", "b"]), 0.0)[0] == []
+    assert b.add(pending(["b", "c"], scm_data={"intended_market": " DE "}), 0.1)[0] == []
+    (batch,) = b.drain()
+    assert batch.constraints() == {"extended_id": ["a", "b", "c"]}
+    assert b.deduplicated == 1
+    assert len(batch.events()) == 2
+    assert batch.flush_reason is FlushReason.SHUTDOWN
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"scm_data": {"intended_market": "FR"}},
+        {"campaign": 12},
+        {"reference": "other"},
+        {"key": "serial_number"},
+    ],
+)
+def test_different_batch_keys_never_merge(other: dict[str, Any]) -> None:
+    b = batcher()
+    b.add(pending(["a"], campaign=11), 0.0)
+    key = other.pop("key", "extended_id")
+    b.add(pending(["a"], key=key, **{"campaign": 11, **other}), 0.0)
+    assert b.open_batches == 2
+
+
+def test_full_batch_is_ready_at_max_values_and_big_events_split() -> None:
+    b = batcher(max_values=3)
+    ready, placed = b.add(pending(["a", "b", "c", "d", "e", "f", "g"]), 0.0)
+    assert [batch.constraints()["extended_id"] for batch in ready] == [
+        ["a", "b", "c"],
+        ["d", "e", "f"],
+    ]
+    assert all(batch.flush_reason is FlushReason.FULL for batch in ready)
+    assert len(placed) == 3
+    assert placed[0][1].event.parts == 3
+    (rest,) = b.drain()
+    assert rest.constraints() == {"extended_id": ["g"]}
+
+
+def test_linger_flushes_the_oldest_batches_first() -> None:
+    b = batcher(linger_s=1.0)
+    b.add(pending(["a"]), 0.0)
+    b.add(pending(["b"], scm_data={"lot": "1"}), 0.5)
+    assert b.next_deadline() == 1.0
+    assert b.due(0.9) == []
+    (first,) = b.due(1.0)
+    assert first.constraints() == {"extended_id": ["a"]}
+    assert first.flush_reason is FlushReason.LINGER
+    assert [batch.scm_data for batch in b.due(1.6)] == [{"lot": "1"}]
+    assert b.next_deadline() is None
+
+
+def test_too_many_open_batches_sends_the_oldest() -> None:
+    b = batcher(max_open_batches=2)
+    for market in ("A", "B"):
+        b.add(pending(["x"], scm_data={"m": market}), 0.0)
+    ready, _ = b.add(pending(["x"], scm_data={"m": "C"}), 0.0)
+    assert [batch.scm_data for batch in ready] == [{"m": "A"}]
+    assert ready[0].flush_reason is FlushReason.OPEN_BATCHES
+
+
+def test_max_keys_shares_a_request_across_constraint_keys() -> None:
+    b = batcher(max_keys=2)
+    b.add(pending(["a"]), 0.0)
+    b.add(pending(["s1"], key="serial_number"), 0.0)
+    ready, _ = b.add(pending(["r1"], key="rfid"), 0.0)
+    assert [batch.constraints() for batch in ready] == [
+        {"extended_id": ["a"], "serial_number": ["s1"]}
+    ]
+    assert ready[0].flush_reason is FlushReason.KEYS
+    (rest,) = b.drain()
+    assert rest.constraints() == {"rfid": ["r1"]}
+
+
+def test_max_values_counts_all_keys_of_a_request() -> None:
+    b = batcher(max_keys=2, max_values=3)
+    b.add(pending(["a", "b"]), 0.0)
+    ready, _ = b.add(pending(["s1", "s2"], key="serial_number"), 0.0)
+    assert [batch.size for batch in ready] == [3]
+
+
+def test_expected_codes_of_a_batch() -> None:
+    b = batcher()
+    b.add(pending(["a", "b"]), 0.0)
+    b.add(pending(["b", "c"]), 0.0)  # b is a duplicate: three codes in all
+    (batch,) = b.drain()
+    assert batch.expected_codes(()) == 3
+    b.add(pending(["p1"], key="pallet"), 0.0)
+    (pallets,) = b.drain()
+    assert pallets.expected_codes(()) is None
+    assert pallets.expected_codes(("pallet",)) == 1
+    b.add(pending(["p2"], key="pallet", expected_codes=240), 0.0)
+    b.add(pending(["p3"], key="pallet", expected_codes=240), 0.0)
+    (declared,) = b.drain()
+    assert declared.expected_codes(()) == 480
+
+
+def test_a_split_event_with_declared_expectation_makes_it_unknown() -> None:
+    b = batcher(max_values=2)
+    ready, _ = b.add(pending(["p1", "p2", "p3"], key="pallet", expected_codes=3), 0.0)
+    assert ready[0].expected_codes(()) is None
+
+
+def test_discard_forgets_open_batches() -> None:
+    b = batcher()
+    b.add(pending(["a"]), 0.0)
+    assert len(b.discard()) == 1
+    assert b.open_batches == 0
+    assert b.drain() == []
