@@ -30,6 +30,10 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 # aiokafka's default (5 minutes) would let a stuck member hold its partitions that long.
 MAX_POLL_INTERVAL_MS = 60_000
+# A transaction left open by a killed process blocks every read_committed reader of the
+# topics it wrote (results, ledger, dead letters) until the broker aborts it. Ours last
+# well under a second, so the broker may abort a dangling one after 10 s instead of 60 s.
+TRANSACTION_TIMEOUT_MS = 10_000
 
 
 def relay_config(settings: Settings) -> RelayConfig:
@@ -74,12 +78,10 @@ async def run_relay(settings: Settings, stop: asyncio.Event | None = None) -> in
         async with AsyncExitStack() as stack:
             admin = AIOKafkaAdminClient(**options)
             await admin.start()
-            try:
-                await check_topics(admin, settings)
-            finally:
-                await admin.close()
+            stack.push_async_callback(admin.close)
+            await check_topics(admin, settings)
             client = await stack.enter_async_context(ScantrustClient(client_config))
-            relay = await _build_relay(stack, settings, options, client)
+            relay = await _build_relay(stack, settings, options, client, admin)
             log.info(
                 "relay_started",
                 input_topic=settings.input_topic,
@@ -102,10 +104,18 @@ async def run_relay(settings: Settings, stop: asyncio.Event | None = None) -> in
 
 
 async def _build_relay(
-    stack: AsyncExitStack, settings: Settings, options: dict[str, Any], client: ScantrustClient
+    stack: AsyncExitStack,
+    settings: Settings,
+    options: dict[str, Any],
+    client: ScantrustClient,
+    admin: AIOKafkaAdminClient,
 ) -> Relay:
     producer = AIOKafkaProducer(
-        transactional_id=transactional_id(settings), enable_idempotence=True, acks="all", **options
+        transactional_id=transactional_id(settings),
+        transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+        enable_idempotence=True,
+        acks="all",
+        **options,
     )
     await producer.start()
     stack.push_async_callback(producer.stop)
@@ -138,6 +148,7 @@ async def _build_relay(
         producer=producer,
         ledger_reader=ledger_reader,
         poller_consumer=poller_consumer,
+        admin=admin,
         client=client,
     )
     consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())

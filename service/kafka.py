@@ -7,6 +7,7 @@ process and surface through the pipeline's task group.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from typing import Any, Final
@@ -95,6 +96,17 @@ async def check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
             f"the ledger topic {settings.tasks_topic} (SCM_RELAY_TASKS_TOPIC) must have "
             f"cleanup.policy=compact, it has {configs.get('cleanup.policy')!r}"
         )
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topic: str, attempts: int = 100) -> None:
+    """A new topic takes a moment to get a leader for every partition; writes before that
+    are retried by the producer, which would stall the first transactions."""
+    for _ in range(attempts):
+        (description,) = await admin.describe_topics([topic])
+        partitions = description.get("partitions") or [] if isinstance(description, dict) else []
+        if partitions and all(p.get("leader", -1) >= 0 and p.get("isr") for p in partitions):
+            return
+        await asyncio.sleep(0.1)
 
 
 async def _layout(admin: AIOKafkaAdminClient, topic: str) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from typing import Any, Final, NoReturn
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
 from service.core.batching import Batch, Batcher, FlushReason, PendingEvent, Source
@@ -105,6 +106,7 @@ class RelayCounters:
     transactions: int = 0
     results_published: dict[str, int] = field(default_factory=dict)
     dropped_on_rebalance: int = 0
+    skipped_done: int = 0
 
 
 # -- work for the committer ------------------------------------------------------------
@@ -114,6 +116,9 @@ class RelayCounters:
 class _LedgerAppend:
     record: TaskLedgerRecord
     batch: Batch
+    recorded: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 @dataclass
@@ -160,6 +165,7 @@ class Relay:
         producer: AIOKafkaProducer,
         ledger_reader: AIOKafkaConsumer,
         poller_consumer: AIOKafkaConsumer,
+        admin: AIOKafkaAdminClient,
         client: ScantrustClient,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -168,6 +174,7 @@ class Relay:
         self._producer = producer
         self._ledger_reader = ledger_reader
         self._poller_consumer = poller_consumer
+        self._admin = admin
         self._client = client
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
         self.counters = RelayCounters()
@@ -293,7 +300,10 @@ class Relay:
 
     async def _on_record(self, record: Any) -> None:
         self.counters.consumed += 1
-        self._offsets.received(record.topic, record.partition, record.offset)
+        if self._offsets.received(record.topic, record.partition, record.offset):
+            # Recorded before a restart or takeover (commit metadata): already done.
+            self.counters.skipped_done += 1
+            return
         raw: bytes = record.value if record.value is not None else b""
         parsed = parse_event(raw, self.config.limits)
         if not isinstance(parsed, ParsedEvent):
@@ -399,7 +409,11 @@ class Relay:
                 self.counters.values_submitted += batch.size
                 bound.info("batch_submitted", task_id=outcome.task_id, flush_reason=reason)
                 record = self._ledger_record(batch, outcome.task_id, submitted_at)
-                await self._commits.put(_LedgerAppend(record, batch))
+                append = _LedgerAppend(record, batch)
+                await self._commits.put(append)
+                # Take the next batch only once this task is in the ledger: a crash then
+                # leaves at most one created-but-unrecorded task per submitter.
+                await append.recorded
                 return
             if isinstance(outcome, Rejected):
                 self.counters.rejected_batches += 1
@@ -481,9 +495,9 @@ class Relay:
         try:
             for item in items:
                 await self._write(item, finished)
-            advanced = self._offsets.advances()
+            advanced = self._offsets.checkpoints()
             if advanced:
-                offsets = {TopicPartition(t, p): offset for (t, p), offset in advanced.items()}
+                offsets = {TopicPartition(t, p): point for (t, p), point in advanced.items()}
                 await self._producer.send_offsets_to_transaction(offsets, self.config.group_id)
             await self._producer.commit_transaction()
         except BaseException:
@@ -494,6 +508,9 @@ class Relay:
         self.counters.transactions += 1
         for done in finished:
             done()
+        for item in items:
+            if isinstance(item, _LedgerAppend) and not item.recorded.done():
+                item.recorded.set_result(None)
         if advanced:
             log.debug(
                 "offsets_committed", offsets={f"{t}:{p}": o for (t, p), o in advanced.items()}
@@ -594,7 +611,15 @@ class Relay:
         )
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """New partitions start from their committed offsets (aiokafka's default)."""
+        """New partitions start from their committed offsets (aiokafka's default); the
+        offsets done above them, from the commit metadata, are skipped."""
+        if assigned:
+            committed = await self._admin.list_consumer_group_offsets(
+                self.config.group_id, partitions=sorted(assigned)
+            )
+            for tp, point in committed.items():
+                if point is not None and point.metadata:
+                    self._offsets.partition(tp.topic, tp.partition).restore(point.metadata)
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),

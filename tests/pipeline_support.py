@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -181,3 +184,75 @@ async def wait_for_commit(
             return
         assert asyncio.get_running_loop().time() < deadline, (committed, ends)
         await asyncio.sleep(0.3)
+
+
+def relay_environment(settings: Settings) -> dict[str, str]:
+    """The environment that gives `scm-relay run` in a subprocess these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCM_RELAY_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        elif isinstance(value, frozenset | set | list):
+            value = ",".join(sorted(value))
+        env[f"SCM_RELAY_{name.upper()}"] = str(value)
+    env["SCM_RELAY_LOG_FORMAT"] = "json"
+    return env
+
+
+@asynccontextmanager
+async def relay_process(
+    settings: Settings, log_path: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m service run` as a child process, its log in `log_path`; killed on exit."""
+    with log_path.open("ab") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service",
+            "run",
+            env=relay_environment(settings),
+            stdout=log_file,
+            stderr=log_file,
+        )
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+
+
+async def ledger_task_ids(bootstrap: str, topic: str, timeout_s: float = 60) -> list[str]:
+    """Task ids of every committed ledger record (not tombstones), in log order.
+
+    Reads until the high watermark: a transaction left open by a killed relay holds
+    read_committed readers back until the broker aborts it.
+    """
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        partitions = await assigned_partitions(consumer, topic)
+        await consumer.seek_to_beginning(*partitions)
+        ids: list[str] = []
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                ids.extend(r.key.decode() for r in records if r.value is not None)
+            behind = [
+                tp
+                for tp in partitions
+                if await consumer.position(tp) < (consumer.highwater(tp) or 0)
+            ]
+            if not behind and all(consumer.highwater(tp) is not None for tp in partitions):
+                return ids
+            assert asyncio.get_running_loop().time() < deadline, "the ledger never settled"
+    finally:
+        await consumer.stop()

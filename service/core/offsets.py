@@ -1,15 +1,63 @@
-"""Which input offset may be committed: the lowest one not yet accounted for.
+"""Which input offset may be committed, and which offsets above it are already done.
 
 Guarantee 1 (docs/guarantees.md): an offset is committed only when every event
-at or below it is accounted for, i.e. inside a task recorded in the ledger or
-in the dead-letter topic. Events finish in any order (batches flush and
-succeed out of order); the committable offset of a partition only ever moves
-up to the first hole.
+at or below it is accounted for, i.e. inside a task recorded in the ledger or in
+the dead-letter topic. Events finish in any order, so the committed offset of
+a partition stops at the first hole.
+
+Events above the hole that are already accounted for must not be sent again
+after a restart (guarantee 3). Their offsets travel in the commit's metadata,
+in the same transaction: `scm-relay:1:10-19,25` says offsets 10 to 19 and 25 are
+done. A new owner of the partition restores them and skips those records.
 """
 
 from __future__ import annotations
 
 import heapq
+from typing import Final
+
+METADATA_PREFIX: Final = "scm-relay:1:"
+# Kafka's default offset.metadata.max.bytes is 4096; stay well inside it. Ranges that do
+# not fit are left out: those events may be sent again after a crash, never lost.
+MAX_METADATA_CHARS: Final = 3500
+
+
+def _ranges(offsets: list[int]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for offset in offsets:
+        if ranges and offset == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], offset)
+        else:
+            ranges.append((offset, offset))
+    return ranges
+
+
+def encode_done(offsets: list[int]) -> str:
+    """`scm-relay:1:` and the sorted offsets as ranges (`10-19,25`), bounded in length;
+    the lowest ranges are kept, as they are the next to be re-read."""
+    parts: list[str] = []
+    length = len(METADATA_PREFIX)
+    for low, high in _ranges(offsets):
+        text = str(low) if low == high else f"{low}-{high}"
+        if length + len(text) + 1 > MAX_METADATA_CHARS:
+            break
+        parts.append(text)
+        length += len(text) + 1
+    return METADATA_PREFIX + ",".join(parts) if parts else ""
+
+
+def decode_done(metadata: str | None) -> set[int]:
+    """The offsets a commit's metadata says are done; anything unreadable means none."""
+    if not metadata or not metadata.startswith(METADATA_PREFIX):
+        return set()
+    done: set[int] = set()
+    try:
+        for item in metadata[len(METADATA_PREFIX) :].split(","):
+            low, _, high = item.partition("-")
+            done.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        return set()
+    return done
 
 
 class PartitionOffsets:
@@ -19,20 +67,30 @@ class PartitionOffsets:
         self._pending: set[int] = set()
         self._heap: list[int] = []
         self._next_after_last: int | None = None
-        self.committed: int | None = None
+        self._done_above: set[int] = set()
+        self.committed: tuple[int, str] | None = None
 
-    def received(self, offset: int) -> None:
-        """A record at `offset` was read; it is unaccounted until `accounted(offset)`."""
-        if offset in self._pending:
-            return
-        self._pending.add(offset)
-        heapq.heappush(self._heap, offset)
+    def restore(self, metadata: str | None) -> None:
+        """Take over the done offsets a previous owner committed with the offset."""
+        self._done_above |= decode_done(metadata)
+
+    def received(self, offset: int) -> bool:
+        """A record at `offset` was read. True when it is already done (skip it);
+        otherwise it is unaccounted until `accounted(offset)`."""
         if self._next_after_last is None or offset >= self._next_after_last:
             self._next_after_last = offset + 1
+        if offset in self._done_above:
+            return True
+        if offset not in self._pending:
+            self._pending.add(offset)
+            heapq.heappush(self._heap, offset)
+        return False
 
     def accounted(self, offset: int) -> None:
         """The event at `offset` is in a recorded task or dead-lettered."""
-        self._pending.discard(offset)
+        if offset in self._pending:
+            self._pending.discard(offset)
+            self._done_above.add(offset)
 
     @property
     def unaccounted(self) -> int:
@@ -48,16 +106,21 @@ class PartitionOffsets:
             return self._heap[0]
         return self._next_after_last
 
-    def advance(self) -> int | None:
-        """The committable offset if it moved past what was last committed, else None.
+    def checkpoint(self) -> tuple[int, str] | None:
+        """The (offset, metadata) to commit if either changed since the last commit.
 
-        The caller commits it (in a transaction) and the tracker remembers it.
+        The caller commits it in the transaction that records the events; the tracker
+        remembers it as committed.
         """
         offset = self.committable()
-        if offset is None or (self.committed is not None and offset <= self.committed):
+        if offset is None:
             return None
-        self.committed = offset
-        return offset
+        self._done_above = {done for done in self._done_above if done >= offset}
+        point = (offset, encode_done(sorted(self._done_above)))
+        if self.committed is not None and (point == self.committed or offset < self.committed[0]):
+            return None
+        self.committed = point
+        return point
 
 
 class OffsetTracker:
@@ -74,9 +137,9 @@ class OffsetTracker:
             tracker = self._partitions[key] = PartitionOffsets()
         return tracker
 
-    def received(self, topic: str, partition: int, offset: int) -> None:
+    def received(self, topic: str, partition: int, offset: int) -> bool:
         """See `PartitionOffsets.received`."""
-        self.partition(topic, partition).received(offset)
+        return self.partition(topic, partition).received(offset)
 
     def accounted(self, topic: str, partition: int, offset: int) -> None:
         """See `PartitionOffsets.accounted`; unknown partitions (revoked) are ignored."""
@@ -84,13 +147,13 @@ class OffsetTracker:
         if tracker is not None:
             tracker.accounted(offset)
 
-    def advances(self) -> dict[tuple[str, int], int]:
-        """Every partition whose committable offset moved, with its new offset."""
+    def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """Every partition whose commit point changed, with its (offset, metadata)."""
         moved = {}
         for key, tracker in self._partitions.items():
-            offset = tracker.advance()
-            if offset is not None:
-                moved[key] = offset
+            point = tracker.checkpoint()
+            if point is not None:
+                moved[key] = point
         return moved
 
     def forget(self, partitions: set[tuple[str, int]] | None = None) -> None:

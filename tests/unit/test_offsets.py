@@ -1,11 +1,18 @@
-"""Guarantee 1 in the pure core: the committed offset never passes an unaccounted event."""
+"""Guarantee 1 in the pure core: the committed offset never passes an unaccounted event,
+and offsets done above it are carried in the commit metadata (guarantee 3)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.core.offsets import OffsetTracker, PartitionOffsets
+from service.core.offsets import (
+    MAX_METADATA_CHARS,
+    OffsetTracker,
+    PartitionOffsets,
+    decode_done,
+    encode_done,
+)
 
 
 def test_committable_is_the_lowest_unaccounted_offset() -> None:
@@ -34,34 +41,86 @@ def test_gaps_in_offsets_do_not_block() -> None:
     assert offsets.committable() == 10
 
 
-def test_advance_reports_each_new_offset_once() -> None:
+def test_checkpoint_carries_done_offsets_above_the_hole() -> None:
+    offsets = PartitionOffsets()
+    for offset in range(6):
+        offsets.received(offset)
+    for offset in (2, 3, 5):
+        offsets.accounted(offset)
+    assert offsets.checkpoint() == (0, "scm-relay:1:2-3,5")
+    assert offsets.checkpoint() is None  # nothing changed
+    offsets.accounted(0)
+    offsets.accounted(1)
+    assert offsets.checkpoint() == (4, "scm-relay:1:5")
+    offsets.accounted(4)
+    assert offsets.checkpoint() == (6, "")
+
+
+def test_a_new_owner_skips_what_the_metadata_says_is_done() -> None:
+    first = PartitionOffsets()
+    for offset in range(4):
+        first.received(offset)
+    first.accounted(2)
+    first.accounted(3)
+    point = first.checkpoint()
+    assert point is not None
+    offset, metadata = point
+    assert offset == 0
+    second = PartitionOffsets()
+    second.restore(metadata)
+    assert [second.received(o) for o in range(5)] == [False, False, True, True, False]
+    second.accounted(0)
+    # Before 1 is done, a further commit still carries 2 and 3.
+    assert second.checkpoint() == (1, "scm-relay:1:2-3")
+    second.accounted(1)
+    second.accounted(4)
+    assert second.checkpoint() == (5, "")
+
+
+def test_tracker_reports_changed_partitions_once() -> None:
     tracker = OffsetTracker()
     tracker.received("t", 0, 0)
     tracker.received("t", 1, 7)
-    assert tracker.advances() == {("t", 0): 0, ("t", 1): 7}
-    assert tracker.advances() == {}
+    assert tracker.checkpoints() == {("t", 0): (0, ""), ("t", 1): (7, "")}
+    assert tracker.checkpoints() == {}
     tracker.accounted("t", 0, 0)
-    assert tracker.advances() == {("t", 0): 1}
+    assert tracker.checkpoints() == {("t", 0): (1, "")}
     tracker.forget({("t", 0)})
     tracker.accounted("t", 0, 1)  # a revoked partition: ignored
-    assert tracker.advances() == {}
+    assert tracker.checkpoints() == {}
     assert tracker.unaccounted == 1
+
+
+@given(st.sets(st.integers(0, 10**9), max_size=300))
+def test_metadata_round_trips_or_keeps_the_lowest_ranges(done: set[int]) -> None:
+    metadata = encode_done(sorted(done))
+    assert len(metadata) <= MAX_METADATA_CHARS
+    decoded = decode_done(metadata)
+    assert decoded <= done
+    if decoded != done:
+        assert max(decoded, default=-1) < min(done - decoded)
+
+
+def test_unreadable_metadata_means_nothing_done() -> None:
+    assert decode_done("") == set()
+    assert decode_done("someone-else:7") == set()
+    assert decode_done("scm-relay:1:x-y") == set()
 
 
 @given(
     st.integers(1, 60),
     st.lists(st.tuples(st.sampled_from(["account", "commit"]), st.integers(0, 59)), max_size=200),
-    st.randoms(use_true_random=False),
 )
 def test_committed_offset_never_passes_an_unaccounted_event(
-    count: int, steps: list[tuple[str, int]], rng: object
+    count: int, steps: list[tuple[str, int]]
 ) -> None:
     """Random interleavings of reads, out-of-order accounting (batches finishing in any
-    order, failures that never account) and commits."""
+    order, failures that never account) and commits; then a new owner resumes from the
+    last commit and must see every unaccounted event again."""
     offsets = PartitionOffsets()
     accounted: set[int] = set()
     received = 0
-    commits: list[int] = []
+    commits: list[tuple[int, str]] = []
     for action, value in steps:
         if received < count:
             offsets.received(received)
@@ -70,11 +129,19 @@ def test_committed_offset_never_passes_an_unaccounted_event(
             offsets.accounted(value)
             accounted.add(value)
         else:
-            moved = offsets.advance()
-            if moved is not None:
-                commits.append(moved)
-    for commit in commits:
-        assert all(offset in accounted for offset in range(commit)), commit
-    assert commits == sorted(commits)
-    expected = next((o for o in range(received) if o not in accounted), received)
-    assert offsets.committable() == (expected if received else None)
+            point = offsets.checkpoint()
+            if point is not None:
+                commits.append(point)
+    for offset, metadata in commits:
+        done_above = decode_done(metadata)
+        assert all(o in accounted for o in range(offset)), offset
+        assert done_above <= accounted
+    assert [c[0] for c in commits] == sorted(c[0] for c in commits)
+    if commits:
+        offset, metadata = commits[-1]
+        resumed = PartitionOffsets()
+        resumed.restore(metadata)
+        redelivered = [o for o in range(offset, received) if not resumed.received(o)]
+        unaccounted_then = [o for o in range(received) if o not in accounted]
+        assert set(unaccounted_then) <= set(redelivered) | set(range(offset))
+        assert not set(unaccounted_then) & set(range(offset))

@@ -1,0 +1,190 @@
+"""Restarts, crashes, a revoked token and a takeover: nothing is lost (guarantees 1 to 3, 7).
+
+The relay runs against the real broker and the simulator, which enforces the
+vendor's 10 uploads per second, so each run takes a few seconds and a stop or
+a kill lands mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.simulator.state import Faults
+from tests.api_support import Simulator, simulator
+from tests.kafka_support import TopicFactory
+from tests.pipeline_support import (
+    event,
+    ledger_task_ids,
+    make_topics,
+    publish,
+    read_topic,
+    relay_process,
+    relay_settings,
+    running_relay,
+    wait_for_commit,
+)
+
+pytestmark = pytest.mark.kafka
+STEADY = Faults(pending_delay_s=0.05, progress_delay_s=0.05, jitter_s=0.05)
+
+
+GROUP = 10  # codes sharing one batch number: they can share one request
+
+
+def one_code_events(count: int, first: int = 0) -> list[dict[str, Any]]:
+    """One event per code; each run of GROUP codes shares a batch number."""
+    return [
+        event([f"11X{n:06d}"], scm_data={"batch_number": f"B{n // GROUP}"}, event_id=f"ev{n}")
+        for n in range(first, first + count)
+    ]
+
+
+def by_code(item: Any) -> bytes:
+    return str(item["constraints"]["extended_id"][0]).encode()
+
+
+async def applications(sim: Simulator, count: int, first: int = 0) -> Counter[int]:
+    """How many times each code got its batch number."""
+    seen: Counter[int] = Counter()
+    for n in range(first, first + count):
+        _, code = await sim.get(f"/_sim/codes?extended_id=11X{n:06d}")
+        for entry in code["history"]:
+            assert entry["set"] == {"batch_number": f"B{n // GROUP}"}
+            seen[n] += 1
+    return seen
+
+
+async def wait_uploads(sim: Simulator, at_least: int, timeout_s: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while sim.account.stats.uploads_accepted < at_least:
+        assert asyncio.get_running_loop().time() < deadline, sim.account.stats.view()
+        await asyncio.sleep(0.05)
+
+
+async def test_clean_restart_mid_stream_loses_nothing_and_sends_nothing_twice(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=2)
+    count = 400
+    async with simulator(STEADY, codes_per_campaign=count) as sim:
+        # A short shutdown deadline leaves batches unsent, so the restart has work to resume.
+        settings = relay_settings(
+            kafka_bootstrap, sim.base_url, topics, batch_max_values=10, shutdown_timeout_s=0.5
+        )
+        await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
+        async with running_relay(settings):
+            await wait_uploads(sim, 8)
+        stopped_after = sim.account.stats.uploads_accepted
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+        assert stopped_after < sim.account.stats.uploads_accepted, "nothing was left to resume"
+        seen = await applications(sim, count)
+    assert set(seen) == set(range(count)), "a code was never updated"
+    assert max(seen.values()) == 1, "a code was updated twice"
+    assert sim.account.stats.upload_values_total == count
+
+
+async def test_sigkill_mid_stream_loses_nothing(
+    kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    """Kill -9 the relay process several times while it works, then let it finish."""
+    topics = await make_topics(topic_factory, partitions=3)
+    count, kills = 600, 3
+    async with simulator(STEADY, codes_per_campaign=count) as sim:
+        settings = relay_settings(
+            kafka_bootstrap, sim.base_url, topics, batch_max_values=10, max_in_flight_requests=2
+        )
+        await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
+        log = tmp_path / "relay.log"
+        for kill in range(kills):
+            async with relay_process(settings, log) as process:
+                await wait_uploads(sim, sim.account.stats.uploads_accepted + 5, timeout_s=60)
+                process.send_signal(signal.SIGKILL)
+                assert await process.wait() == -signal.SIGKILL, kill
+        async with relay_process(settings, log) as process:
+            await wait_for_commit(kafka_bootstrap, topics, timeout_s=120)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 60) == 0, log.read_text()[-3000:]
+        seen = await applications(sim, count)
+        uploads = sim.account.stats.uploads_accepted
+    recorded = await ledger_task_ids(kafka_bootstrap, topics.tasks)
+    duplicated_codes = sum(1 for times in seen.values() if times > 1)
+    unrecorded_tasks = uploads - len(set(recorded))
+    print(
+        f"\n{kills} kills: {uploads} tasks created, {len(set(recorded))} recorded in the ledger, "
+        f"{unrecorded_tasks} created but never recorded (the duplicate window), "
+        f"{duplicated_codes} of {count} codes updated twice"
+    )
+    assert set(seen) == set(range(count)), "a code was never updated"
+    assert len(recorded) == len(set(recorded)), "a task was recorded twice"
+    # The window: uploads the API accepted whose transaction the kill cut off. A submitter
+    # takes its next batch only once the last is recorded: at most one per submitter per kill.
+    assert unrecorded_tasks <= kills * settings.max_in_flight_requests
+    # Codes sent twice are exactly those of the unrecorded tasks: nothing recorded is resent.
+    assert duplicated_codes <= unrecorded_tasks * settings.batch_max_values
+    assert len(recorded) * settings.batch_max_values >= count
+
+
+async def test_revoked_token_stops_intake_without_dead_letters_until_fixed(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=1)
+    async with simulator(STEADY, codes_per_campaign=100) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics)
+        await publish(kafka_bootstrap, topics.input, one_code_events(10), key_of=by_code)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            await sim.set_faults(forbidden=True)
+            await publish(
+                kafka_bootstrap, topics.input, one_code_events(10, first=10), key_of=by_code
+            )
+            await asyncio.sleep(3)
+            relay.check_alive()
+        assert sim.account.stats.statuses["4xx"] >= 1
+        assert sum((await applications(sim, 10, first=10)).values()) == 0
+        await sim.set_faults(forbidden=False)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+        seen = await applications(sim, 20)
+    assert dict(seen) == dict.fromkeys(range(20), 1)
+    assert await read_topic(kafka_bootstrap, topics.dlq, expected=1, timeout_s=2) == []
+
+
+async def test_a_second_relay_takes_over_when_the_first_stops(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=4)
+    count = 1000
+    async with simulator(STEADY, codes_per_campaign=count) as sim:
+        # Both replicas share the account's 10 uploads per second.
+        base = {"batch_max_values": 10, "upload_rate_per_s": 5}
+        first = relay_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            topics,
+            kafka_transactional_id=f"{topics.group}-a",
+            **base,
+        )
+        second = relay_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            topics,
+            kafka_transactional_id=f"{topics.group}-b",
+            **base,
+        )
+        await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
+        async with running_relay(second) as survivor:
+            async with running_relay(first):
+                await wait_uploads(sim, 10)
+            at_stop = sim.account.stats.uploads_accepted
+            await wait_for_commit(kafka_bootstrap, topics, survivor, timeout_s=120)
+            assert at_stop < sim.account.stats.uploads_accepted, "nothing was left to take over"
+        seen = await applications(sim, count)
+    assert set(seen) == set(range(count)), "a code was never updated"
+    assert max(seen.values()) == 1, "a code was updated twice"
