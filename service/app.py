@@ -161,6 +161,10 @@ async def _build_relay(
 
 
 def main(settings: Settings) -> int:
-    """Entry point of `scm-relay run`."""
+    """Entry point of `scm-relay run`: a crash in any stage is logged and exits non-zero."""
     configure_logging(settings.log_format, settings.log_level)
-    return asyncio.run(run_relay(settings))
+    try:
+        return asyncio.run(run_relay(settings))
+    except Exception:  # the last line of defence: say what killed the relay, then exit 1
+        log.exception("relay_crashed")
+        return EXIT_FAILED

@@ -575,35 +575,39 @@ class Relay:
     # -- rebalances ----------------------------------------------------------------------------
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Wait (bounded) for uploads in flight, commit, then forget unsent events."""
+        """Forget unsent work, wait (bounded) for uploads under way, let the committer
+        record what they accounted for.
+
+        aiokafka rebalances eagerly: every partition is revoked, and those assigned again
+        are re-read from their committed offsets. Events that were not sent are simply read
+        again; events in an upload still under way are skipped when read again here (their
+        upload accounts for them), and re-sent only by another owner if it finishes late.
+        """
         if not revoked:
             return
+        dropped_events: set[int] = set()
+        for batch in self._batcher.discard():
+            self._guard.release(batch.batch_id)
+            dropped_events |= {id(p.event) for p in batch.parts}
+        dropped_events |= {id(p) for p in self._guard.drop_held()}
+        while not self._ready.empty():
+            queued = self._ready.get_nowait()
+            if queued is not None:
+                self._guard.release(queued.batch_id)
+                self._in_flight.pop(queued.batch_id, None)
+                dropped_events |= {id(p.event) for p in queued.parts}
+        self.counters.dropped_on_rebalance += len(dropped_events)
         deadline = self._clock() + self.config.rebalance_timeout_s
         await _wait_for_state(lambda: not self._in_flight, deadline, self._clock)
-        # Let the committer record what the finished uploads accounted for.
         await _wait_for_state(self._commits.empty, deadline, self._clock)
-        dropped_batches = self._batcher.discard()
-        dropped_events = {id(p.event) for b in dropped_batches for p in b.parts}
-        for batch in dropped_batches:
-            self._guard.release(batch.batch_id)
-        held = self._guard.drop_held()
-        dropped_events |= {id(p) for p in held}
-        # Batches queued but not yet taken by a submitter go too: their events are re-read.
-        queued: list[Batch] = []
-        while not self._ready.empty():
-            queued_batch = self._ready.get_nowait()
-            if queued_batch is not None:
-                queued.append(queued_batch)
-        for batch in queued:
-            self._guard.release(batch.batch_id)
-            self._in_flight.pop(batch.batch_id, None)
-            dropped_events |= {id(p.event) for p in batch.parts}
-        self.counters.dropped_on_rebalance += len(dropped_events)
+        for batch in self._in_flight.values():
+            for part in batch.parts:
+                source = part.event.source
+                self._offsets.partition(source.topic, source.partition).in_flight(source.offset)
         if self._in_flight:
-            # Their tasks may be created after the new owner re-reads the events: the
+            # If another consumer gets these partitions it sends these events again: the
             # duplicate window of docs/guarantees.md.
             log.warning("rebalance_deadline_uploads_in_flight", batches=len(self._in_flight))
-        self._offsets.forget()
         log.info(
             "partitions_revoked",
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
@@ -613,6 +617,7 @@ class Relay:
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """New partitions start from their committed offsets (aiokafka's default); the
         offsets done above them, from the commit metadata, are skipped."""
+        self._offsets.keep_only({(tp.topic, tp.partition) for tp in assigned})
         if assigned:
             committed = await self._admin.list_consumer_group_offsets(
                 self.config.group_id, partitions=sorted(assigned)

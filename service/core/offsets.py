@@ -68,18 +68,26 @@ class PartitionOffsets:
         self._heap: list[int] = []
         self._next_after_last: int | None = None
         self._done_above: set[int] = set()
+        self._in_flight: set[int] = set()
         self.committed: tuple[int, str] | None = None
 
     def restore(self, metadata: str | None) -> None:
         """Take over the done offsets a previous owner committed with the offset."""
         self._done_above |= decode_done(metadata)
 
+    def in_flight(self, offset: int) -> None:
+        """The event at `offset` is in an upload that is still under way while the partition
+        is re-read (a rebalance gave it back): when read again, skip it; it is accounted for
+        when its upload ends."""
+        if offset in self._pending:
+            self._in_flight.add(offset)
+
     def received(self, offset: int) -> bool:
-        """A record at `offset` was read. True when it is already done (skip it);
-        otherwise it is unaccounted until `accounted(offset)`."""
+        """A record at `offset` was read. True when it is already done or still in flight
+        (skip it); otherwise it is unaccounted until `accounted(offset)`."""
         if self._next_after_last is None or offset >= self._next_after_last:
             self._next_after_last = offset + 1
-        if offset in self._done_above:
+        if offset in self._done_above or offset in self._in_flight:
             return True
         if offset not in self._pending:
             self._pending.add(offset)
@@ -90,6 +98,7 @@ class PartitionOffsets:
         """The event at `offset` is in a recorded task or dead-lettered."""
         if offset in self._pending:
             self._pending.discard(offset)
+            self._in_flight.discard(offset)
             self._done_above.add(offset)
 
     @property
@@ -156,13 +165,11 @@ class OffsetTracker:
                 moved[key] = point
         return moved
 
-    def forget(self, partitions: set[tuple[str, int]] | None = None) -> None:
-        """Drop partitions (all when None), e.g. when they are revoked."""
-        if partitions is None:
-            self._partitions.clear()
-            return
-        for key in partitions:
-            self._partitions.pop(key, None)
+    def keep_only(self, partitions: set[tuple[str, int]]) -> None:
+        """Forget every partition but these (the others went to another consumer)."""
+        for key in list(self._partitions):
+            if key not in partitions:
+                del self._partitions[key]
 
     @property
     def unaccounted(self) -> int:

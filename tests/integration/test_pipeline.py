@@ -168,3 +168,21 @@ async def test_outage_then_recovery_and_a_throttle_storm_lose_nothing(
             applied = await history(sim, f"11X{n:06d}")
             assert [h["set"] for h in applied] == [{"batch_number": f"B{n}"}]
     assert await read_topic(kafka_bootstrap, topics.dlq, expected=1, timeout_s=2) == []
+
+
+async def test_a_missing_topic_stops_the_relay_with_a_clear_error(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    """Guarantee 7: bad configuration stops loudly, before touching any event."""
+    from structlog.testing import capture_logs
+
+    from service.app import EXIT_CONFIG, run_relay
+
+    topics = await make_topics(topic_factory, partitions=1)
+    async with simulator() as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics, dlq_topic="no-such-dlq")
+        with capture_logs() as logs:
+            code = await asyncio.wait_for(run_relay(settings, asyncio.Event()), timeout=60)
+    assert code == EXIT_CONFIG
+    (line,) = [entry for entry in logs if entry["event"] == "kafka_setup_invalid"]
+    assert "no-such-dlq (SCM_RELAY_DLQ_TOPIC)" in line["problem"]

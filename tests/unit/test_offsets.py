@@ -85,10 +85,24 @@ def test_tracker_reports_changed_partitions_once() -> None:
     assert tracker.checkpoints() == {}
     tracker.accounted("t", 0, 0)
     assert tracker.checkpoints() == {("t", 0): (1, "")}
-    tracker.forget({("t", 0)})
-    tracker.accounted("t", 0, 1)  # a revoked partition: ignored
+    tracker.keep_only({("t", 1)})
+    tracker.accounted("t", 0, 1)  # a partition now owned elsewhere: ignored
     assert tracker.checkpoints() == {}
     assert tracker.unaccounted == 1
+
+
+def test_in_flight_offsets_are_skipped_when_read_again() -> None:
+    offsets = PartitionOffsets()
+    for offset in range(3):
+        offsets.received(offset)
+    offsets.in_flight(1)
+    # The partition is read again from offset 0 after a rebalance.
+    assert [offsets.received(o) for o in range(3)] == [False, True, False]
+    assert offsets.committable() == 0
+    offsets.accounted(1)  # the upload ended
+    offsets.accounted(0)
+    offsets.accounted(2)
+    assert offsets.checkpoint() == (3, "")
 
 
 @given(st.sets(st.integers(0, 10**9), max_size=300))
