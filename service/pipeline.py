@@ -26,7 +26,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, NoReturn
+from typing import Any, Final, Literal, NoReturn
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -43,6 +43,7 @@ from service.core.records import (
     EventSource,
     TaskLedgerRecord,
     TaskOutcome,
+    TaskProgress,
     TaskState,
 )
 from service.scantrust.client import ScantrustClient, UploadRequest
@@ -107,6 +108,7 @@ class RelayCounters:
     results_published: dict[str, int] = field(default_factory=dict)
     dropped_on_rebalance: int = 0
     skipped_done: int = 0
+    stuck_reported: int = 0
 
 
 # -- work for the committer ------------------------------------------------------------
@@ -142,11 +144,16 @@ class _TaskFinished:
 
 
 @dataclass
+class _Progress:
+    progress: TaskProgress
+
+
+@dataclass
 class _Stop:
     pass
 
 
-_CommitItem = _LedgerAppend | _DeadLetter | _ApiRejection | _TaskFinished | _Stop
+_CommitItem = _LedgerAppend | _DeadLetter | _ApiRejection | _TaskFinished | _Progress | _Stop
 
 
 def utcnow() -> datetime:
@@ -561,6 +568,12 @@ class Relay:
             )
             await self._producer.send(self.config.tasks_topic, key=key, value=None)
             finished.append(item.done)
+        elif isinstance(item, _Progress):
+            await self._producer.send(
+                self.config.results_topic,
+                key=item.progress.task_id.encode(),
+                value=item.progress.model_dump_json().encode(),
+            )
 
     def _account(self, batch: Batch) -> None:
         """A batch is recorded (or dead-lettered): its events' parts are accounted for."""
@@ -709,8 +722,12 @@ class Relay:
         for task_id in due:
             task = seen.get(task_id)
             entry = tracker.tasks.get(task_id)
-            if task is None or entry is None or not task.state.finished:
+            if entry is None:
+                continue
+            if task is None or not task.state.finished:
                 tracker.schedule.polled(task_id, now)
+                if tracker.schedule.newly_stuck(task_id, now):
+                    await self._report_stuck(entry, task, tracker.schedule.age(task_id, now))
                 continue
             tracker.schedule.finishing(task_id)
             outcome = self._outcome(entry, task)
@@ -728,6 +745,36 @@ class Relay:
             await self._commits.put(
                 _TaskFinished(outcome, functools.partial(tracker.forget, task_id))
             )
+
+    async def _report_stuck(
+        self, entry: TaskLedgerRecord, task: ApiTask | None, age: float
+    ) -> None:
+        state: Literal["pending", "in-progress", "unknown"] = "unknown"
+        if task is not None and task.state is TaskApiState.PENDING:
+            state = "pending"
+        elif task is not None and task.state is TaskApiState.IN_PROGRESS:
+            state = "in-progress"
+        self.counters.stuck_reported += 1
+        log.warning(
+            "task_stuck",
+            task_id=entry.task_id,
+            state=state,
+            age_s=round(age),
+            reference=entry.reference,
+            hint="still followed; its result comes when the API finishes it",
+        )
+        progress = TaskProgress(
+            task_id=entry.task_id,
+            state=state,
+            stuck=True,
+            age_seconds=round(age, 3),
+            campaign=entry.campaign,
+            reference=entry.reference,
+            events=entry.events,
+            submitted_at=entry.submitted_at,
+            reported_at=utcnow(),
+        )
+        await self._commits.put(_Progress(progress))
 
     @staticmethod
     def _outcome(entry: TaskLedgerRecord, task: ApiTask) -> TaskOutcome:
@@ -776,7 +823,10 @@ class _PollerState:
     def __init__(self, relay: Relay) -> None:
         config = relay.config
         self.schedule = PollSchedule(
-            initial_s=config.poll_initial_s, factor=config.poll_factor, max_s=config.poll_max_s
+            initial_s=config.poll_initial_s,
+            factor=config.poll_factor,
+            max_s=config.poll_max_s,
+            stuck_after_s=config.task_stuck_after_s,
         )
         self.clock = relay._clock
         self.tasks: dict[str, TaskLedgerRecord] = {}
@@ -795,7 +845,8 @@ class _PollerState:
         if entry.task_id not in self.tasks:
             self.tasks[entry.task_id] = entry
             self.partition_of[entry.task_id] = tp
-            self.schedule.add(entry.task_id, self.clock())
+            age = max(0.0, (utcnow() - entry.submitted_at).total_seconds())
+            self.schedule.add(entry.task_id, self.clock(), age_s=age)
 
     def forget(self, task_id: str) -> None:
         self.tasks.pop(task_id, None)

@@ -16,13 +16,14 @@ from typing import Any, Final
 from pydantic import BaseModel
 
 from service.core.contract import ChangeEvent
-from service.core.records import TaskLedgerRecord, TaskOutcome
+from service.core.records import TaskLedgerRecord, TaskOutcome, TaskProgress
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_FILES: Final[dict[str, type[BaseModel]]] = {
     "scm-change-event.schema.json": ChangeEvent,
     "scm-task-result.schema.json": TaskOutcome,
     "scm-task-ledger.schema.json": TaskLedgerRecord,
+    "scm-task-progress.schema.json": TaskProgress,
 }
 
 

@@ -16,26 +16,32 @@ MAX_DUE_PER_ROUND: Final = 1000
 class _Entry:
     due_at: float
     interval: float
+    added_at: float
     finishing: bool = False
+    reported_stuck: bool = False
 
 
 class PollSchedule:
     """Per-task next poll time with geometric backoff between `initial_s` and `max_s`."""
 
-    def __init__(self, *, initial_s: float, factor: float, max_s: float) -> None:
+    def __init__(
+        self, *, initial_s: float, factor: float, max_s: float, stuck_after_s: float = 900.0
+    ) -> None:
         if initial_s <= 0 or factor < 1 or max_s < initial_s:
             raise ValueError("need initial_s > 0, factor >= 1 and max_s >= initial_s")
         self.initial_s = initial_s
         self.factor = factor
         self.max_s = max_s
+        self.stuck_after_s = stuck_after_s
         self._entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, str]] = []
 
-    def add(self, task_id: str, now: float) -> None:
-        """Start following a task; its first check is `initial_s` from now."""
+    def add(self, task_id: str, now: float, age_s: float = 0.0) -> None:
+        """Start following a task submitted `age_s` ago; its first check is `initial_s` from
+        now."""
         if task_id in self._entries:
             return
-        entry = _Entry(due_at=now + self.initial_s, interval=self.initial_s)
+        entry = _Entry(due_at=now + self.initial_s, interval=self.initial_s, added_at=now - age_s)
         self._entries[task_id] = entry
         heapq.heappush(self._heap, (entry.due_at, task_id))
 
@@ -59,6 +65,28 @@ class PollSchedule:
         entry.interval = min(self.max_s, entry.interval * self.factor)
         entry.due_at = now + entry.interval
         heapq.heappush(self._heap, (entry.due_at, task_id))
+
+    def newly_stuck(self, task_id: str, now: float) -> bool:
+        """True once, when the task has been unfinished for `stuck_after_s`."""
+        entry = self._entries.get(task_id)
+        if entry is None or entry.reported_stuck or now - entry.added_at < self.stuck_after_s:
+            return False
+        entry.reported_stuck = True
+        return True
+
+    def age(self, task_id: str, now: float) -> float:
+        """Seconds since the task was submitted (as far as the schedule knows)."""
+        entry = self._entries.get(task_id)
+        return 0.0 if entry is None else now - entry.added_at
+
+    @property
+    def stuck(self) -> int:
+        """Tasks reported stuck and still followed."""
+        return sum(entry.reported_stuck for entry in self._entries.values())
+
+    def oldest_age(self, now: float) -> float:
+        """Age of the oldest followed task, 0 when none."""
+        return max((now - entry.added_at for entry in self._entries.values()), default=0.0)
 
     def finishing(self, task_id: str) -> None:
         """The task ended and its result is being published: stop checking it."""

@@ -76,6 +76,9 @@ class TaskOutcome(_Record):
     )
 
     schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["result"] = Field(
+        default="result", description="'result': the one final record of a task."
+    )
     task_id: Annotated[str, Field(min_length=1)]
     state: TaskState
     codes_affected: NonNegativeInt | None = Field(
@@ -98,6 +101,32 @@ class TaskOutcome(_Record):
     started_at: AwareDatetime | None = Field(description="The API's started_at.")
     completed_at: AwareDatetime | None = Field(description="The API's completed_at.")
     published_at: AwareDatetime
+
+
+class TaskProgress(_Record):
+    """A task still unfinished past the stuck deadline, on `scm.results` (kind `progress`).
+
+    Not a result: the task is still followed, and its one result comes later.
+    """
+
+    model_config = ConfigDict(
+        title="SCM task progress",
+        json_schema_extra={
+            "$comment": "Generated from service.core.records.TaskProgress; do not edit."
+        },
+    )
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["progress"] = "progress"
+    task_id: Annotated[str, Field(min_length=1)]
+    state: Literal["pending", "in-progress", "unknown"]
+    stuck: bool
+    age_seconds: float
+    campaign: int | None
+    reference: str
+    events: list[EventSource]
+    submitted_at: AwareDatetime
+    reported_at: AwareDatetime
 
 
 # Dead-letter headers: names are part of the contract (docs/design.md 2.3).

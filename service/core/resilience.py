@@ -36,7 +36,9 @@ class SlidingWindowLimiter:
 
     def delay(self, now: float) -> float:
         """Seconds to wait from `now` until one more acquisition fits (0 if it fits now)."""
-        while self._granted and self._granted[0] <= now - self.period_s:
+        # One expression for both the expiry and the wait, so float rounding can never
+        # keep a grant in the window while reporting no wait.
+        while self._granted and self._granted[0] + self.period_s <= now:
             self._granted.popleft()
         if len(self._granted) < self.limit:
             return 0.0
