@@ -13,7 +13,7 @@ KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help setup lint fmt test test-unit schemas kafka-up kafka-down kafka-status lock clean
+.PHONY: help demo setup lint fmt test test-unit schemas kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ $(VENV)/.synced: requirements/dev.lock pyproject.toml | $(UV)
 	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes requirements/dev.lock
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps --editable .
 	touch $@
+
+demo: setup ## the whole job locally: Kafka, simulator, relay, sample events, a summary
+	$(BIN)/scm-relay demo
 
 setup: $(VENV)/.synced ## create .venv from the lock files (idempotent)
 

@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
             "publish its outcome, until SIGTERM or SIGINT. See docs/settings.md."
         ),
     )
+    demo = commands.add_parser(
+        "demo",
+        help="run the relay end to end locally (Kafka, simulator, sample events) and summarise",
+        description=(
+            "Start the local Kafka broker and the API simulator (unless "
+            "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS / SCM_RELAY_API_BASE_URL point elsewhere), run the "
+            "relay, publish sample events from several production lines, wait for every result, "
+            "print a summary and stop everything it started."
+        ),
+    )
+    demo.add_argument("--quick", action="store_true", help="fewer events (about a minute)")
     validate = commands.add_parser(
         "validate",
         help="validate JSON-lines change events offline",
@@ -98,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run()
     if args.command == "validate":
         return _validate(args.file)
+    if args.command == "demo":
+        from service.demo import main as demo_main
+
+        return demo_main(os.environ, quick=args.quick)
     if args.command == "simulator":
         return _simulator(args)
     parser.print_help()

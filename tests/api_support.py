@@ -38,6 +38,13 @@ class Simulator:
             assert response.status == 200, body
             return body
 
+    async def wait_uploads(self, at_least: int, timeout_s: float = 60) -> None:
+        """Wait until the simulator has accepted `at_least` uploads in all."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.account.stats.uploads_accepted < at_least:
+            assert asyncio.get_running_loop().time() < deadline, self.account.stats.view()
+            await asyncio.sleep(0.05)
+
     async def get(self, path: str) -> tuple[int, Any]:
         """GET a simulator-only endpoint."""
         url = f"{self.base_url}{path}"

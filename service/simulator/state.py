@@ -50,6 +50,9 @@ class Faults(BaseModel):
     drop_response_rate: float = Field(
         default=0.0, ge=0, le=1, description="share of uploads processed whose answer is dropped"
     )
+    fail_reference: str | None = Field(
+        default=None, description="tasks with this reference always fail"
+    )
     forbidden: bool = Field(default=False, description="answer 403 to every API request")
     pending_delay_s: float = Field(default=0.05, ge=0, le=3600, description="time pending")
     progress_delay_s: float = Field(default=0.1, ge=0, le=3600, description="time in-progress")
@@ -352,7 +355,10 @@ class Account:
 
     def finish(self, task: Task) -> None:
         """Apply the task's changes to the matched codes, or fail it (fault knob)."""
-        if self.rng.random() < self.faults.fail_rate:
+        scripted = self.faults.fail_reference is not None and (
+            task.reference == self.faults.fail_reference
+        )
+        if scripted or self.rng.random() < self.faults.fail_rate:
             task.state = "failed"
             task.codes_affected = 0
             task.error = "Simulated failure (fail_rate)"

@@ -60,13 +60,6 @@ async def applications(sim: Simulator, count: int, first: int = 0) -> Counter[in
     return seen
 
 
-async def wait_uploads(sim: Simulator, at_least: int, timeout_s: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while sim.account.stats.uploads_accepted < at_least:
-        assert asyncio.get_running_loop().time() < deadline, sim.account.stats.view()
-        await asyncio.sleep(0.05)
-
-
 async def test_clean_restart_mid_stream_loses_nothing_and_sends_nothing_twice(
     kafka_bootstrap: str, topic_factory: TopicFactory
 ) -> None:
@@ -79,7 +72,7 @@ async def test_clean_restart_mid_stream_loses_nothing_and_sends_nothing_twice(
         )
         await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
         async with running_relay(settings):
-            await wait_uploads(sim, 8)
+            await sim.wait_uploads(8)
         stopped_after = sim.account.stats.uploads_accepted
         async with running_relay(settings) as relay:
             await wait_for_commit(kafka_bootstrap, topics, relay)
@@ -104,7 +97,7 @@ async def test_sigkill_mid_stream_loses_nothing(
         log = tmp_path / "relay.log"
         for kill in range(kills):
             async with relay_process(settings, log) as process:
-                await wait_uploads(sim, sim.account.stats.uploads_accepted + 5, timeout_s=60)
+                await sim.wait_uploads(sim.account.stats.uploads_accepted + 5, timeout_s=60)
                 process.send_signal(signal.SIGKILL)
                 assert await process.wait() == -signal.SIGKILL, kill
         async with relay_process(settings, log) as process:
@@ -181,7 +174,7 @@ async def test_a_second_relay_takes_over_when_the_first_stops(
         await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
         async with running_relay(second) as survivor:
             async with running_relay(first):
-                await wait_uploads(sim, 10)
+                await sim.wait_uploads(10)
             at_stop = sim.account.stats.uploads_accepted
             await wait_for_commit(kafka_bootstrap, topics, survivor, timeout_s=120)
             assert at_stop < sim.account.stats.uploads_accepted, "nothing was left to take over"

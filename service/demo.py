@@ -1,0 +1,305 @@
+"""`scm-relay demo`: the whole job, locally, in one command, ending with a summary.
+
+Starts what is not given by settings: the local Kafka broker (from a source
+checkout) and the API simulator. Then it starts the relay, publishes a mix of
+sample events from several production lines (with a few invalid records, a few
+codes Scantrust does not know, and one line whose task fails), waits for every
+result, prints a summary and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from service.app import run_relay
+from service.core.records import HEADER_REASON
+from service.logs import configure_logging
+from service.settings import Settings
+from service.simulator.app import running_simulator
+from service.simulator.seed import default_seed
+from service.simulator.state import Account, Faults
+
+KAFKA_LOCAL: Final = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka" / "kafka-local"
+DEMO_TOKEN: Final = "demo-token"  # noqa: S105 - the simulator's token, local only
+FAILING_LINE: Final = "line-9 rework"
+WAIT_LIMIT_S: Final = 240.0
+
+
+@dataclass
+class DemoSummary:
+    """What the demo saw: printed as a table, checked by the tests."""
+
+    events_published: int = 0
+    invalid_published: int = 0
+    tasks: Counter[str] = field(default_factory=Counter)
+    short_tasks: list[dict[str, Any]] = field(default_factory=list)
+    codes_affected: int = 0
+    codes_expected: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    metrics_url: str | None = None
+
+    def table(self) -> str:
+        """A readable summary."""
+        lines = [
+            "",
+            "scm-relay demo: summary",
+            "-----------------------",
+            f"events published      {self.events_published} ({self.invalid_published} invalid)",
+            f"tasks                 {sum(self.tasks.values())}: "
+            + ", ".join(f"{state} {count}" for state, count in sorted(self.tasks.items())),
+            f"codes affected        {self.codes_affected} of {self.codes_expected} expected",
+            f"short tasks           {len(self.short_tasks)}",
+        ]
+        lines += [
+            f"  {s['task_id']}  {s['reference'] or '-'}: {s['codes_affected']} of "
+            f"{s['expected_codes']} codes, {s['shortfall']} missing"
+            for s in self.short_tasks
+        ]
+        lines.append(
+            "dead letters          "
+            + (", ".join(f"{r} {n}" for r, n in sorted(self.dead_letters.items())) or "none")
+        )
+        lines.append(f"time taken            {self.seconds:.1f} s")
+        if self.metrics_url:
+            lines.append(f"metrics               {self.metrics_url}")
+        return "\n".join(lines)
+
+
+def sample_events(lines: int, codes_per_line: int) -> tuple[list[bytes], int]:
+    """Events from several production lines, plus invalid records; returns (values, invalid)."""
+    events: list[dict[str, Any]] = []
+    for line in range(lines):
+        campaign = 11 if line % 2 == 0 else 12
+        market = ("DE", "FR", "IT", "ES")[line % 4]
+        reference = f"line-{line + 1} shift B"
+        for start in range(0, codes_per_line, 25):
+            first = line * codes_per_line + start
+            codes = [f"{campaign}X{n:06d}" for n in range(first, first + 25)]
+            events.append(
+                {
+                    "event_id": f"mes-{line + 1}-{first:06d}",
+                    "constraints": {"extended_id": codes},
+                    "scm_data": {"production_date": "2026-11-27", "intended_market": market},
+                    "campaign": campaign,
+                    "reference": reference,
+                }
+            )
+    # Codes Scantrust does not know: their task touches fewer codes than it was sent.
+    events.append(
+        {
+            "event_id": "mes-7-unknown",
+            "constraints": {
+                "extended_id": ["11X000000", "11X000001", "NOT-A-CODE-1", "NOT-A-CODE-2"]
+            },
+            "scm_data": {"batch_number": "B-77"},
+            "reference": "line-7 relabel",
+        }
+    )
+    # A line whose task the simulator fails.
+    events.append(
+        {
+            "event_id": "mes-9-000001",
+            "constraints": {"serial_number": ["SN12-000010", "SN12-000011"]},
+            "scm_data": {"lot": "L-9"},
+            "reference": FAILING_LINE,
+        }
+    )
+    invalid: list[bytes] = [
+        b'{"constraints": {"extended_id": ["11X000002"]}, "scm_data": {"status": "1"}}',
+        b'{"constraints": {"extended_id": ["11X000003"]}, "scm_data": {"lot": "1"}, '
+        b'"campaign": "11"}',
+        b"this is not JSON",
+    ]
+    return [json.dumps(e).encode() for e in events] + invalid, len(invalid)
+
+
+@asynccontextmanager
+async def local_broker() -> AsyncIterator[str]:
+    """Start the local broker of a source checkout; yields its address."""
+    if not KAFKA_LOCAL.exists():
+        raise RuntimeError(
+            "no local broker script here (an installed package): point the demo at a broker "
+            "with SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"
+        )
+    await asyncio.to_thread(subprocess.run, [str(KAFKA_LOCAL), "start"], check=True, timeout=600)
+    try:
+        address = await asyncio.to_thread(
+            subprocess.run,
+            [str(KAFKA_LOCAL), "address"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        yield address.stdout.strip()
+    finally:
+        await asyncio.to_thread(
+            subprocess.run, [str(KAFKA_LOCAL), "stop"], check=False, timeout=120
+        )
+
+
+async def run_demo(
+    environ: Mapping[str, str], *, lines: int = 4, codes_per_line: int = 500
+) -> DemoSummary:
+    """Run the demo; settings named in `environ` (broker, API) replace what it would start."""
+    started = time.monotonic()
+    summary = DemoSummary()
+    async with AsyncExitStack() as stack:
+        bootstrap: str = environ.get("SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS", "")
+        if not bootstrap:
+            bootstrap = await stack.enter_async_context(local_broker())
+        api_url = environ.get("SCM_RELAY_API_BASE_URL")
+        token = environ.get("SCM_RELAY_API_TOKEN", DEMO_TOKEN)
+        if not api_url:
+            seed = default_seed(max(2500, lines * codes_per_line))
+            account = Account(seed, Faults(fail_reference=FAILING_LINE))
+            api_url = await stack.enter_async_context(running_simulator(account, token))
+            print(f"simulator (not Scantrust) on {api_url}", file=sys.stderr)
+        run = uuid.uuid4().hex[:8]
+        topics = {name: f"scm.{name}.demo-{run}" for name in ("changes", "results", "dlq", "tasks")}
+        await _create_topics(bootstrap, topics)
+        settings = Settings.model_validate(
+            {
+                "kafka_bootstrap_servers": bootstrap,
+                "kafka_group_id": f"scm-relay-demo-{run}",
+                "input_topic": topics["changes"],
+                "results_topic": topics["results"],
+                "dlq_topic": topics["dlq"],
+                "tasks_topic": topics["tasks"],
+                "api_base_url": api_url,
+                "api_token": token,
+                "batch_linger_ms": 300,
+                "poll_initial_s": 0.5,
+                "poll_max_s": 2.0,
+                "http_port": 0,
+            }
+        )
+        records, summary.invalid_published = sample_events(lines, codes_per_line)
+        summary.events_published = len(records)
+        stop = asyncio.Event()
+        relay = asyncio.create_task(run_relay(settings, stop))
+        try:
+            await _publish(bootstrap, topics["changes"], records)
+            await _wait_for_results(bootstrap, topics, summary, relay)
+        finally:
+            stop.set()
+            await asyncio.wait_for(relay, timeout=60)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+async def _create_topics(bootstrap: str, topics: Mapping[str, str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(topics["changes"], num_partitions=3, replication_factor=1),
+                NewTopic(topics["results"], num_partitions=3, replication_factor=1),
+                NewTopic(topics["dlq"], num_partitions=1, replication_factor=1),
+            ]
+        )
+    finally:
+        await admin.close()
+
+
+async def _publish(bootstrap: str, topic: str, records: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for number, record in enumerate(records):
+            await producer.send(topic, record, key=str(number % 7).encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _wait_for_results(
+    bootstrap: str, topics: Mapping[str, str], summary: DemoSummary, relay: asyncio.Task[int]
+) -> None:
+    """Read results and dead letters until every recorded task has its result."""
+    readers = {
+        name: AIOKafkaConsumer(
+            topics[name],
+            bootstrap_servers=bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        for name in ("results", "dlq", "tasks")
+    }
+    for reader in readers.values():
+        await reader.start()
+    try:
+        finished: dict[str, dict[str, Any]] = {}
+        recorded: set[str] = set()
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if relay.done():
+                raise RuntimeError(f"the relay stopped early with exit code {relay.result()}")
+            got = False
+            for name, reader in readers.items():
+                for records in (await reader.getmany(timeout_ms=100)).values():
+                    got = got or bool(records)
+                    for record in records:
+                        _take(name, record, finished, recorded, summary)
+            if got:
+                quiet_since = time.monotonic()
+            settled = (
+                recorded
+                and recorded <= set(finished)
+                and sum(summary.dead_letters.values()) >= summary.invalid_published
+            )
+            if settled and time.monotonic() - quiet_since > 2.0:
+                break
+        for outcome in finished.values():
+            summary.tasks[outcome["state"]] += 1
+            summary.codes_affected += outcome["codes_affected"] or 0
+            summary.codes_expected += outcome["expected_codes"] or 0
+            if outcome["short"]:
+                summary.short_tasks.append(outcome)
+    finally:
+        for reader in readers.values():
+            await reader.stop()
+
+
+def _take(
+    name: str,
+    record: Any,
+    finished: dict[str, dict[str, Any]],
+    recorded: set[str],
+    summary: DemoSummary,
+) -> None:
+    if name == "tasks" and record.value is not None:
+        recorded.add(record.key.decode())
+    elif name == "results":
+        value = json.loads(record.value)
+        if value.get("kind") == "result":
+            finished[value["task_id"]] = value
+    elif name == "dlq":
+        reason = dict(record.headers).get(HEADER_REASON, b"?").decode()
+        summary.dead_letters[reason] += 1
+
+
+def main(environ: Mapping[str, str], *, quick: bool = False) -> int:
+    """Entry point of `scm-relay demo`."""
+    configure_logging("console", environ.get("SCM_RELAY_LOG_LEVEL", "WARNING").upper())
+    sizes = {"lines": 2, "codes_per_line": 100} if quick else {}
+    summary = asyncio.run(run_demo(environ, **sizes))
+    print(summary.table())
+    return 0

@@ -1,0 +1,195 @@
+"""Task tracking: one result per task, short and failed outcomes, bulk polling, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.demo import run_demo
+from service.simulator.state import Faults
+from tests.api_support import simulator
+from tests.kafka_support import TopicFactory
+from tests.pipeline_support import (
+    event,
+    ledger_task_ids,
+    make_topics,
+    publish,
+    read_topic,
+    relay_process,
+    relay_settings,
+    results,
+    running_relay,
+    wait_for_commit,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+async def test_short_and_failed_tasks_get_the_right_outcome(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=1)
+    events = [
+        # Two known codes and two the API does not know: 2 of 4 expected.
+        event(["11X000001", "11X000002", "GHOST-1", "GHOST-2"], scm_data={"batch_number": "S"},
+              reference="short"),
+        # A pallet key: no expectation unless declared; declared 240, touches 240.
+        event("PALLET-0000", key="pallet_sscc", scm_data={"lot": "P"}, reference="pallet",
+              expected_codes=240),
+        event(["11X000003"], scm_data={"batch_number": "F"}, reference="will-fail"),
+        event(["11X000004"], scm_data={"batch_number": "OK"}, reference="fine"),
+    ]  # fmt: skip
+    faults = Faults(fail_reference="will-fail", jitter_s=0)
+    async with simulator(faults, codes_per_campaign=300) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics)
+        await publish(kafka_bootstrap, topics.input, events)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            outcomes = await results(kafka_bootstrap, topics.results, expected=4)
+    by_reference = {o["reference"]: o for o in outcomes}
+    short = by_reference["short"]
+    assert (short["state"], short["codes_affected"], short["expected_codes"]) == ("complete", 2, 4)
+    assert (short["shortfall"], short["short"]) == (2, True)
+    pallet = by_reference["pallet"]
+    assert (pallet["codes_affected"], pallet["expected_codes"], pallet["short"]) == (
+        240,
+        240,
+        False,
+    )
+    failed = by_reference["will-fail"]
+    assert (failed["state"], failed["short"], failed["shortfall"]) == ("failed", False, None)
+    fine = by_reference["fine"]
+    assert (fine["state"], fine["shortfall"], fine["short"]) == ("complete", 0, False)
+    assert all(o["kind"] == "result" for o in outcomes)
+    assert [e["offset"] for e in short["events"]] == [0]
+    for outcome in outcomes:
+        assert outcome["submitted_at"] <= outcome["published_at"]
+
+
+async def test_a_stuck_task_is_reported_and_still_followed(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=1)
+    async with simulator(Faults(never_finish_rate=1.0)) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics, task_stuck_after_s=1.0)
+        await publish(kafka_bootstrap, topics.input, [event(["11X000001"], scm_data={"lot": "1"})])
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            (progress,) = await results(kafka_bootstrap, topics.results, expected=1)
+            assert (progress["kind"], progress["stuck"], progress["state"]) == (
+                "progress",
+                True,
+                "in-progress",
+            )
+            polls = sim.account.stats.requests["tasks_bulk"]
+            await asyncio.sleep(1.5)
+            assert sim.account.stats.requests["tasks_bulk"] > polls, "stopped polling a stuck task"
+        # Reported once, and no result: the task never finished.
+        assert len(await read_topic(kafka_bootstrap, topics.results, expected=2, timeout_s=2)) == 1
+
+
+async def test_bulk_polling_asks_for_many_tasks_per_request(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    """500 unfinished tasks: one polling round costs ceil(500 / chunk) status requests."""
+    topics = await make_topics(topic_factory, partitions=2)
+    chunk, tasks = 100, 500
+    unlimited = Faults(never_finish_rate=1.0, upload_rate_per_s=100_000)
+    events = [event([f"11X{n:06d}"], scm_data={"lot": f"L{n}"}) for n in range(tasks)]
+    async with simulator(unlimited, codes_per_campaign=tasks) as sim:
+        fast = {
+            "upload_rate_per_s": 1000,
+            "max_unfinished_tasks": 2000,
+            "api_status_chunk_size": chunk,
+            "poll_initial_s": 60.0,
+            "poll_max_s": 600.0,
+        }
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics, **fast)
+        await publish(kafka_bootstrap, topics.input, events)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+        assert sim.account.stats.uploads_accepted == tasks
+        # A restart rebuilds all 500 from the ledger at once: the first round is due for all.
+        before = sim.account.stats.requests["tasks_bulk"]
+        restarted = relay_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            topics,
+            **{**fast, "poll_initial_s": 1.0, "poll_factor": 10.0},
+        )
+        async with running_relay(restarted):
+            await asyncio.sleep(4.0)
+        rounds = sim.account.stats.requests["tasks_bulk"] - before
+    assert rounds == math.ceil(tasks / chunk)
+
+
+async def test_each_task_yields_exactly_one_result_across_kills_and_a_takeover(
+    kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    topics = await make_topics(topic_factory, partitions=3)
+    slow = Faults(pending_delay_s=0.5, progress_delay_s=1.0, jitter_s=0.5)
+    events = [
+        event([f"11X{n:06d}" for n in range(b * 5, b * 5 + 5)], scm_data={"lot": f"L{b}"})
+        for b in range(60)
+    ]
+    async with simulator(slow, codes_per_campaign=300) as sim:
+        base = relay_settings(kafka_bootstrap, sim.base_url, topics, upload_rate_per_s=5)
+        log = tmp_path / "relay.log"
+        await publish(kafka_bootstrap, topics.input, events)
+        for kill in range(3):
+            async with relay_process(base, log) as process:
+                await sim.wait_uploads(sim.account.stats.uploads_accepted + 6)
+                process.send_signal(signal.SIGKILL)
+                assert await process.wait() == -signal.SIGKILL, kill
+        first = base.model_copy(update={"kafka_transactional_id": f"{topics.group}-first"})
+        second = base.model_copy(update={"kafka_transactional_id": f"{topics.group}-second"})
+        async with relay_process(first, log) as survivor:
+            async with relay_process(second, log) as leaver:
+                await asyncio.sleep(4)
+                leaver.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(leaver.wait(), 60) == 0
+            await wait_for_commit(kafka_bootstrap, topics, timeout_s=120)
+            recorded = set(await ledger_task_ids(kafka_bootstrap, topics.tasks))
+            outcomes = await _results_until(kafka_bootstrap, topics.results, recorded)
+            survivor.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(survivor.wait(), 60) == 0
+    counts = Counter(o["task_id"] for o in outcomes if o["kind"] == "result")
+    print(f"\n{len(recorded)} tasks recorded, {sum(counts.values())} results")
+    assert set(counts) == recorded, "a recorded task has no result"
+    assert max(counts.values()) == 1, "a task has two results"
+
+
+async def _results_until(
+    bootstrap: str, topic: str, recorded: set[str], timeout_s: float = 90
+) -> list[dict[str, Any]]:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        records = await read_topic(bootstrap, topic, expected=10**6, timeout_s=2)
+        outcomes = [json.loads(r.value) for r in records]
+        if {o["task_id"] for o in outcomes if o["kind"] == "result"} >= recorded:
+            # Give a possible duplicate time to show up before judging.
+            await asyncio.sleep(2)
+            records = await read_topic(bootstrap, topic, expected=10**6, timeout_s=2)
+            return [json.loads(r.value) for r in records]
+        assert asyncio.get_running_loop().time() < deadline, "results missing"
+
+
+async def test_the_demo_summarises_what_happened(kafka_bootstrap: str) -> None:
+    summary = await run_demo(
+        {"SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}, lines=2, codes_per_line=100
+    )
+    assert summary.tasks == {"complete": 3, "failed": 1}
+    assert summary.dead_letters == {"campaign_type": 1, "invalid_json": 1, "scm_data_key_status": 1}
+    ((short,),) = [summary.short_tasks]
+    assert (short["reference"], short["shortfall"]) == ("line-7 relabel", 2)
+    assert summary.codes_affected == 202
+    table = summary.table()
+    assert "tasks                 4: complete 3, failed 1" in table
+    assert "line-7 relabel: 2 of 4 codes, 2 missing" in table
