@@ -16,9 +16,12 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
 
+from service.http import build_http_app, serving
 from service.kafka import KafkaSetupError, check_topics, client_options, transactional_id
 from service.logs import configure_logging
+from service.metrics import RelayMetrics
 from service.pipeline import Relay, RelayConfig
 from service.scantrust.client import ClientConfig, ScantrustClient
 from service.settings import Settings, SettingsError
@@ -61,7 +64,11 @@ def relay_config(settings: Settings) -> RelayConfig:
     )
 
 
-async def run_relay(settings: Settings, stop: asyncio.Event | None = None) -> int:
+async def run_relay(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    registry: CollectorRegistry | None = None,
+) -> int:
     """Run the relay until SIGTERM/SIGINT (or `stop`); return the exit code."""
     stop = stop or asyncio.Event()
     try:
@@ -80,10 +87,17 @@ async def run_relay(settings: Settings, stop: asyncio.Event | None = None) -> in
             await admin.start()
             stack.push_async_callback(admin.close)
             await check_topics(admin, settings)
-            client = await stack.enter_async_context(ScantrustClient(client_config))
-            relay = await _build_relay(stack, settings, options, client, admin)
+            registry = registry or CollectorRegistry()
+            metrics = RelayMetrics(registry)
+            client = await stack.enter_async_context(ScantrustClient(client_config, metrics))
+            relay = await _build_relay(stack, settings, options, client, admin, metrics)
+            http_app = build_http_app(registry, relay.readiness, lambda: relay.last_beat)
+            port = await stack.enter_async_context(
+                serving(http_app, settings.http_host, settings.http_port)
+            )
             log.info(
                 "relay_started",
+                http=f"http://{settings.http_host}:{port}",
                 input_topic=settings.input_topic,
                 group_id=settings.kafka_group_id,
                 api=str(settings.api_base_url),
@@ -109,6 +123,7 @@ async def _build_relay(
     options: dict[str, Any],
     client: ScantrustClient,
     admin: AIOKafkaAdminClient,
+    metrics: RelayMetrics,
 ) -> Relay:
     producer = AIOKafkaProducer(
         transactional_id=transactional_id(settings),
@@ -150,6 +165,7 @@ async def _build_relay(
         poller_consumer=poller_consumer,
         admin=admin,
         client=client,
+        metrics=metrics,
     )
     consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())
     for kafka_consumer in (ledger_reader, poller_consumer, consumer):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from typing import Any, Final, Literal, NoReturn
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from service.core.batching import Batch, Batcher, FlushReason, PendingEvent, Source
@@ -46,6 +48,8 @@ from service.core.records import (
     TaskProgress,
     TaskState,
 )
+from service.core.resilience import BreakerState
+from service.metrics import RelayMetrics
 from service.scantrust.client import ScantrustClient, UploadRequest
 from service.scantrust.outcomes import (
     Accepted,
@@ -174,6 +178,7 @@ class Relay:
         poller_consumer: AIOKafkaConsumer,
         admin: AIOKafkaAdminClient,
         client: ScantrustClient,
+        metrics: RelayMetrics,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
@@ -182,6 +187,9 @@ class Relay:
         self._ledger_reader = ledger_reader
         self._poller_consumer = poller_consumer
         self._admin = admin
+        self.metrics = metrics
+        self.last_beat = 0.0
+        self._poller_state: _PollerState | None = None
         self._client = client
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
         self.counters = RelayCounters()
@@ -235,6 +243,7 @@ class Relay:
                 group.create_task(self._submitter(), name=f"submitter-{n}")
                 for n in range(self.config.max_in_flight_requests)
             ]
+            heartbeat = group.create_task(self._heartbeat(), name="heartbeat")
             await self._intake(stop)
             await self._shutdown(submitters)
             self._stopping = True
@@ -242,6 +251,7 @@ class Relay:
             await self._commits.put(_Stop())
             await committer
             ledger.cancel()
+            heartbeat.cancel()
 
     async def _shutdown(self, submitters: Sequence[asyncio.Task[None]]) -> None:
         """Stop intake, flush open batches, wait for uploads within the deadline."""
@@ -261,6 +271,48 @@ class Relay:
         if late:
             log.warning("relay_shutdown_deadline", unsent_uploads=len(late))
         await asyncio.gather(*late, return_exceptions=True)
+
+    # -- heartbeat and gauges ----------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Proves the event loop runs (/healthz) and refreshes the gauges once a second."""
+        while True:
+            self.last_beat = self._clock()
+            await self._refresh_gauges()
+            await asyncio.sleep(1.0)
+
+    def readiness(self) -> list[str]:
+        """Why the relay is not ready; empty when it is."""
+        reasons = []
+        if not self._ledger_caught_up.is_set():
+            reasons.append("starting: reading the ledger")
+        if self.auth_failed is not None:
+            reasons.append(f"API authentication failed ({self.auth_failed.status})")
+        if self._client.breaker_state is not BreakerState.CLOSED:
+            reasons.append("API circuit breaker open")
+        return reasons
+
+    async def _refresh_gauges(self) -> None:
+        metrics = self.metrics
+        metrics.ready.set(0 if self.readiness() else 1)
+        metrics.intake_paused.set(1 if self._paused else 0)
+        metrics.buffered_values.set(self.buffered_values)
+        metrics.api_auth_failed.set(1 if self.auth_failed is not None else 0)
+        state = self._poller_state
+        if state is not None:
+            now = self._clock()
+            metrics.tasks_pending.set(len(state.tasks))
+            metrics.tasks_stuck.set(state.schedule.stuck)
+            metrics.oldest_pending_task_age.set(state.schedule.oldest_age(now))
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except KafkaError:
+                continue
+            metrics.consumer_lag.labels(str(tp.partition)).set(max(0, highwater - position))
 
     # -- intake ------------------------------------------------------------------------
 
@@ -307,9 +359,11 @@ class Relay:
 
     async def _on_record(self, record: Any) -> None:
         self.counters.consumed += 1
+        self.metrics.events_consumed.inc()
         if self._offsets.received(record.topic, record.partition, record.offset):
             # Recorded before a restart or takeover (commit metadata): already done.
             self.counters.skipped_done += 1
+            self.metrics.events_skipped.inc()
             return
         raw: bytes = record.value if record.value is not None else b""
         parsed = parse_event(raw, self.config.limits)
@@ -317,6 +371,7 @@ class Relay:
             self.counters.invalid[parsed.reason.value] = (
                 self.counters.invalid.get(parsed.reason.value, 0) + 1
             )
+            self.metrics.events_invalid.labels(parsed.reason.value).inc()
             log.warning(
                 "event_invalid",
                 topic=record.topic,
@@ -339,6 +394,7 @@ class Relay:
             return
         if parsed.warnings:
             self.counters.date_warnings += len(parsed.warnings)
+            self.metrics.date_warnings.inc(len(parsed.warnings))
             log.warning(
                 "event_warning",
                 event_id=parsed.event.event_id,
@@ -364,6 +420,7 @@ class Relay:
         change = Change(event.constraint_key, event.constraint_values, event.scm_data)
         if not admitted and self._guard.conflicts(change):
             self.counters.held_back += 1
+            self.metrics.events_held_back.inc()
             log.info(
                 "event_held_back",
                 event_id=event.event_id,
@@ -372,7 +429,10 @@ class Relay:
             )
             self._guard.hold(pending, change)
             return
+        duplicates_before = self._batcher.deduplicated
         ready, placed = self._batcher.add(pending, self._clock())
+        if self._batcher.deduplicated > duplicates_before:
+            self.metrics.events_deduplicated.inc(self._batcher.deduplicated - duplicates_before)
         for batch, part in placed:
             if part.values:
                 self._guard.claim(
@@ -414,6 +474,8 @@ class Relay:
                     self.counters.batches_submitted.get(reason, 0) + 1
                 )
                 self.counters.values_submitted += batch.size
+                self.metrics.batches_submitted.labels(reason).inc()
+                self.metrics.batch_values.observe(batch.size)
                 bound.info("batch_submitted", task_id=outcome.task_id, flush_reason=reason)
                 record = self._ledger_record(batch, outcome.task_id, submitted_at)
                 append = _LedgerAppend(record, batch)
@@ -438,6 +500,8 @@ class Relay:
                         "permissions; fix it and restart: no event is lost or dead-lettered",
                     )
                 self.auth_failed = outcome
+                self.metrics.api_auth_failed.set(1)
+                self.metrics.ready.set(0)
                 await _park()
             self._api_degraded = True
             if isinstance(outcome, Ambiguous):
@@ -513,6 +577,7 @@ class Relay:
             log.exception("transaction_failed", items=len(items))
             raise
         self.counters.transactions += 1
+        self.metrics.last_commit.set(time.time())
         for done in finished:
             done()
         for item in items:
@@ -537,6 +602,9 @@ class Relay:
                 self.config.dlq_topic, key=item.key, value=item.raw, headers=item.headers.to_kafka()
             )
             self._offsets.accounted(item.source.topic, item.source.partition, item.source.offset)
+            self.metrics.dead_letters.labels(
+                item.headers.stage.value, item.headers.reason.value
+            ).inc()
         elif isinstance(item, _ApiRejection):
             for pending in item.batch.events():
                 if pending.rejected:
@@ -631,6 +699,7 @@ class Relay:
         """New partitions start from their committed offsets (aiokafka's default); the
         offsets done above them, from the commit metadata, are skipped."""
         self._offsets.keep_only({(tp.topic, tp.partition) for tp in assigned})
+        self.metrics.consumer_lag.clear()
         if assigned:
             committed = await self._admin.list_consumer_group_offsets(
                 self.config.group_id, partitions=sorted(assigned)
@@ -696,6 +765,7 @@ class Relay:
 
     async def _poller(self) -> None:
         tracker = _PollerState(self)
+        self._poller_state = tracker
         consumer = self._poller_consumer
         listener = _PollerRebalance(tracker, consumer, self.config.rebalance_timeout_s)
         consumer.subscribe([self.config.tasks_topic], listener=listener)
@@ -734,6 +804,13 @@ class Relay:
             self.counters.results_published[outcome.state.value] = (
                 self.counters.results_published.get(outcome.state.value, 0) + 1
             )
+            self.metrics.tasks_finished.labels(outcome.state.value).inc()
+            self.metrics.task_duration.labels(outcome.state.value).observe(
+                max(0.0, (outcome.published_at - entry.submitted_at).total_seconds())
+            )
+            if outcome.short and outcome.shortfall:
+                self.metrics.tasks_short.inc()
+                self.metrics.tasks_short_codes.inc(outcome.shortfall)
             log.info(
                 "task_finished",
                 task_id=task_id,

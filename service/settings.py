@@ -119,6 +119,7 @@ class Settings(BaseSettings):
 
     # Operations
     http_port: int = Field(default=8080, ge=0, le=65535)
+    http_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - served in a pod
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

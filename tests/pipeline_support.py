@@ -63,6 +63,8 @@ def relay_settings(bootstrap: str, api_url: str, topics: Topics, **overrides: An
         "api_breaker_cooldown_s": 1.0,
         "shutdown_timeout_s": 10.0,
         "rebalance_timeout_s": 5.0,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
     }
     values.update(overrides)
     return Settings(**values)
