@@ -32,7 +32,12 @@ $(VENV)/.synced: requirements/dev.lock pyproject.toml | $(UV)
 demo: setup ## the whole job locally: Kafka, simulator, relay, sample events, a summary
 	$(BIN)/scm-relay demo
 
-setup: $(VENV)/.synced ## create .venv from the lock files (idempotent)
+# promtool (Debian's prometheus package) checks and tests the alert rules.
+/usr/bin/promtool:
+	@echo "installing Debian's prometheus package for promtool"
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+
+setup: $(VENV)/.synced /usr/bin/promtool ## create .venv from the lock files, install promtool (idempotent)
 
 lock: | $(UV) ## re-resolve requirements/*.lock from pyproject.toml
 	$(UV) pip compile pyproject.toml --generate-hashes --universal --python-version 3.11 -q -o requirements/runtime.lock
@@ -41,10 +46,11 @@ lock: | $(UV) ## re-resolve requirements/*.lock from pyproject.toml
 schemas: setup ## regenerate schemas/*.schema.json from the models
 	$(BIN)/python -m service.schemas write schemas
 
-lint: setup ## ruff (lint + format check) and mypy --strict
+lint: setup ## ruff (lint + format check), mypy --strict, promtool on the alert rules
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	cd deploy/prometheus && promtool check rules alerts.yml && promtool test rules alerts.test.yml
 
 fmt: setup ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
