@@ -4,8 +4,47 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any, Final
 
 import structlog
+
+# Lines about one event, batch or task are never limited: each is worth its line.
+IDENTITY_KEYS: Final = ("offset", "event_id", "batch_id", "task_id")
+
+
+class RepeatLimiter:
+    """structlog processor: a warning or error without an item identity (an outage, a
+    refused token, a failed poll) is logged at most once per `window_s` for the same
+    event, endpoint, status, reason and outcome; the next line that passes says how many
+    were suppressed (`repeated`)."""
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self._seen: dict[tuple[Any, ...], tuple[float, int]] = {}
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if method_name not in ("warning", "error") or any(k in event_dict for k in IDENTITY_KEYS):
+            return event_dict
+        key = tuple(
+            event_dict.get(name) for name in ("event", "endpoint", "status", "reason", "outcome")
+        )
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.window_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            raise structlog.DropEvent
+        if last is not None and last[1]:
+            event_dict["repeated"] = last[1]
+        if len(self._seen) > 1000:  # bounded: forget the quietest half
+            for stale in sorted(self._seen, key=lambda k: self._seen[k][0])[:500]:
+                del self._seen[stale]
+        self._seen[key] = (now, 0)
+        return event_dict
 
 
 def configure_logging(log_format: str, level: str) -> None:
@@ -18,6 +57,7 @@ def configure_logging(log_format: str, level: str) -> None:
     )
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        RepeatLimiter(),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
