@@ -46,10 +46,11 @@ lock: | $(UV) ## re-resolve requirements/*.lock from pyproject.toml
 schemas: setup ## regenerate schemas/*.schema.json from the models
 	$(BIN)/python -m service.schemas write schemas
 
-lint: setup ## ruff (lint + format check), mypy --strict, promtool on the alert rules
+lint: setup ## ruff (lint + format check), mypy --strict, hadolint, promtool on the alert rules
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 	cd deploy/prometheus && promtool check rules alerts.yml && promtool test rules alerts.test.yml
 
 fmt: setup ## apply ruff's fixes and formatting

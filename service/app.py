@@ -56,6 +56,7 @@ def relay_config(settings: Settings) -> RelayConfig:
         max_buffered_values=settings.max_buffered_values,
         max_unfinished_tasks=settings.max_unfinished_tasks,
         shutdown_timeout_s=settings.shutdown_timeout_s,
+        upload_grace_s=settings.api_request_timeout_s,
         rebalance_timeout_s=settings.rebalance_timeout_s,
         poll_initial_s=settings.poll_initial_s,
         poll_factor=settings.poll_factor,

@@ -21,9 +21,9 @@ any stage cancels the others and surfaces as a non-zero exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +66,8 @@ from service.scantrust.outcomes import (
 log = structlog.get_logger(__name__)
 
 COMMIT_BATCH_MAX: Final = 500
+KAFKA_PROBE_EVERY: Final = 5  # heartbeats (seconds)
+KAFKA_PROBE_TIMEOUT_S: Final = 5.0
 INTAKE_POLL_MS: Final = 100
 RETRY_FLOOR_S: Final = 0.5
 RETRY_CEILING_S: Final = 30.0
@@ -89,6 +91,7 @@ class RelayConfig:
     max_buffered_values: int = 200_000
     max_unfinished_tasks: int = 200
     shutdown_timeout_s: float = 30.0
+    upload_grace_s: float = 30.0
     rebalance_timeout_s: float = 20.0
     poll_initial_s: float = 1.0
     poll_factor: float = 1.5
@@ -189,6 +192,7 @@ class Relay:
         self._admin = admin
         self.metrics = metrics
         self.last_beat = 0.0
+        self.kafka_reachable = True
         self._poller_state: _PollerState | None = None
         self._client = client
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
@@ -212,6 +216,12 @@ class Relay:
         self._unfinished: dict[str, str] = {}  # task id -> batch id, from the whole ledger
         self._stopping = False
         self._paused = False
+        # Shutdown: the open batches to flush, handed to submitters after the ready queue.
+        self._stop_queue: deque[Batch | None] = deque()
+        self._queue_closed = asyncio.Event()
+        self._no_new_uploads = False
+        self._stop_requested = asyncio.Event()
+        self._rebalances = 0
 
     # -- readiness -----------------------------------------------------------------
 
@@ -254,36 +264,66 @@ class Relay:
             heartbeat.cancel()
 
     async def _shutdown(self, submitters: Sequence[asyncio.Task[None]]) -> None:
-        """Stop intake, flush open batches, wait for uploads within the deadline."""
+        """Stop intake, flush open batches and send what the deadline allows.
+
+        At the deadline no new upload starts (queued batches stay unsent and are read
+        again at the next start); uploads already under way get `upload_grace_s` more to
+        finish, because cancelling one after it was sent would leave a task nobody
+        recorded (the duplicate window).
+        """
         log.info("relay_stopping", open_batches=self._batcher.open_batches)
         deadline = self._clock() + self.config.shutdown_timeout_s
         for batch in self._batcher.drain(FlushReason.SHUTDOWN):
-            try:
-                await asyncio.wait_for(self._ready.put(batch), max(0.0, deadline - self._clock()))
-            except TimeoutError:
-                break
+            self._in_flight[batch.batch_id] = batch
+            self._stop_queue.append(batch)
         for _ in submitters:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.put(None), max(0.0, deadline - self._clock()))
-        _, late = await asyncio.wait(submitters, timeout=max(0.0, deadline - self._clock()))
+            self._stop_queue.append(None)
+        self._queue_closed.set()
+        await asyncio.wait(submitters, timeout=max(0.0, deadline - self._clock()))
+        self._no_new_uploads = True
+        _, late = await asyncio.wait(submitters, timeout=self.config.upload_grace_s)
         for task in late:
             task.cancel()
-        if late:
-            log.warning("relay_shutdown_deadline", unsent_uploads=len(late))
+        unsent = sum(1 for batch in self._stop_queue if batch is not None)
+        if late or unsent:
+            log.warning(
+                "relay_shutdown_deadline", unsent_batches=unsent, cancelled_uploads=len(late)
+            )
         await asyncio.gather(*late, return_exceptions=True)
 
     # -- heartbeat and gauges ----------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        """Proves the event loop runs (/healthz) and refreshes the gauges once a second."""
+        """Proves the event loop runs (/healthz), refreshes the gauges once a second, and
+        asks Kafka for its metadata every few seconds (readiness)."""
+        beats = 0
         while True:
             self.last_beat = self._clock()
+            if beats % KAFKA_PROBE_EVERY == 0:
+                await self.probe_kafka()
             await self._refresh_gauges()
+            beats += 1
             await asyncio.sleep(1.0)
+
+    async def probe_kafka(self) -> None:
+        """One metadata request, bounded: the client libraries reconnect silently, so
+        reachability is asked, not inferred."""
+        try:
+            await asyncio.wait_for(self._admin.list_topics(), KAFKA_PROBE_TIMEOUT_S)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            if self.kafka_reachable:
+                log.error("kafka_unreachable", error=f"{type(exc).__name__}: {exc}")
+            self.kafka_reachable = False
+            return
+        if not self.kafka_reachable:
+            log.info("kafka_reachable_again")
+        self.kafka_reachable = True
 
     def readiness(self) -> list[str]:
         """Why the relay is not ready; empty when it is."""
         reasons = []
+        if not self.kafka_reachable:
+            reasons.append("Kafka unreachable")
         if not self._ledger_caught_up.is_set():
             reasons.append("starting: reading the ledger")
         if self.auth_failed is not None:
@@ -317,6 +357,7 @@ class Relay:
     # -- intake ------------------------------------------------------------------------
 
     async def _intake(self, stop: asyncio.Event) -> None:
+        self._stop_requested = stop
         while not stop.is_set():
             self._update_pause()
             timeout_ms = INTAKE_POLL_MS
@@ -324,9 +365,13 @@ class Relay:
             if deadline is not None:
                 timeout_ms = max(0, min(timeout_ms, int((deadline - self._clock()) * 1000)))
             batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=2000)
-            for records in batches.values():
-                for record in records:
-                    await self._on_record(record)
+            epoch = self._rebalances
+            for record in (r for records in batches.values() for r in records):
+                if stop.is_set() or epoch != self._rebalances:
+                    # Stopping, or a rebalance happened while these records waited: records
+                    # not processed are not tracked, so they are read again from the commit.
+                    break
+                await self._on_record(record)
             for batch in self._batcher.due(self._clock()):
                 await self._send(batch)
 
@@ -442,8 +487,19 @@ class Relay:
             await self._send(batch)
 
     async def _send(self, batch: Batch) -> None:
+        """Queue a batch for the submitters; when stopping, hand it to the shutdown flush
+        instead of waiting for room (the queue may be full behind a slow API)."""
         self._in_flight[batch.batch_id] = batch
-        await self._ready.put(batch)
+        put = asyncio.ensure_future(self._ready.put(batch))
+        stopping = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({put, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not put.done():
+                put.cancel()
+        if not put.done() or put.cancelled():
+            self._stop_queue.append(batch)
 
     async def _release_held(self) -> None:
         while (pending := self._guard.next_admissible()) is not None:
@@ -452,8 +508,27 @@ class Relay:
     # -- submitters ------------------------------------------------------------------------
 
     async def _submitter(self) -> None:
-        while (batch := await self._ready.get()) is not None:
+        while (batch := await self._next_batch()) is not None:
             await self._submit(batch)
+
+    async def _next_batch(self) -> Batch | None:
+        """The next batch to upload; None when shutting down and nothing more may start."""
+        if self._no_new_uploads:
+            return None
+        if not self._ready.empty() or not self._queue_closed.is_set():
+            ready = asyncio.ensure_future(self._ready.get())
+            closed = asyncio.ensure_future(self._queue_closed.wait())
+            try:
+                await asyncio.wait({ready, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                if not ready.done():
+                    ready.cancel()
+            if ready.done() and not ready.cancelled():
+                return ready.result()
+        if self._no_new_uploads or not self._stop_queue:
+            return None
+        return self._stop_queue.popleft()
 
     async def _submit(self, batch: Batch) -> None:
         request = UploadRequest(
@@ -663,24 +738,18 @@ class Relay:
         are re-read from their committed offsets. Events that were not sent are simply read
         again; events in an upload still under way are skipped when read again here (their
         upload accounts for them), and re-sent only by another owner if it finishes late.
+        The callback can run while intake is busy with records it already fetched: intake
+        stops at the next record, and what it added meanwhile is dropped at the end.
         """
         if not revoked:
             return
-        dropped_events: set[int] = set()
-        for batch in self._batcher.discard():
-            self._guard.release(batch.batch_id)
-            dropped_events |= {id(p.event) for p in batch.parts}
-        dropped_events |= {id(p) for p in self._guard.drop_held()}
-        while not self._ready.empty():
-            queued = self._ready.get_nowait()
-            if queued is not None:
-                self._guard.release(queued.batch_id)
-                self._in_flight.pop(queued.batch_id, None)
-                dropped_events |= {id(p.event) for p in queued.parts}
-        self.counters.dropped_on_rebalance += len(dropped_events)
+        self._rebalances += 1
+        dropped = self._drop_unsent()
         deadline = self._clock() + self.config.rebalance_timeout_s
         await _wait_for_state(lambda: not self._in_flight, deadline, self._clock)
         await _wait_for_state(self._commits.empty, deadline, self._clock)
+        dropped += self._drop_unsent()
+        self.counters.dropped_on_rebalance += dropped
         for batch in self._in_flight.values():
             for part in batch.parts:
                 source = part.event.source
@@ -692,8 +761,25 @@ class Relay:
         log.info(
             "partitions_revoked",
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
-            dropped_events=len(dropped_events),
+            dropped_events=dropped,
         )
+
+    def _drop_unsent(self) -> int:
+        """Forget open, held and queued batches (their events are read again); returns the
+        number of events dropped."""
+        dropped: set[int] = set()
+        for batch in self._batcher.discard():
+            self._guard.release(batch.batch_id)
+            self._in_flight.pop(batch.batch_id, None)
+            dropped |= {id(p.event) for p in batch.parts}
+        dropped |= {id(p) for p in self._guard.drop_held()}
+        while not self._ready.empty():
+            queued = self._ready.get_nowait()
+            if queued is not None:
+                self._guard.release(queued.batch_id)
+                self._in_flight.pop(queued.batch_id, None)
+                dropped |= {id(p.event) for p in queued.parts}
+        return len(dropped)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """New partitions start from their committed offsets (aiokafka's default); the

@@ -186,3 +186,22 @@ async def test_a_missing_topic_stops_the_relay_with_a_clear_error(
     assert code == EXIT_CONFIG
     (line,) = [entry for entry in logs if entry["event"] == "kafka_setup_invalid"]
     assert "no-such-dlq (SCM_RELAY_DLQ_TOPIC)" in line["problem"]
+
+
+async def test_a_ledger_topic_without_compaction_is_refused(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    """The ledger must be compacted, or finished tasks would pile up forever."""
+    from structlog.testing import capture_logs
+
+    from service.app import EXIT_CONFIG, run_relay
+
+    topics = await make_topics(topic_factory, partitions=1)
+    plain = await topic_factory.create("scm-tasks", config={"cleanup.policy": "delete"})
+    async with simulator() as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics, tasks_topic=plain)
+        with capture_logs() as logs:
+            code = await asyncio.wait_for(run_relay(settings, asyncio.Event()), timeout=60)
+    assert code == EXIT_CONFIG
+    (line,) = [entry for entry in logs if entry["event"] == "kafka_setup_invalid"]
+    assert "must have cleanup.policy=compact, it has 'delete'" in line["problem"]

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# scm-relay container image. Build: docker build -t scm-relay .
+# The build stage installs from the same hash-pinned lock file as `make setup`.
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+RUN python -m venv /opt/scm-relay
+COPY requirements/runtime.lock requirements/runtime.lock
+RUN /opt/scm-relay/bin/pip install --require-hashes --no-deps -r requirements/runtime.lock
+COPY pyproject.toml README.md ./
+COPY service service
+RUN /opt/scm-relay/bin/pip install --no-deps .
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+ARG VERSION=0.1.0
+ARG SOURCE_URL=""
+LABEL org.opencontainers.image.title="scm-relay" \
+      org.opencontainers.image.description="Relays SCM-change events from Kafka to the Scantrust async SCM upload API" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 relay \
+ && useradd --system --uid 10001 --gid relay --no-create-home --shell /usr/sbin/nologin relay
+COPY --from=build /opt/scm-relay /opt/scm-relay
+# Nothing is written at run time; Python's bytecode cache is off so a read-only root works.
+ENV PATH=/opt/scm-relay/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    SCM_RELAY_HTTP_PORT=8080 \
+    SCM_RELAY_LOG_FORMAT=json
+USER 10001:10001
+EXPOSE 8080
+# Standard library only: the image carries no curl or wget.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SCM_RELAY_HTTP_PORT', '8080'), timeout=4)"]
+# The relay is PID 1 in exec form: SIGTERM reaches it directly and it drains (flush,
+# wait for uploads, commit) before exiting.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["scm-relay"]
+CMD ["run"]
