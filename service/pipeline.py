@@ -807,7 +807,6 @@ class Relay:
             await reader.getmany(timeout_ms=100)
         partitions = sorted(reader.assignment())
         await reader.seek_to_beginning(*partitions)
-        targets = await reader.end_offsets(partitions)
         while True:
             batches = await reader.getmany(timeout_ms=200, max_records=5000)
             released = False
@@ -817,8 +816,14 @@ class Relay:
             if released:
                 await self._release_held()
             if not self._ledger_caught_up.is_set():
-                positions = [await reader.position(tp) for tp in partitions]
-                if all(pos >= targets[tp] for pos, tp in zip(positions, partitions, strict=True)):
+                # To the high watermark, past any transaction a killed relay left open.
+                behind = [
+                    tp
+                    for tp in partitions
+                    if reader.highwater(tp) is None
+                    or await reader.position(tp) < (reader.highwater(tp) or 0)
+                ]
+                if not behind:
                     log.info("ledger_read", unfinished_tasks=len(self._unfinished))
                     self._ledger_caught_up.set()
 
@@ -994,7 +999,8 @@ class _PollerState:
         self.clock = relay._clock
         self.tasks: dict[str, TaskLedgerRecord] = {}
         self.partition_of: dict[str, TopicPartition] = {}
-        self.targets: dict[TopicPartition, int] = {}
+        # Partitions being rebuilt: polling waits until each is read to its high watermark.
+        self.rebuilding: set[TopicPartition] = set()
 
     def apply(self, tp: TopicPartition, record: Any) -> None:
         task_id = record.key.decode() if record.key else ""
@@ -1026,14 +1032,18 @@ class _PollerState:
         for task_id, tp in list(self.partition_of.items()):
             if tp in partitions:
                 self.forget(task_id)
-        for tp in partitions:
-            self.targets.pop(tp, None)
+        self.rebuilding -= partitions
 
     async def caught_up(self, consumer: AIOKafkaConsumer) -> bool:
-        for tp, target in list(self.targets.items()):
-            if await consumer.position(tp) < target:
+        """Every rebuilt partition read up to its high watermark. Not the last stable
+        offset: a transaction left open by a killed relay hides what follows it (such as a
+        tombstone) until the broker aborts it, and polling before seeing those would
+        publish a task's result twice."""
+        for tp in list(self.rebuilding):
+            highwater = consumer.highwater(tp)
+            if highwater is None or await consumer.position(tp) < highwater:
                 return False
-            del self.targets[tp]
+            self.rebuilding.discard(tp)
         return True
 
 
@@ -1057,7 +1067,7 @@ class _PollerRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if not assigned:
             return
         await self._consumer.seek_to_beginning(*assigned)
-        self._state.targets.update(await self._consumer.end_offsets(list(assigned)))
+        self._state.rebuilding |= set(assigned)
 
 
 class _InputRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
