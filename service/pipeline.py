@@ -222,6 +222,7 @@ class Relay:
         self._no_new_uploads = False
         self._stop_requested = asyncio.Event()
         self._rebalances = 0
+        self._committing = False
 
     # -- readiness -----------------------------------------------------------------
 
@@ -637,6 +638,7 @@ class Relay:
     async def _commit(self, items: Sequence[_CommitItem]) -> None:
         """One Kafka transaction for `items` and the input offsets they release."""
         finished: list[Callable[[], None]] = []
+        self._committing = True
         await self._producer.begin_transaction()
         try:
             for item in items:
@@ -651,6 +653,8 @@ class Relay:
             # a restart re-reads from the last committed offsets (docs/guarantees.md).
             log.exception("transaction_failed", items=len(items))
             raise
+        finally:
+            self._committing = False
         self.counters.transactions += 1
         self.metrics.last_commit.set(time.time())
         for done in finished:
@@ -747,7 +751,11 @@ class Relay:
         dropped = self._drop_unsent()
         deadline = self._clock() + self.config.rebalance_timeout_s
         await _wait_for_state(lambda: not self._in_flight, deadline, self._clock)
-        await _wait_for_state(self._commits.empty, deadline, self._clock)
+        # Accounted is not committed: wait until the committer has committed it all, or the
+        # offsets of partitions that move away would be lost with their trackers.
+        await _wait_for_state(
+            lambda: self._commits.empty() and not self._committing, deadline, self._clock
+        )
         dropped += self._drop_unsent()
         self.counters.dropped_on_rebalance += dropped
         for batch in self._in_flight.values():

@@ -401,8 +401,10 @@ class ScantrustClient:
             retry_in = self._breaker.retry_in(self._now())
             reason = f"circuit breaker open (last failure: {self._last_failure})"
             return Unavailable(reason, retry_after_s=retry_in or None)
-        await self._acquire(call.is_upload)
+        granted_at = await self._acquire(call.is_upload)
         outcome = await self._exchange(call)
+        if call.is_upload:
+            self._upload_limiter.confirm(granted_at, self._now())
         before = self._breaker.state
         if isinstance(outcome, Unavailable | Ambiguous):
             self._last_failure = outcome.reason
@@ -418,7 +420,8 @@ class ScantrustClient:
             log.warning("api_circuit_breaker", state=after.value, previous=before.value)
             self._observer.breaker_changed(after)
 
-    async def _acquire(self, is_upload: bool) -> None:
+    async def _acquire(self, is_upload: bool) -> float:
+        """Wait for a slot in every limiter that applies; returns when it was granted."""
         limiters = [self._overall_limiter]
         if is_upload:
             limiters.append(self._upload_limiter)
@@ -428,7 +431,7 @@ class ScantrustClient:
             if wait <= 0:
                 for limiter in limiters:
                     limiter.try_acquire(now)
-                return
+                return now
             await asyncio.sleep(wait)
 
     async def _exchange(self, call: _Call) -> _Response | Failure:
