@@ -114,15 +114,20 @@ async def publish(bootstrap: str, topic: str, events: list[Any], key_of: Any = N
         await producer.stop()
 
 
-async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60) -> list[Any]:
-    """Read committed records of `topic` from the beginning until `expected` arrived."""
-    consumer = AIOKafkaConsumer(
+def committed_reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+    """A group-less consumer of `topic` from the beginning, committed records only."""
+    return AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
+
+
+async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60) -> list[Any]:
+    """Read committed records of `topic` from the beginning until `expected` arrived."""
+    consumer = committed_reader(bootstrap, topic)
     await consumer.start()
     try:
         return await read_all(consumer, expected, timeout_s=timeout_s)
@@ -232,13 +237,7 @@ async def ledger_task_ids(bootstrap: str, topic: str, timeout_s: float = 60) -> 
     Reads until the high watermark: a transaction left open by a killed relay holds
     read_committed readers back until the broker aborts it.
     """
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
+    consumer = committed_reader(bootstrap, topic)
     await consumer.start()
     try:
         partitions = await assigned_partitions(consumer, topic)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.simulator.state import Faults
-from tests.api_support import simulator
+from tests.api_support import free_port, simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     event,
@@ -50,12 +49,6 @@ DESIGN_METRICS = {
     "scm_relay_ready",
     "scm_relay_last_commit_timestamp_seconds",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:

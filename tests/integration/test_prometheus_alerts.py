@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ import aiohttp
 import pytest
 
 from service.simulator.state import Faults
-from tests.api_support import simulator
+from tests.api_support import free_port, simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     event,
@@ -30,12 +29,6 @@ from tests.pipeline_support import (
 
 pytestmark = pytest.mark.kafka
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @asynccontextmanager
