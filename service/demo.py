@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -76,7 +77,7 @@ class DemoSummary:
         )
         lines.append(f"time taken            {self.seconds:.1f} s")
         if self.metrics_url:
-            lines.append(f"metrics               {self.metrics_url}")
+            lines.append(f"metrics               {self.metrics_url} (while the demo ran)")
         return "\n".join(lines)
 
 
@@ -170,6 +171,9 @@ async def run_demo(
             api_url = await stack.enter_async_context(running_simulator(account, token))
             print(f"simulator (not Scantrust) on {api_url}", file=sys.stderr)
         run = uuid.uuid4().hex[:8]
+        metrics_port = _free_port()
+        summary.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        print(f"relay metrics on {summary.metrics_url} while the demo runs", file=sys.stderr)
         topics = {name: f"scm.{name}.demo-{run}" for name in ("changes", "results", "dlq", "tasks")}
         await _create_topics(bootstrap, topics)
         settings = Settings.model_validate(
@@ -185,7 +189,8 @@ async def run_demo(
                 "batch_linger_ms": 300,
                 "poll_initial_s": 0.5,
                 "poll_max_s": 2.0,
-                "http_port": 0,
+                "http_host": "127.0.0.1",
+                "http_port": metrics_port,
             }
         )
         records, summary.invalid_published = sample_events(lines, codes_per_line)
@@ -200,6 +205,12 @@ async def run_demo(
             await asyncio.wait_for(relay, timeout=60)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def _create_topics(bootstrap: str, topics: Mapping[str, str]) -> None:

@@ -193,3 +193,5 @@ async def test_the_demo_summarises_what_happened(kafka_bootstrap: str) -> None:
     table = summary.table()
     assert "tasks                 4: complete 3, failed 1" in table
     assert "line-7 relabel: 2 of 4 codes, 2 missing" in table
+    assert summary.metrics_url is not None
+    assert f"metrics               {summary.metrics_url}" in table
