@@ -99,25 +99,6 @@ class RelayConfig:
     task_stuck_after_s: float = 900.0
 
 
-@dataclass
-class RelayCounters:
-    """What happened, for logs, tests and (later) metrics."""
-
-    consumed: int = 0
-    invalid: dict[str, int] = field(default_factory=dict)
-    date_warnings: int = 0
-    batches_submitted: dict[str, int] = field(default_factory=dict)
-    values_submitted: int = 0
-    rejected_batches: int = 0
-    ambiguous_retries: int = 0
-    held_back: int = 0
-    transactions: int = 0
-    results_published: dict[str, int] = field(default_factory=dict)
-    dropped_on_rebalance: int = 0
-    skipped_done: int = 0
-    stuck_reported: int = 0
-
-
 # -- work for the committer ------------------------------------------------------------
 
 
@@ -196,7 +177,6 @@ class Relay:
         self._poller_state: _PollerState | None = None
         self._client = client
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
-        self.counters = RelayCounters()
         self._batcher = Batcher(
             max_values=config.batch_max_values,
             max_keys=config.batch_max_keys,
@@ -404,19 +384,14 @@ class Relay:
         return None
 
     async def _on_record(self, record: Any) -> None:
-        self.counters.consumed += 1
         self.metrics.events_consumed.inc()
         if self._offsets.received(record.topic, record.partition, record.offset):
             # Recorded before a restart or takeover (commit metadata): already done.
-            self.counters.skipped_done += 1
             self.metrics.events_skipped.inc()
             return
         raw: bytes = record.value if record.value is not None else b""
         parsed = parse_event(raw, self.config.limits)
         if not isinstance(parsed, ParsedEvent):
-            self.counters.invalid[parsed.reason.value] = (
-                self.counters.invalid.get(parsed.reason.value, 0) + 1
-            )
             self.metrics.events_invalid.labels(parsed.reason.value).inc()
             log.warning(
                 "event_invalid",
@@ -439,7 +414,6 @@ class Relay:
             await self._commits.put(_DeadLetter(source, raw, record.key, headers))
             return
         if parsed.warnings:
-            self.counters.date_warnings += len(parsed.warnings)
             self.metrics.date_warnings.inc(len(parsed.warnings))
             log.warning(
                 "event_warning",
@@ -465,7 +439,6 @@ class Relay:
         event = pending.event
         change = Change(event.constraint_key, event.constraint_values, event.scm_data)
         if not admitted and self._guard.conflicts(change):
-            self.counters.held_back += 1
             self.metrics.events_held_back.inc()
             log.info(
                 "event_held_back",
@@ -546,10 +519,6 @@ class Relay:
             if isinstance(outcome, Accepted):
                 self._api_degraded = False
                 reason = (batch.flush_reason or FlushReason.SHUTDOWN).value
-                self.counters.batches_submitted[reason] = (
-                    self.counters.batches_submitted.get(reason, 0) + 1
-                )
-                self.counters.values_submitted += batch.size
                 self.metrics.batches_submitted.labels(reason).inc()
                 self.metrics.batch_values.observe(batch.size)
                 bound.info("batch_submitted", task_id=outcome.task_id, flush_reason=reason)
@@ -561,7 +530,6 @@ class Relay:
                 await append.recorded
                 return
             if isinstance(outcome, Rejected):
-                self.counters.rejected_batches += 1
                 bound.warning("batch_rejected", status=outcome.status, errors=outcome.errors)
                 self._guard.release(batch.batch_id)
                 await self._commits.put(_ApiRejection(batch, outcome))
@@ -580,8 +548,6 @@ class Relay:
                 self.metrics.ready.set(0)
                 await _park()
             self._api_degraded = True
-            if isinstance(outcome, Ambiguous):
-                self.counters.ambiguous_retries += 1
             wait = self._submit_retry_wait(outcome, attempt)
             bound.warning(
                 "batch_retry",
@@ -655,7 +621,6 @@ class Relay:
             raise
         finally:
             self._committing = False
-        self.counters.transactions += 1
         self.metrics.last_commit.set(time.time())
         for done in finished:
             done()
@@ -757,7 +722,6 @@ class Relay:
             lambda: self._commits.empty() and not self._committing, deadline, self._clock
         )
         dropped += self._drop_unsent()
-        self.counters.dropped_on_rebalance += dropped
         for batch in self._in_flight.values():
             for part in batch.parts:
                 source = part.event.source
@@ -900,9 +864,6 @@ class Relay:
                 continue
             tracker.schedule.finishing(task_id)
             outcome = self._outcome(entry, task)
-            self.counters.results_published[outcome.state.value] = (
-                self.counters.results_published.get(outcome.state.value, 0) + 1
-            )
             self.metrics.tasks_finished.labels(outcome.state.value).inc()
             self.metrics.task_duration.labels(outcome.state.value).observe(
                 max(0.0, (outcome.published_at - entry.submitted_at).total_seconds())
@@ -930,7 +891,6 @@ class Relay:
             state = "pending"
         elif task is not None and task.state is TaskApiState.IN_PROGRESS:
             state = "in-progress"
-        self.counters.stuck_reported += 1
         log.warning(
             "task_stuck",
             task_id=entry.task_id,
