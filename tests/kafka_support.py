@@ -112,6 +112,17 @@ async def wait_until(
         await asyncio.sleep(interval_s)
 
 
+def committed_reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+    """A group-less consumer of `topic` from the beginning, committed records only."""
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+
+
 async def read_all(
     consumer: AIOKafkaConsumer, expected: int, *, timeout_s: float = CALL_TIMEOUT_S
 ) -> list[Any]:

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from service.app import run_relay
 from service.settings import Settings
 from tests.api_support import TOKEN
-from tests.kafka_support import TopicFactory, read_all, unique_name
+from tests.kafka_support import TopicFactory, committed_reader, read_all, unique_name
 
 
 @dataclass
@@ -112,17 +112,6 @@ async def publish(bootstrap: str, topic: str, events: list[Any], key_of: Any = N
             await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
-
-
-def committed_reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
-    """A group-less consumer of `topic` from the beginning, committed records only."""
-    return AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
 
 
 async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60) -> list[Any]:

@@ -19,7 +19,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from tests.kafka_support import CALL_TIMEOUT_S, TopicFactory, read_all, wait_until
+from tests.kafka_support import (
+    CALL_TIMEOUT_S,
+    TopicFactory,
+    committed_reader,
+    read_all,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -39,17 +45,6 @@ async def produce_plain(bootstrap: str, topic: str, values: list[bytes]) -> None
     async with started(AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")) as producer:
         for value in values:
             await producer.send_and_wait(topic, value)
-
-
-def committed_reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
-    """A group-less consumer reading `topic` from the start, committed records only."""
-    return AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
 
 
 async def consume_as_group(
