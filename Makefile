@@ -13,7 +13,7 @@ KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help demo setup lint fmt test test-unit schemas kafka-up kafka-down kafka-status lock clean
+.PHONY: help demo setup lint fmt test test-unit schemas settings-doc kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ lock: | $(UV) ## re-resolve requirements/*.lock from pyproject.toml
 
 schemas: setup ## regenerate schemas/*.schema.json from the models
 	$(BIN)/python -m service.schemas write schemas
+
+settings-doc: setup ## regenerate docs/settings.md from the Settings class
+	$(BIN)/python -m service.settings_reference > docs/settings.md
 
 lint: setup ## ruff (lint + format check), mypy --strict, hadolint, promtool on the alert rules
 	$(BIN)/ruff check .

@@ -19,7 +19,14 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from service.http import build_http_app, serving
-from service.kafka import KafkaSetupError, check_topics, client_options, transactional_id
+from service.kafka import (
+    KafkaSetupError,
+    KafkaUnreachableError,
+    check_topics,
+    client_options,
+    probe_connection,
+    transactional_id,
+)
 from service.logs import configure_logging
 from service.metrics import RelayMetrics
 from service.pipeline import Relay, RelayConfig
@@ -77,13 +84,14 @@ async def run_relay(
     except SettingsError as exc:
         log.error("settings_invalid", problem=str(exc))
         return EXIT_CONFIG
-    options = client_options(settings)
     loop = asyncio.get_running_loop()
     with suppress(NotImplementedError, RuntimeError):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
     try:
         async with AsyncExitStack() as stack:
+            options = client_options(settings)
+            await probe_connection(settings, options)
             admin = AIOKafkaAdminClient(**options)
             await admin.start()
             stack.push_async_callback(admin.close)
@@ -107,6 +115,9 @@ async def run_relay(
     except KafkaSetupError as exc:
         log.error("kafka_setup_invalid", problem=str(exc))
         return EXIT_CONFIG
+    except KafkaUnreachableError as exc:
+        log.error("kafka_unavailable", problem=str(exc))
+        return EXIT_FAILED
     except KafkaError as exc:
         log.error("kafka_unavailable", error=f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED

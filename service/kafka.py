@@ -10,11 +10,20 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 from typing import Any, Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 from aiokafka.helpers import create_ssl_context
+from aiokafka.protocol.metadata import MetadataRequest
 
 from service.settings import Settings
 
@@ -28,26 +37,129 @@ LEDGER_TOPIC_CONFIG: Final = {
 
 
 class KafkaSetupError(Exception):
-    """Kafka is configured wrongly for the relay (missing topic, wrong topic config)."""
+    """Kafka is configured wrongly for the relay (missing topic, wrong topic config,
+    refused credentials, untrusted certificate): stop and say which setting to fix."""
+
+
+class KafkaUnreachableError(Exception):
+    """No bootstrap server answered; the relay exits and its supervisor retries."""
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
-    """Connection and security options shared by every aiokafka client of the relay."""
+    """Connection and security options shared by every aiokafka client of the relay.
+
+    Raises KafkaSetupError when a TLS file named by a setting cannot be used."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "security_protocol": settings.kafka_security_protocol,
         "client_id": f"scm-relay-{socket.gethostname()}",
     }
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(
-            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
-        )
+        options["ssl_context"] = tls_context(settings)
     if settings.kafka_security_protocol.startswith("SASL_"):
         password = settings.kafka_sasl_password
         options["sasl_mechanism"] = settings.kafka_sasl_mechanism
         options["sasl_plain_username"] = settings.kafka_sasl_username
         options["sasl_plain_password"] = password.get_secret_value() if password else None
     return options
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The client TLS context: the CA file (or the system's CAs) and, when set, a client
+    certificate. Hostname checking is always on."""
+    cafile = settings.kafka_ssl_cafile
+    try:
+        context: ssl.SSLContext = create_ssl_context(cafile=str(cafile) if cafile else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise KafkaSetupError(
+            f"SCM_RELAY_KAFKA_SSL_CAFILE {str(cafile)!r} is not a readable PEM CA bundle: {exc}"
+        ) from exc
+    if settings.kafka_ssl_certfile:
+        key_password = settings.kafka_ssl_key_password
+        try:
+            context.load_cert_chain(
+                certfile=settings.kafka_ssl_certfile,
+                keyfile=settings.kafka_ssl_keyfile,
+                password=key_password.get_secret_value() if key_password else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise KafkaSetupError(
+                "the client certificate cannot be loaded from SCM_RELAY_KAFKA_SSL_CERTFILE "
+                f"{str(settings.kafka_ssl_certfile)!r} (key: SCM_RELAY_KAFKA_SSL_KEYFILE, "
+                f"SCM_RELAY_KAFKA_SSL_KEY_PASSWORD): {exc}"
+            ) from exc
+    return context
+
+
+async def probe_connection(
+    settings: Settings, options: dict[str, Any], timeout_s: float = 15.0
+) -> None:
+    """Connect to the bootstrap servers as every client will, and ask for metadata.
+
+    aiokafka's own bootstrap logs a refused password and carries on until it gives up
+    with "Unable to bootstrap"; this probe turns the cause into an error that names
+    the setting to fix (KafkaSetupError), or KafkaUnreachableError when no server
+    answered at all. The first server that answers ends the probe.
+    """
+    unreachable: list[str] = []
+    for host, port, _family in collect_hosts(settings.kafka_bootstrap_servers, randomize=False):
+        try:
+            async with asyncio.timeout(timeout_s):
+                connection = await create_conn(
+                    host,
+                    port,
+                    client_id=options["client_id"],
+                    request_timeout_ms=int(timeout_s * 1000),
+                    ssl_context=options.get("ssl_context"),
+                    security_protocol=settings.kafka_security_protocol,
+                    sasl_mechanism=options.get("sasl_mechanism", "PLAIN"),
+                    sasl_plain_username=options.get("sasl_plain_username"),
+                    sasl_plain_password=options.get("sasl_plain_password"),
+                )
+                try:
+                    await connection.send(MetadataRequest([]))
+                finally:
+                    connection.close()
+        except SaslAuthenticationFailed as exc:
+            raise KafkaSetupError(
+                f"Kafka at {host}:{port} refused the SASL credentials: check "
+                f"SCM_RELAY_KAFKA_SASL_USERNAME ({settings.kafka_sasl_username!r}), "
+                "SCM_RELAY_KAFKA_SASL_PASSWORD and SCM_RELAY_KAFKA_SASL_MECHANISM "
+                f"({settings.kafka_sasl_mechanism}): {exc}"
+            ) from exc
+        except UnsupportedSaslMechanismError as exc:
+            raise KafkaSetupError(
+                f"Kafka at {host}:{port} does not offer SCM_RELAY_KAFKA_SASL_MECHANISM "
+                f"{settings.kafka_sasl_mechanism} on this listener: {exc}"
+            ) from exc
+        except IllegalSaslStateError as exc:
+            raise KafkaSetupError(
+                f"Kafka at {host}:{port} is not a SASL listener: check "
+                f"SCM_RELAY_KAFKA_SECURITY_PROTOCOL ({settings.kafka_security_protocol}) "
+                "and SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            cafile = settings.kafka_ssl_cafile
+            raise KafkaSetupError(
+                f"the TLS certificate of Kafka at {host}:{port} is not trusted: "
+                f"{exc.verify_message}; check SCM_RELAY_KAFKA_SSL_CAFILE "
+                f"({str(cafile) if cafile else 'unset: the system CAs'})"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise KafkaSetupError(
+                f"the TLS handshake with Kafka at {host}:{port} failed ({exc.reason}): "
+                "check SCM_RELAY_KAFKA_SECURITY_PROTOCOL and the SCM_RELAY_KAFKA_SSL_* settings"
+            ) from exc
+        except (OSError, KafkaError, TimeoutError) as exc:
+            unreachable.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
+            continue
+        return
+    raise KafkaUnreachableError(
+        "no Kafka bootstrap server answered a metadata request over "
+        f"{settings.kafka_security_protocol} ({'; '.join(unreachable)}); check "
+        "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS and that SCM_RELAY_KAFKA_SECURITY_PROTOCOL "
+        "matches the listener"
+    )
 
 
 def transactional_id(settings: Settings) -> str:

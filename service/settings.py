@@ -55,73 +55,312 @@ class Settings(BaseSettings):
     )
 
     # Kafka
-    kafka_bootstrap_servers: str = Field(default="localhost:9092", min_length=1)
-    kafka_group_id: str = Field(default="scm-relay", min_length=1)
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: Path | None = None
-    kafka_transactional_id: str | None = Field(default=None, min_length=1)
-    input_topic: str = Field(default="scm.changes", min_length=1)
-    results_topic: str = Field(default="scm.results", min_length=1)
-    dlq_topic: str = Field(default="scm.dlq", min_length=1)
-    tasks_topic: str = Field(default="scm.tasks", min_length=1)
+    kafka_bootstrap_servers: str = Field(
+        default="localhost:9092", min_length=1, description="comma-separated `host:port` list"
+    )
+    kafka_group_id: str = Field(
+        default="scm-relay", min_length=1, description="consumer group of the relay replicas"
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None,
+        description=(
+            "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with a `SASL_*` protocol"
+        ),
+    )
+    kafka_sasl_username: str | None = Field(
+        default=None, description="required with a `SASL_*` protocol"
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="secret; required with a `SASL_*` protocol; never logged"
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle (PEM) to verify the brokers"
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None,
+        description="client certificate (PEM, may hold the key too) for brokers that ask for one",
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        default=None,
+        description="the client certificate's private key (PEM), when not in the certificate file",
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None, description="secret; the password of an encrypted client key; never logged"
+    )
+    kafka_transactional_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "the producer's transactional id; give each replica a stable one (e.g. a StatefulSet "
+            "pod name) to fence its zombie after a restart (docs/guarantees.md)"
+        ),
+        json_schema_extra={"default_doc": "group id, host name and process id"},
+    )
+    input_topic: str = Field(
+        default="scm.changes", min_length=1, description="change events from upstream"
+    )
+    results_topic: str = Field(
+        default="scm.results", min_length=1, description="one outcome per finished task"
+    )
+    dlq_topic: str = Field(
+        default="scm.dlq",
+        min_length=1,
+        description="refused records, original bytes plus error headers",
+    )
+    tasks_topic: str = Field(
+        default="scm.tasks", min_length=1, description="compacted ledger of unfinished tasks"
+    )
 
     # Scantrust API
-    api_base_url: AnyHttpUrl = AnyHttpUrl("https://api.scantrust.com")
-    api_token: SecretStr | None = None
-    api_token_file: Path | None = None
-    api_ca_file: Path | None = None
-    api_connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
-    api_request_timeout_s: float = Field(default=30.0, gt=0, le=600)
-    api_max_connections: int = Field(default=10, ge=1, le=1000)
-    api_max_response_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
-    api_rate_per_min: int = Field(default=3000, ge=1, le=1_000_000)
-    api_retry_initial_s: float = Field(default=0.5, gt=0, le=60)
-    api_retry_max_backoff_s: float = Field(default=30.0, gt=0, le=3600)
-    api_retry_max_elapsed_s: float = Field(default=120.0, ge=0, le=86_400)
-    api_breaker_failures: int = Field(default=5, ge=1, le=1000)
-    api_breaker_cooldown_s: float = Field(default=30.0, ge=0, le=3600)
-    api_status_chunk_size: int = Field(default=100, ge=1, le=1000)
+    api_base_url: AnyHttpUrl = Field(
+        default=AnyHttpUrl("https://api.scantrust.com"),
+        description="staging: `https://api.staging.scantrust.io`",
+    )
+    api_token: SecretStr | None = Field(
+        default=None, description="the UAT token; secret, never logged"
+    )
+    api_token_file: Path | None = Field(
+        default=None,
+        description=(
+            "read the token from this file instead (e.g. a mounted secret); setting both is an "
+            "error"
+        ),
+    )
+    api_ca_file: Path | None = Field(
+        default=None,
+        description=(
+            "extra CA bundle (PEM) for the API's TLS certificate; verification is always on"
+        ),
+    )
+    api_connect_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="seconds to open a connection (a timeout here is an outage: retried)",
+    )
+    api_request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description=(
+            "seconds for a whole request and its answer (a timeout after sending is ambiguous)"
+        ),
+    )
+    api_max_connections: int = Field(
+        default=10, ge=1, le=1000, description="open connections to the API"
+    )
+    api_max_response_bytes: int = Field(
+        default=1 << 20, ge=1024, le=64 << 20, description="larger answers are refused"
+    )
+    api_rate_per_min: int = Field(
+        default=3000,
+        ge=1,
+        le=1_000_000,
+        description="all requests per minute, shared by the process (the API's user limit)",
+    )
+    api_retry_initial_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="first backoff ceiling; each retry doubles it (full jitter)",
+    )
+    api_retry_max_backoff_s: float = Field(
+        default=30.0, gt=0, le=3600, description="the most one backoff waits"
+    )
+    api_retry_max_elapsed_s: float = Field(
+        default=120.0,
+        ge=0,
+        le=86_400,
+        description="a call stops retrying after this long and reports its last outcome",
+    )
+    api_breaker_failures: int = Field(
+        default=5, ge=1, le=1000, description="consecutive outages that open the circuit breaker"
+    )
+    api_breaker_cooldown_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="an open breaker lets one probe through after this long",
+    )
+    api_status_chunk_size: int = Field(
+        default=100, ge=1, le=1000, description="task ids per bulk status request"
+    )
 
     # Batching
-    batch_max_values: int = Field(default=1000, ge=1, le=1000)
-    batch_max_keys: int = Field(default=1, ge=1, le=5)
-    batch_linger_ms: int = Field(default=1000, ge=0, le=600_000)
-    upload_rate_per_s: float = Field(default=10.0, gt=0, le=1000)
-    max_in_flight_requests: int = Field(default=4, ge=1, le=100)
-    max_open_batches: int = Field(default=1000, ge=1, le=100_000)
-    max_buffered_values: int = Field(default=200_000, ge=1000, le=10_000_000)
-    max_unfinished_tasks: int = Field(default=200, ge=1, le=100_000)
-    shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600)
-    rebalance_timeout_s: float = Field(default=20.0, ge=0, le=3600)
+    batch_max_values: int = Field(
+        default=1000,
+        ge=1,
+        le=1000,
+        description="values per upload request, 1 to 1000 (the API's limit)",
+    )
+    batch_max_keys: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description=(
+            "constraint keys per request, 1 to 5; above 1 only if your account confirms union "
+            "semantics"
+        ),
+    )
+    batch_linger_ms: int = Field(
+        default=1000,
+        ge=0,
+        le=600_000,
+        description="a batch is sent when its oldest event has waited this long",
+    )
+    upload_rate_per_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=1000,
+        description=(
+            "upload requests per second, shared by the process (the API's `scm_update` limit)"
+        ),
+    )
+    max_in_flight_requests: int = Field(default=4, ge=1, le=100, description="uploads sent at once")
+    max_open_batches: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="batches being filled; past it the oldest is sent early",
+    )
+    max_buffered_values: int = Field(
+        default=200_000,
+        ge=1000,
+        le=10_000_000,
+        description=(
+            "constraint values read but not yet in a recorded task; past it the input partitions "
+            "pause (the consumer keeps polling)"
+        ),
+    )
+    max_unfinished_tasks: int = Field(
+        default=200,
+        ge=1,
+        le=100_000,
+        description=(
+            "unfinished tasks in the ledger; past it intake pauses until tasks finish (bounds the"
+            " per-code order index: roughly 150 bytes per value of an unfinished task)"
+        ),
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "on SIGTERM: how long to keep starting uploads of the flushed batches; uploads "
+            "already sent then get `SCM_RELAY_API_REQUEST_TIMEOUT_S` more to finish"
+        ),
+    )
+    rebalance_timeout_s: float = Field(
+        default=20.0,
+        ge=0,
+        le=3600,
+        description=(
+            "on partitions revoked: how long to wait for in-flight uploads before dropping unsent"
+            " events"
+        ),
+    )
 
     # Task tracking
-    poll_initial_s: float = Field(default=1.0, gt=0, le=3600)
-    poll_factor: float = Field(default=1.5, ge=1, le=10)
-    poll_max_s: float = Field(default=30.0, gt=0, le=3600)
-    task_stuck_after_s: float = Field(default=900.0, gt=0, le=7 * 86_400)
+    poll_initial_s: float = Field(
+        default=1.0, gt=0, le=3600, description="first status check of a task after it is submitted"
+    )
+    poll_factor: float = Field(
+        default=1.5,
+        ge=1,
+        le=10,
+        description="each further check of an unfinished task waits this much longer",
+    )
+    poll_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="the longest wait between two checks of a task"
+    )
+    task_stuck_after_s: float = Field(
+        default=900.0,
+        gt=0,
+        le=7 * 86_400,
+        description=(
+            "a task unfinished this long after submission is reported stuck (and still polled)"
+        ),
+    )
 
     # Event contract limits
-    max_record_bytes: int = Field(default=DEFAULT_LIMITS.max_record_bytes, ge=1024, le=64 << 20)
-    max_values_per_event: int = Field(
-        default=DEFAULT_LIMITS.max_values_per_event, ge=1, le=10_000_000
+    max_record_bytes: int = Field(
+        default=DEFAULT_LIMITS.max_record_bytes,
+        ge=1024,
+        le=64 << 20,
+        description="bytes of one record value (`record_too_large`)",
     )
-    max_scm_data_keys: int = Field(default=DEFAULT_LIMITS.max_scm_data_keys, ge=1, le=10_000)
-    max_key_length: int = Field(default=DEFAULT_LIMITS.max_key_length, ge=1, le=10_000)
-    max_value_length: int = Field(default=DEFAULT_LIMITS.max_value_length, ge=1, le=1_000_000)
-    max_reference_length: int = Field(default=DEFAULT_LIMITS.max_reference_length, ge=1, le=10_000)
-    max_event_id_length: int = Field(default=DEFAULT_LIMITS.max_event_id_length, ge=1, le=10_000)
-    one_code_per_value_keys: Annotated[frozenset[str], NoDecode] = (
-        DEFAULT_LIMITS.one_code_per_value_keys
+    max_values_per_event: int = Field(
+        default=DEFAULT_LIMITS.max_values_per_event,
+        ge=1,
+        le=10_000_000,
+        description="constraint values in one event (`too_many_values`)",
+    )
+    max_scm_data_keys: int = Field(
+        default=DEFAULT_LIMITS.max_scm_data_keys,
+        ge=1,
+        le=10_000,
+        description="keys in `scm_data` (`scm_data_too_many_keys`)",
+    )
+    max_key_length: int = Field(
+        default=DEFAULT_LIMITS.max_key_length,
+        ge=1,
+        le=10_000,
+        description=(
+            "characters of a constraint or scm_data key (`constraint_key_invalid`, "
+            "`scm_data_key_invalid`)"
+        ),
+    )
+    max_value_length: int = Field(
+        default=DEFAULT_LIMITS.max_value_length,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "characters of a value (`constraint_value_too_long`, `scm_data_value_too_long`)"
+        ),
+    )
+    max_reference_length: int = Field(
+        default=DEFAULT_LIMITS.max_reference_length,
+        ge=1,
+        le=10_000,
+        description="characters of `reference` (`reference_too_long`)",
+    )
+    max_event_id_length: int = Field(
+        default=DEFAULT_LIMITS.max_event_id_length,
+        ge=1,
+        le=10_000,
+        description="characters of `event_id` (`event_id_too_long`)",
+    )
+    one_code_per_value_keys: Annotated[frozenset[str], NoDecode] = Field(
+        default=(DEFAULT_LIMITS.one_code_per_value_keys),
+        description=(
+            "comma-separated constraint keys whose every value is one code, besides `extended_id`"
+            " and `serial_number`; they set the expected code count of events without "
+            "`expected_codes`"
+        ),
     )
 
     # Operations
-    http_port: int = Field(default=8080, ge=0, le=65535)
-    http_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - served in a pod
-    log_format: Literal["auto", "json", "console"] = "auto"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    http_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        description="`/metrics`, `/healthz`, `/readyz` (0 picks a free port)",
+    )
+    http_host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - served in a pod
+        min_length=1,
+        description="address the endpoints listen on",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="`json`, `console`, or `auto`: console on a terminal, JSON otherwise",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="`DEBUG`, `INFO`, `WARNING` or `ERROR`"
+    )
 
     @field_validator("one_code_per_value_keys", mode="before")
     @classmethod
@@ -163,6 +402,29 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SCM_RELAY_KAFKA_SECURITY_PROTOCOL is SASL: set SCM_RELAY_KAFKA_SASL_MECHANISM, "
                 "SCM_RELAY_KAFKA_SASL_USERNAME and SCM_RELAY_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> Settings:
+        tls_files = {
+            "SCM_RELAY_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "SCM_RELAY_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "SCM_RELAY_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+            "SCM_RELAY_KAFKA_SSL_KEY_PASSWORD": self.kafka_ssl_key_password,
+        }
+        given = [name for name, value in tls_files.items() if value is not None]
+        # A CA or certificate that is silently ignored would leave the operator
+        # believing the connection is verified.
+        if given and self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(
+                f"{', '.join(given)} set but SCM_RELAY_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}; use SSL or SASL_SSL, or unset them"
+            )
+        if (self.kafka_ssl_keyfile or self.kafka_ssl_key_password) and not self.kafka_ssl_certfile:
+            raise ValueError(
+                "SCM_RELAY_KAFKA_SSL_KEYFILE and SCM_RELAY_KAFKA_SSL_KEY_PASSWORD need "
+                "SCM_RELAY_KAFKA_SSL_CERTFILE (the client certificate)"
             )
         return self
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service import settings_reference
 from service.settings import Settings, SettingsError, env_name, load_settings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
@@ -85,6 +86,23 @@ def test_sasl_needs_mechanism_and_credentials(monkeypatch: pytest.MonkeyPatch) -
     assert "pw-secret" not in repr(settings)
 
 
+def test_tls_files_without_a_tls_protocol_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SSL_CAFILE", "/etc/kafka-ca.pem")
+    with pytest.raises(SettingsError, match="SCM_RELAY_KAFKA_SSL_CAFILE set but"):
+        load_settings({})
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SECURITY_PROTOCOL", "SSL")
+    assert load_settings({}).kafka_ssl_cafile is not None
+
+
+def test_a_client_key_needs_its_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SSL_KEYFILE", "/etc/client.key")
+    with pytest.raises(SettingsError, match="need SCM_RELAY_KAFKA_SSL_CERTFILE"):
+        load_settings({})
+    monkeypatch.setenv("SCM_RELAY_KAFKA_SSL_CERTFILE", "/etc/client.pem")
+    assert load_settings({}).kafka_ssl_keyfile is not None
+
+
 def test_token_is_secret_and_never_in_repr_or_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCM_RELAY_API_TOKEN", "tok-123-secret")
     settings = load_settings({})
@@ -161,12 +179,24 @@ def test_settings_are_frozen() -> None:
         settings.http_port = 1  # type: ignore[misc]
 
 
-def test_docs_list_every_setting_and_nothing_else() -> None:
-    documented = set(re.findall(r"`(SCM_RELAY_[A-Z0-9_]+)`", DOCS.read_text()))
+def test_docs_settings_md_is_generated_from_the_class() -> None:
+    assert DOCS.read_text() == settings_reference.render(), (
+        "docs/settings.md is out of date: run `make settings-doc`"
+    )
+
+
+def test_the_reference_lists_every_setting_and_tooling_names_no_setting() -> None:
+    documented = set(re.findall(r"`(SCM_RELAY_[A-Z0-9_]+)`", settings_reference.render()))
     settings = {env_name(name) for name in Settings.model_fields}
-    tooling = {"SCM_RELAY_CONFIG", "SCM_RELAY_TEST_KAFKA"} | {
-        f"SCM_RELAY_KAFKA_{name}"
-        for name in ("PORT", "HEAP", "VERSION", "RUN_DIR", "START_TIMEOUT")
-    }
-    assert settings - documented == set(), "settings missing from docs/settings.md"
-    assert documented - settings - tooling == set(), "docs/settings.md names unknown settings"
+    assert settings <= documented
+    assert not settings & set(settings_reference.TOOLING)
+    assert documented - settings - set(settings_reference.TOOLING) == set()
+
+
+def test_a_setting_without_a_description_cannot_be_rendered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    field = Settings.model_fields["http_port"]
+    monkeypatch.setattr(field, "description", None)
+    with pytest.raises(ValueError, match="http_port has no description"):
+        settings_reference.render()
