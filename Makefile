@@ -7,13 +7,17 @@ PYTHON ?= python3
 UV_VERSION := 0.13.8
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
+# kustomize renders deploy/k8s in the tests; built from the Go module proxy into .tools.
+KUSTOMIZE_VERSION := v5.7.1
+KUSTOMIZE := $(TOOLS)/bin/kustomize
+PROMETHEUS_OPERATOR_VERSION := v0.85.0
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help demo setup lint fmt test test-unit schemas settings-doc kafka-up kafka-down kafka-status lock clean
+.PHONY: help demo setup lint fmt test test-unit schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,7 +41,11 @@ demo: setup ## the whole job locally: Kafka, simulator, relay, sample events, a 
 	@echo "installing Debian's prometheus package for promtool"
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 
-setup: $(VENV)/.synced /usr/bin/promtool ## create .venv from the lock files, install promtool (idempotent)
+$(KUSTOMIZE):
+	@command -v go >/dev/null || { echo "Go is needed once to build kustomize $(KUSTOMIZE_VERSION)"; exit 1; }
+	GOBIN=$(abspath $(TOOLS))/bin GOFLAGS=-mod=mod go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+setup: $(VENV)/.synced /usr/bin/promtool $(KUSTOMIZE) ## create .venv from the lock files, install promtool and kustomize (idempotent)
 
 lock: | $(UV) ## re-resolve requirements/*.lock from pyproject.toml
 	$(UV) pip compile pyproject.toml --generate-hashes --universal --python-version 3.11 -q -o requirements/runtime.lock
@@ -48,6 +56,15 @@ schemas: setup ## regenerate schemas/*.schema.json from the models
 
 settings-doc: setup ## regenerate docs/settings.md from the Settings class
 	$(BIN)/python -m service.settings_reference > docs/settings.md
+
+k8s-rules: setup ## regenerate the PrometheusRule in deploy/k8s from deploy/prometheus/alerts.yml
+	$(BIN)/python deploy/k8s/prometheusrule.py > deploy/k8s/base/prometheusrule.yaml
+
+crd-schemas: setup ## re-vendor the ServiceMonitor/PrometheusRule CRD schemas the k8s tests use
+	dir=$$(go mod download -json github.com/prometheus-operator/prometheus-operator@$(PROMETHEUS_OPERATOR_VERSION) \
+	  | $(BIN)/python -c 'import json, sys; print(json.load(sys.stdin)["Dir"])'); \
+	  $(BIN)/python tests/k8s_schemas/vendor.py "$$dir" $(PROMETHEUS_OPERATOR_VERSION); \
+	  cp "$$dir/LICENSE" tests/k8s_schemas/LICENSE-prometheus-operator
 
 lint: setup ## ruff (lint + format check), mypy --strict, hadolint, promtool on the alert rules
 	$(BIN)/ruff check .

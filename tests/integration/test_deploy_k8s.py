@@ -1,0 +1,207 @@
+"""deploy/k8s: rendered by the real kustomize, validated against the Kubernetes schemas.
+
+Built-in kinds are checked by kubernetes-validate (strict: unknown fields fail);
+ServiceMonitor and PrometheusRule against the Prometheus Operator CRD schemas in
+tests/k8s_schemas (vendored by `make crd-schemas`). Then the parts have to agree:
+settings, ports, the drain deadline, the API limits shared by the replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from jsonschema import Draft4Validator
+
+from service.settings import ENV_PREFIX, Settings, env_name, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+SCHEMAS = ROOT / "tests" / "k8s_schemas"
+KUBERNETES_VERSION = kubernetes_validate.latest_version()
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
+# The Scantrust API's per-user limits (docs/scantrust-api.md), shared by all replicas.
+API_UPLOADS_PER_S = 10
+API_REQUESTS_PER_MIN = 3000
+
+
+def kustomize_binary() -> str:
+    """`make setup` installs kustomize into .tools/bin; a KUSTOMIZE variable or PATH wins."""
+    for candidate in (os.environ.get("KUSTOMIZE"), str(ROOT / ".tools" / "bin" / "kustomize")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    found = shutil.which("kustomize")
+    if found is None:
+        pytest.fail("kustomize not found: run `make setup` (it installs it into .tools/bin)")
+    return found
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    built = subprocess.run(
+        [kustomize_binary(), "build", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    return [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=["base", "overlays/example"])
+def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return render(K8S / request.param)
+
+
+def one(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = [doc for doc in documents if doc["kind"] == kind]
+    return found
+
+
+def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """Fields the CRD schema does not declare (CRD schemas allow extras, the API prunes
+    them silently, so a typo would be lost without a word)."""
+    found: list[str] = []
+    if isinstance(value, dict) and "properties" in schema:
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                found.append(f"{path}/{key}")
+            else:
+                found += unknown_fields(item, schema["properties"][key], f"{path}/{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            found += unknown_fields(item, schema["items"], f"{path}/{index}")
+    return found
+
+
+def crd_problems(document: dict[str, Any]) -> list[str]:
+    schema = json.loads((SCHEMAS / f"{document['kind'].lower()}.json").read_text())
+    problems = [error.message for error in Draft4Validator(schema).iter_errors(document)]
+    return problems + [f"unknown field {field}" for field in unknown_fields(document, schema)]
+
+
+def test_every_rendered_resource_is_valid(rendered: list[dict[str, Any]]) -> None:
+    kinds = {doc["kind"] for doc in rendered}
+    assert kinds == {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
+    for document in rendered:
+        if document["kind"] in CUSTOM_KINDS:
+            assert crd_problems(document) == [], document["kind"]
+        else:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_validators_can_fail() -> None:
+    deployment = one(render(K8S / "base"), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    monitor = one(render(K8S / "base"), "ServiceMonitor")
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert crd_problems(monitor) == ["unknown field /spec/endpoints/0/intervall"]
+
+
+def test_prometheus_rule_is_generated_from_the_alert_rules_file() -> None:
+    generated = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), str(K8S / "prometheusrule.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    committed = (K8S / "base" / "prometheusrule.yaml").read_text()
+    assert committed == generated, "run `make k8s-rules`"
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert yaml.safe_load(committed)["spec"]["groups"] == alerts["groups"]
+
+
+def settings_of(rendered: list[dict[str, Any]]) -> dict[str, str]:
+    return dict(one(rendered, "ConfigMap")["data"])
+
+
+def test_settings_are_real_load_and_hold_no_secret(
+    rendered: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = settings_of(rendered)
+    container = one(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    variables = set(data) | {entry["name"] for entry in container.get("env", [])}
+    assert variables - {env_name(name) for name in Settings.model_fields} == set()
+    assert not {"SCM_RELAY_API_TOKEN", "SCM_RELAY_KAFKA_SASL_PASSWORD"} & set(data)
+    for entry in container.get("env", []):
+        assert "value" not in entry, f"{entry['name']} must come from a Secret"
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    token = tmp_path / "api-token"
+    token.write_text("test-token")
+    monkeypatch.setenv("SCM_RELAY_API_TOKEN_FILE", str(token))
+    if data.get("SCM_RELAY_KAFKA_SECURITY_PROTOCOL", "").startswith("SASL_"):
+        monkeypatch.setenv("SCM_RELAY_KAFKA_SASL_PASSWORD", "from-the-secret")
+    load_settings({})
+
+
+def test_pods_are_probed_locked_down_sized_and_drain_in_time(
+    rendered: list[dict[str, Any]],
+) -> None:
+    data = settings_of(rendered)
+    deployment = one(rendered, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] == 2
+    port = int(data["SCM_RELAY_HTTP_PORT"])
+    (container_port,) = container["ports"]
+    assert container_port["containerPort"] == port
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["requests"]
+    assert container["resources"]["limits"]
+    drain_s = float(data["SCM_RELAY_SHUTDOWN_TIMEOUT_S"]) + float(
+        data["SCM_RELAY_API_REQUEST_TIMEOUT_S"]
+    )
+    assert pod["terminationGracePeriodSeconds"] > drain_s
+    token_file = Path(data["SCM_RELAY_API_TOKEN_FILE"])
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(token_file.parent)])
+    assert "secret" in volume
+
+
+def test_replicas_share_the_api_limits(rendered: list[dict[str, Any]]) -> None:
+    data = settings_of(rendered)
+    replicas = one(rendered, "Deployment")["spec"]["replicas"]
+    assert replicas * float(data["SCM_RELAY_UPLOAD_RATE_PER_S"]) <= API_UPLOADS_PER_S
+    assert replicas * int(data["SCM_RELAY_API_RATE_PER_MIN"]) <= API_REQUESTS_PER_MIN
+
+
+def test_prometheus_scrapes_the_service_port_under_the_job_the_alerts_use(
+    rendered: list[dict[str, Any]],
+) -> None:
+    service = one(rendered, "Service")
+    monitor = one(rendered, "ServiceMonitor")
+    deployment = one(rendered, "Deployment")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "scm-relay"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    budget = one(rendered, "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
