@@ -69,6 +69,8 @@ COMMIT_BATCH_MAX: Final = 500
 KAFKA_PROBE_EVERY: Final = 5  # heartbeats (seconds)
 KAFKA_PROBE_TIMEOUT_S: Final = 5.0
 INTAKE_POLL_MS: Final = 100
+# How often intake looks again at a due batch that waits for a free uploader.
+LINGER_RECHECK_MS: Final = 20
 RETRY_FLOOR_S: Final = 0.5
 RETRY_CEILING_S: Final = 30.0
 
@@ -97,6 +99,7 @@ class RelayConfig:
     poll_factor: float = 1.5
     poll_max_s: float = 30.0
     task_stuck_after_s: float = 900.0
+    status_chunk_size: int = 100
 
 
 # -- work for the committer ------------------------------------------------------------
@@ -194,6 +197,10 @@ class Relay:
         self.auth_failed: AuthFailed | None = None
         self._ledger_caught_up = asyncio.Event()
         self._unfinished: dict[str, str] = {}  # task id -> batch id, from the whole ledger
+        # Ledger records this process wrote and its ledger view has not read back yet: the
+        # view takes them from here instead of parsing them again. Bounded by the records
+        # in transactions not yet read (a failed transaction stops the process).
+        self._written_ledger: dict[str, TaskLedgerRecord] = {}
         self._stopping = False
         self._paused = False
         # Shutdown: the open batches to flush, handed to submitters after the ready queue.
@@ -344,17 +351,26 @@ class Relay:
             timeout_ms = INTAKE_POLL_MS
             deadline = self._batcher.next_deadline()
             if deadline is not None:
-                timeout_ms = max(0, min(timeout_ms, int((deadline - self._clock()) * 1000)))
+                until_due_ms = int((deadline - self._clock()) * 1000)
+                # A due batch waits (and fills) while the uploaders are busy: look again soon.
+                waiting = until_due_ms <= 0 and not self._ready.empty()
+                timeout_ms = LINGER_RECHECK_MS if waiting else max(0, min(timeout_ms, until_due_ms))
             batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=2000)
             epoch = self._rebalances
+            consumed = 0
             for record in (r for records in batches.values() for r in records):
                 if stop.is_set() or epoch != self._rebalances:
                     # Stopping, or a rebalance happened while these records waited: records
                     # not processed are not tracked, so they are read again from the commit.
                     break
+                consumed += 1
                 await self._on_record(record)
-            for batch in self._batcher.due(self._clock()):
-                await self._send(batch)
+            self.metrics.events_consumed.inc(consumed)
+            # Linger-due batches go only when an uploader is free to take them at once;
+            # until then they keep filling (full ones are queued regardless).
+            if self._ready.empty():
+                for batch in self._batcher.due(self._clock(), limit=1):
+                    await self._send(batch)
 
     def _update_pause(self) -> None:
         reason = self._pause_reason()
@@ -384,7 +400,6 @@ class Relay:
         return None
 
     async def _on_record(self, record: Any) -> None:
-        self.metrics.events_consumed.inc()
         if self._offsets.received(record.topic, record.partition, record.offset):
             # Recorded before a restart or takeover (commit metadata): already done.
             self.metrics.events_skipped.inc()
@@ -576,8 +591,10 @@ class Relay:
             scm_data=batch.scm_data,
             constraints=batch.constraints(),
             expected_codes=batch.expected_codes(self.config.limits.one_code_per_value_keys),
+            # Built without validation: the values come from Kafka records already read
+            # (one object per event, so validating them cost as much as batching them).
             events=[
-                EventSource(
+                EventSource.model_construct(
                     topic=pending.source.topic,
                     partition=pending.source.partition,
                     offset=pending.source.offset,
@@ -640,6 +657,7 @@ class Relay:
                 key=record.task_id.encode(),
                 value=record.model_dump_json().encode(),
             )
+            self._written_ledger[record.task_id] = record
             self._account(item.batch)
         elif isinstance(item, _DeadLetter):
             await self._producer.send(
@@ -808,6 +826,11 @@ class Relay:
                 self._guard.release(batch_id)
                 return True
             return False
+        own = self._written_ledger.pop(task_id, None)
+        if own is not None:
+            # Written by this process: the object it was serialised from, not parsed again.
+            self._track_ledger_entry(own)
+            return False
         try:
             entry = TaskLedgerRecord.model_validate_json(record.value)
         except ValidationError as exc:
@@ -963,6 +986,9 @@ class _PollerState:
             factor=config.poll_factor,
             max_s=config.poll_max_s,
             stuck_after_s=config.task_stuck_after_s,
+            # Rounds gather the tasks of one poll interval into one bulk request.
+            gather_s=config.poll_initial_s,
+            round_size=config.status_chunk_size,
         )
         self.clock = relay._clock
         self.tasks: dict[str, TaskLedgerRecord] = {}

@@ -91,6 +91,9 @@ class Batch:
     values: dict[str, dict[str, None]] = field(default_factory=dict)
     parts: list[Part] = field(default_factory=list)
     flush_reason: FlushReason | None = None
+    # Values over all constraint keys, kept by the batcher as it attaches parts (read on
+    # every event, so not summed each time).
+    size: int = 0
 
     @property
     def campaign(self) -> int | None:
@@ -106,11 +109,6 @@ class Batch:
     def reference(self) -> str:
         """The reference of every event ("" for none)."""
         return self.group[2]
-
-    @property
-    def size(self) -> int:
-        """Values in the request, over all constraint keys."""
-        return sum(len(values) for values in self.values.values())
 
     def constraints(self) -> dict[str, list[str]]:
         """The request's constraints: each key with its distinct values, in arrival order."""
@@ -193,8 +191,9 @@ class Batcher:
             ready.append(self._close(batch, FlushReason.KEYS))
             batch = self._open_new(group, now)
         known = batch.values.get(key, {})
-        remaining = [value for value in event.constraint_values if value not in known]
-        self.deduplicated += len(event.constraint_values) - len(remaining)
+        values = event.constraint_values
+        remaining = [value for value in values if value not in known] if known else list(values)
+        self.deduplicated += len(values) - len(remaining)
         if not remaining:
             placed.append((batch, self._attach(batch, pending, key, ())))
         while remaining:
@@ -209,11 +208,14 @@ class Batcher:
             ready.append(self._close(next(iter(self._open.values())), FlushReason.OPEN_BATCHES))
         return ready, placed
 
-    def due(self, now: float) -> list[Batch]:
-        """Batches whose oldest event has waited `linger_s` (oldest first)."""
-        ready = []
+    def due(self, now: float, limit: int | None = None) -> list[Batch]:
+        """Batches whose oldest event has waited `linger_s` (oldest first), at most `limit`.
+
+        The caller limits them to what its uploaders can take at once: a due batch left
+        open keeps filling until it is taken, so a busy API gets fuller requests."""
+        ready: list[Batch] = []
         for batch in list(self._open.values()):
-            if batch.opened_at + self.linger_s > now:
+            if batch.opened_at + self.linger_s > now or (limit is not None and len(ready) >= limit):
                 break  # batches are kept in opening order
             ready.append(self._close(batch, FlushReason.LINGER))
         return ready
@@ -255,6 +257,7 @@ class Batcher:
         part = Part(pending, key, values)
         batch.parts.append(part)
         batch.values.setdefault(key, {}).update(dict.fromkeys(values))
+        batch.size += len(values)
         pending.parts += 1
         return part
 

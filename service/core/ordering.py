@@ -44,9 +44,12 @@ class OrderGuard(Generic[Item]):
     """Claims of open batches and unfinished tasks, and the events held back by them."""
 
     def __init__(self) -> None:
-        # (key, value) -> [(owner, scm_data)]: the scm_data mapping is shared per owner.
-        self._claims: dict[CodeKey, list[tuple[str, Mapping[str, str]]]] = {}
-        self._owned: dict[str, list[CodeKey]] = {}
+        # constraint key -> value -> [(owner, scm_data)]. Keyed in two levels so the hot
+        # path (one lookup per value of every event) builds no tuples; the scm_data
+        # mapping is shared per owner.
+        self._claims: dict[str, dict[str, list[tuple[str, Mapping[str, str]]]]] = {}
+        # owner -> the (constraint key, values) it claimed, in chunks as claimed.
+        self._owned: dict[str, list[tuple[str, list[str]]]] = {}
         self._held: deque[tuple[Item, Change]] = deque()
         self._held_codes: Counter[CodeKey] = Counter()
 
@@ -55,11 +58,20 @@ class OrderGuard(Generic[Item]):
     def claim(self, owner: str, change: Change) -> None:
         """Record that `owner` (a batch) writes `change`. Claiming again is harmless."""
         owned = self._owned.setdefault(owner, [])
-        for code in change.codes():
-            holders = self._claims.setdefault(code, [])
-            if not any(holder == owner for holder, _ in holders):
-                holders.append((owner, change.scm_data))
-                owned.append(code)
+        by_value = self._claims.setdefault(change.constraint_key, {})
+        data = change.scm_data
+        fresh: list[str] = []
+        for value in change.values:
+            holders = by_value.get(value)
+            if holders is None:
+                by_value[value] = [(owner, data)]
+            elif all(holder != owner for holder, _ in holders):
+                holders.append((owner, data))
+            else:
+                continue
+            fresh.append(value)
+        if fresh:
+            owned.append((change.constraint_key, fresh))
 
     def owns(self, owner: str) -> bool:
         """Whether `owner` holds any claim."""
@@ -67,26 +79,43 @@ class OrderGuard(Generic[Item]):
 
     def release(self, owner: str) -> None:
         """`owner`'s task ended, or its batch was rejected or dropped."""
-        for code in self._owned.pop(owner, ()):
-            holders = self._claims.get(code)
-            if holders is None:
+        for key, values in self._owned.pop(owner, ()):
+            by_value = self._claims.get(key)
+            if by_value is None:
                 continue
-            holders[:] = [(holder, data) for holder, data in holders if holder != owner]
-            if not holders:
-                del self._claims[code]
+            for value in values:
+                holders = by_value.get(value)
+                if holders is None:
+                    continue
+                if len(holders) == 1:
+                    if holders[0][0] == owner:
+                        del by_value[value]
+                    continue
+                holders[:] = [(holder, data) for holder, data in holders if holder != owner]
+                if not holders:
+                    del by_value[value]
+            if not by_value:
+                del self._claims[key]
 
     def conflicts(self, change: Change) -> bool:
         """Would `change` overtake an earlier change to one of its codes?"""
-        return self._conflicts_with_claims(change) or any(
-            code in self._held_codes for code in change.codes()
-        )
+        if self._conflicts_with_claims(change):
+            return True
+        held = self._held_codes
+        return bool(held) and any(code in held for code in change.codes())
 
     def _conflicts_with_claims(self, change: Change) -> bool:
-        for code in change.codes():
-            for _, written in self._claims.get(code, ()):
-                for field, value in change.scm_data.items():
+        by_value = self._claims.get(change.constraint_key)
+        if not by_value:
+            return False
+        for value in change.values:
+            holders = by_value.get(value)
+            if holders is None:
+                continue
+            for _, written in holders:
+                for field, new in change.scm_data.items():
                     earlier = written.get(field)
-                    if earlier is not None and earlier != value:
+                    if earlier is not None and earlier != new:
                         return True
         return False
 
@@ -135,4 +164,4 @@ class OrderGuard(Generic[Item]):
     @property
     def claimed_codes(self) -> int:
         """(constraint key, value) pairs with a claim."""
-        return len(self._claims)
+        return sum(len(by_value) for by_value in self._claims.values())

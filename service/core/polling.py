@@ -1,5 +1,12 @@
 """When to ask the API about each unfinished task: soon at first, then less often.
 
+Tasks are asked about in rounds, each one bulk status request per `round_size`
+tasks. A round starts when `round_size` tasks are due, or when the earliest due
+task has waited `gather_s` past its time; it then takes every task due within
+`gather_s` from now, early ones included. So a steady stream of tasks costs one
+request per `gather_s` or per `round_size` tasks, not one per task, at the price of
+a result up to `gather_s` later.
+
 Pure: the poller feeds it task ids and the time, and asks which are due.
 """
 
@@ -25,10 +32,21 @@ class PollSchedule:
     """Per-task next poll time with geometric backoff between `initial_s` and `max_s`."""
 
     def __init__(
-        self, *, initial_s: float, factor: float, max_s: float, stuck_after_s: float = 900.0
+        self,
+        *,
+        initial_s: float,
+        factor: float,
+        max_s: float,
+        stuck_after_s: float = 900.0,
+        gather_s: float = 0.0,
+        round_size: int = 1,
     ) -> None:
         if initial_s <= 0 or factor < 1 or max_s < initial_s:
             raise ValueError("need initial_s > 0, factor >= 1 and max_s >= initial_s")
+        if gather_s < 0 or round_size < 1:
+            raise ValueError("need gather_s >= 0 and round_size >= 1")
+        self.gather_s = gather_s
+        self.round_size = round_size
         self.initial_s = initial_s
         self.factor = factor
         self.max_s = max_s
@@ -46,16 +64,26 @@ class PollSchedule:
         heapq.heappush(self._heap, (entry.due_at, task_id))
 
     def due(self, now: float, limit: int = MAX_DUE_PER_ROUND) -> list[str]:
-        """Task ids due at `now`, earliest first, at most `limit`; each is taken off the
-        schedule until `polled` or `remove` is called for it."""
-        taken: list[str] = []
-        while self._heap and self._heap[0][0] <= now and len(taken) < limit:
+        """The task ids of the round that starts at `now`, earliest first, at most `limit`
+        (none when no round starts yet); each is taken off the schedule until `polled` or
+        `remove` is called for it."""
+        taken: list[tuple[float, str]] = []
+        horizon = now + self.gather_s
+        while self._heap and self._heap[0][0] <= horizon and len(taken) < limit:
             due_at, task_id = heapq.heappop(self._heap)
             entry = self._entries.get(task_id)
             if entry is None or entry.finishing or entry.due_at != due_at:
                 continue  # removed, finishing, or rescheduled since
-            taken.append(task_id)
-        return taken
+            taken.append((due_at, task_id))
+        due_now = sum(1 for due_at, _ in taken if due_at <= now)
+        starts = due_now >= min(self.round_size, limit) or (
+            bool(taken) and taken[0][0] <= now - self.gather_s
+        )
+        if not starts:
+            for item in taken:
+                heapq.heappush(self._heap, item)
+            return []
+        return [task_id for _, task_id in taken]
 
     def polled(self, task_id: str, now: float) -> None:
         """The task is still unfinished (or its status unknown): check again later."""

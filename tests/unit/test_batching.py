@@ -94,6 +94,29 @@ def test_linger_flushes_the_oldest_batches_first() -> None:
     assert b.next_deadline() is None
 
 
+def test_a_limited_due_leaves_the_rest_open_to_keep_filling() -> None:
+    b = batcher(linger_s=1.0)
+    for lot in ("1", "2", "3"):
+        b.add(pending(f"A{lot}", scm_data={"lot": lot}), 0.0)
+    (first,) = b.due(2.0, limit=1)
+    assert first.scm_data == {"lot": "1"}
+    assert b.open_batches == 2
+    # The due batches left open still take values until they are taken.
+    b.add(pending("B2", scm_data={"lot": "2"}), 2.5)
+    second, third = b.due(3.0, limit=5)
+    assert second.constraints() == {"extended_id": ["A2", "B2"]}
+    assert third.scm_data == {"lot": "3"}
+    assert b.due(3.0, limit=0) == []
+
+
+def test_batch_size_counts_every_value_attached() -> None:
+    b = batcher(max_values=10)
+    b.add(pending(["A", "B", "C"], scm_data={"lot": "1"}), 0.0)
+    b.add(pending(["C", "D"], scm_data={"lot": "1"}), 0.0)
+    (batch,) = b.drain()
+    assert batch.size == 4 == sum(len(v) for v in batch.constraints().values())
+
+
 def test_too_many_open_batches_sends_the_oldest() -> None:
     b = batcher(max_open_batches=2)
     for market in ("A", "B"):
