@@ -1,0 +1,174 @@
+"""Run every benchmark in one go and write docs/benchmarks.md (`make bench`).
+
+Each figure is a ratio of two things measured side by side in this run, on this
+machine; the absolute numbers are printed for reference only. Everything below
+the line `<!-- kept below -->` in the existing file (the profiling notes) is kept.
+
+    python -m bench.run_all [--out docs/benchmarks.md] [--smoke]
+
+`--smoke` runs every benchmark with tiny sizes (the test suite does this so the
+benchmark code cannot rot); its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.metadata
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import drain, latency, memory, throughput
+from bench.common import REPO, machine, say
+
+KEPT_MARKER = "<!-- kept below -->"
+FULL: dict[str, dict[str, Any]] = {
+    "throughput": {"events": 500_000},
+    "drain": {"values": 200_000, "sink_seconds": 15.0},
+    "memory": {"small": 100_000, "large": 1_000_000, "settle_s": 5.0},
+    "latency": {"rate_per_s": 50.0, "seconds": 60.0, "linger_ms": 1000},
+}
+SMOKE: dict[str, dict[str, Any]] = {
+    "throughput": {"events": 3000},
+    "drain": {"values": 3000, "sink_seconds": 1.0},
+    "memory": {"small": 500, "large": 2000, "settle_s": 2.0},
+    "latency": {"rate_per_s": 20.0, "seconds": 3.0, "linger_ms": 200},
+}
+
+
+def kafka_version() -> str:
+    pom = (REPO / "deploy" / "local-kafka" / "pom.xml").read_text()
+    start = pom.index("<kafka.version>") + len("<kafka.version>")
+    return pom[start : pom.index("</kafka.version>")]
+
+
+def verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(figure, measured, target, met) for each target of the issue."""
+    t, d, m, lat = (results[k] for k in ("throughput", "drain", "memory", "latency"))
+    large_mb = m["large"]["peak_rss_bytes"] / 1e6
+    return [
+        ("1. throughput c/b", f"{t['c_over_b']:.2f}", ">= 0.7", t["c_over_b"] >= 0.7),
+        ("1. throughput c/a", f"{t['c_over_a']:.2f}", "(printed)", True),
+        (
+            "2. values per upload",
+            f"{t['relay']['values_per_upload']:.1f}",
+            ">= 990",
+            t["relay"]["values_per_upload"] >= 990,
+        ),
+        (
+            "2. status requests per finished task",
+            f"{t['relay']['status_requests_per_task']:.3f}",
+            "<= 0.05",
+            t["relay"]["status_requests_per_task"] <= 0.05,
+        ),
+        (
+            "3. drain / minimum",
+            f"{d['relay']['ratio']:.3f} ({d['relay']['throttled']} x 429)",
+            "<= 1.05, zero 429",
+            d["relay"]["ratio"] <= 1.05 and d["relay"]["throttled"] == 0,
+        ),
+        (
+            "3. one request per event / minimum",
+            f"{d['sink']['ratio']:.0f} (projected)",
+            "(comparison)",
+            True,
+        ),
+        (
+            "4. peak RSS 1 M / 100 K",
+            f"{m['ratio']:.3f} ({large_mb:.0f} MB)",
+            "<= 1.10, < 200 MB",
+            m["ratio"] <= 1.10 and large_mb < 200,
+        ),
+        (
+            "5. latency p99 - linger",
+            f"{lat['p99_over_linger_ms']:.0f} ms (p50 {lat['p50_ms']:.0f}, "
+            f"p99 {lat['p99_ms']:.0f})",
+            "<= 100 ms",
+            lat["p99_over_linger_ms"] <= 100,
+        ),
+    ]
+
+
+def markdown(results: dict[str, Any], reports: dict[str, str], seconds: float, kept: str) -> str:
+    info = machine()
+    versions = ", ".join(
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("aiokafka", "aiohttp", "pydantic", "prometheus-client")
+    )
+    rows = "\n".join(
+        f"| {figure} | {measured} | {target} | {'met' if met else '**missed**'} |"
+        for figure, measured, target, met in verdicts(results)
+    )
+    sections = "\n\n".join(
+        f"### {title}\n\n```\n{reports[key]}\n```"
+        for key, title in (
+            ("throughput", "1 and 2. Throughput and request efficiency (`bench/throughput.py`)"),
+            ("drain", "3. Drain at the API limit (`bench/drain.py`)"),
+            ("memory", "4. Memory with the API down (`bench/memory.py`)"),
+            ("latency", "5. Latency at light load (`bench/latency.py`)"),
+        )
+    )
+    return f"""# Benchmarks
+
+<!-- Written by `make bench` (bench/run_all.py); the part above the kept marker is
+replaced on every run. -->
+
+Measured {datetime.date.today().isoformat()} with `make bench` ({seconds / 60:.1f} minutes).
+Every figure is a ratio of two things measured side by side in the same run on
+the same machine; these machines are shared and noisy, so the absolute numbers
+are for reference only and no test asserts them.
+
+- Machine: {info["cpu"]}, {info["memory"]}
+- Python {info["python"]}, Apache Kafka {kafka_version()} (local, one node:
+  `deploy/local-kafka`), {versions}
+- The relay runs as its own process (`python -m service run`); the simulator
+  and the measuring code share the benchmark process.
+
+| figure | measured | target | |
+|---|---|---|---|
+{rows}
+
+{sections}
+
+{KEPT_MARKER}
+{kept}"""
+
+
+async def run(sizes: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
+    modules = {"throughput": throughput, "drain": drain, "memory": memory, "latency": latency}
+    results: dict[str, Any] = {}
+    reports: dict[str, str] = {}
+    for name, module in modules.items():
+        say(f"=== {name} ===")
+        results[name] = await module.run(**sizes[name])
+        reports[name] = module.report(results[name])
+        print(reports[name], flush=True)
+    return results, reports
+
+
+def measure_and_write(sizes: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Run every benchmark, write the report to `out` (keeping its kept part)."""
+    started = time.monotonic()
+    results, reports = asyncio.run(run(sizes))
+    previous = out.read_text() if out.exists() else ""
+    kept = previous.split(KEPT_MARKER, 1)[1].lstrip("\n") if KEPT_MARKER in previous else ""
+    out.write_text(markdown(results, reports, time.monotonic() - started, kept))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code only")
+    args = parser.parse_args(argv)
+    results = measure_and_write(SMOKE if args.smoke else FULL, args.out)
+    missed = [figure for figure, _, _, met in verdicts(results) if not met]
+    print(f"wrote {args.out}; targets missed: {', '.join(missed) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
