@@ -17,7 +17,7 @@ KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help demo setup lint fmt test test-unit schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
+.PHONY: help demo setup lint fmt test test-unit bench schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -86,6 +86,10 @@ test: lint ## lint + every test against a freshly started local Kafka broker
 	trap '$(KAFKA_LOCAL) stop' EXIT; \
 	  SCM_RELAY_TEST_KAFKA=$$($(KAFKA_LOCAL) address) $(BIN)/pytest || { \
 	    rc=$$?; echo "--- tail of the Kafka broker log ---"; $(KAFKA_LOCAL) logs 60; exit $$rc; }
+
+# The benchmarks start a broker of their own (bench/.run) and write docs/benchmarks.md.
+bench: setup ## run every benchmark (about 15 minutes) and write docs/benchmarks.md
+	$(BIN)/python -m bench.run_all
 
 kafka-up: ## start the local broker (prints its address)
 	$(KAFKA_LOCAL) start
