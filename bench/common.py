@@ -265,8 +265,9 @@ class RelayProcess:
     log_path: Path
     peak_rss_samples: list[int] = field(default_factory=list)
 
-    async def metrics(self) -> dict[str, float]:
-        """Each metric summed over its labels (histograms: `_sum` and `_count`)."""
+    async def metrics(self, **labels: str) -> dict[str, float]:
+        """Each metric summed over the samples with these labels (all when none given;
+        histograms as `_sum` and `_count`)."""
         url = f"http://127.0.0.1:{self.http_port}/metrics"
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
@@ -274,7 +275,8 @@ class RelayProcess:
         totals: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+                if labels.items() <= sample.labels.items():
+                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
         return totals
 
     def peak_rss_bytes(self) -> int:

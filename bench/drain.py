@@ -29,11 +29,13 @@ import aiohttp
 from bench.common import (
     REPO,
     TOKEN,
+    best_fill,
     create_topics,
     first_fetch_to_last_commit,
     kafka,
     make_events,
     produce,
+    rate,
     relay_process,
     say,
     simulator,
@@ -63,7 +65,8 @@ def backlog(values: int) -> list[bytes]:
 
 async def relay_drain(bootstrap: str, values: int) -> dict[str, Any]:
     topics = await create_topics(bootstrap)
-    await produce(bootstrap, topics.input, backlog(values))
+    records = backlog(values)
+    await produce(bootstrap, topics.input, records)
     async with (
         simulator(REAL_LIMITS) as (api_url, account),
         relay_process(bootstrap, api_url, topics, REPO / "bench" / ".logs") as relay,
@@ -72,6 +75,9 @@ async def relay_drain(bootstrap: str, values: int) -> dict[str, Any]:
             relay, bootstrap, topics, timeout_s=1200, every_s=0.05
         )
         stats = account.stats
+        uploads = await relay.metrics(endpoint="upload")
+    duration = "scm_relay_api_request_duration_seconds"
+    round_trip_s = rate(uploads[f"{duration}_sum"], uploads[f"{duration}_count"])
     minimum = values / (API_UPLOADS_PER_S * API_VALUES_PER_UPLOAD)
     seconds = span.seconds
     return {
@@ -82,6 +88,8 @@ async def relay_drain(bootstrap: str, values: int) -> dict[str, Any]:
         "uploads": stats.uploads_accepted,
         "values_uploaded": stats.upload_values_total,
         "throttled": stats.throttled,
+        "upload_round_trip_s": round_trip_s,
+        "fewest_uploads": best_fill(records)[0],
     }
 
 
@@ -139,8 +147,10 @@ def report(result: dict[str, Any]) -> str:
         [
             f"backlog: {relay['values']} values; minimum at 10 uploads/s x 1000 values: "
             f"{relay['minimum_s']:.1f} s",
-            f"relay: drained in {relay['seconds']:.1f} s with {relay['uploads']} uploads, "
-            f"{relay['throttled']} x 429",
+            f"relay: drained in {relay['seconds']:.1f} s with {relay['uploads']} uploads "
+            f"(fewest possible for this backlog: {relay['fewest_uploads']}), "
+            f"{relay['throttled']} x 429; mean upload round trip "
+            f"{relay['upload_round_trip_s'] * 1000:.0f} ms",
             f"one request per event (generic sink): {sink['values_per_s']:.1f} values/s over "
             f"{sink['seconds_run']:.0f} s, {sink['throttled']} x 429; projected "
             f"{sink['projected_s']:.0f} s, ratio {sink['ratio']:.1f}",

@@ -190,12 +190,13 @@ async def _build_relay(
     return relay
 
 
-# The cyclic garbage collector's first generation runs every 700 allocations by default,
-# and each full collection walks every live object: with a buffer of many thousand events
-# (each a few small objects) that took about a third of the relay's CPU in
-# bench/throughput.py. The relay's objects hardly ever form cycles, so it collects less
-# often; reference counting still frees everything else at once.
-GC_THRESHOLDS: Final = (50_000, 20, 100)
+# The cyclic garbage collector's first generation runs every 700 allocations by default
+# and scans every young object; events live a few seconds in the relay's buffers, so each
+# was scanned again and again: that took about a third of the relay's CPU in
+# bench/throughput.py. The relay's objects hardly ever form cycles (reference counting
+# frees them), so it collects every million allocations (a few seconds at full speed,
+# one pause of some milliseconds) and promotes less often.
+GC_THRESHOLDS: Final = (1_000_000, 10, 10)
 
 
 def tune_garbage_collector() -> None:

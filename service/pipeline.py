@@ -42,7 +42,6 @@ from service.core.ordering import Change, OrderGuard
 from service.core.polling import PollSchedule
 from service.core.records import (
     DeadLetterHeaders,
-    EventSource,
     TaskLedgerRecord,
     TaskOutcome,
     TaskProgress,
@@ -582,26 +581,28 @@ class Relay:
     def _ledger_record(
         self, batch: Batch, task_id: str, submitted_at: datetime
     ) -> TaskLedgerRecord:
-        return TaskLedgerRecord(
-            task_id=task_id,
-            batch_id=batch.batch_id,
-            submitted_at=submitted_at,
-            campaign=batch.campaign,
-            reference=batch.reference,
-            scm_data=batch.scm_data,
-            constraints=batch.constraints(),
-            expected_codes=batch.expected_codes(self.config.limits.one_code_per_value_keys),
-            # Built without validation: the values come from Kafka records already read
-            # (one object per event, so validating them cost as much as batching them).
-            events=[
-                EventSource.model_construct(
-                    topic=pending.source.topic,
-                    partition=pending.source.partition,
-                    offset=pending.source.offset,
-                    event_id=pending.source.event_id,
-                )
-                for pending in batch.events()
-            ],
+        # Validated as one document: pydantic checks the nested event sources in its core,
+        # which is several times cheaper than building one model object per event.
+        return TaskLedgerRecord.model_validate(
+            {
+                "task_id": task_id,
+                "batch_id": batch.batch_id,
+                "submitted_at": submitted_at,
+                "campaign": batch.campaign,
+                "reference": batch.reference,
+                "scm_data": batch.scm_data,
+                "constraints": batch.constraints(),
+                "expected_codes": batch.expected_codes(self.config.limits.one_code_per_value_keys),
+                "events": [
+                    {
+                        "topic": pending.source.topic,
+                        "partition": pending.source.partition,
+                        "offset": pending.source.offset,
+                        "event_id": pending.source.event_id,
+                    }
+                    for pending in batch.events()
+                ],
+            }
         )
 
     # -- committer ---------------------------------------------------------------------------
