@@ -331,7 +331,7 @@ async def relay_process(
     log_path = log_dir / f"relay-{topics.group}.log"
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
     with log_path.open("wb") as log:
-        profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
+        profiler = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)] if profile else []
         process = await asyncio.create_subprocess_exec(
             sys.executable, *profiler, "-m", "service", "run", env=env, stdout=log, stderr=log
         )

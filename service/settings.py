@@ -209,7 +209,10 @@ class Settings(BaseSettings):
         default=1000,
         ge=0,
         le=600_000,
-        description="a batch is sent when its oldest event has waited this long",
+        description=(
+            "a batch is sent when its oldest event has waited this long and an uploader is "
+            "free; while all are busy it keeps filling (up to `SCM_RELAY_BATCH_MAX_VALUES`)"
+        ),
     )
     upload_rate_per_s: float = Field(
         default=10.0,
@@ -265,7 +268,14 @@ class Settings(BaseSettings):
 
     # Task tracking
     poll_initial_s: float = Field(
-        default=1.0, gt=0, le=3600, description="first status check of a task after it is submitted"
+        default=1.0,
+        gt=0,
+        le=3600,
+        description=(
+            "first status check of a task after it is submitted; checks gather into one bulk "
+            "request per this interval (or per `SCM_RELAY_API_STATUS_CHUNK_SIZE` tasks), so a "
+            "result may come up to this much later"
+        ),
     )
     poll_factor: float = Field(
         default=1.5,
