@@ -70,6 +70,9 @@ KAFKA_PROBE_TIMEOUT_S: Final = 5.0
 INTAKE_POLL_MS: Final = 100
 # How often intake looks again at a due batch that waits for a free uploader.
 LINGER_RECHECK_MS: Final = 20
+# While the upload queue is full, intake polls Kafka (partitions paused) this often, well
+# inside max.poll.interval.ms.
+QUEUE_KEEPALIVE_S: Final = 1.0
 RETRY_FLOOR_S: Final = 0.5
 RETRY_CEILING_S: Final = 30.0
 
@@ -207,6 +210,8 @@ class Relay:
         self._queue_closed = asyncio.Event()
         self._no_new_uploads = False
         self._stop_requested = asyncio.Event()
+        self._intake_task: asyncio.Task[Any] | None = None
+        self._last_poll = 0.0  # when intake last polled the input consumer (clock time)
         self._rebalances = 0
         self._committing = False
 
@@ -345,6 +350,7 @@ class Relay:
 
     async def _intake(self, stop: asyncio.Event) -> None:
         self._stop_requested = stop
+        self._intake_task = asyncio.current_task()
         while not stop.is_set():
             self._update_pause()
             timeout_ms = INTAKE_POLL_MS
@@ -355,6 +361,7 @@ class Relay:
                 waiting = until_due_ms <= 0 and not self._ready.empty()
                 timeout_ms = LINGER_RECHECK_MS if waiting else max(0, min(timeout_ms, until_due_ms))
             batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=2000)
+            self._last_poll = self._clock()
             epoch = self._rebalances
             consumed = 0
             for record in (r for records in batches.values() for r in records):
@@ -476,18 +483,54 @@ class Relay:
 
     async def _send(self, batch: Batch) -> None:
         """Queue a batch for the submitters; when stopping, hand it to the shutdown flush
-        instead of waiting for room (the queue may be full behind a slow API)."""
+        instead of waiting for room (the queue may be full behind a slow API).
+
+        While intake waits for room, it keeps polling Kafka with its partitions paused
+        (which returns nothing): a consumer that does not poll for max.poll.interval.ms
+        leaves its group, and an API outage of a minute would move the partitions.
+        """
         self._in_flight[batch.batch_id] = batch
         put = asyncio.ensure_future(self._ready.put(batch))
         stopping = asyncio.ensure_future(self._stop_requested.wait())
+        epoch = self._rebalances
         try:
-            await asyncio.wait({put, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            intake = asyncio.current_task() is self._intake_task
+            while True:
+                # Counted from intake's last poll, not from this call: many short waits in a
+                # row add up too.
+                wait_s = max(0.0, self._last_poll + QUEUE_KEEPALIVE_S - self._clock())
+                done, _ = await asyncio.wait(
+                    {put, stopping},
+                    timeout=wait_s if intake else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if done:
+                    break
+                self._hold_intake("uploads queued behind a busy API")
+                await self._consumer.getmany(timeout_ms=0)
+                self._last_poll = self._clock()
+                if epoch != self._rebalances:
+                    break
         finally:
             stopping.cancel()
             if not put.done():
                 put.cancel()
-        if not put.done() or put.cancelled():
-            self._stop_queue.append(batch)
+        if put.done() and not put.cancelled():
+            return
+        if epoch != self._rebalances:
+            # Partitions were revoked while this batch waited: like every unsent batch, it
+            # is forgotten and its events are read again by the partitions' next owner.
+            self._in_flight.pop(batch.batch_id, None)
+            self._guard.release(batch.batch_id)
+            return
+        self._stop_queue.append(batch)
+
+    def _hold_intake(self, reason: str) -> None:
+        """Pause the input partitions until the next intake round decides again."""
+        if not self._paused:
+            log.info("intake_paused", reason=reason)
+            self._paused = True
+        self._consumer.pause(*self._consumer.assignment())
 
     async def _release_held(self) -> None:
         while (pending := self._guard.next_admissible()) is not None:

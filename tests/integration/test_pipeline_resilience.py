@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
+from service import app
 from service.simulator.state import Faults
 from tests.api_support import Simulator, simulator
 from tests.kafka_support import TopicFactory
@@ -147,6 +149,41 @@ async def test_revoked_token_stops_intake_without_dead_letters_until_fixed(
         seen = await applications(sim, 20)
     assert dict(seen) == dict.fromkeys(range(20), 1)
     assert await read_topic(kafka_bootstrap, topics.dlq, expected=1, timeout_s=2) == []
+
+
+async def test_a_long_outage_keeps_the_relay_in_its_group_and_loses_nothing(
+    kafka_bootstrap: str, topic_factory: TopicFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outage outlasts max.poll.interval.ms (shortened here from 60 s): a relay whose
+    # upload queue is full must keep polling, or Kafka takes its partitions away.
+    monkeypatch.setattr(app, "MAX_POLL_INTERVAL_MS", 4000)
+    topics = await make_topics(topic_factory, partitions=2)
+    async with simulator(STEADY, codes_per_campaign=400) as sim:
+        settings = relay_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            topics,
+            batch_max_values=5,
+            max_in_flight_requests=1,
+            api_breaker_cooldown_s=0.5,
+        )
+        with structlog.testing.capture_logs() as logs:
+            async with running_relay(settings) as relay:
+                await sim.set_faults(error_rate=1.0)
+                await publish(kafka_bootstrap, topics.input, one_code_events(200), key_of=by_code)
+                await asyncio.sleep(10)
+                relay.check_alive()
+                assert any(
+                    entry["event"] == "intake_paused" and "uploads queued" in entry["reason"]
+                    for entry in logs
+                )
+                await sim.set_faults(error_rate=0.0)
+                await wait_for_commit(kafka_bootstrap, topics, relay, timeout_s=120)
+                # Leaving the group shows when the consumer next polls: after the outage.
+                events = [entry["event"] for entry in logs]
+                assert "partitions_revoked" not in events, f"the relay left its group: {logs}"
+        seen = await applications(sim, 200)
+    assert sorted(seen) == list(range(200)), "every code got its change"
 
 
 async def test_a_second_relay_takes_over_when_the_first_stops(
