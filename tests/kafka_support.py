@@ -11,7 +11,7 @@ import asyncio
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,25 @@ TEST_KAFKA_ENV = "SCM_RELAY_TEST_KAFKA"
 # Bounds every admin or client call a test makes, so a wedged broker fails a test
 # instead of hanging it until the per-test timeout.
 CALL_TIMEOUT_S = 30.0
+
+
+def kafka_local(
+    run_dir: Path, *args: str, port: int | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the kafka-local script on a broker of its own run directory (never the test
+    session's broker), with a free port unless `port` is given, plus `env`."""
+    environment = {**os.environ, "SCM_RELAY_KAFKA_RUN_DIR": str(run_dir), **(env or {})}
+    environment.pop("SCM_RELAY_KAFKA_PORT", None)
+    if port is not None:
+        environment["SCM_RELAY_KAFKA_PORT"] = str(port)
+    return subprocess.run(
+        [str(KAFKA_LOCAL), *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def unique_name(prefix: str) -> str:

@@ -6,14 +6,13 @@ test session with the `openssl` command line tool, so no key is ever committed.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.kafka_support import KAFKA_LOCAL
+from tests.kafka_support import kafka_local
 
 USER = "relay-test"
 PASSWORD = "relay-test-secret"  # a throwaway credential for a loopback broker
@@ -92,27 +91,17 @@ def make_certificates(directory: Path) -> TestCertificates:
 def secure_broker(directory: Path) -> Iterator[SecureBroker]:
     """Start a broker of its own (own run dir, own ports) with the secure listeners."""
     certificates = make_certificates(directory / "tls")
-    env = {
-        **os.environ,
-        "SCM_RELAY_KAFKA_RUN_DIR": str(directory / "run"),
-        "SCM_RELAY_KAFKA_SECURE_DIR": str(directory / "tls"),
-        "SCM_RELAY_KAFKA_HEAP": "512m",
-    }
-    env.pop("SCM_RELAY_KAFKA_PORT", None)
+    run_dir = directory / "run"
+    env = {"SCM_RELAY_KAFKA_SECURE_DIR": str(directory / "tls"), "SCM_RELAY_KAFKA_HEAP": "512m"}
 
-    def kafka_local(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(KAFKA_LOCAL), *args], env=env, capture_output=True, text=True, timeout=300
-        )
-
-    started = kafka_local("start")
+    started = kafka_local(run_dir, "start", env=env)
     try:
         if started.returncode != 0:
             raise RuntimeError(f"the secure broker did not start:\n{started.stderr}")
         listeners = {
-            protocol: kafka_local("address", protocol).stdout.strip()
+            protocol: kafka_local(run_dir, "address", protocol).stdout.strip()
             for protocol in ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL")
         }
         yield SecureBroker(listeners, certificates)
     finally:
-        kafka_local("stop")
+        kafka_local(run_dir, "stop")

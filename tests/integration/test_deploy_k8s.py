@@ -20,7 +20,8 @@ import pytest
 import yaml
 from jsonschema import Draft4Validator
 
-from service.settings import ENV_PREFIX, Settings, env_name, load_settings
+from service.settings import Settings, env_name
+from tests.settings_support import load_as_the_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -142,17 +143,14 @@ def test_settings_are_real_load_and_hold_no_secret(
     assert not {"SCM_RELAY_API_TOKEN", "SCM_RELAY_KAFKA_SASL_PASSWORD"} & set(data)
     for entry in container.get("env", []):
         assert "value" not in entry, f"{entry['name']} must come from a Secret"
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-    for name, value in data.items():
-        monkeypatch.setenv(name, value)
     token = tmp_path / "api-token"
     token.write_text("test-token")
-    monkeypatch.setenv("SCM_RELAY_API_TOKEN_FILE", str(token))
+    # The Secrets the Deployment names provide the token file and the Kafka password.
+    secrets = {"SCM_RELAY_API_TOKEN_FILE": str(token)}
     if data.get("SCM_RELAY_KAFKA_SECURITY_PROTOCOL", "").startswith("SASL_"):
-        monkeypatch.setenv("SCM_RELAY_KAFKA_SASL_PASSWORD", "from-the-secret")
-    load_settings({})
+        secrets["SCM_RELAY_KAFKA_SASL_PASSWORD"] = "from-the-secret"
+    settings = load_as_the_relay(monkeypatch, {**data, **secrets})
+    assert settings.api_token is not None
 
 
 def test_pods_are_probed_locked_down_sized_and_drain_in_time(

@@ -16,23 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafka_support import KAFKA_LOCAL
+from tests.kafka_support import KAFKA_LOCAL, kafka_local
 
 pytestmark = pytest.mark.kafka
 
 PROBE = KAFKA_LOCAL.parent / "probe_metadata.py"
-
-
-def kafka_local(
-    run_dir: Path, *args: str, port: int | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SCM_RELAY_KAFKA_RUN_DIR": str(run_dir)}
-    env.pop("SCM_RELAY_KAFKA_PORT", None)
-    if port is not None:
-        env["SCM_RELAY_KAFKA_PORT"] = str(port)
-    return subprocess.run(
-        [str(KAFKA_LOCAL), *args], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
 
 
 def alive(pid: int) -> bool:

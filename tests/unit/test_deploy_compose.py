@@ -9,7 +9,6 @@ Settings class, and that ports, topics, tokens and mounted files agree.
 from __future__ import annotations
 
 import json
-import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -20,7 +19,8 @@ import yaml
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from service.settings import ENV_PREFIX, Settings, env_name, load_settings
+from service.settings import Settings, env_name
+from tests.settings_support import load_as_the_relay
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -64,13 +64,9 @@ def test_every_relay_variable_is_a_real_setting_and_loads(
     # Load them as the relay would, with the secret file mounted somewhere real.
     token = tmp_path / "token"
     token.write_text((DEPLOY / "compose" / "api-token").read_text())
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("SCM_RELAY_API_TOKEN_FILE", str(token))
-    settings = load_settings({})
+    settings = load_as_the_relay(
+        monkeypatch, {**environment, "SCM_RELAY_API_TOKEN_FILE": str(token)}
+    )
     assert settings.api_token is not None
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from service import settings_reference
 from service.settings import Settings, SettingsError, env_name, load_settings
+from tests.settings_support import clear_relay_environment
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 
@@ -16,11 +17,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No SCM_RELAY_* variable of the developer's shell leaks into these tests."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("SCM_RELAY_"):
-            monkeypatch.delenv(name)
+    clear_relay_environment(monkeypatch)
 
 
 def test_defaults_match_the_design() -> None:
