@@ -210,17 +210,6 @@ async def check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
         )
 
 
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, topic: str, attempts: int = 100) -> None:
-    """A new topic takes a moment to get a leader for every partition; writes before that
-    are retried by the producer, which would stall the first transactions."""
-    for _ in range(attempts):
-        (description,) = await admin.describe_topics([topic])
-        partitions = description.get("partitions") or [] if isinstance(description, dict) else []
-        if partitions and all(p.get("leader", -1) >= 0 and p.get("isr") for p in partitions):
-            return
-        await asyncio.sleep(0.1)
-
-
 async def _layout(admin: AIOKafkaAdminClient, topic: str) -> tuple[int, int]:
     """Partitions and replication factor of `topic`: the ledger copies the input's."""
     (description,) = await admin.describe_topics([topic])

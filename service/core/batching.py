@@ -47,11 +47,6 @@ class PendingEvent:
     parts_done: int = 0
     rejected: bool = False
 
-    @property
-    def value_count(self) -> int:
-        """The number of constraint values the event carries."""
-        return len(self.event.constraint_values)
-
 
 @dataclass(frozen=True, slots=True)
 class Part:
