@@ -174,33 +174,25 @@ def values_of(record: bytes) -> list[str]:
     return values
 
 
-async def produce(
-    bootstrap: str,
-    topic: str,
-    records: Iterable[bytes],
-    *,
-    timestamps: dict[str, float] | None = None,
-) -> int:
-    """Publish records keyed by their first code (as upstream is advised to); returns
-    how many. With `timestamps`, each first code's send time is recorded."""
+async def produce(bootstrap: str, topic: str, records: Iterable[bytes]) -> None:
+    """Publish records keyed by their first code (as upstream is advised to)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20
     )
     await producer.start()
-    sent = 0
     try:
         pending = []
         for record in records:
-            key = record[record.index(b'"BX') + 1 : record.index(b'"', record.index(b'"BX') + 1)]
+            # The first code, found without parsing the JSON (a million records at a time).
+            start = record.index(b'"BX') + 1
+            key = record[start : record.index(b'"', start)]
             pending.append(await producer.send(topic, record, key=key))
-            sent += 1
             if len(pending) >= 20_000:
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
-    return sent
 
 
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
