@@ -2,7 +2,8 @@
 
 Only this module (and the CLI that calls it) builds Kafka clients, the HTTP
 session and the logger configuration. Signal handlers only set an event;
-shutdown then runs in a fixed order inside `Relay.run`.
+shutdown then runs in a fixed order inside `Relay.run`. Settings become each
+part's own config here and nowhere else.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
+from service.core.contract import ContractLimits
 from service.http import build_http_app, serving
 from service.kafka import (
+    KafkaConfig,
     KafkaSetupError,
     KafkaUnreachableError,
+    RelayTopics,
     check_topics,
     client_options,
     probe_connection,
@@ -30,7 +34,7 @@ from service.kafka import (
 )
 from service.logs import configure_logging
 from service.metrics import RelayMetrics
-from service.pipeline import Relay, RelayConfig
+from service.relay import Relay, RelayConfig
 from service.scantrust.client import ClientConfig, ScantrustClient
 from service.settings import Settings, SettingsError
 
@@ -47,6 +51,20 @@ MAX_POLL_INTERVAL_MS = 60_000
 TRANSACTION_TIMEOUT_MS = 10_000
 
 
+def contract_limits(settings: Settings) -> ContractLimits:
+    """The event-contract limits the settings set."""
+    return ContractLimits(
+        max_record_bytes=settings.max_record_bytes,
+        max_values_per_event=settings.max_values_per_event,
+        max_scm_data_keys=settings.max_scm_data_keys,
+        max_key_length=settings.max_key_length,
+        max_value_length=settings.max_value_length,
+        max_reference_length=settings.max_reference_length,
+        max_event_id_length=settings.max_event_id_length,
+        one_code_per_value_keys=settings.one_code_per_value_keys,
+    )
+
+
 def relay_config(settings: Settings) -> RelayConfig:
     """The relay's view of the settings."""
     return RelayConfig(
@@ -55,7 +73,7 @@ def relay_config(settings: Settings) -> RelayConfig:
         dlq_topic=settings.dlq_topic,
         tasks_topic=settings.tasks_topic,
         group_id=settings.kafka_group_id,
-        limits=settings.contract_limits(),
+        limits=contract_limits(settings),
         batch_max_values=settings.batch_max_values,
         batch_max_keys=settings.batch_max_keys,
         batch_linger_s=settings.batch_linger_ms / 1000,
@@ -71,6 +89,60 @@ def relay_config(settings: Settings) -> RelayConfig:
         poll_max_s=settings.poll_max_s,
         task_stuck_after_s=settings.task_stuck_after_s,
         status_chunk_size=settings.api_status_chunk_size,
+        retry_initial_s=settings.api_retry_initial_s,
+        retry_max_backoff_s=settings.api_retry_max_backoff_s,
+    )
+
+
+def client_config(settings: Settings) -> ClientConfig:
+    """The API client's view of the settings; the token is required."""
+    if settings.api_token is None:
+        raise SettingsError(
+            "SCM_RELAY_API_TOKEN (or SCM_RELAY_API_TOKEN_FILE) is required to call the API"
+        )
+    return ClientConfig(
+        base_url=str(settings.api_base_url),
+        token=settings.api_token,
+        connect_timeout_s=settings.api_connect_timeout_s,
+        request_timeout_s=settings.api_request_timeout_s,
+        max_connections=settings.api_max_connections,
+        max_response_bytes=settings.api_max_response_bytes,
+        ca_file=settings.api_ca_file,
+        upload_rate_per_s=settings.upload_rate_per_s,
+        overall_rate_per_min=settings.api_rate_per_min,
+        retry_initial_s=settings.api_retry_initial_s,
+        retry_max_backoff_s=settings.api_retry_max_backoff_s,
+        retry_max_elapsed_s=settings.api_retry_max_elapsed_s,
+        breaker_failures=settings.api_breaker_failures,
+        breaker_cooldown_s=settings.api_breaker_cooldown_s,
+        status_chunk_size=settings.api_status_chunk_size,
+    )
+
+
+def kafka_config(settings: Settings) -> KafkaConfig:
+    """How to reach Kafka, from the settings."""
+    return KafkaConfig(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=settings.kafka_group_id,
+        security_protocol=settings.kafka_security_protocol,
+        sasl_mechanism=settings.kafka_sasl_mechanism,
+        sasl_username=settings.kafka_sasl_username,
+        sasl_password=settings.kafka_sasl_password,
+        ssl_cafile=settings.kafka_ssl_cafile,
+        ssl_certfile=settings.kafka_ssl_certfile,
+        ssl_keyfile=settings.kafka_ssl_keyfile,
+        ssl_key_password=settings.kafka_ssl_key_password,
+        transactional_id=settings.kafka_transactional_id,
+    )
+
+
+def relay_topics(settings: Settings) -> RelayTopics:
+    """The topic names the settings give."""
+    return RelayTopics(
+        input=settings.input_topic,
+        results=settings.results_topic,
+        dlq=settings.dlq_topic,
+        tasks=settings.tasks_topic,
     )
 
 
@@ -82,7 +154,7 @@ async def run_relay(
     """Run the relay until SIGTERM/SIGINT (or `stop`); return the exit code."""
     stop = stop or asyncio.Event()
     try:
-        client_config = ClientConfig.from_settings(settings)
+        api_config = client_config(settings)
     except SettingsError as exc:
         log.error("settings_invalid", problem=str(exc))
         return EXIT_CONFIG
@@ -92,16 +164,17 @@ async def run_relay(
             loop.add_signal_handler(signum, stop.set)
     try:
         async with AsyncExitStack() as stack:
-            options = client_options(settings)
-            await probe_connection(settings, options)
+            kafka = kafka_config(settings)
+            options = client_options(kafka)
+            await probe_connection(kafka, options)
             admin = AIOKafkaAdminClient(**options)
             await admin.start()
             stack.push_async_callback(admin.close)
-            await check_topics(admin, settings)
+            await check_topics(admin, relay_topics(settings))
             registry = registry or CollectorRegistry()
             metrics = RelayMetrics(registry)
-            client = await stack.enter_async_context(ScantrustClient(client_config, metrics))
-            relay = await _build_relay(stack, settings, options, client, admin, metrics)
+            client = await stack.enter_async_context(ScantrustClient(api_config, metrics))
+            relay = await _build_relay(stack, settings, kafka, options, client, admin, metrics)
             http_app = build_http_app(registry, relay.readiness, lambda: relay.last_beat)
             port = await stack.enter_async_context(
                 serving(http_app, settings.http_host, settings.http_port)
@@ -134,13 +207,14 @@ async def run_relay(
 async def _build_relay(
     stack: AsyncExitStack,
     settings: Settings,
+    kafka: KafkaConfig,
     options: dict[str, Any],
     client: ScantrustClient,
     admin: AIOKafkaAdminClient,
     metrics: RelayMetrics,
 ) -> Relay:
     producer = AIOKafkaProducer(
-        transactional_id=transactional_id(settings),
+        transactional_id=transactional_id(kafka),
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         enable_idempotence=True,
         acks="all",
@@ -164,11 +238,14 @@ async def _build_relay(
         isolation_level="read_committed",
         **options,
     )
-    poller_consumer = AIOKafkaConsumer(
+    # The poller's group decides which replica follows which ledger partition; its member
+    # fetches nothing and asks where partitions end, so it reads uncommitted (the high
+    # watermark, past any transaction a killed relay left open).
+    poller_member = AIOKafkaConsumer(
         group_id=f"{settings.kafka_group_id}.task-poller",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        isolation_level="read_committed",
+        isolation_level="read_uncommitted",
         **options,
     )
     relay = Relay(
@@ -176,13 +253,13 @@ async def _build_relay(
         consumer=consumer,
         producer=producer,
         ledger_reader=ledger_reader,
-        poller_consumer=poller_consumer,
+        poller_member=poller_member,
         admin=admin,
         client=client,
         metrics=metrics,
     )
     consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())
-    for kafka_consumer in (ledger_reader, poller_consumer, consumer):
+    for kafka_consumer in (ledger_reader, poller_member, consumer):
         await kafka_consumer.start()
         # aiokafka's stop() does not call the revoke listener: Relay.run flushes and
         # commits before the stack stops the consumers.

@@ -160,6 +160,7 @@ def _simulator(args: argparse.Namespace) -> int:
 
 
 def _validate(file: str) -> int:
+    from service.app import contract_limits
     from service.validate import validate_stream
 
     try:
@@ -177,6 +178,6 @@ def _validate(file: str) -> int:
             except OSError as exc:
                 print(f"scm-relay validate: cannot read {file}: {exc.strerror}", file=sys.stderr)
                 return EXIT_USAGE
-        summary = validate_stream(source, sys.stdout, settings.contract_limits())
+        summary = validate_stream(source, sys.stdout, contract_limits(settings))
     print(f"scm-relay validate: {summary.describe()}", file=sys.stderr)
     return EXIT_OK if summary.invalid == 0 else EXIT_INVALID

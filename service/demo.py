@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import run_relay
 from service.core.records import HEADER_REASON
+from service.http import free_port
 from service.logs import configure_logging
 from service.settings import Settings
 from service.simulator.app import running_simulator
@@ -171,7 +171,7 @@ async def run_demo(
             api_url = await stack.enter_async_context(running_simulator(account, token))
             print(f"simulator (not Scantrust) on {api_url}", file=sys.stderr)
         run = uuid.uuid4().hex[:8]
-        metrics_port = _free_port()
+        metrics_port = free_port()
         summary.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         print(f"relay metrics on {summary.metrics_url} while the demo runs", file=sys.stderr)
         topics = {name: f"scm.{name}.demo-{run}" for name in ("changes", "results", "dlq", "tasks")}
@@ -205,12 +205,6 @@ async def run_demo(
             await asyncio.wait_for(relay, timeout=60)
     summary.seconds = time.monotonic() - started
     return summary
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def _create_topics(bootstrap: str, topics: Mapping[str, str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Final
@@ -57,3 +58,11 @@ async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[i
         yield int(runner.addresses[0][1])
     finally:
         await runner.cleanup()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (the demo's, the tests' and the
+    benchmarks' servers)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -1,4 +1,4 @@
-"""Kafka adapter helpers: client options from the settings, and topic checks.
+"""Kafka adapter helpers: client options from a `KafkaConfig`, and topic checks.
 
 Errors from Kafka are classified here into `KafkaSetupError` (bad configuration:
 stop loudly, never retry) at start-up; errors while running are fatal to the
@@ -11,6 +11,8 @@ import asyncio
 import os
 import socket
 import ssl
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -24,8 +26,7 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
-
-from service.settings import Settings
+from pydantic import SecretStr
 
 # Ledger topic configuration: compacted, so finished tasks (tombstones) disappear and a
 # rebuild reads only unfinished ones; tombstones are kept a day for slow readers.
@@ -34,6 +35,33 @@ LEDGER_TOPIC_CONFIG: Final = {
     "delete.retention.ms": str(24 * 3600 * 1000),
     "min.compaction.lag.ms": "0",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    """How the relay reaches Kafka; built from the settings by the composition root."""
+
+    bootstrap_servers: str
+    group_id: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_key_password: SecretStr | None = None
+    transactional_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTopics:
+    """The topics the relay reads and writes."""
+
+    input: str
+    results: str
+    dlq: str
+    tasks: str
 
 
 class KafkaSetupError(Exception):
@@ -45,54 +73,54 @@ class KafkaUnreachableError(Exception):
     """No bootstrap server answered; the relay exits and its supervisor retries."""
 
 
-def client_options(settings: Settings) -> dict[str, Any]:
+def client_options(config: KafkaConfig) -> dict[str, Any]:
     """Connection and security options shared by every aiokafka client of the relay.
 
     Raises KafkaSetupError when a TLS file named by a setting cannot be used."""
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
-        "security_protocol": settings.kafka_security_protocol,
+        "bootstrap_servers": config.bootstrap_servers,
+        "security_protocol": config.security_protocol,
         "client_id": f"scm-relay-{socket.gethostname()}",
     }
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = tls_context(settings)
-    if settings.kafka_security_protocol.startswith("SASL_"):
-        password = settings.kafka_sasl_password
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        options["sasl_plain_username"] = settings.kafka_sasl_username
+    if config.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = tls_context(config)
+    if config.security_protocol.startswith("SASL_"):
+        password = config.sasl_password
+        options["sasl_mechanism"] = config.sasl_mechanism
+        options["sasl_plain_username"] = config.sasl_username
         options["sasl_plain_password"] = password.get_secret_value() if password else None
     return options
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext:
+def tls_context(config: KafkaConfig) -> ssl.SSLContext:
     """The client TLS context: the CA file (or the system's CAs) and, when set, a client
     certificate. Hostname checking is always on."""
-    cafile = settings.kafka_ssl_cafile
+    cafile = config.ssl_cafile
     try:
         context: ssl.SSLContext = create_ssl_context(cafile=str(cafile) if cafile else None)
     except (OSError, ssl.SSLError) as exc:
         raise KafkaSetupError(
             f"SCM_RELAY_KAFKA_SSL_CAFILE {str(cafile)!r} is not a readable PEM CA bundle: {exc}"
         ) from exc
-    if settings.kafka_ssl_certfile:
-        key_password = settings.kafka_ssl_key_password
+    if config.ssl_certfile:
+        key_password = config.ssl_key_password
         try:
             context.load_cert_chain(
-                certfile=settings.kafka_ssl_certfile,
-                keyfile=settings.kafka_ssl_keyfile,
+                certfile=config.ssl_certfile,
+                keyfile=config.ssl_keyfile,
                 password=key_password.get_secret_value() if key_password else None,
             )
         except (OSError, ssl.SSLError) as exc:
             raise KafkaSetupError(
                 "the client certificate cannot be loaded from SCM_RELAY_KAFKA_SSL_CERTFILE "
-                f"{str(settings.kafka_ssl_certfile)!r} (key: SCM_RELAY_KAFKA_SSL_KEYFILE, "
+                f"{str(config.ssl_certfile)!r} (key: SCM_RELAY_KAFKA_SSL_KEYFILE, "
                 f"SCM_RELAY_KAFKA_SSL_KEY_PASSWORD): {exc}"
             ) from exc
     return context
 
 
 async def probe_connection(
-    settings: Settings, options: dict[str, Any], timeout_s: float = 15.0
+    config: KafkaConfig, options: dict[str, Any], timeout_s: float = 15.0
 ) -> None:
     """Connect to the bootstrap servers as every client will, and ask for metadata.
 
@@ -102,7 +130,7 @@ async def probe_connection(
     answered at all. The first server that answers ends the probe.
     """
     unreachable: list[str] = []
-    for host, port, _family in collect_hosts(settings.kafka_bootstrap_servers, randomize=False):
+    for host, port, _family in collect_hosts(config.bootstrap_servers, randomize=False):
         try:
             async with asyncio.timeout(timeout_s):
                 connection = await create_conn(
@@ -111,7 +139,7 @@ async def probe_connection(
                     client_id=options["client_id"],
                     request_timeout_ms=int(timeout_s * 1000),
                     ssl_context=options.get("ssl_context"),
-                    security_protocol=settings.kafka_security_protocol,
+                    security_protocol=config.security_protocol,
                     sasl_mechanism=options.get("sasl_mechanism", "PLAIN"),
                     sasl_plain_username=options.get("sasl_plain_username"),
                     sasl_plain_password=options.get("sasl_plain_password"),
@@ -123,23 +151,23 @@ async def probe_connection(
         except SaslAuthenticationFailed as exc:
             raise KafkaSetupError(
                 f"Kafka at {host}:{port} refused the SASL credentials: check "
-                f"SCM_RELAY_KAFKA_SASL_USERNAME ({settings.kafka_sasl_username!r}), "
+                f"SCM_RELAY_KAFKA_SASL_USERNAME ({config.sasl_username!r}), "
                 "SCM_RELAY_KAFKA_SASL_PASSWORD and SCM_RELAY_KAFKA_SASL_MECHANISM "
-                f"({settings.kafka_sasl_mechanism}): {exc}"
+                f"({config.sasl_mechanism}): {exc}"
             ) from exc
         except UnsupportedSaslMechanismError as exc:
             raise KafkaSetupError(
                 f"Kafka at {host}:{port} does not offer SCM_RELAY_KAFKA_SASL_MECHANISM "
-                f"{settings.kafka_sasl_mechanism} on this listener: {exc}"
+                f"{config.sasl_mechanism} on this listener: {exc}"
             ) from exc
         except IllegalSaslStateError as exc:
             raise KafkaSetupError(
                 f"Kafka at {host}:{port} is not a SASL listener: check "
-                f"SCM_RELAY_KAFKA_SECURITY_PROTOCOL ({settings.kafka_security_protocol}) "
+                f"SCM_RELAY_KAFKA_SECURITY_PROTOCOL ({config.security_protocol}) "
                 "and SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"
             ) from exc
         except ssl.SSLCertVerificationError as exc:
-            cafile = settings.kafka_ssl_cafile
+            cafile = config.ssl_cafile
             raise KafkaSetupError(
                 f"the TLS certificate of Kafka at {host}:{port} is not trusted: "
                 f"{exc.verify_message}; check SCM_RELAY_KAFKA_SSL_CAFILE "
@@ -156,39 +184,39 @@ async def probe_connection(
         return
     raise KafkaUnreachableError(
         "no Kafka bootstrap server answered a metadata request over "
-        f"{settings.kafka_security_protocol} ({'; '.join(unreachable)}); check "
+        f"{config.security_protocol} ({'; '.join(unreachable)}); check "
         "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS and that SCM_RELAY_KAFKA_SECURITY_PROTOCOL "
         "matches the listener"
     )
 
 
-def transactional_id(settings: Settings) -> str:
+def transactional_id(config: KafkaConfig) -> str:
     """The producer's transactional id: the setting, or one unique to this live process
     (group id, host name and process id), so replicas never fence each other."""
-    if settings.kafka_transactional_id:
-        return settings.kafka_transactional_id
-    return f"{settings.kafka_group_id}-{socket.gethostname()}-{os.getpid()}"
+    if config.transactional_id:
+        return config.transactional_id
+    return f"{config.group_id}-{socket.gethostname()}-{os.getpid()}"
 
 
-async def check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+async def check_topics(admin: AIOKafkaAdminClient, topics: RelayTopics) -> None:
     """The input, results and dead-letter topics must exist; the ledger topic is created
     (compacted) when missing, and refused when it exists without compaction."""
     existing = set(await admin.list_topics())
     missing = [
         f"{name} ({env})"
         for name, env in (
-            (settings.input_topic, "SCM_RELAY_INPUT_TOPIC"),
-            (settings.results_topic, "SCM_RELAY_RESULTS_TOPIC"),
-            (settings.dlq_topic, "SCM_RELAY_DLQ_TOPIC"),
+            (topics.input, "SCM_RELAY_INPUT_TOPIC"),
+            (topics.results, "SCM_RELAY_RESULTS_TOPIC"),
+            (topics.dlq, "SCM_RELAY_DLQ_TOPIC"),
         )
         if name not in existing
     ]
     if missing:
         raise KafkaSetupError(f"missing Kafka topics: {', '.join(missing)}; create them first")
-    if settings.tasks_topic not in existing:
-        partitions, replicas = await _layout(admin, settings.input_topic)
+    if topics.tasks not in existing:
+        partitions, replicas = await _layout(admin, topics.input)
         topic = NewTopic(
-            name=settings.tasks_topic,
+            name=topics.tasks,
             num_partitions=partitions,
             replication_factor=replicas,
             topic_configs=LEDGER_TOPIC_CONFIG,
@@ -196,16 +224,14 @@ async def check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
         response = await admin.create_topics([topic])
         errors = [error for error in response.topic_errors if error[1] not in (0, 36)]
         if errors:
-            raise KafkaSetupError(
-                f"cannot create the ledger topic {settings.tasks_topic}: {errors}"
-            )
+            raise KafkaSetupError(f"cannot create the ledger topic {topics.tasks}: {errors}")
         return
-    resource = ConfigResource(ConfigResourceType.TOPIC, settings.tasks_topic)
+    resource = ConfigResource(ConfigResourceType.TOPIC, topics.tasks)
     (described,) = await admin.describe_configs([resource])
     configs = {entry[0]: entry[1] for entry in described.resources[0][4]}
     if "compact" not in (configs.get("cleanup.policy") or ""):
         raise KafkaSetupError(
-            f"the ledger topic {settings.tasks_topic} (SCM_RELAY_TASKS_TOPIC) must have "
+            f"the ledger topic {topics.tasks} (SCM_RELAY_TASKS_TOPIC) must have "
             f"cleanup.policy=compact, it has {configs.get('cleanup.policy')!r}"
         )
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AnyHttpUrl,
+    BaseModel,
     Field,
     SecretStr,
     ValidationError,
@@ -30,7 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from service.core.contract import DEFAULT_LIMITS, ContractLimits
+from service.core.contract import DEFAULT_LIMITS
 
 ENV_PREFIX = "SCM_RELAY_"
 CONFIG_FILE_ENV = "SCM_RELAY_CONFIG"
@@ -43,18 +44,9 @@ class SettingsError(Exception):
     """Settings that cannot start the service; the message names each bad setting."""
 
 
-class Settings(BaseSettings):
-    """Every knob of scm-relay, validated at start-up."""
+class _KafkaSettings(BaseModel):
+    """How the relay reaches Kafka, and its topics (a part of `Settings`)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        case_sensitive=False,
-        frozen=True,
-        extra="forbid",
-        validate_default=True,
-    )
-
-    # Kafka
     kafka_bootstrap_servers: str = Field(
         default="localhost:9092", min_length=1, description="comma-separated `host:port` list"
     )
@@ -114,7 +106,44 @@ class Settings(BaseSettings):
         default="scm.tasks", min_length=1, description="compacted ledger of unfinished tasks"
     )
 
-    # Scantrust API
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> Self:
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "SCM_RELAY_KAFKA_SECURITY_PROTOCOL is SASL: set SCM_RELAY_KAFKA_SASL_MECHANISM, "
+                "SCM_RELAY_KAFKA_SASL_USERNAME and SCM_RELAY_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> Self:
+        tls_files = {
+            "SCM_RELAY_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "SCM_RELAY_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "SCM_RELAY_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+            "SCM_RELAY_KAFKA_SSL_KEY_PASSWORD": self.kafka_ssl_key_password,
+        }
+        given = [name for name, value in tls_files.items() if value is not None]
+        # A CA or certificate that is silently ignored would leave the operator
+        # believing the connection is verified.
+        if given and self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(
+                f"{', '.join(given)} set but SCM_RELAY_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}; use SSL or SASL_SSL, or unset them"
+            )
+        if (self.kafka_ssl_keyfile or self.kafka_ssl_key_password) and not self.kafka_ssl_certfile:
+            raise ValueError(
+                "SCM_RELAY_KAFKA_SSL_KEYFILE and SCM_RELAY_KAFKA_SSL_KEY_PASSWORD need "
+                "SCM_RELAY_KAFKA_SSL_CERTFILE (the client certificate)"
+            )
+        return self
+
+
+class _ApiSettings(BaseModel):
+    """How the relay calls the Scantrust API (a part of `Settings`)."""
+
     api_base_url: AnyHttpUrl = Field(
         default=AnyHttpUrl("https://api.scantrust.com"),
         description="staging: `https://api.staging.scantrust.io`",
@@ -174,7 +203,8 @@ class Settings(BaseSettings):
         default=120.0,
         ge=0,
         le=86_400,
-        description="a call stops retrying after this long and reports its last outcome",
+        description="a read (task status) stops retrying after this long and reports its last "
+        "outcome; an upload is retried by the uploaders until it is answered or the relay stops",
     )
     api_breaker_failures: int = Field(
         default=5, ge=1, le=1000, description="consecutive outages that open the circuit breaker"
@@ -187,6 +217,37 @@ class Settings(BaseSettings):
     )
     api_status_chunk_size: int = Field(
         default=100, ge=1, le=1000, description="task ids per bulk status request"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_file(cls, data: Any) -> Any:
+        """Read the token from `api_token_file` (e.g. a mounted secret) when one is named."""
+        if not isinstance(data, dict) or not data.get("api_token_file"):
+            return data
+        if data.get("api_token"):
+            raise ValueError("set SCM_RELAY_API_TOKEN or SCM_RELAY_API_TOKEN_FILE, not both")
+        path = Path(data["api_token_file"])
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(
+                f"SCM_RELAY_API_TOKEN_FILE {str(path)!r} cannot be read: {exc.strerror}"
+            ) from exc
+        if not token:
+            raise ValueError(f"SCM_RELAY_API_TOKEN_FILE {str(path)!r} is empty")
+        return {**data, "api_token": token}
+
+
+class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
+    """Every knob of scm-relay, validated at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
     )
 
     # Batching
@@ -385,59 +446,6 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _token_from_file(cls, data: Any) -> Any:
-        """Read the token from `api_token_file` (e.g. a mounted secret) when one is named."""
-        if not isinstance(data, dict) or not data.get("api_token_file"):
-            return data
-        if data.get("api_token"):
-            raise ValueError("set SCM_RELAY_API_TOKEN or SCM_RELAY_API_TOKEN_FILE, not both")
-        path = Path(data["api_token_file"])
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(
-                f"SCM_RELAY_API_TOKEN_FILE {str(path)!r} cannot be read: {exc.strerror}"
-            ) from exc
-        if not token:
-            raise ValueError(f"SCM_RELAY_API_TOKEN_FILE {str(path)!r} is empty")
-        return {**data, "api_token": token}
-
-    @model_validator(mode="after")
-    def _sasl_complete(self) -> Settings:
-        if self.kafka_security_protocol.startswith("SASL_") and not (
-            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
-        ):
-            raise ValueError(
-                "SCM_RELAY_KAFKA_SECURITY_PROTOCOL is SASL: set SCM_RELAY_KAFKA_SASL_MECHANISM, "
-                "SCM_RELAY_KAFKA_SASL_USERNAME and SCM_RELAY_KAFKA_SASL_PASSWORD"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _tls_consistent(self) -> Settings:
-        tls_files = {
-            "SCM_RELAY_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
-            "SCM_RELAY_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
-            "SCM_RELAY_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
-            "SCM_RELAY_KAFKA_SSL_KEY_PASSWORD": self.kafka_ssl_key_password,
-        }
-        given = [name for name, value in tls_files.items() if value is not None]
-        # A CA or certificate that is silently ignored would leave the operator
-        # believing the connection is verified.
-        if given and self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
-            raise ValueError(
-                f"{', '.join(given)} set but SCM_RELAY_KAFKA_SECURITY_PROTOCOL is "
-                f"{self.kafka_security_protocol}; use SSL or SASL_SSL, or unset them"
-            )
-        if (self.kafka_ssl_keyfile or self.kafka_ssl_key_password) and not self.kafka_ssl_certfile:
-            raise ValueError(
-                "SCM_RELAY_KAFKA_SSL_KEYFILE and SCM_RELAY_KAFKA_SSL_KEY_PASSWORD need "
-                "SCM_RELAY_KAFKA_SSL_CERTFILE (the client certificate)"
-            )
-        return self
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -452,19 +460,6 @@ class Settings(BaseSettings):
         if config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
-
-    def contract_limits(self) -> ContractLimits:
-        """The event-contract limits these settings set."""
-        return ContractLimits(
-            max_record_bytes=self.max_record_bytes,
-            max_values_per_event=self.max_values_per_event,
-            max_scm_data_keys=self.max_scm_data_keys,
-            max_key_length=self.max_key_length,
-            max_value_length=self.max_value_length,
-            max_reference_length=self.max_reference_length,
-            max_event_id_length=self.max_event_id_length,
-            one_code_per_value_keys=self.one_code_per_value_keys,
-        )
 
 
 def env_name(field: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -111,13 +110,6 @@ async def client(
     """A started client against `base_url`."""
     async with ScantrustClient(config(base_url, **overrides), observer) as started:
         yield started
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def wait_for(condition: Any, timeout_s: float = 10.0) -> None:

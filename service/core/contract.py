@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
-from typing import Annotated, Any, Final, NamedTuple
+from typing import Annotated, Any, Final
 
 from pydantic import (
     BaseModel,
@@ -743,38 +743,3 @@ def _builtin_rejection(
     # Every field has its own validator, so this is unreachable for ChangeEvent;
     # classify rather than crash if a model change makes it reachable.
     return Rejection(Reason.INVALID_JSON, f"{location or 'record'}: {text}", location or None)
-
-
-class BatchKey(NamedTuple):
-    """Events with equal keys may share one upload request (docs/design.md section 4)."""
-
-    campaign: int | None
-    scm_data: tuple[tuple[str, str], ...]
-    constraint_key: str
-    reference: str
-
-
-def batch_key(event: ChangeEvent) -> BatchKey:
-    """The canonical batch key of an accepted event.
-
-    scm_data values are already normalised strings with sorted keys, so key order,
-    `2` versus `"2"` and surrounding white space never split a batch. An absent
-    reference and an empty one both mean "no reference" at the API.
-    """
-    return BatchKey(
-        campaign=event.campaign,
-        scm_data=tuple(sorted(event.scm_data.items())),
-        constraint_key=event.constraint_key,
-        reference=event.reference or "",
-    )
-
-
-def expected_codes(event: ChangeEvent, limits: ContractLimits = DEFAULT_LIMITS) -> int | None:
-    """How many codes the event should touch, or None when that is unknown."""
-    if event.expected_codes is not None:
-        return event.expected_codes
-    if event.constraint_key in IDENTIFIER_KEYS or (
-        event.constraint_key in limits.one_code_per_value_keys
-    ):
-        return len(event.constraint_values)
-    return None

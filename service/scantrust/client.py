@@ -1,10 +1,12 @@
 """The Scantrust SCM API client: the relay's only door to Scantrust (aiohttp).
 
-One `ClientSession` per process. Every call goes through one path
-(`_call`): circuit breaker, rate limiters, the HTTP exchange with timeouts and
-a bounded body, classification into a typed outcome, and retries with
-exponential backoff and full jitter that honour throttling waits. Callers get
-a value or a typed `Failure`; they never see aiohttp exceptions.
+One `ClientSession` per process. Every attempt goes through one path
+(`_attempt`): circuit breaker, rate limiters, the HTTP exchange with timeouts
+and a bounded body, classification into a typed outcome. Reads are retried here
+(`_call`) with exponential backoff and full jitter that honour throttling
+waits; an upload is attempted once and its caller, the uploaders, owns its
+retries. Callers get a value or a typed `Failure`; they never see aiohttp
+exceptions.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from service.scantrust.outcomes import (
     Throttled,
     Unavailable,
     UploadOutcome,
+    retry_wait,
     throttle_wait,
 )
-from service.settings import Settings, SettingsError
 
 log = structlog.get_logger(__name__)
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -96,31 +98,6 @@ class ClientConfig:
 
     def __repr__(self) -> str:
         return f"ClientConfig(base_url={self.base_url!r}, token=SecretStr('**********'), ...)"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ClientConfig:
-        """The client configuration the settings describe; the token is required."""
-        if settings.api_token is None:
-            raise SettingsError(
-                "SCM_RELAY_API_TOKEN (or SCM_RELAY_API_TOKEN_FILE) is required to call the API"
-            )
-        return cls(
-            base_url=str(settings.api_base_url),
-            token=settings.api_token,
-            connect_timeout_s=settings.api_connect_timeout_s,
-            request_timeout_s=settings.api_request_timeout_s,
-            max_connections=settings.api_max_connections,
-            max_response_bytes=settings.api_max_response_bytes,
-            ca_file=settings.api_ca_file,
-            upload_rate_per_s=settings.upload_rate_per_s,
-            overall_rate_per_min=settings.api_rate_per_min,
-            retry_initial_s=settings.api_retry_initial_s,
-            retry_max_backoff_s=settings.api_retry_max_backoff_s,
-            retry_max_elapsed_s=settings.api_retry_max_elapsed_s,
-            breaker_failures=settings.api_breaker_failures,
-            breaker_cooldown_s=settings.api_breaker_cooldown_s,
-            status_chunk_size=settings.api_status_chunk_size,
-        )
 
 
 class ApiObserver(Protocol):
@@ -195,15 +172,7 @@ class ScantrustClient:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._base = config.base_url.rstrip("/")
-        # Both limiters are shared by every call of this process (one client per process).
-        # A rate r/s becomes "n uploads per n/r seconds" with a whole n: 10/s -> 10 per 1 s.
-        uploads_per_window = max(1, round(config.upload_rate_per_s))
-        self._upload_limiter = SlidingWindowLimiter(
-            uploads_per_window, uploads_per_window / config.upload_rate_per_s, LIMITER_MARGIN_S
-        )
-        self._overall_limiter = SlidingWindowLimiter(
-            config.overall_rate_per_min, OVERALL_PERIOD_S, LIMITER_MARGIN_S
-        )
+        self._limits = _RateLimits(config.upload_rate_per_s, config.overall_rate_per_min)
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self._last_failure = "none"
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
@@ -260,9 +229,13 @@ class ScantrustClient:
     # -- calls -------------------------------------------------------------
 
     async def upload(self, request: UploadRequest) -> UploadOutcome:
-        """Submit one batch; `Accepted` carries the new task's id."""
+        """Submit one batch, once; `Accepted` carries the new task's id.
+
+        One attempt (after the rate limiters and the circuit breaker): an upload is the
+        one call with a side effect, so its retries belong to the caller, which alone
+        knows whether a resend is safe (docs/design.md, "Retries")."""
         call = _Call("upload", "POST", self._url(UPLOAD_PATH), request.to_json(), is_upload=True)
-        result = await self._call(call)
+        result = await self._attempt(call)
         if not isinstance(result, _Response):
             return result
         task_id = _json_object(result.body).get("task_id")
@@ -357,14 +330,14 @@ class ScantrustClient:
         return Unavailable(f"{call.endpoint}: more than {MAX_TASK_PAGES} pages")
 
     async def _call(self, call: _Call) -> _Response | Failure:
-        """Attempt `call` until it succeeds, fails for good, or the retry budget is spent."""
+        """Attempt a read until it succeeds, fails for good, or the retry budget is spent."""
         loop_deadline = self._now() + self._config.retry_max_elapsed_s
         attempt = 0
         while True:
             outcome = await self._attempt(call)
             if isinstance(outcome, _Response) or not isinstance(outcome, RETRYABLE):
                 return outcome
-            wait = self._retry_wait(outcome, attempt)
+            wait = retry_wait(outcome, attempt, self._backoff, self._rng)
             if self._now() + wait > loop_deadline:
                 log.warning(
                     "api_retries_exhausted",
@@ -385,14 +358,6 @@ class ScantrustClient:
             await asyncio.sleep(wait)
             attempt += 1
 
-    def _retry_wait(self, outcome: Throttled | Unavailable | Ambiguous, attempt: int) -> float:
-        if isinstance(outcome, Throttled):
-            return outcome.retry_after_s
-        backoff = self._backoff.delay(attempt, self._rng)
-        if isinstance(outcome, Unavailable) and outcome.retry_after_s is not None:
-            return max(backoff, outcome.retry_after_s)
-        return backoff
-
     async def _attempt(self, call: _Call) -> _Response | Failure:
         before = self._breaker.state
         allowed = self._breaker.allow(self._now())
@@ -401,10 +366,10 @@ class ScantrustClient:
             retry_in = self._breaker.retry_in(self._now())
             reason = f"circuit breaker open (last failure: {self._last_failure})"
             return Unavailable(reason, retry_after_s=retry_in or None)
-        granted_at = await self._acquire(call.is_upload)
+        granted_at = await self._limits.acquire(call.is_upload, self._now)
         outcome = await self._exchange(call)
         if call.is_upload:
-            self._upload_limiter.confirm(granted_at, self._now())
+            self._limits.confirm_upload(granted_at, self._now())
         before = self._breaker.state
         if isinstance(outcome, Unavailable | Ambiguous):
             self._last_failure = outcome.reason
@@ -420,20 +385,6 @@ class ScantrustClient:
             log.warning("api_circuit_breaker", state=after.value, previous=before.value)
             self._observer.breaker_changed(after)
 
-    async def _acquire(self, is_upload: bool) -> float:
-        """Wait for a slot in every limiter that applies; returns when it was granted."""
-        limiters = [self._overall_limiter]
-        if is_upload:
-            limiters.append(self._upload_limiter)
-        while True:
-            now = self._now()
-            wait = max(limiter.delay(now) for limiter in limiters)
-            if wait <= 0:
-                for limiter in limiters:
-                    limiter.try_acquire(now)
-                return now
-            await asyncio.sleep(wait)
-
     async def _exchange(self, call: _Call) -> _Response | Failure:
         session = self._session
         if session is None:
@@ -441,7 +392,7 @@ class ScantrustClient:
         started = self._now()
         try:
             async with session.request(call.method, call.url, json=call.body) as response:
-                body = await self._read_bounded(response)
+                body = await _read_bounded(response, self._config.max_response_bytes)
                 status, retry_after = response.status, response.headers.get("Retry-After")
         except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake: not sent
             return self._transport_failure(call, started, Unavailable(f"connect: {exc.os_error}"))
@@ -485,16 +436,47 @@ class ScantrustClient:
         parsed = _json_object(body)
         return Rejected(status, parsed if parsed else {"detail": body}, body)
 
-    async def _read_bounded(self, response: aiohttp.ClientResponse) -> str:
-        limit = self._config.max_response_bytes
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_chunked(_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise _BodyTooLarge(f"response body over {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks).decode("utf-8", errors="replace")
+
+class _RateLimits:
+    """The account's limits as sliding windows, shared by every call of this process (one
+    client per process): all requests per minute, and uploads per second."""
+
+    def __init__(self, upload_rate_per_s: float, overall_rate_per_min: int) -> None:
+        # A rate r/s becomes "n uploads per n/r seconds" with a whole n: 10/s -> 10 per 1 s.
+        uploads_per_window = max(1, round(upload_rate_per_s))
+        self._uploads = SlidingWindowLimiter(
+            uploads_per_window, uploads_per_window / upload_rate_per_s, LIMITER_MARGIN_S
+        )
+        self._overall = SlidingWindowLimiter(
+            overall_rate_per_min, OVERALL_PERIOD_S, LIMITER_MARGIN_S
+        )
+
+    async def acquire(self, is_upload: bool, now: Callable[[], float]) -> float:
+        """Wait for a slot in every limiter that applies; returns when it was granted."""
+        limiters = [self._overall, self._uploads] if is_upload else [self._overall]
+        while True:
+            at = now()
+            wait = max(limiter.delay(at) for limiter in limiters)
+            if wait <= 0:
+                for limiter in limiters:
+                    limiter.try_acquire(at)
+                return at
+            await asyncio.sleep(wait)
+
+    def confirm_upload(self, granted_at: float, answered_at: float) -> None:
+        """Count the upload granted at `granted_at` from its answer (see `confirm`)."""
+        self._uploads.confirm(granted_at, answered_at)
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> str:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge(f"response body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 class _BodyTooLarge(Exception):

@@ -10,9 +10,12 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from random import Random
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict
+
+from service.core.resilience import Backoff
 
 
 class TaskApiState(StrEnum):
@@ -141,3 +144,16 @@ def throttle_wait(retry_after: str | None, body: str) -> float:
     if match:
         return float(match.group(1))
     return DEFAULT_THROTTLE_WAIT_S
+
+
+def retry_wait(
+    outcome: Throttled | Unavailable | Ambiguous, attempt: int, backoff: Backoff, rng: Random
+) -> float:
+    """How long to wait before attempt `attempt + 1`: a 429's wait as the API names it,
+    else exponential backoff with full jitter, never shorter than a `Retry-After`."""
+    if isinstance(outcome, Throttled):
+        return outcome.retry_after_s
+    delay = backoff.delay(attempt, rng)
+    if isinstance(outcome, Unavailable) and outcome.retry_after_s is not None:
+        return max(delay, outcome.retry_after_s)
+    return delay

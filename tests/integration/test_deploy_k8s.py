@@ -20,6 +20,7 @@ import pytest
 import yaml
 from jsonschema import Draft4Validator
 
+from service.relay.supervisor import COMMIT_DEADLINE_S
 from service.settings import Settings, env_name
 from tests.settings_support import load_as_the_relay
 
@@ -170,8 +171,10 @@ def test_pods_are_probed_locked_down_sized_and_drain_in_time(
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]
-    drain_s = float(data["SCM_RELAY_SHUTDOWN_TIMEOUT_S"]) + float(
-        data["SCM_RELAY_API_REQUEST_TIMEOUT_S"]
+    drain_s = (
+        float(data["SCM_RELAY_SHUTDOWN_TIMEOUT_S"])
+        + float(data["SCM_RELAY_API_REQUEST_TIMEOUT_S"])
+        + COMMIT_DEADLINE_S
     )
     assert pod["terminationGracePeriodSeconds"] > drain_s
     token_file = Path(data["SCM_RELAY_API_TOKEN_FILE"])

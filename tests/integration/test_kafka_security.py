@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
-from service.app import EXIT_CONFIG, EXIT_FAILED, run_relay
+from service.app import EXIT_CONFIG, EXIT_FAILED, kafka_config, run_relay
 from service.kafka import KafkaSetupError, client_options, probe_connection
 from service.settings import Settings
 from tests.api_support import FAST, simulator
@@ -91,8 +91,9 @@ async def test_every_client_the_relay_builds_works_through_each_secure_listener(
             "kafka_ssl_keyfile": broker.certificates.client_key,
         }
     settings = Settings(**security(broker, protocol, **fields))
-    options = client_options(settings)
-    await probe_connection(settings, options)
+    kafka = kafka_config(settings)
+    options = client_options(kafka)
+    await probe_connection(kafka, options)
     topic = await plain_topics.create("secure")
 
     admin = AIOKafkaAdminClient(**options)
@@ -235,4 +236,4 @@ def test_an_unreadable_ca_file_names_the_setting(tmp_path: Path) -> None:
         kafka_security_protocol="SSL", kafka_ssl_cafile=bogus, api_token=SecretStr("t")
     )
     with pytest.raises(KafkaSetupError, match="SCM_RELAY_KAFKA_SSL_CAFILE"):
-        client_options(settings)
+        client_options(kafka_config(settings))

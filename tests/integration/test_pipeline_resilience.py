@@ -17,10 +17,12 @@ import pytest
 import structlog
 
 from service import app
+from service.relay.supervisor import COMMIT_DEADLINE_S
 from service.simulator.state import Faults
 from tests.api_support import Simulator, simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
+    RunningRelay,
     event,
     ledger_task_ids,
     make_topics,
@@ -28,6 +30,7 @@ from tests.pipeline_support import (
     read_topic,
     relay_process,
     relay_settings,
+    results,
     running_relay,
     wait_for_commit,
 )
@@ -218,3 +221,81 @@ async def test_a_second_relay_takes_over_when_the_first_stops(
         seen = await applications(sim, count)
     assert set(seen) == set(range(count)), "a code was never updated"
     assert max(seen.values()) == 1, "a code was updated twice"
+
+
+async def stop_and_time(relay: Any) -> float:
+    """Set the relay's stop event; return how long it took to exit (cleanly)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    relay.stop.set()
+    code = await asyncio.wait_for(relay.task, timeout=180)
+    assert code == 0, f"the relay exited with {code}"
+    return loop.time() - started
+
+
+async def test_a_stop_while_status_polls_retry_against_a_failing_api_keeps_its_deadline(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=1)
+    slow_tasks = Faults(pending_delay_s=3.0, progress_delay_s=0.05)
+    async with simulator(slow_tasks, codes_per_campaign=100) as sim:
+        # A status poll may retry for two minutes: longer than the whole shutdown bound.
+        settings = relay_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            topics,
+            api_retry_max_elapsed_s=120.0,
+            api_breaker_failures=1000,
+            shutdown_timeout_s=5.0,
+            api_request_timeout_s=5.0,
+        )
+        await publish(kafka_bootstrap, topics.input, one_code_events(20), key_of=by_code)
+        stop = asyncio.Event()
+        relay = RunningRelay(stop, asyncio.create_task(app.run_relay(settings, stop)))
+        await wait_for_commit(kafka_bootstrap, topics, relay)
+        await sim.set_faults(error_rate=1.0)
+        statuses_before = sim.account.stats.statuses["5xx"]
+        await asyncio.sleep(1.5)
+        assert sim.account.stats.statuses["5xx"] > statuses_before, "no status poll failed"
+        elapsed = await stop_and_time(relay)
+        bound = settings.shutdown_timeout_s + settings.api_request_timeout_s + COMMIT_DEADLINE_S
+        print(f"stopped while status polls retried: exited in {elapsed:.1f} s")
+        assert elapsed < bound, f"the shutdown took {elapsed:.1f} s, over its {bound} s bound"
+        tasks = await ledger_task_ids(kafka_bootstrap, topics.tasks)
+        await sim.set_faults(error_rate=0.0)
+        async with running_relay(settings):
+            outcomes = await results(kafka_bootstrap, topics.results, expected=len(tasks))
+        seen = await applications(sim, 20)
+    assert sorted(outcome["task_id"] for outcome in outcomes) == sorted(tasks)
+    assert dict(seen) == dict.fromkeys(range(20), 1), "a code was lost or updated twice"
+
+
+async def test_a_stop_while_uploads_are_parked_after_a_403_is_not_held_up(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=1)
+    async with simulator(STEADY, codes_per_campaign=100) as sim:
+        settings = relay_settings(
+            kafka_bootstrap, sim.base_url, topics, shutdown_timeout_s=30.0, batch_max_values=5
+        )
+        await sim.set_faults(forbidden=True)
+        await publish(kafka_bootstrap, topics.input, one_code_events(20), key_of=by_code)
+        stop = asyncio.Event()
+        relay = RunningRelay(stop, asyncio.create_task(app.run_relay(settings, stop)))
+        deadline = asyncio.get_running_loop().time() + 30
+        while sim.account.stats.statuses["4xx"] == 0:
+            relay.check_alive()
+            assert asyncio.get_running_loop().time() < deadline, "the API was never called"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        elapsed = await stop_and_time(relay)
+        print(f"stopped while uploads were parked after a 403: exited in {elapsed:.1f} s")
+        # Parked uploads end when the shutdown starts: they do not wait for its deadline.
+        assert elapsed < 5.0, f"parked uploads held the shutdown for {elapsed:.1f} s"
+        assert sim.account.stats.uploads_accepted == 0
+        await sim.set_faults(forbidden=False)
+        async with running_relay(settings) as running:
+            await wait_for_commit(kafka_bootstrap, topics, running)
+        seen = await applications(sim, 20)
+    assert dict(seen) == dict.fromkeys(range(20), 1), "a code was lost or updated twice"
+    assert await read_topic(kafka_bootstrap, topics.dlq, expected=1, timeout_s=2) == []

@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from service.http import free_port
 from service.simulator.state import Faults
-from tests.api_support import free_port, simulator
+from tests.api_support import simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     event,

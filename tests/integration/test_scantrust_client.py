@@ -106,20 +106,32 @@ async def test_throttle_storm_is_waited_out_using_the_seconds_in_the_body() -> N
     observer = RecordingObserver()
     async with simulator() as sim, client(sim.base_url, observer, retry_max_elapsed_s=10) as api:
         await sim.set_faults(throttle_storm_s=1.2)
-        outcome = await api.upload(MARKET)
-        assert isinstance(outcome, Accepted)
+        outcome = await api.me()
+        assert not isinstance(outcome, Throttled | Unavailable)
         # The body said "2 seconds" (1.2 rounded up): one wait covers the storm.
         assert observer.throttled_count == 1
         assert observer.retries == {"Throttled": 1}
 
 
+async def test_an_upload_is_attempted_once_and_its_throttle_wait_handed_to_the_caller() -> None:
+    # The uploaders own upload retries (docs/design.md, "Retries"): the client reports.
+    observer = RecordingObserver()
+    async with simulator() as sim, client(sim.base_url, observer, retry_max_elapsed_s=10) as api:
+        await sim.set_faults(throttle_storm_s=1.2)
+        outcome = await api.upload(MARKET)
+        assert isinstance(outcome, Throttled)
+        assert 1.0 <= outcome.retry_after_s <= 2.0
+        assert observer.retries == {}
+        assert sim.account.stats.requests["upload"] == 1
+
+
 async def test_throttled_outcome_when_the_wait_exceeds_the_retry_budget() -> None:
     async with simulator() as sim, client(sim.base_url, retry_max_elapsed_s=0.5) as api:
         await sim.set_faults(throttle_storm_s=30, retry_after_header=True)
-        outcome = await api.upload(MARKET)
+        outcome = await api.me()
         assert isinstance(outcome, Throttled)
         assert 25 <= outcome.retry_after_s <= 30  # from the Retry-After header
-        assert sim.account.stats.uploads_accepted == 0
+        assert sim.account.stats.requests["me"] == 1
 
 
 async def test_server_errors_are_retried_then_reported_unavailable() -> None:
@@ -128,11 +140,15 @@ async def test_server_errors_are_retried_then_reported_unavailable() -> None:
         simulator(Faults(error_rate=1.0)) as sim,
         client(sim.base_url, observer, retry_max_elapsed_s=0.3, breaker_failures=1000) as api,
     ):
-        outcome = await api.upload(MARKET)
+        outcome = await api.me()
         assert isinstance(outcome, Unavailable)
         assert outcome.status == 503
         assert observer.retries["Unavailable"] >= 2
-        assert sim.account.stats.requests["upload"] == observer.retries["Unavailable"] + 1
+        assert sim.account.stats.requests["me"] == observer.retries["Unavailable"] + 1
+        # An upload gets one attempt, whatever the budget.
+        upload = await api.upload(MARKET)
+        assert isinstance(upload, Unavailable)
+        assert sim.account.stats.requests["upload"] == 1
 
 
 async def test_error_rate_knob_is_survived_by_retries() -> None:
@@ -140,10 +156,10 @@ async def test_error_rate_knob_is_survived_by_retries() -> None:
         simulator(Faults(error_rate=0.5)) as sim,
         client(sim.base_url, retry_max_elapsed_s=10, breaker_failures=1000) as api,
     ):
-        outcomes = [await api.upload(MARKET) for _ in range(10)]
-        assert all(isinstance(o, Accepted) for o in outcomes)
+        outcomes = [await api.me() for _ in range(10)]
+        assert all(isinstance(o, dict) for o in outcomes)
         assert sim.account.stats.statuses["5xx"] > 0
-        assert sim.account.stats.uploads_accepted == 10
+        assert sim.account.stats.statuses["2xx"] == 10
 
 
 async def test_connection_refused_is_unavailable() -> None:

@@ -12,9 +12,9 @@ from service.core.contract import (
     ChangeEvent,
     ParsedEvent,
     Rejection,
-    batch_key,
     parse_event,
 )
+from tests.unit.relay.support import batch_key
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
 json_values = st.recursive(

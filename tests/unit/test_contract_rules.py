@@ -13,9 +13,9 @@ from service.core.contract import (
     Reason,
     Rejection,
     Stage,
-    expected_codes,
     parse_event,
 )
+from tests.unit.relay.support import expected_codes
 
 
 def event(**fields: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import yaml
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
+from service.relay.supervisor import COMMIT_DEADLINE_S
 from service.settings import Settings, env_name
 from tests.settings_support import load_as_the_relay
 
@@ -110,8 +111,10 @@ def test_the_relay_waits_for_kafka_and_its_topics_and_stops_after_draining(
     assert relay["depends_on"]["kafka-setup"]["condition"] == "service_completed_successfully"
     assert relay["read_only"] is True
     environment = relay_environment(compose)
-    drain_s = float(environment["SCM_RELAY_SHUTDOWN_TIMEOUT_S"]) + float(
-        environment["SCM_RELAY_API_REQUEST_TIMEOUT_S"]
+    drain_s = (
+        float(environment["SCM_RELAY_SHUTDOWN_TIMEOUT_S"])
+        + float(environment["SCM_RELAY_API_REQUEST_TIMEOUT_S"])
+        + COMMIT_DEADLINE_S
     )
     grace = relay["stop_grace_period"]
     assert grace.endswith("s")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from service import settings_reference
+from service.app import contract_limits
 from service.settings import Settings, SettingsError, env_name, load_settings
 from tests.settings_support import clear_relay_environment
 
@@ -41,7 +42,7 @@ def test_environment_variables_set_values(monkeypatch: pytest.MonkeyPatch) -> No
     settings = load_settings({})
     assert settings.batch_max_values == 500
     assert settings.log_level == "DEBUG"
-    limits = settings.contract_limits()
+    limits = contract_limits(settings)
     assert limits.one_code_per_value_keys == frozenset({"rfid", "case_id"})
     assert limits.max_values_per_event == 7
 

@@ -1,0 +1,96 @@
+"""Intake's offset book: which input records were read, which left intake in a batch
+not yet recorded, and which are accounted for (so their offsets may be committed).
+
+Intake owns it. The committer is the one other caller, through the `Accounting`
+protocol, and only inside its transaction: a batch is accounted for in the same
+transaction that records it, so the offsets it releases travel with its ledger
+record. Both run on the one event loop and these calls never await, so no
+caller sees the book half-changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from service.core.batching import Batch
+from service.core.offsets import OffsetTracker
+
+
+class OffsetBook:
+    """Offsets per input partition, and the batches handed on but not yet recorded."""
+
+    def __init__(self) -> None:
+        self._offsets = OffsetTracker()
+        self._in_flight: dict[str, Batch] = {}
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    # -- intake ------------------------------------------------------------------------
+
+    def received(self, topic: str, partition: int, offset: int) -> bool:
+        """A record was read; True when it is already done (skip it)."""
+        return self._offsets.received(topic, partition, offset)
+
+    def restore(self, topic: str, partition: int, metadata: str | None) -> None:
+        """Take over the done offsets the partition's previous owner committed."""
+        self._offsets.partition(topic, partition).restore(metadata)
+
+    def keep_only(self, partitions: set[tuple[str, int]]) -> None:
+        """Forget every partition but these."""
+        self._offsets.keep_only(partitions)
+
+    def handed_on(self, batch: Batch) -> None:
+        """`batch` left intake for the uploaders."""
+        self._in_flight[batch.batch_id] = batch
+        self._settled.clear()
+
+    def forget(self, batch_ids: Iterable[str]) -> None:
+        """These batches were never sent (dropped at a rebalance): their events are read
+        again, so nothing of them will be accounted for here."""
+        for batch_id in batch_ids:
+            self._in_flight.pop(batch_id, None)
+        self._note_settled()
+
+    def keep_in_flight(self) -> int:
+        """At a rebalance deadline: offsets of uploads still under way are skipped when
+        read again, and accounted for when their upload ends. Returns their batches."""
+        for batch in self._in_flight.values():
+            for part in batch.parts:
+                source = part.event.source
+                self._offsets.partition(source.topic, source.partition).in_flight(source.offset)
+        return len(self._in_flight)
+
+    async def settled(self) -> None:
+        """Wait until no batch is between intake and the ledger."""
+        await self._settled.wait()
+
+    @property
+    def in_flight_values(self) -> int:
+        """Constraint values in batches queued or being uploaded."""
+        return sum(batch.size for batch in self._in_flight.values())
+
+    # -- the committer (Accounting) -----------------------------------------------------
+
+    def dead_lettered(self, topic: str, partition: int, offset: int) -> None:
+        """The record is in the dead-letter topic."""
+        self._offsets.accounted(topic, partition, offset)
+
+    def batch_recorded(self, batch: Batch) -> None:
+        """`batch` is recorded (or dead-lettered): its events' parts are accounted for."""
+        self._in_flight.pop(batch.batch_id, None)
+        for part in batch.parts:
+            pending = part.event
+            pending.parts_done += 1
+            if pending.parts_done == pending.parts:
+                source = pending.source
+                self._offsets.accounted(source.topic, source.partition, source.offset)
+        self._note_settled()
+
+    def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """Partitions whose commit point moved, with (offset, metadata)."""
+        return self._offsets.checkpoints()
+
+    def _note_settled(self) -> None:
+        if not self._in_flight:
+            self._settled.set()

@@ -1,0 +1,45 @@
+"""The relay's configuration: what its stages need from the settings, and nothing else.
+
+Built from the settings in one place, the composition root (service/app.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from service.core.contract import ContractLimits
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Topics, bounds, timeouts and polling of the relay's stages."""
+
+    input_topic: str
+    results_topic: str
+    dlq_topic: str
+    tasks_topic: str
+    group_id: str
+    limits: ContractLimits
+    batch_max_values: int = 1000
+    batch_max_keys: int = 1
+    batch_linger_s: float = 1.0
+    max_in_flight_requests: int = 4
+    max_open_batches: int = 1000
+    max_buffered_values: int = 200_000
+    max_unfinished_tasks: int = 200
+    shutdown_timeout_s: float = 30.0
+    upload_grace_s: float = 30.0
+    rebalance_timeout_s: float = 20.0
+    poll_initial_s: float = 1.0
+    poll_factor: float = 1.5
+    poll_max_s: float = 30.0
+    task_stuck_after_s: float = 900.0
+    status_chunk_size: int = 100
+    retry_initial_s: float = 0.5
+    retry_max_backoff_s: float = 30.0
+
+
+def utcnow() -> datetime:
+    """The wall-clock time, timezone-aware (the times in ledger and result records)."""
+    return datetime.now(UTC)

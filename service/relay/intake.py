@@ -1,0 +1,390 @@
+"""Intake: reads the input topic, validates each record, admits events into batches
+(or holds them back behind an unfinished change to their codes) and hands full or
+due batches to the uploaders.
+
+It owns the input consumer, the offset book, the batcher and the order guard, the
+pause state and the input partitions' rebalances. Others reach it only through
+its inbox, read at every poll: the ledger view reports tasks recorded and
+ended, the uploaders report rejected batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import structlog
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from service.core.batching import Batch, PendingEvent, Source
+from service.core.contract import ParsedEvent, Rejection, parse_event
+from service.core.records import DeadLetterHeaders
+from service.metrics import RelayMetrics
+from service.relay.admission import Admission
+from service.relay.book import OffsetBook
+from service.relay.config import RelayConfig
+from service.relay.health import ApiHealth
+from service.relay.messages import (
+    BatchRejected,
+    DeadLetter,
+    IntakeMessage,
+    LedgerCaughtUp,
+    Mailbox,
+    TaskEnded,
+    TaskRecorded,
+)
+from service.relay.ports import FetchedRecord, GroupOffsets, InputConsumer
+
+log = structlog.get_logger(__name__)
+
+POLL_MS: Final = 100
+MAX_RECORDS: Final = 2000
+# How often intake looks again at a due batch that waits for a free uploader.
+LINGER_RECHECK_MS: Final = 20
+# While the upload queue is full, intake polls Kafka (partitions paused) this often, well
+# inside max.poll.interval.ms.
+QUEUE_KEEPALIVE_S: Final = 1.0
+
+
+class UploadQueue(Protocol):
+    """The uploaders' queue, as intake sees it."""
+
+    async def put(self, batch: Batch) -> None:
+        """Queue a batch; waits for room."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued: an uploader would take a batch at once."""
+
+    def take_queued(self) -> list[Batch]:
+        """Take back every batch not yet started (a rebalance)."""
+
+
+class CommitQueue(Protocol):
+    """The committer, as intake sees it."""
+
+    async def submit(self, item: DeadLetter) -> None:
+        """Queue a dead letter for the next transaction."""
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+
+
+class Intake:
+    """The input side of the relay: consume, validate, admit, batch, hand on."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        consumer: InputConsumer,
+        group_offsets: GroupOffsets,
+        inbox: Mailbox[IntakeMessage],
+        admission: Admission,
+        book: OffsetBook,
+        uploaders: UploadQueue,
+        committer: CommitQueue,
+        health: ApiHealth,
+        metrics: RelayMetrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self._config = config
+        self._consumer = consumer
+        self._group_offsets = group_offsets
+        self._admission = admission
+        self._book = book
+        self._uploaders = uploaders
+        self._committer = committer
+        self._health = health
+        self._metrics = metrics
+        self._clock = clock
+        self._inbox = inbox
+        self._ledger_read = False
+        self._ledger_tasks: dict[str, str] = {}  # unfinished task id -> batch id
+        self._paused = False
+        self._last_poll = 0.0
+        self._rebalances = 0
+        self._unsent: list[Batch] = []  # not queued when the stop came: flushed at shutdown
+
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        """The listener to subscribe the input consumer with."""
+        return _InputRebalance(self)
+
+    @property
+    def paused(self) -> bool:
+        """Whether the input partitions are paused."""
+        return self._paused
+
+    @property
+    def buffered_values(self) -> int:
+        """Values read but not yet in a recorded task: open batches, held events, and
+        batches queued or being uploaded."""
+        return self._admission.buffered_values + self._book.in_flight_values
+
+    async def run(self, stop: asyncio.Event) -> list[Batch]:
+        """Consume until `stop` is set; returns the batches left to flush at shutdown."""
+        while not stop.is_set():
+            await self._read_inbox(stop)
+            self._update_pause()
+            batches = await self._consumer.getmany(
+                timeout_ms=self._poll_timeout_ms(), max_records=MAX_RECORDS
+            )
+            self._last_poll = self._clock()
+            epoch = self._rebalances
+            consumed = 0
+            for record in (r for records in batches.values() for r in records):
+                if stop.is_set() or epoch != self._rebalances:
+                    # Records not processed are not tracked: read again from the commit.
+                    break
+                consumed += 1
+                await self._on_record(record, stop)
+            self._metrics.events_consumed.inc(consumed)
+            # Linger-due batches go only when an uploader is free to take them at once;
+            # until then they keep filling (full ones are queued regardless).
+            if self._uploaders.idle:
+                for batch in self._admission.due(self._clock(), limit=1):
+                    await self._send(batch, stop)
+        log.info("relay_stopping", open_batches=self._admission.open_batches)
+        return [*self._unsent, *self._admission.drain()]
+
+    def _poll_timeout_ms(self) -> int:
+        deadline = self._admission.next_deadline()
+        if deadline is None:
+            return POLL_MS
+        until_due_ms = int((deadline - self._clock()) * 1000)
+        # A due batch waits (and fills) while the uploaders are busy: look again soon.
+        if until_due_ms <= 0 and not self._uploaders.idle:
+            return LINGER_RECHECK_MS
+        return max(0, min(POLL_MS, until_due_ms))
+
+    async def _read_inbox(self, stop: asyncio.Event) -> None:
+        released = False
+        for message in self._inbox.take_all():
+            if isinstance(message, TaskRecorded):
+                self._ledger_tasks[message.task_id] = message.batch_id
+                self._admission.claim_task(message.batch_id, message.constraints, message.scm_data)
+            elif isinstance(message, TaskEnded):
+                batch_id = self._ledger_tasks.pop(message.task_id, None)
+                if batch_id is not None:
+                    self._admission.release(batch_id)
+                    released = True
+            elif isinstance(message, BatchRejected):
+                self._admission.release(message.batch_id)
+                released = True
+            elif isinstance(message, LedgerCaughtUp):
+                self._ledger_read = True
+        if released:
+            while (pending := self._admission.next_released()) is not None:
+                await self._admit(pending, stop, released=True)
+
+    def _update_pause(self) -> None:
+        reason = self._pause_reason()
+        if reason and not self._paused:
+            log.info("intake_paused", reason=reason)
+        elif not reason and self._paused:
+            log.info("intake_resumed")
+        self._paused = reason is not None
+        assignment = self._consumer.assignment()
+        if self._paused:
+            self._consumer.pause(*assignment)
+        else:
+            self._consumer.resume(*assignment)
+
+    def _pause_reason(self) -> str | None:
+        if not self._ledger_read:
+            return "reading the ledger"
+        if self._health.auth_failed is not None:
+            return "API authentication failed"
+        if self._health.degraded:
+            return "API unavailable"
+        if self.buffered_values >= self._config.max_buffered_values:
+            return "buffer full"
+        if len(self._ledger_tasks) >= self._config.max_unfinished_tasks:
+            return "too many unfinished tasks"
+        return None
+
+    async def _on_record(self, record: FetchedRecord, stop: asyncio.Event) -> None:
+        if self._book.received(record.topic, record.partition, record.offset):
+            # Recorded before a restart or takeover (commit metadata): already done.
+            self._metrics.events_skipped.inc()
+            return
+        raw: bytes = record.value if record.value is not None else b""
+        parsed = parse_event(raw, self._config.limits)
+        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+        if not isinstance(parsed, ParsedEvent):
+            self._metrics.events_invalid.labels(parsed.reason.value).inc()
+            log.warning(
+                "event_invalid",
+                **where,
+                reason=parsed.reason.value,
+                field=parsed.field,
+                message=parsed.message,
+            )
+            await self._committer.submit(dead_letter(record, raw, parsed))
+            return
+        if parsed.warnings:
+            self._metrics.date_warnings.inc(len(parsed.warnings))
+            log.warning(
+                "event_warning",
+                event_id=parsed.event.event_id,
+                partition=record.partition,
+                offset=record.offset,
+                warnings=list(parsed.warnings),
+            )
+        pending = PendingEvent(
+            source=Source(record.topic, record.partition, record.offset, parsed.event.event_id),
+            event=parsed.event,
+            raw=raw,
+            key=record.key,
+            received_at=self._clock(),
+        )
+        await self._admit(pending, stop)
+
+    async def _admit(
+        self, pending: PendingEvent, stop: asyncio.Event, *, released: bool = False
+    ) -> None:
+        admitted = self._admission.offer(pending, self._clock(), released=released)
+        if admitted.held:
+            self._metrics.events_held_back.inc()
+            log.info(
+                "event_held_back",
+                event_id=pending.event.event_id,
+                partition=pending.source.partition,
+                offset=pending.source.offset,
+            )
+            return
+        if admitted.deduplicated:
+            self._metrics.events_deduplicated.inc(admitted.deduplicated)
+        for batch in admitted.ready:
+            await self._send(batch, stop)
+
+    async def _send(self, batch: Batch, stop: asyncio.Event) -> None:
+        """Queue a batch for the uploaders; when stopping, keep it for the shutdown flush.
+
+        While it waits for room, intake keeps polling Kafka with its partitions paused
+        (which returns nothing): a consumer that does not poll for max.poll.interval.ms
+        leaves its group, and an API outage of a minute would move the partitions.
+        """
+        self._book.handed_on(batch)
+        epoch = self._rebalances
+        while not stop.is_set():
+            # Counted from intake's last poll: many short waits in a row add up too.
+            wait_s = max(0.0, self._last_poll + QUEUE_KEEPALIVE_S - self._clock())
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._uploaders.put(batch)
+            except TimeoutError:
+                pass
+            else:
+                return
+            self._hold("uploads queued behind a busy API")
+            await self._consumer.getmany(timeout_ms=0)
+            self._last_poll = self._clock()
+            if epoch != self._rebalances:
+                # Revoked while this batch waited: like every unsent batch, it is forgotten
+                # and its events are read again by the partitions' next owner.
+                self._book.forget([batch.batch_id])
+                self._admission.release(batch.batch_id)
+                return
+        self._unsent.append(batch)
+
+    def _hold(self, reason: str) -> None:
+        """Pause the input partitions until the next round decides again."""
+        if not self._paused:
+            log.info("intake_paused", reason=reason)
+            self._paused = True
+        self._consumer.pause(*self._consumer.assignment())
+
+    # -- rebalances (called by aiokafka's coordinator, between intake's polls) -----------
+
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Forget unsent work, wait (bounded) for uploads under way and for the committer
+        to commit what they accounted for.
+
+        aiokafka rebalances eagerly: every partition is revoked, and those assigned again
+        are re-read from their committed offsets. Events not sent are simply read again;
+        events in an upload still under way at the deadline are skipped when read again
+        here (their upload accounts for them), and re-sent only by another owner.
+        """
+        if not revoked:
+            return
+        self._rebalances += 1
+        batch_ids, dropped = self._admission.drop_unsent(self._uploaders.take_queued())
+        self._book.forget(batch_ids)
+        try:
+            async with asyncio.timeout(self._config.rebalance_timeout_s):
+                await self._book.settled()
+                # Accounted is not committed: offsets of partitions that move away would
+                # be lost with their trackers.
+                await self._committer.flush()
+        except TimeoutError:
+            pass
+        late = self._book.keep_in_flight()
+        if late:
+            # If another consumer gets these partitions it sends these events again: the
+            # duplicate window of docs/guarantees.md.
+            log.warning("rebalance_deadline_uploads_in_flight", batches=late)
+        log.info(
+            "partitions_revoked",
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
+            dropped_events=dropped,
+        )
+
+    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """New partitions start from their committed offsets; the offsets done above
+        them, from the commit metadata, are skipped."""
+        self._book.keep_only({(tp.topic, tp.partition) for tp in assigned})
+        self._metrics.consumer_lag.clear()
+        if assigned:
+            committed = await self._group_offsets.list_consumer_group_offsets(
+                self._config.group_id, partitions=sorted(assigned)
+            )
+            for tp, point in committed.items():
+                if point is not None and point.metadata:
+                    self._book.restore(tp.topic, tp.partition, point.metadata)
+        log.info(
+            "partitions_assigned",
+            partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+        )
+
+    async def refresh_gauges(self) -> None:
+        """Pause state, buffered values and the lag of every assigned partition."""
+        self._metrics.intake_paused.set(1 if self._paused else 0)
+        self._metrics.buffered_values.set(self.buffered_values)
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except KafkaError:
+                continue
+            self._metrics.consumer_lag.labels(str(tp.partition)).set(max(0, highwater - position))
+
+
+def dead_letter(record: FetchedRecord, raw: bytes, refused: Rejection) -> DeadLetter:
+    """The dead letter of an input record the contract refused: its bytes, unchanged."""
+    headers = DeadLetterHeaders(
+        stage=refused.stage,
+        reason=refused.reason,
+        message=refused.message,
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+    )
+    return DeadLetter(
+        Source(record.topic, record.partition, record.offset), raw, record.key, headers
+    )
+
+
+class _InputRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, intake: Intake) -> None:
+        self._intake = intake
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._intake.partitions_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._intake.partitions_assigned(set(assigned))

@@ -1,0 +1,125 @@
+"""The ledger view: reads the whole compacted ledger (every partition, no consumer
+group) and tells the two stages that follow it what changed.
+
+The ledger is read once per process and each record parsed once: intake learns
+of unfinished tasks (its order guard claims their codes) and of their ends; the
+task poller learns of every task and tombstone, by ledger partition. Records
+this process wrote itself come back from the committer's `WrittenRecords`
+instead of being parsed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import structlog
+from aiokafka import TopicPartition
+from pydantic import ValidationError
+
+from service.core.records import TaskLedgerRecord
+from service.relay.messages import LedgerCaughtUp, LedgerChange, TaskEnded, TaskRecorded
+from service.relay.ports import FetchedRecord, LedgerConsumer
+
+log = structlog.get_logger(__name__)
+
+
+class WrittenRecords:
+    """Ledger records this process wrote and its ledger view has not read back yet.
+
+    Bounded by the records of transactions not yet read back (a failed transaction
+    stops the process, so none stays here for ever)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, TaskLedgerRecord] = {}
+
+    def remember(self, record: TaskLedgerRecord) -> None:
+        """`record` is in the transaction being committed."""
+        self._records[record.task_id] = record
+
+    def take(self, task_id: str) -> TaskLedgerRecord | None:
+        """The record written for `task_id`, once."""
+        return self._records.pop(task_id, None)
+
+
+class IntakeInbox(Protocol):
+    """Intake, as the ledger view sees it."""
+
+    async def tell(self, message: TaskRecorded | TaskEnded | LedgerCaughtUp) -> None:
+        """Send intake a message."""
+
+
+class PollerInbox(Protocol):
+    """The task poller, as the ledger view sees it."""
+
+    async def tell(self, change: LedgerChange) -> None:
+        """Send the poller a ledger change."""
+
+
+class LedgerView:
+    """Follows the ledger from its beginning for the lifetime of the process."""
+
+    def __init__(
+        self,
+        *,
+        reader: LedgerConsumer,
+        written: WrittenRecords,
+        intake: IntakeInbox,
+        poller: PollerInbox,
+    ) -> None:
+        self._reader = reader
+        self._written = written
+        self._intake = intake
+        self._poller = poller
+        self._unfinished: set[str] = set()
+        self._positions: dict[int, int] = {}
+        self.caught_up = asyncio.Event()
+
+    def position(self, partition: int) -> int:
+        """The offset up to which ledger partition `partition` has been read and told."""
+        return self._positions.get(partition, 0)
+
+    async def run(self) -> None:
+        """Read for ever; `caught_up` is set once the ledger is read to its end."""
+        reader = self._reader
+        # Subscribed without a group: aiokafka assigns every partition, read from the start.
+        while not reader.assignment():
+            await reader.getmany(timeout_ms=100)
+        partitions = sorted(reader.assignment())
+        await reader.seek_to_beginning(*partitions)
+        while True:
+            batches = await reader.getmany(timeout_ms=200, max_records=5000)
+            for tp, records in batches.items():
+                for record in records:
+                    await self._apply(tp, record)
+            behind = False
+            for tp in partitions:
+                position = await reader.position(tp)
+                self._positions[tp.partition] = position
+                # To the high watermark, past any transaction a killed relay left open.
+                highwater = reader.highwater(tp)
+                behind |= highwater is None or position < highwater
+            if not behind and not self.caught_up.is_set():
+                log.info("ledger_read", unfinished_tasks=len(self._unfinished))
+                await self._intake.tell(LedgerCaughtUp(len(self._unfinished)))
+                self.caught_up.set()
+
+    async def _apply(self, tp: TopicPartition, record: FetchedRecord) -> None:
+        task_id = record.key.decode() if record.key else ""
+        if record.value is None:
+            self._unfinished.discard(task_id)
+            await self._poller.tell(LedgerChange(tp.partition, task_id, None))
+            await self._intake.tell(TaskEnded(task_id))
+            return
+        entry = self._written.take(task_id)
+        if entry is None:
+            try:
+                entry = TaskLedgerRecord.model_validate_json(record.value)
+            except ValidationError as exc:
+                log.error("ledger_record_unreadable", task_id=task_id, error=str(exc)[:300])
+                return
+        self._unfinished.add(task_id)
+        await self._poller.tell(LedgerChange(tp.partition, task_id, entry))
+        await self._intake.tell(
+            TaskRecorded(task_id, entry.batch_id, entry.constraints, entry.scm_data)
+        )

@@ -1,0 +1,284 @@
+"""The task poller: follows the unfinished tasks of the ledger partitions this replica
+owns, with bulk status calls, and hands each outcome to the committer.
+
+Which ledger partitions a replica owns is decided by a consumer group of its own
+(`<group>.task-poller`), so every task is followed by exactly one replica. The
+group member fetches nothing (its partitions stay paused): the tasks come from
+the ledger view, which reads the whole ledger once for the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Collection, Mapping
+from typing import Final, Literal, Protocol
+
+import structlog
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from service.core.polling import PollSchedule
+from service.core.records import TaskLedgerRecord, TaskOutcome, TaskProgress, TaskState
+from service.metrics import RelayMetrics
+from service.relay.config import RelayConfig, utcnow
+from service.relay.messages import LedgerChange, Mailbox, Progress, TaskFinished
+from service.relay.ports import GroupMember, StatusApi
+from service.scantrust.outcomes import ApiTask, TaskApiState, TaskPage
+
+log = structlog.get_logger(__name__)
+
+INBOX_WAIT_S: Final = 0.2
+
+
+class PollerMember(GroupMember, Protocol):
+    """The poller's group member; it also tells where each ledger partition ends."""
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """The high watermark of each partition (read uncommitted)."""
+
+
+class LedgerPositions(Protocol):
+    """How far the ledger view has read and told each ledger partition."""
+
+    def position(self, partition: int) -> int:
+        """The next offset the view will read in `partition`."""
+
+
+class ResultCommitter(Protocol):
+    """The committer, as the poller sees it."""
+
+    async def submit(self, item: TaskFinished | Progress) -> None:
+        """Queue a result or progress record."""
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+
+
+class TaskPoller:
+    """Known tasks of every ledger partition; the owned ones are scheduled for polling."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        inbox: Mailbox[LedgerChange],
+        member: PollerMember,
+        ledger: LedgerPositions,
+        api: StatusApi,
+        committer: ResultCommitter,
+        metrics: RelayMetrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self._config = config
+        self._member = member
+        self._ledger = ledger
+        self._api = api
+        self._committer = committer
+        self._metrics = metrics
+        self._clock = clock
+        self._inbox = inbox
+        self._tasks: dict[str, TaskLedgerRecord] = {}
+        self._partition_of: dict[str, int] = {}
+        self._owned: set[int] = set()
+        # Owned partitions the ledger view has not yet read to where they ended when they
+        # were assigned: their tasks are polled only then, or a result the previous owner
+        # just published would be published again.
+        self._rebuilding: dict[int, int] = {}
+        self.schedule = PollSchedule(
+            initial_s=config.poll_initial_s,
+            factor=config.poll_factor,
+            max_s=config.poll_max_s,
+            stuck_after_s=config.task_stuck_after_s,
+            # Rounds gather the tasks of one poll interval into one bulk request.
+            gather_s=config.poll_initial_s,
+            round_size=config.status_chunk_size,
+        )
+
+    async def run(self) -> None:
+        """Follow the owned tasks for ever (cancelled at shutdown: polls only read)."""
+        self._member.subscribe([self._config.tasks_topic], listener=_PollerRebalance(self))
+        while True:
+            # Keeps the membership alive; nothing is fetched, the partitions are paused.
+            await self._member.getmany(timeout_ms=0)
+            self._member.pause(*self._member.assignment())
+            positions = {
+                partition: self._ledger.position(partition) for partition in self._rebuilding
+            }
+            for change in await self._inbox.take(INBOX_WAIT_S):
+                self._apply(change)
+            self._finish_rebuilds(positions)
+            due = self.schedule.due(self._clock())
+            if due:
+                await self._poll(due)
+
+    def _apply(self, change: LedgerChange) -> None:
+        if change.record is None:
+            self._forget(change.task_id)
+        elif change.task_id not in self._tasks:
+            self._tasks[change.task_id] = change.record
+            self._partition_of[change.task_id] = change.partition
+            if change.partition in self._owned and change.partition not in self._rebuilding:
+                self._schedule(change.record)
+
+    def _schedule(self, entry: TaskLedgerRecord) -> None:
+        age = max(0.0, (utcnow() - entry.submitted_at).total_seconds())
+        self.schedule.add(entry.task_id, self._clock(), age_s=age)
+
+    def _forget(self, task_id: str) -> None:
+        self._tasks.pop(task_id, None)
+        self._partition_of.pop(task_id, None)
+        self.schedule.remove(task_id)
+
+    def _finish_rebuilds(self, positions: Mapping[int, int]) -> None:
+        for partition, position in positions.items():
+            if position >= self._rebuilding.get(partition, position + 1):
+                del self._rebuilding[partition]
+                for task_id, owner in self._partition_of.items():
+                    if owner == partition:
+                        self._schedule(self._tasks[task_id])
+
+    # -- rebalances of the poller group -------------------------------------------------
+
+    async def partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        """Results being published must land before the new owner rebuilds, or it would
+        publish them again: wait (bounded) until the committer has committed them."""
+        try:
+            async with asyncio.timeout(self._config.rebalance_timeout_s):
+                await self._committer.flush()
+        except TimeoutError:
+            log.warning("poller_revoke_deadline", partitions=sorted(tp.partition for tp in revoked))
+        lost = {tp.partition for tp in revoked}
+        self._owned -= lost
+        for partition in lost:
+            self._rebuilding.pop(partition, None)
+        for task_id, partition in self._partition_of.items():
+            if partition in lost:
+                self.schedule.remove(task_id)
+
+    async def partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        """Poll the tasks of these partitions once the ledger view has read them to their
+        high watermark of now (past whatever the previous owner committed)."""
+        if not assigned:
+            return
+        self._member.pause(*assigned)
+        ends = await self._member.end_offsets(sorted(assigned))
+        for tp in assigned:
+            self._owned.add(tp.partition)
+            self._rebuilding[tp.partition] = ends.get(tp, 0)
+
+    # -- polling ------------------------------------------------------------------------
+
+    async def _poll(self, due: list[str]) -> None:
+        page = await self._api.tasks(due)
+        now = self._clock()
+        if not isinstance(page, TaskPage):
+            log.warning("task_poll_failed", outcome=type(page).__name__, tasks=len(due))
+            for task_id in due:
+                self.schedule.polled(task_id, now)
+            return
+        seen = {task.id: task for task in page.tasks}
+        for task_id in due:
+            task = seen.get(task_id)
+            entry = self._tasks.get(task_id)
+            if entry is None:
+                continue
+            if task is None or not task.state.finished:
+                self.schedule.polled(task_id, now)
+                if self.schedule.newly_stuck(task_id, now):
+                    await self._report_stuck(entry, task, self.schedule.age(task_id, now))
+                continue
+            self.schedule.finishing(task_id)
+            outcome = task_outcome(entry, task)
+            self._count(outcome, entry)
+            done = functools.partial(self._forget, task_id)
+            await self._committer.submit(TaskFinished(outcome, done))
+
+    def _count(self, outcome: TaskOutcome, entry: TaskLedgerRecord) -> None:
+        metrics = self._metrics
+        metrics.tasks_finished.labels(outcome.state.value).inc()
+        metrics.task_duration.labels(outcome.state.value).observe(
+            max(0.0, (outcome.published_at - entry.submitted_at).total_seconds())
+        )
+        if outcome.short and outcome.shortfall:
+            metrics.tasks_short.inc()
+            metrics.tasks_short_codes.inc(outcome.shortfall)
+        log.info(
+            "task_finished",
+            task_id=outcome.task_id,
+            state=outcome.state.value,
+            codes_affected=outcome.codes_affected,
+            expected_codes=outcome.expected_codes,
+            short=outcome.short,
+        )
+
+    async def _report_stuck(
+        self, entry: TaskLedgerRecord, task: ApiTask | None, age: float
+    ) -> None:
+        state: Literal["pending", "in-progress", "unknown"] = "unknown"
+        if task is not None and task.state is TaskApiState.PENDING:
+            state = "pending"
+        elif task is not None and task.state is TaskApiState.IN_PROGRESS:
+            state = "in-progress"
+        log.warning(
+            "task_stuck",
+            task_id=entry.task_id,
+            state=state,
+            age_s=round(age),
+            reference=entry.reference,
+            hint="still followed; its result comes when the API finishes it",
+        )
+        progress = TaskProgress(
+            task_id=entry.task_id,
+            state=state,
+            stuck=True,
+            age_seconds=round(age, 3),
+            campaign=entry.campaign,
+            reference=entry.reference,
+            events=entry.events,
+            submitted_at=entry.submitted_at,
+            reported_at=utcnow(),
+        )
+        await self._committer.submit(Progress(progress))
+
+    def refresh_gauges(self) -> None:
+        """Tasks followed, stuck ones, and the age of the oldest."""
+        self._metrics.tasks_pending.set(len(self.schedule))
+        self._metrics.tasks_stuck.set(self.schedule.stuck)
+        self._metrics.oldest_pending_task_age.set(self.schedule.oldest_age(self._clock()))
+
+
+def task_outcome(entry: TaskLedgerRecord, task: ApiTask) -> TaskOutcome:
+    """The result record of a finished task."""
+    state = TaskState.COMPLETE if task.state is TaskApiState.COMPLETE else TaskState.FAILED
+    shortfall: int | None = None
+    if state is TaskState.COMPLETE and entry.expected_codes is not None:
+        shortfall = max(0, entry.expected_codes - (task.codes_affected or 0))
+    return TaskOutcome(
+        task_id=entry.task_id,
+        state=state,
+        codes_affected=task.codes_affected,
+        expected_codes=entry.expected_codes,
+        shortfall=shortfall,
+        short=bool(shortfall),
+        campaign=entry.campaign,
+        reference=entry.reference,
+        scm_data=entry.scm_data,
+        constraints=entry.constraints,
+        events=entry.events,
+        submitted_at=entry.submitted_at,
+        created_at=task.created_at,
+        started_at=task.started_at,
+        completed_at=task.completed_at,
+        published_at=utcnow(),
+    )
+
+
+class _PollerRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, poller: TaskPoller) -> None:
+        self._poller = poller
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._poller.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._poller.partitions_assigned(assigned)

@@ -1,0 +1,195 @@
+"""The supervisor: builds the relay's stages around the adapters it is given, runs them
+in one TaskGroup, answers health and readiness, and shuts them down in order.
+
+Shutdown, once `stop` is set, in phases each bounded by `asyncio.timeout`:
+1. intake stops reading (within a poll) and hands over its open batches;
+2. the uploaders send what is queued and those batches until `shutdown_timeout_s`,
+   then start nothing new; requests under way get `upload_grace_s` to finish;
+3. the task poller is cancelled (it only reads; what it handed on is committed next);
+4. the committer commits what is queued, within `COMMIT_DEADLINE_S`.
+So the relay exits within shutdown_timeout_s + upload_grace_s + COMMIT_DEADLINE_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+from aiokafka import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from service.core.batching import Batcher
+from service.core.resilience import BreakerState
+from service.metrics import RelayMetrics
+from service.relay.admission import Admission
+from service.relay.book import OffsetBook
+from service.relay.committer import Committer
+from service.relay.config import RelayConfig
+from service.relay.health import ApiHealth
+from service.relay.intake import Intake
+from service.relay.ledger import LedgerView, WrittenRecords
+from service.relay.messages import IntakeMessage, LedgerChange, Mailbox
+from service.relay.poller import PollerMember, TaskPoller
+from service.relay.ports import (
+    InputConsumer,
+    KafkaAdmin,
+    LedgerConsumer,
+    ScantrustApi,
+    TransactionalProducer,
+)
+from service.relay.uploaders import Uploaders
+
+log = structlog.get_logger(__name__)
+
+KAFKA_PROBE_EVERY: Final = 5  # heartbeats (seconds)
+KAFKA_PROBE_TIMEOUT_S: Final = 5.0
+COMMIT_DEADLINE_S: Final = 10.0
+# Messages a stage's inbox holds before senders wait: thousands of tasks' worth, many
+# times the unfinished tasks a relay allows itself.
+INBOX_SIZE: Final = 10_000
+
+
+class Relay:
+    """The relay's stages under one supervisor; adapters are passed in, started."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        consumer: InputConsumer,
+        producer: TransactionalProducer,
+        ledger_reader: LedgerConsumer,
+        poller_member: PollerMember,
+        admin: KafkaAdmin,
+        client: ScantrustApi,
+        metrics: RelayMetrics,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._config = config
+        self._admin = admin
+        self._client = client
+        self._metrics = metrics
+        self._clock = clock or (lambda: asyncio.get_running_loop().time())
+        self.last_beat = 0.0
+        self.kafka_reachable = True
+        self.health = ApiHealth()
+        book = OffsetBook()
+        written = WrittenRecords()
+        intake_inbox: Mailbox[IntakeMessage] = Mailbox(INBOX_SIZE)
+        poller_inbox: Mailbox[LedgerChange] = Mailbox(INBOX_SIZE)
+        self._committer = Committer(
+            config, producer=producer, accounting=book, written=written, metrics=metrics
+        )
+        self._uploaders = Uploaders(
+            config,
+            api=client,
+            committer=self._committer,
+            intake=intake_inbox,
+            health=self.health,
+            metrics=metrics,
+        )
+        batcher = Batcher(
+            max_values=config.batch_max_values,
+            max_keys=config.batch_max_keys,
+            linger_s=config.batch_linger_s,
+            max_open_batches=config.max_open_batches,
+        )
+        self._intake = Intake(
+            config,
+            consumer=consumer,
+            group_offsets=admin,
+            inbox=intake_inbox,
+            admission=Admission(batcher),
+            book=book,
+            uploaders=self._uploaders,
+            committer=self._committer,
+            health=self.health,
+            metrics=metrics,
+            clock=self._clock,
+        )
+        self._ledger = LedgerView(
+            reader=ledger_reader, written=written, intake=intake_inbox, poller=poller_inbox
+        )
+        self._poller = TaskPoller(
+            config,
+            inbox=poller_inbox,
+            member=poller_member,
+            ledger=self._ledger,
+            api=client,
+            committer=self._committer,
+            metrics=metrics,
+            clock=self._clock,
+        )
+
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        """The listener to subscribe the input consumer with."""
+        return self._intake.rebalance_listener()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run every stage until `stop` is set, then shut down in order (see above)."""
+        async with asyncio.TaskGroup() as group:
+            committer = group.create_task(self._committer.run(), name="committer")
+            ledger = group.create_task(self._ledger.run(), name="ledger-view")
+            poller = group.create_task(self._poller.run(), name="poller")
+            group.create_task(self._uploaders.run(), name="uploaders")
+            heartbeat = group.create_task(self._heartbeat(), name="heartbeat")
+            final = await self._intake.run(stop)
+            config = self._config
+            await self._uploaders.drain(final, config.shutdown_timeout_s, config.upload_grace_s)
+            poller.cancel()
+            try:
+                async with asyncio.timeout(COMMIT_DEADLINE_S):
+                    await self._committer.close()
+                    await committer
+            except TimeoutError:
+                log.error("relay_shutdown_commit_deadline", deadline_s=COMMIT_DEADLINE_S)
+            ledger.cancel()
+            heartbeat.cancel()
+
+    # -- health and readiness ---------------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        """Why the relay is not ready; empty when it is."""
+        reasons = []
+        if not self.kafka_reachable:
+            reasons.append("Kafka unreachable")
+        if not self._ledger.caught_up.is_set():
+            reasons.append("starting: reading the ledger")
+        if self.health.auth_failed is not None:
+            reasons.append(f"API authentication failed ({self.health.auth_failed.status})")
+        if self._client.breaker_state is not BreakerState.CLOSED:
+            reasons.append("API circuit breaker open")
+        return reasons
+
+    async def _heartbeat(self) -> None:
+        """Proves the event loop runs (/healthz), refreshes the gauges once a second, and
+        asks Kafka for its metadata every few seconds (readiness)."""
+        beats = 0
+        while True:
+            self.last_beat = self._clock()
+            if beats % KAFKA_PROBE_EVERY == 0:
+                await self.probe_kafka()
+            metrics = self._metrics
+            metrics.ready.set(0 if self.readiness() else 1)
+            metrics.api_auth_failed.set(1 if self.health.auth_failed is not None else 0)
+            self._poller.refresh_gauges()
+            await self._intake.refresh_gauges()
+            beats += 1
+            await asyncio.sleep(1.0)
+
+    async def probe_kafka(self) -> None:
+        """One metadata request, bounded: the client libraries reconnect silently, so
+        reachability is asked, not inferred."""
+        try:
+            async with asyncio.timeout(KAFKA_PROBE_TIMEOUT_S):
+                await self._admin.list_topics()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            if self.kafka_reachable:
+                log.error("kafka_unreachable", error=f"{type(exc).__name__}: {exc}")
+            self.kafka_reachable = False
+            return
+        if not self.kafka_reachable:
+            log.info("kafka_reachable_again")
+        self.kafka_reachable = True

@@ -1,0 +1,279 @@
+"""In-memory stand-ins for what the relay's stages need from Kafka and the API
+(service/relay/ports.py): honest enough that each stage runs its real loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from service.core.batching import Batch
+from service.core.contract import DEFAULT_LIMITS
+from service.core.resilience import BreakerState
+from service.relay.config import RelayConfig
+from service.scantrust.client import UploadRequest
+from service.scantrust.outcomes import ApiTask, Failure, TaskPage, UploadOutcome
+
+
+def config(**overrides: Any) -> RelayConfig:
+    """A relay config for stage tests: short linger and polling, small bounds."""
+    values: dict[str, Any] = {
+        "input_topic": "in",
+        "results_topic": "out",
+        "dlq_topic": "dlq",
+        "tasks_topic": "tasks",
+        "group_id": "g",
+        "limits": DEFAULT_LIMITS,
+        "batch_linger_s": 0.05,
+        "max_in_flight_requests": 2,
+        "poll_initial_s": 0.01,
+        "poll_max_s": 0.05,
+        "rebalance_timeout_s": 1.0,
+        "retry_initial_s": 0.01,
+        "retry_max_backoff_s": 0.05,
+    }
+    values.update(overrides)
+    return RelayConfig(**values)
+
+
+def change(values: list[str], market: str = "DE", **fields: Any) -> bytes:
+    """A change event's bytes."""
+    document = {
+        "constraints": {"extended_id": values},
+        "scm_data": {"intended_market": market},
+        **fields,
+    }
+    return json.dumps(document).encode()
+
+
+@dataclass
+class Record:
+    """A consumed record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class FakeConsumer:
+    """Partitions of records; `getmany` hands out what unpaused partitions hold."""
+
+    def __init__(self, topic: str, partitions: int = 1) -> None:
+        self.topic = topic
+        self.logs: dict[int, list[Record]] = {p: [] for p in range(partitions)}
+        self.positions: dict[int, int] = dict.fromkeys(range(partitions), 0)
+        self.assigned: set[TopicPartition] = {TopicPartition(topic, p) for p in self.logs}
+        self.paused: set[TopicPartition] = set()
+        self.polls = 0
+
+    def append(self, value: bytes | None, partition: int = 0, key: bytes | None = None) -> int:
+        """Add a record; returns its offset."""
+        log = self.logs[partition]
+        log.append(Record(self.topic, partition, len(log), key, value))
+        return len(log) - 1
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Record]]:
+        self.polls += 1
+        fetched: dict[TopicPartition, list[Record]] = {}
+        for tp in sorted(self.assigned - self.paused):
+            records = self.logs[tp.partition][self.positions[tp.partition] :]
+            if records:
+                fetched[tp] = records
+                self.positions[tp.partition] += len(records)
+        if not fetched:
+            await asyncio.sleep(timeout_ms / 1000)
+        return fetched
+
+    def assignment(self) -> Collection[TopicPartition]:
+        return set(self.assigned)
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        return len(self.logs[partition.partition])
+
+    async def position(self, partition: TopicPartition) -> int:
+        return self.positions[partition.partition]
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused |= set(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused -= set(partitions)
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> bool:
+        for tp in partitions:
+            self.positions[tp.partition] = 0
+        return True
+
+
+class FakeMember(FakeConsumer):
+    """The poller's group member: assignment as the test decides."""
+
+    def __init__(self, topic: str, partitions: int = 1) -> None:
+        super().__init__(topic, partitions)
+        self.assigned = set()
+        self.listener: ConsumerRebalanceListener | None = None
+
+    def subscribe(self, topics: list[str], listener: ConsumerRebalanceListener) -> None:
+        self.listener = listener
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int]:
+        return {tp: len(self.logs[tp.partition]) for tp in partitions}
+
+    async def assign(self, *partitions: int) -> None:
+        """A rebalance gives this member `partitions` (revoking what it had)."""
+        assert self.listener is not None
+        await self.listener.on_partitions_revoked(set(self.assigned))
+        self.assigned = {TopicPartition(self.topic, p) for p in partitions}
+        await self.listener.on_partitions_assigned(set(self.assigned))
+
+
+@dataclass
+class Transaction:
+    """What one committed transaction carried."""
+
+    records: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]]
+    offsets: dict[TopicPartition, Any]
+
+
+class FakeProducer:
+    """A transactional producer that keeps each committed transaction."""
+
+    def __init__(self) -> None:
+        self.committed: list[Transaction] = []
+        self._open: Transaction | None = None
+        self.fail_commit = False
+        self.hold_commit: asyncio.Event | None = None
+
+    async def begin_transaction(self) -> None:
+        assert self._open is None, "a transaction is already open"
+        self._open = Transaction([], {})
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> Any:
+        assert self._open is not None, "send outside a transaction"
+        self._open.records.append((topic, key, value, headers))
+
+    async def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, Any], group_id: str
+    ) -> None:
+        assert self._open is not None
+        self._open.offsets.update(offsets)
+
+    async def commit_transaction(self) -> None:
+        assert self._open is not None
+        if self.hold_commit is not None:
+            await self.hold_commit.wait()
+        if self.fail_commit:
+            self._open = None
+            raise RuntimeError("the broker refused the transaction")
+        self.committed.append(self._open)
+        self._open = None
+
+    def written(self, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+        """(key, value) of every committed record of `topic`."""
+        return [
+            (key, value)
+            for transaction in self.committed
+            for (name, key, value, _) in transaction.records
+            if name == topic
+        ]
+
+
+class FakeAccounting:
+    """Records what the committer accounted for."""
+
+    def __init__(self) -> None:
+        self.dead: list[tuple[str, int, int]] = []
+        self.batches: list[str] = []
+        self.points: dict[tuple[str, int], tuple[int, str]] = {}
+
+    def dead_lettered(self, topic: str, partition: int, offset: int) -> None:
+        self.dead.append((topic, partition, offset))
+        self.points[(topic, partition)] = (offset + 1, "")
+
+    def batch_recorded(self, batch: Batch) -> None:
+        self.batches.append(batch.batch_id)
+
+    def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
+        points, self.points = self.points, {}
+        return points
+
+
+@dataclass
+class FakeApi:
+    """Scripted upload outcomes (then accepted), and task states by id."""
+
+    uploads: list[UploadRequest] = field(default_factory=list)
+    script: list[UploadOutcome] = field(default_factory=list)
+    states: dict[str, ApiTask] = field(default_factory=dict)
+    status_calls: list[list[str]] = field(default_factory=list)
+    status_failure: Failure | None = None
+    breaker_state: BreakerState = BreakerState.CLOSED
+    upload_delay_s: float = 0.0
+
+    async def upload(self, request: UploadRequest) -> UploadOutcome:
+        from service.scantrust.outcomes import Accepted
+
+        self.uploads.append(request)
+        if self.upload_delay_s:
+            await asyncio.sleep(self.upload_delay_s)
+        if self.script:
+            return self.script.pop(0)
+        return Accepted(f"task-{len(self.uploads)}")
+
+    async def tasks(self, task_ids: Sequence[str]) -> TaskPage | Failure:
+        self.status_calls.append(list(task_ids))
+        if self.status_failure is not None:
+            return self.status_failure
+        return TaskPage([self.states[i] for i in task_ids if i in self.states])
+
+
+class Inbox:
+    """Collects what a stage tells another."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def tell(self, message: Any) -> None:
+        self.messages.append(message)
+
+
+class FakeAdmin:
+    """Committed offsets with metadata, and a metadata probe that can fail."""
+
+    def __init__(self) -> None:
+        self.committed: dict[TopicPartition, Any] = {}
+        self.fail = False
+
+    async def list_consumer_group_offsets(
+        self, group_id: str, group_coordinator_id: int | None = None, partitions: Any = None
+    ) -> Mapping[TopicPartition, Any]:
+        return {tp: self.committed.get(tp) for tp in partitions or []}
+
+    async def list_topics(self) -> list[str]:
+        from aiokafka.errors import KafkaConnectionError
+
+        if self.fail:
+            raise KafkaConnectionError("connection refused")
+        return ["in"]
+
+
+def by_partition() -> defaultdict[int, list[Any]]:
+    """A fresh mapping partition -> items."""
+    return defaultdict(list)

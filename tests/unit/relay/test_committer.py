@@ -1,0 +1,124 @@
+"""The committer against a fake transactional producer: one transaction per round,
+nothing counts as done before its commit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.core.batching import Source
+from service.core.contract import Reason, Stage
+from service.core.records import DeadLetterHeaders
+from service.metrics import RelayMetrics
+from service.relay.committer import Committer
+from service.relay.ledger import WrittenRecords
+from service.relay.messages import ApiRejection, DeadLetter, LedgerAppend, TaskFinished
+from service.relay.poller import task_outcome
+from service.scantrust.outcomes import Rejected, TaskApiState
+from tests.unit.relay.fakes import FakeAccounting, FakeProducer, config
+from tests.unit.relay.support import api_task, batch, ledger_record
+
+
+def committer(
+    producer: FakeProducer, accounting: FakeAccounting
+) -> tuple[Committer, WrittenRecords]:
+    written = WrittenRecords()
+    stage = Committer(
+        config(),
+        producer=producer,
+        accounting=accounting,
+        written=written,
+        metrics=RelayMetrics(CollectorRegistry()),
+    )
+    return stage, written
+
+
+def dead_letter(offset: int) -> DeadLetter:
+    headers = DeadLetterHeaders(
+        stage=Stage.DECODE,
+        reason=Reason.INVALID_JSON,
+        message="not JSON",
+        source_topic="in",
+        source_partition=0,
+        source_offset=offset,
+    )
+    return DeadLetter(Source("in", 0, offset), b"{", b"k", headers)
+
+
+async def test_a_ledger_record_and_the_offsets_it_releases_commit_together() -> None:
+    producer, accounting = FakeProducer(), FakeAccounting()
+    stage, written = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    uploaded = batch(["a", "b"])
+    record = ledger_record("t1", ["a", "b"], batch_id=uploaded.batch_id)
+    await stage.submit(dead_letter(0))
+    await stage.record(LedgerAppend(record, uploaded))
+    await stage.close()
+    await runner
+    keys = [key for key, _ in producer.written("tasks")]
+    assert keys == [b"t1"]
+    assert producer.written("dlq") == [(b"k", b"{")]
+    assert accounting.batches == [uploaded.batch_id]
+    assert accounting.dead == [("in", 0, 0)]
+    # The offsets travel in the transaction that carried what accounts for them.
+    (with_offsets,) = [t for t in producer.committed if t.offsets]
+    assert any(name == "dlq" for name, *_ in with_offsets.records)
+    # The ledger view takes this record back instead of parsing it again.
+    assert written.take("t1") == record
+
+
+async def test_record_returns_only_once_the_transaction_committed() -> None:
+    producer, accounting = FakeProducer(), FakeAccounting()
+    producer.hold_commit = asyncio.Event()
+    stage, _ = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    uploaded = batch(["a"])
+    recording = asyncio.create_task(
+        stage.record(LedgerAppend(ledger_record("t1", ["a"]), uploaded))
+    )
+    flushing = asyncio.create_task(stage.flush())
+    await asyncio.sleep(0.05)
+    assert not recording.done()
+    assert not flushing.done()
+    assert producer.committed == []
+    producer.hold_commit.set()
+    await asyncio.wait_for(asyncio.gather(recording, flushing), 1)
+    assert len(producer.committed) == 1
+    await stage.close()
+    await runner
+
+
+async def test_a_rejected_batch_dead_letters_each_event_once_and_a_result_tombstones() -> None:
+    producer, accounting = FakeProducer(), FakeAccounting()
+    stage, _ = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    refused = batch(["a", "b"])
+    rejection = Rejected(400, {"scm_data": ["bad"]}, '{"scm_data": ["bad"]}')
+    await stage.submit(ApiRejection(refused, rejection))
+    await stage.submit(ApiRejection(refused, rejection))  # the same events again: once
+    forgotten: list[str] = []
+    entry = ledger_record("t9", ["c"])
+    outcome = task_outcome(entry, api_task("t9", TaskApiState.COMPLETE, 1))
+    await stage.submit(TaskFinished(outcome, lambda: forgotten.append("t9")))
+    await stage.flush()
+    assert len(producer.written("dlq")) == 1
+    assert producer.written("tasks") == [(b"t9", None)]
+    assert [key for key, _ in producer.written("out")] == [b"t9"]
+    assert forgotten == ["t9"]
+    await stage.close()
+    await runner
+
+
+async def test_a_refused_transaction_stops_the_committer_and_resolves_nothing() -> None:
+    producer, accounting = FakeProducer(), FakeAccounting()
+    producer.fail_commit = True
+    stage, _ = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    append = LedgerAppend(ledger_record("t1", ["a"]), batch(["a"]))
+    await stage.submit(append)
+    with pytest.raises(RuntimeError, match="refused"):
+        await asyncio.wait_for(runner, 1)
+    assert not append.recorded.done()
+    assert producer.committed == []

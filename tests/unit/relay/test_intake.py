@@ -1,0 +1,261 @@
+"""Intake against a fake consumer: validation, admission behind the ledger's claims,
+pausing, hand-off, rebalances and the shutdown flush, with no broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+from prometheus_client import CollectorRegistry
+
+from service.core.batching import Batch, Batcher
+from service.metrics import RelayMetrics
+from service.relay.admission import Admission
+from service.relay.book import OffsetBook
+from service.relay.health import ApiHealth
+from service.relay.intake import Intake
+from service.relay.messages import (
+    BatchRejected,
+    DeadLetter,
+    IntakeMessage,
+    LedgerCaughtUp,
+    Mailbox,
+    TaskEnded,
+    TaskRecorded,
+)
+from tests.unit.relay.fakes import FakeAdmin, FakeConsumer, change, config
+
+
+class Queue:
+    """The uploaders' queue: keeps what intake hands on, with room for `room`."""
+
+    def __init__(self, room: int = 100) -> None:
+        self.batches: list[Batch] = []
+        self.room = room
+        self._space = asyncio.Event()
+
+    async def put(self, batch: Batch) -> None:
+        while len(self.batches) >= self.room:
+            self._space.clear()
+            await self._space.wait()
+        self.batches.append(batch)
+
+    @property
+    def idle(self) -> bool:
+        # The uploaders took what came before: only a full queue keeps a batch waiting.
+        return len(self.batches) < self.room
+
+    def take_queued(self) -> list[Batch]:
+        taken, self.batches = self.batches, []
+        self._space.set()
+        return taken
+
+
+class Committer:
+    """Collects dead letters; `flush` counts."""
+
+    def __init__(self) -> None:
+        self.items: list[DeadLetter] = []
+        self.flushes = 0
+
+    async def submit(self, item: DeadLetter) -> None:
+        self.items.append(item)
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+
+@dataclass
+class Rig:
+    intake: Intake
+    consumer: FakeConsumer
+    inbox: Mailbox[IntakeMessage]
+    queue: Queue
+    committer: Committer
+    book: OffsetBook
+    health: ApiHealth
+    admin: FakeAdmin
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def rig(room: int = 100, **settings: Any) -> Rig:
+    cfg = config(**settings)
+    consumer, inbox, queue, committer = (
+        FakeConsumer("in"),
+        Mailbox[IntakeMessage](100),
+        Queue(room),
+        Committer(),
+    )
+    book, health, admin = OffsetBook(), ApiHealth(), FakeAdmin()
+    batcher = Batcher(
+        max_values=cfg.batch_max_values,
+        max_keys=1,
+        linger_s=cfg.batch_linger_s,
+        max_open_batches=cfg.max_open_batches,
+    )
+    intake = Intake(
+        cfg,
+        consumer=consumer,
+        group_offsets=admin,
+        inbox=inbox,
+        admission=Admission(batcher),
+        book=book,
+        uploaders=queue,
+        committer=committer,
+        health=health,
+        metrics=RelayMetrics(CollectorRegistry()),
+        clock=lambda: asyncio.get_running_loop().time(),
+    )
+    return Rig(intake, consumer, inbox, queue, committer, book, health, admin)
+
+
+@asynccontextmanager
+async def running(subject: Rig) -> AsyncIterator[asyncio.Task[list[Batch]]]:
+    task = asyncio.create_task(subject.intake.run(subject.stop))
+    try:
+        yield task
+    finally:
+        subject.stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def eventually(condition: Any, timeout_s: float = 2.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - the fakes do not notify
+            await asyncio.sleep(0.01)
+
+
+def values(batches: list[Batch]) -> list[list[str]]:
+    return [batch.constraints()["extended_id"] for batch in batches]
+
+
+async def test_nothing_is_read_before_the_ledger_is_then_batches_are_handed_on() -> None:
+    subject = rig(batch_max_values=2)
+    subject.consumer.append(change(["a", "b"]))
+    subject.consumer.append(change(["c"]))
+    async with running(subject):
+        await asyncio.sleep(0.2)
+        assert subject.intake.paused
+        assert subject.consumer.positions[0] == 0
+        await subject.inbox.tell(LedgerCaughtUp(0))
+        await eventually(lambda: len(subject.queue.batches) == 2)
+    # The full batch went at once, the other when its linger passed.
+    assert values(subject.queue.batches) == [["a", "b"], ["c"]]
+    assert subject.intake.buffered_values == 3, "handed on, not yet recorded"
+
+
+async def test_an_invalid_record_becomes_a_dead_letter_and_the_stream_goes_on() -> None:
+    subject = rig()
+    subject.consumer.append(b"{not json")
+    subject.consumer.append(change(["a"]))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
+    (dead,) = subject.committer.items
+    assert (dead.source.offset, dead.raw, dead.headers.reason.value) == (
+        0,
+        b"{not json",
+        "invalid_json",
+    )
+
+
+async def test_a_change_behind_an_unfinished_task_waits_for_its_tombstone() -> None:
+    subject = rig()
+    await subject.inbox.tell(
+        TaskRecorded("t1", "other-batch", {"extended_id": ["a"]}, {"intended_market": "DE"})
+    )
+    await subject.inbox.tell(LedgerCaughtUp(1))
+    subject.consumer.append(change(["a"], market="FR"))
+    subject.consumer.append(change(["b"], market="FR"))
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
+        await asyncio.sleep(0.2)
+        assert values(subject.queue.batches) == [["b"]], "the change to 'a' overtook the task"
+        await subject.inbox.tell(TaskEnded("t1"))
+        await eventually(lambda: len(subject.queue.batches) == 2)
+    assert values(subject.queue.batches)[1] == ["a"]
+
+
+async def test_a_rejected_batch_releases_the_events_held_behind_it() -> None:
+    subject = rig()
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    subject.consumer.append(change(["a"], market="DE"))
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
+        subject.consumer.append(change(["a"], market="FR"))
+        await asyncio.sleep(0.2)
+        assert len(subject.queue.batches) == 1
+        first = subject.queue.batches[0]
+        await subject.inbox.tell(BatchRejected(first.batch_id))
+        await eventually(lambda: len(subject.queue.batches) == 2)
+
+
+async def test_intake_pauses_while_the_api_is_failing_or_the_token_refused() -> None:
+    subject = rig()
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    async with running(subject):
+        await eventually(lambda: not subject.intake.paused)
+        subject.health.upload_failed()
+        await eventually(lambda: subject.intake.paused)
+        subject.health.upload_accepted()
+        await eventually(lambda: not subject.intake.paused)
+
+
+async def test_a_full_upload_queue_pauses_intake_but_keeps_it_polling() -> None:
+    subject = rig(room=1, batch_max_values=1)
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    for code in "abc":
+        subject.consumer.append(change([code]))
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
+        polls = subject.consumer.polls
+        await asyncio.sleep(2.5)
+        # Still polling (so the group keeps it) while waiting for room, partitions paused.
+        assert subject.consumer.polls >= polls + 2
+        assert subject.intake.paused
+    # Stopped while waiting: the batch that found no room goes to the shutdown flush.
+
+
+async def test_stop_returns_open_and_unqueued_batches_for_the_flush() -> None:
+    subject = rig(room=1, batch_max_values=1, batch_linger_s=60.0)
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    subject.consumer.append(change(["a"]))
+    subject.consumer.append(change(["b"]))
+    task = asyncio.create_task(subject.intake.run(subject.stop))
+    await eventually(lambda: subject.queue.batches)
+    await asyncio.sleep(0.1)
+    subject.stop.set()
+    final = await asyncio.wait_for(task, 3)
+    assert values(subject.queue.batches) == [["a"]]
+    assert values(final) == [["b"]]
+
+
+async def test_a_revoke_drops_unsent_work_and_flushes_the_committer() -> None:
+    subject = rig(batch_max_values=1)
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    subject.consumer.append(change(["a"]))
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
+        await subject.intake.partitions_revoked({TopicPartition("in", 0)})
+    assert subject.queue.batches == [], "queued, never sent: read again by the next owner"
+    assert subject.committer.flushes == 1
+    assert subject.intake.buffered_values == 0
+
+
+async def test_offsets_done_above_the_commit_are_skipped_after_an_assignment() -> None:
+    subject = rig(batch_max_values=1)
+    tp = TopicPartition("in", 0)
+    subject.admin.committed[tp] = OffsetAndMetadata(0, "scm-relay:1:1")
+    await subject.intake.partitions_assigned({tp})
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    for code in "abc":
+        subject.consumer.append(change([code]))
+    async with running(subject):
+        await eventually(lambda: len(subject.queue.batches) == 2)
+        await asyncio.sleep(0.1)
+    assert values(subject.queue.batches) == [["a"], ["c"]]

@@ -1,0 +1,204 @@
+"""The ledger view and the task poller against fake consumers and a fake API: the
+ledger is parsed once and told to both; only owned partitions are polled, and only
+once read to where they ended at their assignment."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from service.metrics import RelayMetrics
+from service.relay.ledger import LedgerView, WrittenRecords
+from service.relay.messages import (
+    LedgerCaughtUp,
+    LedgerChange,
+    Mailbox,
+    Progress,
+    TaskEnded,
+    TaskFinished,
+    TaskRecorded,
+)
+from service.relay.poller import TaskPoller
+from service.scantrust.outcomes import TaskApiState, Unavailable
+from tests.unit.relay.fakes import FakeApi, FakeConsumer, FakeMember, Inbox, config
+from tests.unit.relay.support import api_task, ledger_record
+
+
+async def eventually(condition: Any, timeout_s: float = 2.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - the fakes do not notify
+            await asyncio.sleep(0.01)
+
+
+async def test_the_view_tells_intake_and_poller_each_record_once_then_caught_up() -> None:
+    reader = FakeConsumer("tasks", partitions=2)
+    reader.append(ledger_record("t1", ["a"]).model_dump_json().encode(), 0, b"t1")
+    reader.append(b"{broken", 1, b"t2")
+    reader.append(None, 0, b"t1")
+    intake, poller = Inbox(), Inbox()
+    view = LedgerView(reader=reader, written=WrittenRecords(), intake=intake, poller=poller)
+    task = asyncio.create_task(view.run())
+    await asyncio.wait_for(view.caught_up.wait(), 2)
+    task.cancel()
+    recorded, ended, caught_up = intake.messages
+    assert isinstance(recorded, TaskRecorded)
+    assert recorded.batch_id == "batch-of-t1"
+    assert ended == TaskEnded("t1")
+    assert caught_up == LedgerCaughtUp(unfinished_tasks=0)
+    assert [(c.partition, c.task_id, c.record is None) for c in poller.messages] == [
+        (0, "t1", False),
+        (0, "t1", True),
+    ]
+    assert view.position(0) == 2
+    assert view.position(1) == 1
+
+
+async def test_records_this_process_wrote_are_not_parsed_again() -> None:
+    reader = FakeConsumer("tasks")
+    written = WrittenRecords()
+    own = ledger_record("t1", ["a"])
+    written.remember(own)
+    reader.append(b"not even json: the view must not parse it", 0, b"t1")
+    poller = Inbox()
+    view = LedgerView(reader=reader, written=written, intake=Inbox(), poller=poller)
+    task = asyncio.create_task(view.run())
+    await asyncio.wait_for(view.caught_up.wait(), 2)
+    task.cancel()
+    assert poller.messages[0].record is own
+
+
+class Positions:
+    """How far the ledger view has read each partition, as the test says."""
+
+    def __init__(self) -> None:
+        self.read: dict[int, int] = {}
+
+    def position(self, partition: int) -> int:
+        return self.read.get(partition, 0)
+
+
+class Committer:
+    """Commits at once: runs each result's `done`."""
+
+    def __init__(self) -> None:
+        self.items: list[TaskFinished | Progress] = []
+        self.flushes = 0
+
+    async def submit(self, item: TaskFinished | Progress) -> None:
+        self.items.append(item)
+        if isinstance(item, TaskFinished):
+            item.done()
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+
+@asynccontextmanager
+async def poller(
+    api: FakeApi, member: FakeMember, positions: Positions, committer: Committer, **settings: Any
+) -> AsyncIterator[Mailbox[LedgerChange]]:
+    inbox: Mailbox[LedgerChange] = Mailbox(100)
+    stage = TaskPoller(
+        config(**settings),
+        inbox=inbox,
+        member=member,
+        ledger=positions,
+        api=api,
+        committer=committer,
+        metrics=RelayMetrics(CollectorRegistry()),
+        clock=lambda: asyncio.get_running_loop().time(),
+    )
+    task = asyncio.create_task(stage.run())
+    await asyncio.sleep(0)
+    try:
+        yield inbox
+    finally:
+        task.cancel()
+
+
+async def test_only_tasks_of_owned_partitions_are_polled_and_each_result_published_once() -> None:
+    api = FakeApi()
+    api.states["t0"] = api_task("t0", TaskApiState.COMPLETE, 1)
+    api.states["t1"] = api_task("t1", TaskApiState.FAILED, 0)
+    member, positions, committer = FakeMember("tasks", partitions=2), Positions(), Committer()
+    async with poller(api, member, positions, committer) as inbox:
+        await member.assign(0)
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["a"])))
+        await inbox.tell(LedgerChange(1, "t1", ledger_record("t1", ["b"])))
+        await eventually(lambda: committer.items)
+        await asyncio.sleep(0.2)
+    (finished,) = committer.items
+    assert isinstance(finished, TaskFinished)
+    assert (finished.outcome.task_id, finished.outcome.state.value) == ("t0", "complete")
+    assert all("t1" not in call for call in api.status_calls), (
+        "a task of another replica was polled"
+    )
+
+
+async def test_an_assigned_partition_is_polled_only_once_read_to_its_end() -> None:
+    api = FakeApi()
+    api.states["t0"] = api_task("t0", TaskApiState.COMPLETE, 1)
+    member, positions, committer = FakeMember("tasks"), Positions(), Committer()
+    # The partition holds two records (the task, and a tombstone the previous owner wrote).
+    member.append(b"task", 0, b"t0")
+    member.append(None, 0, b"t0")
+    async with poller(api, member, positions, committer) as inbox:
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["a"])))
+        await member.assign(0)
+        positions.read[0] = 1  # the view has told the task but not yet its tombstone
+        await asyncio.sleep(0.2)
+        assert api.status_calls == [], "polled before the partition was read to its end"
+        await inbox.tell(LedgerChange(0, "t0", None))
+        positions.read[0] = 2
+        await asyncio.sleep(0.2)
+    assert committer.items == [], "a result the previous owner published was published again"
+
+
+async def test_a_revoke_flushes_results_under_way_and_stops_polling_the_partition() -> None:
+    api = FakeApi()
+    api.states["t0"] = api_task("t0", TaskApiState.PENDING)
+    member, positions, committer = FakeMember("tasks"), Positions(), Committer()
+    async with poller(api, member, positions, committer) as inbox:
+        await member.assign(0)
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["a"])))
+        await eventually(lambda: api.status_calls)
+        await member.assign()
+        calls = len(api.status_calls)
+        await asyncio.sleep(0.2)
+    assert committer.flushes >= 1
+    assert len(api.status_calls) == calls, "a revoked partition's task is still polled"
+
+
+async def test_a_failing_status_call_is_retried_on_schedule_until_the_api_answers() -> None:
+    api = FakeApi(status_failure=Unavailable("HTTP 503", status=503))
+    api.states["t0"] = api_task("t0", TaskApiState.COMPLETE, 1)
+    member, positions, committer = FakeMember("tasks"), Positions(), Committer()
+    async with poller(api, member, positions, committer) as inbox:
+        await member.assign(0)
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["a"])))
+        await eventually(lambda: len(api.status_calls) >= 3)
+        assert committer.items == []
+        api.status_failure = None
+        await eventually(lambda: committer.items)
+    (finished,) = committer.items
+    assert isinstance(finished, TaskFinished)
+    assert finished.outcome.task_id == "t0"
+
+
+async def test_a_task_unfinished_past_the_stuck_age_is_reported_and_still_followed() -> None:
+    api = FakeApi()
+    api.states["t0"] = api_task("t0", TaskApiState.IN_PROGRESS)
+    member, positions, committer = FakeMember("tasks"), Positions(), Committer()
+    async with poller(api, member, positions, committer, task_stuck_after_s=0.2) as inbox:
+        await member.assign(0)
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["a"])))
+        await eventually(lambda: committer.items)
+        calls = len(api.status_calls)
+        await eventually(lambda: len(api.status_calls) > calls)
+    (progress,) = committer.items
+    assert isinstance(progress, Progress)
+    assert (progress.progress.state, progress.progress.stuck) == ("in-progress", True)

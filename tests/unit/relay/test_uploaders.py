@@ -1,0 +1,178 @@
+"""The uploaders against a fake API: outcomes handed on, retries owned here, and a
+shutdown that parked or retrying uploads cannot hold up."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from service.core.batching import Batch
+from service.metrics import RelayMetrics
+from service.relay.health import ApiHealth
+from service.relay.messages import ApiRejection, BatchRejected, LedgerAppend
+from service.relay.uploaders import Uploaders
+from service.scantrust.outcomes import (
+    Ambiguous,
+    AuthFailed,
+    Rejected,
+    Throttled,
+    Unavailable,
+    UploadOutcome,
+)
+from tests.unit.relay.fakes import FakeApi, Inbox, config
+from tests.unit.relay.support import batch
+
+
+class Recorder:
+    """A committer that commits at once (or never, when `hold`)."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.items: list[Any] = []
+        self.hold = hold
+
+    async def submit(self, item: LedgerAppend | ApiRejection) -> None:
+        self.items.append(item)
+        if isinstance(item, LedgerAppend) and not self.hold:
+            item.recorded.set_result(None)
+
+
+def uploaders(
+    api: FakeApi, recorder: Recorder, inbox: Inbox, health: ApiHealth | None = None, **settings: Any
+) -> Uploaders:
+    return Uploaders(
+        config(**settings),
+        api=api,
+        committer=recorder,
+        intake=inbox,
+        health=health or ApiHealth(),
+        metrics=RelayMetrics(CollectorRegistry()),
+        rng=random.Random(7),
+    )
+
+
+async def run_until_drained(stage: Uploaders, batches: list[Batch], **drain: float) -> None:
+    runner = asyncio.create_task(stage.run())
+    for ready in batches:
+        await stage.put(ready)
+    await stage.drain([], drain.get("timeout_s", 5.0), drain.get("grace_s", 5.0))
+    await asyncio.wait_for(runner, 5)
+
+
+async def test_accepted_becomes_a_ledger_record_and_rejected_dead_letters_and_a_release() -> None:
+    refusal = Rejected(400, {"scm_data": ["bad"]}, "{}")
+    api = FakeApi(script=[refusal])
+    recorder, inbox = Recorder(), Inbox()
+    first, second = batch(["a"]), batch(["b"])
+    await run_until_drained(
+        uploaders(api, recorder, inbox, max_in_flight_requests=1), [first, second]
+    )
+    rejection, append = recorder.items
+    assert isinstance(rejection, ApiRejection)
+    assert rejection.batch is first
+    assert isinstance(append, LedgerAppend)
+    assert append.batch is second
+    assert append.record.task_id == "task-2"
+    assert append.record.constraints == {"extended_id": ["b"]}
+    assert inbox.messages == [BatchRejected(first.batch_id)]
+
+
+async def test_retries_are_owned_here_and_honour_the_api_wait() -> None:
+    script: list[UploadOutcome] = [
+        Throttled(0.2, "throttled"),
+        Unavailable("HTTP 503", status=503),
+        Ambiguous("no answer before timeout"),
+    ]
+    api, recorder, health = FakeApi(script=script), Recorder(), ApiHealth()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await run_until_drained(uploaders(api, recorder, Inbox(), health), [batch(["a"])])
+    # One attempt per call: three failures, then the accepted fourth.
+    assert len(api.uploads) == 4
+    assert loop.time() - started >= 0.2, "the 429's named wait was not honoured"
+    assert isinstance(recorder.items[0], LedgerAppend)
+    assert health.degraded is False, "an accepted upload clears the degraded state"
+
+
+async def test_the_next_batch_waits_until_the_last_is_recorded() -> None:
+    api, recorder = FakeApi(), Recorder(hold=True)
+    stage = uploaders(api, recorder, Inbox(), max_in_flight_requests=1)
+    runner = asyncio.create_task(stage.run())
+    await stage.put(batch(["a"]))
+    await stage.put(batch(["b"]))
+    await asyncio.sleep(0.1)
+    assert len(api.uploads) == 1, "a second upload started before the first was recorded"
+    recorder.items[0].recorded.set_result(None)
+    await asyncio.sleep(0.1)
+    assert len(api.uploads) == 2
+    recorder.items[1].recorded.set_result(None)
+    await stage.drain([], 1.0, 1.0)
+    await asyncio.wait_for(runner, 1)
+
+
+async def test_parked_after_403_does_not_hold_up_the_shutdown() -> None:
+    health = ApiHealth()
+    api = FakeApi(script=[AuthFailed(403, "forbidden")])
+    stage = uploaders(api, Recorder(), Inbox(), health)
+    runner = asyncio.create_task(stage.run())
+    await stage.put(batch(["a"]))
+    await asyncio.sleep(0.05)
+    assert health.auth_failed is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # The final batches are not even tried with a token the API refused.
+    await stage.drain([batch(["b"]), batch(["c"])], timeout_s=30.0, grace_s=30.0)
+    await asyncio.wait_for(runner, 1)
+    assert loop.time() - started < 1.0
+    assert len(api.uploads) == 1
+
+
+async def test_at_the_deadline_retrying_uploads_stop_and_requests_under_way_finish() -> None:
+    outage: list[UploadOutcome] = [Unavailable("HTTP 503", status=503, retry_after_s=60.0)]
+    api, recorder = FakeApi(script=outage), Recorder()
+    stage = uploaders(api, recorder, Inbox(), max_in_flight_requests=2)
+    runner = asyncio.create_task(stage.run())
+    await stage.put(batch(["a"]))  # gets the 503 and waits 60 s to retry
+    await asyncio.sleep(0.05)
+    api.upload_delay_s = 0.3
+    slow = batch(["b"])
+    await stage.put(slow)  # its request is under way at the deadline
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await stage.drain([batch(["c"])], timeout_s=0.1, grace_s=5.0)
+    await asyncio.wait_for(runner, 1)
+    elapsed = loop.time() - started
+    assert elapsed < 1.0, "the retry wait held up the shutdown"
+    # The request under way finished and was handed on; nothing new started.
+    assert [item.batch for item in recorder.items] == [slow]
+    assert len(api.uploads) == 2
+
+
+async def test_a_request_past_its_grace_is_cancelled() -> None:
+    api = FakeApi(upload_delay_s=10.0)
+    stage = uploaders(api, Recorder(), Inbox(), max_in_flight_requests=1)
+    runner = asyncio.create_task(stage.run())
+    await stage.put(batch(["a"]))
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await stage.drain([], timeout_s=0.1, grace_s=0.2)
+    await asyncio.wait_for(runner, 1)
+    assert 0.25 <= loop.time() - started < 1.0
+
+
+async def test_take_queued_returns_batches_no_uploader_started() -> None:
+    api = FakeApi(upload_delay_s=10.0)
+    stage = uploaders(api, Recorder(), Inbox(), max_in_flight_requests=1)
+    runner = asyncio.create_task(stage.run())
+    first, second, third = batch(["a"]), batch(["b"]), batch(["c"])
+    for ready in (first, second, third):
+        await stage.put(ready)
+    await asyncio.sleep(0.05)
+    assert stage.take_queued() == [second, third]
+    assert stage.idle
+    await stage.drain([], timeout_s=0.05, grace_s=0.05)
+    await asyncio.wait_for(runner, 1)
