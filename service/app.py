@@ -91,6 +91,7 @@ def relay_config(settings: Settings) -> RelayConfig:
         status_chunk_size=settings.api_status_chunk_size,
         retry_initial_s=settings.api_retry_initial_s,
         retry_max_backoff_s=settings.api_retry_max_backoff_s,
+        reconcile_after_s=settings.api_request_timeout_s,
     )
 
 

@@ -61,6 +61,12 @@ class RelayMetrics:
         self.dead_letters = counter(
             "dead_letters_total", "Records written to the dead-letter topic.", ("stage", "reason")
         )
+        self.reconciliations = counter(
+            "reconciliations_total",
+            "Ambiguous uploads looked up by reference: the task found and adopted, or none "
+            "(then the batch is sent again).",
+            ("found",),
+        )
         self.batches_submitted = counter(
             "batches_submitted_total", "Upload requests accepted by the API.", ("flush_reason",)
         )
@@ -158,6 +164,8 @@ class RelayMetrics:
             self.batches_submitted.labels(flush_reason.value)
         for state in ("complete", "failed"):
             self.tasks_finished.labels(state)
+        for found in ("task", "none"):
+            self.reconciliations.labels(found)
 
     # -- the API client's observer -------------------------------------------------
 

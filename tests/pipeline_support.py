@@ -61,6 +61,8 @@ def relay_settings(bootstrap: str, api_url: str, topics: Topics, **overrides: An
         "api_retry_max_backoff_s": 0.5,
         "api_retry_max_elapsed_s": 2.0,
         "api_breaker_cooldown_s": 1.0,
+        # An ambiguous upload is looked up this long after its answer: short in tests.
+        "api_request_timeout_s": 5.0,
         "shutdown_timeout_s": 10.0,
         "rebalance_timeout_s": 5.0,
         "http_host": "127.0.0.1",

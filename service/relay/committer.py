@@ -136,7 +136,8 @@ class Committer:
                 value=record.model_dump_json().encode(),
             )
             self._written.remember(record)
-            self._accounting.batch_recorded(item.batch)
+            if item.accounts:
+                self._accounting.batch_recorded(item.batch)
         elif isinstance(item, DeadLetter):
             await producer.send(
                 config.dlq_topic, key=item.key, value=item.raw, headers=item.headers.to_kafka()

@@ -38,6 +38,9 @@ class RelayConfig:
     status_chunk_size: int = 100
     retry_initial_s: float = 0.5
     retry_max_backoff_s: float = 30.0
+    # After an ambiguous upload, how long until the original request can no longer
+    # create a task: the API request timeout (see service/relay/reconcile.py).
+    reconcile_after_s: float = 30.0
 
 
 def utcnow() -> datetime:

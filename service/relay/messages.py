@@ -25,6 +25,9 @@ class LedgerAppend:
 
     record: TaskLedgerRecord
     batch: Batch
+    # False for a second task of the same batch (reconciliation found several): the
+    # first record accounts for the batch's events.
+    accounts: bool = True
     recorded: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

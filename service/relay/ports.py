@@ -14,6 +14,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from service.core.batching import Batch
 from service.core.resilience import BreakerState
+from service.relay.reconcile import TaskLookup
 from service.scantrust.client import UploadRequest
 from service.scantrust.outcomes import Failure, TaskPage, UploadOutcome
 
@@ -163,5 +164,5 @@ class KafkaAdmin(GroupOffsets, MetadataProbe, Protocol):
     """The admin client: committed offsets for intake, metadata for the heartbeat."""
 
 
-class ScantrustApi(UploadApi, StatusApi, BreakerView, Protocol):
+class ScantrustApi(UploadApi, StatusApi, TaskLookup, BreakerView, Protocol):
     """The API client as the whole relay uses it."""

@@ -4,7 +4,10 @@ They own the upload queue and the retries of uploads (the API client attempts an
 upload once: only here is it known whether a resend is safe). An accepted batch
 becomes a ledger record for the committer; a rejected one becomes dead letters
 and a message to intake that its claims end; an authentication failure parks
-the upload (nothing is lost, intake stops) until the relay stops.
+the upload (nothing is lost, intake stops) until the relay stops. An ambiguous
+answer is never resent blindly: once the request can no longer create a task,
+the task is looked up by reference and adopted, and only when none exists is the
+batch sent again (reconcile.py).
 
 Shutdown (`drain`) is bounded twice: queued and final batches are uploaded until
 the shutdown deadline; then no new attempt starts, uploads whose request is
@@ -31,10 +34,23 @@ from service.relay.config import RelayConfig, utcnow
 from service.relay.health import ApiHealth
 from service.relay.messages import ApiRejection, BatchRejected, LedgerAppend
 from service.relay.ports import UploadApi
+from service.relay.reconcile import Reconciler, TaskLookup, api_reference
 from service.scantrust.client import UploadRequest
-from service.scantrust.outcomes import Accepted, AuthFailed, Rejected, retry_wait
+from service.scantrust.outcomes import (
+    Accepted,
+    Ambiguous,
+    AuthFailed,
+    Failure,
+    Rejected,
+    UploadOutcome,
+    retry_wait,
+)
 
 log = structlog.get_logger(__name__)
+
+
+class UploadAndLookupApi(UploadApi, TaskLookup, Protocol):
+    """The API as the uploaders use it: uploads, and the reads of reconciliation."""
 
 
 class Recorder(Protocol):
@@ -58,7 +74,7 @@ class Uploaders:
         self,
         config: RelayConfig,
         *,
-        api: UploadApi,
+        api: UploadAndLookupApi,
         committer: Recorder,
         intake: IntakeInbox,
         health: ApiHealth,
@@ -67,6 +83,7 @@ class Uploaders:
     ) -> None:
         self._config = config
         self._api = api
+        self._reconciler = Reconciler(api)
         self._committer = committer
         self._intake = intake
         self._health = health
@@ -165,27 +182,39 @@ class Uploaders:
             constraints=batch.constraints(),
             scm_data=batch.scm_data,
             campaign=batch.campaign,
-            reference=batch.reference or None,
+            reference=api_reference(batch),
         )
         bound = log.bind(batch_id=batch.batch_id, values=batch.size, events=len(batch.events()))
         attempt = 0
+        first_sent = utcnow()
         while not self._deadline_passed:
             if self._stopping.is_set() and self._health.auth_failed is not None:
                 return
             submitted_at = utcnow()
             async with self._sending_request():
-                outcome = await self._api.upload(request)
-                if isinstance(outcome, Accepted):
-                    append = self._accepted(batch, outcome, submitted_at, bound)
-                    await self._committer.submit(append)
+                outcome: UploadOutcome | list[str] = await self._api.upload(request)
+                if isinstance(outcome, Ambiguous):
+                    found = await self._reconcile(batch, request, first_sent, outcome, bound)
+                    if found is None:
+                        return  # the shutdown deadline came first: see docs/guarantees.md
+                    if found:
+                        outcome = found
+                if isinstance(outcome, Accepted | list):
+                    appends = self._accepted(batch, outcome, submitted_at, bound)
+                    for append in appends:
+                        await self._committer.submit(append)
                 elif isinstance(outcome, Rejected):
                     bound.warning("batch_rejected", status=outcome.status, errors=outcome.errors)
                     await self._committer.submit(ApiRejection(batch, outcome))
-            if isinstance(outcome, Accepted):
+            if isinstance(outcome, Ambiguous):
+                # Looked up after its timeout: no task exists, so the batch goes again.
+                attempt += 1
+                continue
+            if isinstance(outcome, Accepted | list):
                 if not self._deadline_passed:
                     # The next batch only once this task is in the ledger: a crash then
                     # leaves at most one created-but-unrecorded task per uploader.
-                    await append.recorded
+                    await appends[0].recorded
                 return
             if isinstance(outcome, Rejected):
                 await self._intake.tell(BatchRejected(batch.batch_id))
@@ -212,16 +241,61 @@ class Uploaders:
     def _accepted(
         self,
         batch: Batch,
-        outcome: Accepted,
+        outcome: Accepted | list[str],
         submitted_at: datetime,
         bound: structlog.typing.FilteringBoundLogger,
-    ) -> LedgerAppend:
+    ) -> list[LedgerAppend]:
+        """Ledger records of the task (or the tasks reconciliation found) of a batch; the
+        first accounts for the batch's events."""
         self._health.upload_accepted()
         reason = (batch.flush_reason or FlushReason.SHUTDOWN).value
         self._metrics.batches_submitted.labels(reason).inc()
         self._metrics.batch_values.observe(batch.size)
-        bound.info("batch_submitted", task_id=outcome.task_id, flush_reason=reason)
-        return LedgerAppend(self._ledger_record(batch, outcome.task_id, submitted_at), batch)
+        task_ids = [outcome.task_id] if isinstance(outcome, Accepted) else outcome
+        bound.info("batch_submitted", task_id=task_ids[0], flush_reason=reason)
+        if len(task_ids) > 1:
+            # Earlier attempts created tasks too: each is recorded, followed and reported.
+            bound.warning("batch_created_several_tasks", task_ids=task_ids)
+        return [
+            LedgerAppend(self._ledger_record(batch, task_id, submitted_at), batch, accounts=n == 0)
+            for n, task_id in enumerate(task_ids)
+        ]
+
+    async def _reconcile(
+        self,
+        batch: Batch,
+        request: UploadRequest,
+        first_sent: datetime,
+        ambiguous: Ambiguous,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> list[str] | None:
+        """The tasks the batch's uploads created, looked up once the request can no
+        longer create one; None when the shutdown deadline passes first."""
+        self._health.upload_failed()
+        bound.warning(
+            "batch_ambiguous",
+            reason=ambiguous.reason,
+            lookup_in_s=self._config.reconcile_after_s,
+            hint="looked up by reference before anything is sent again",
+        )
+        await asyncio.sleep(self._config.reconcile_after_s)
+        attempt = 0
+        while not self._deadline_passed:
+            found = await self._reconciler.find(batch, request, first_sent)
+            if isinstance(found, list):
+                self._metrics.reconciliations.labels("task" if found else "none").inc()
+                bound.info("batch_reconciled", task_ids=found, reference=request.reference)
+                return found
+            wait = self._lookup_wait(found, attempt)
+            bound.warning("reconcile_lookup_failed", outcome=type(found).__name__, wait_s=wait)
+            await asyncio.sleep(wait)
+            attempt += 1
+        return None
+
+    def _lookup_wait(self, failure: Failure, attempt: int) -> float:
+        if isinstance(failure, Rejected | AuthFailed):
+            return self._config.retry_max_backoff_s
+        return round(retry_wait(failure, attempt, self._backoff, self._rng), 2)
 
     def _ledger_record(
         self, batch: Batch, task_id: str, submitted_at: datetime

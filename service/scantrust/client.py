@@ -430,6 +430,10 @@ class ScantrustClient:
         if status == 429:
             self._observer.throttled(call.endpoint)
             return Throttled(throttle_wait(retry_after, body), body)
+        if status >= 500 and call.is_upload:
+            # A gateway may answer 5xx after the application created the task.
+            self._observer.ambiguous(call.endpoint)
+            return Ambiguous(f"HTTP {status}", status=status)
         if status >= 500:
             wait = throttle_wait(retry_after, "") if retry_after else None
             return Unavailable(f"HTTP {status}", status=status, retry_after_s=wait)

@@ -111,9 +111,12 @@ class Unavailable:
 
 @dataclass(frozen=True, slots=True)
 class Ambiguous:
-    """The request was sent but no answer came (timeout, reset): it may have been processed."""
+    """An upload was sent and its fate is unknown (no answer before the timeout, a reset,
+    a 5xx answer, a 2xx without a task id): the task may exist. Never resent blindly:
+    the uploaders look for it by reference first (docs/design.md, section 10)."""
 
     reason: str
+    status: int | None = None
 
 
 Failure = Rejected | AuthFailed | Throttled | Unavailable | Ambiguous

@@ -117,6 +117,10 @@ async def upload(request: web.Request) -> web.StreamResponse:
         account.stats.responses_dropped += 1
         if request.transport is not None:
             request.transport.close()
+    if account.rng.random() < account.faults.error_after_create_rate:
+        # A gateway that fails after the application created the task (a 5xx after sending).
+        account.stats.errors_after_create += 1
+        return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>")
     return _json({"task_id": task.id})
 
 

@@ -50,6 +50,12 @@ class Faults(BaseModel):
     drop_response_rate: float = Field(
         default=0.0, ge=0, le=1, description="share of uploads processed whose answer is dropped"
     )
+    error_after_create_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of uploads processed (the task exists) that answer 502 anyway",
+    )
     fail_reference: str | None = Field(
         default=None, description="tasks with this reference always fail"
     )
@@ -148,6 +154,7 @@ class Stats:
     upload_values_max: int = 0
     throttled: int = 0
     responses_dropped: int = 0
+    errors_after_create: int = 0
     updates_applied: int = 0
 
     def view(self) -> dict[str, Any]:
@@ -160,6 +167,7 @@ class Stats:
             "upload_values_max": self.upload_values_max,
             "throttled": self.throttled,
             "responses_dropped": self.responses_dropped,
+            "errors_after_create": self.errors_after_create,
             "updates_applied": self.updates_applied,
         }
 

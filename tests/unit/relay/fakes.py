@@ -8,6 +8,7 @@ import json
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -36,6 +37,7 @@ def config(**overrides: Any) -> RelayConfig:
         "rebalance_timeout_s": 1.0,
         "retry_initial_s": 0.01,
         "retry_max_backoff_s": 0.05,
+        "reconcile_after_s": 0.05,
     }
     values.update(overrides)
     return RelayConfig(**values)
@@ -217,25 +219,63 @@ class FakeAccounting:
 
 @dataclass
 class FakeApi:
-    """Scripted upload outcomes (then accepted), and task states by id."""
+    """Scripted upload outcomes (then accepted), and the tasks uploads created.
+
+    `lost_answers`: that many uploads create their task and answer `Ambiguous`."""
 
     uploads: list[UploadRequest] = field(default_factory=list)
     script: list[UploadOutcome] = field(default_factory=list)
     states: dict[str, ApiTask] = field(default_factory=dict)
     status_calls: list[list[str]] = field(default_factory=list)
     status_failure: Failure | None = None
+    lookup_failure: Failure | None = None
+    lookups: int = 0
+    lost_answers: int = 0
     breaker_state: BreakerState = BreakerState.CLOSED
     upload_delay_s: float = 0.0
 
     async def upload(self, request: UploadRequest) -> UploadOutcome:
-        from service.scantrust.outcomes import Accepted
+        from service.scantrust.outcomes import Accepted, Ambiguous, TaskApiState
 
         self.uploads.append(request)
         if self.upload_delay_s:
             await asyncio.sleep(self.upload_delay_s)
         if self.script:
             return self.script.pop(0)
-        return Accepted(f"task-{len(self.uploads)}")
+        task_id = f"task-{len(self.uploads)}"
+        details = {"constraints": request.constraints, "scm_data": request.scm_data}
+        self.states[task_id] = ApiTask(
+            id=task_id,
+            state=TaskApiState.PENDING,
+            reference=request.reference or "",
+            created_at=datetime.now(UTC),
+            details=details,
+        )
+        if self.lost_answers:
+            self.lost_answers -= 1
+            return Ambiguous("no answer before timeout")
+        return Accepted(task_id)
+
+    async def list_tasks(
+        self,
+        *,
+        state: str | None = None,
+        reference: str | None = None,
+        created_at: str | None = None,
+    ) -> TaskPage | Failure:
+        self.lookups += 1
+        if self.lookup_failure is not None:
+            failure, self.lookup_failure = self.lookup_failure, None
+            return failure
+        listed = [t for t in self.states.values() if reference is None or t.reference == reference]
+        # The list view carries no details.
+        return TaskPage([t.model_copy(update={"details": None}) for t in listed])
+
+    async def task(self, task_id: str) -> ApiTask | Failure:
+        from service.scantrust.outcomes import Rejected
+
+        found = self.states.get(task_id)
+        return found if found is not None else Rejected(404, {"detail": "Not found."}, "")
 
     async def tasks(self, task_ids: Sequence[str]) -> TaskPage | Failure:
         self.status_calls.append(list(task_ids))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.core.batching import Batch, Batcher, GroupKey, PendingEvent, Source
@@ -21,20 +21,26 @@ from service.scantrust.outcomes import ApiTask, TaskApiState
 _offsets = itertools.count()
 
 
-def pending(values: list[str], market: str = "DE", partition: int = 0) -> PendingEvent:
+def pending(
+    values: list[str], market: str = "DE", partition: int = 0, reference: str | None = None
+) -> PendingEvent:
     """A validated event as intake holds it."""
-    raw = json.dumps(
-        {"constraints": {"extended_id": values}, "scm_data": {"intended_market": market}}
-    ).encode()
+    document: dict[str, Any] = {
+        "constraints": {"extended_id": values},
+        "scm_data": {"intended_market": market},
+    }
+    if reference is not None:
+        document["reference"] = reference
+    raw = json.dumps(document).encode()
     parsed = parse_event(raw, DEFAULT_LIMITS)
     assert isinstance(parsed, ParsedEvent)
     return PendingEvent(Source("in", partition, next(_offsets)), parsed.event, raw, None, 0.0)
 
 
-def batch(values: list[str], market: str = "DE") -> Batch:
+def batch(values: list[str], market: str = "DE", reference: str | None = None) -> Batch:
     """A closed batch of one event."""
     batcher = Batcher(max_values=len(values), max_keys=1, linger_s=1.0, max_open_batches=10)
-    ready, _ = batcher.add(pending(values, market), 0.0)
+    ready, _ = batcher.add(pending(values, market, reference=reference), 0.0)
     (full,) = ready
     return full
 
@@ -58,14 +64,24 @@ def ledger_record(
     return TaskLedgerRecord.model_validate(document)
 
 
-def api_task(task_id: str, state: TaskApiState, codes_affected: int | None = None) -> ApiTask:
-    """A task as the API reports it."""
+def api_task(
+    task_id: str,
+    state: TaskApiState,
+    codes_affected: int | None = None,
+    *,
+    reference: str = "",
+    details: dict[str, Any] | None = None,
+    age_s: float = 0.0,
+) -> ApiTask:
+    """A task as the API reports it, created `age_s` ago."""
     return ApiTask.model_validate(
         {
             "id": task_id,
             "state": state.value,
+            "reference": reference,
             "codes_affected": codes_affected,
-            "created_at": datetime.now(UTC).isoformat(),
+            "created_at": (datetime.now(UTC) - timedelta(seconds=age_s)).isoformat(),
+            "details": details,
         }
     )
 

@@ -13,17 +13,19 @@ from service.core.batching import Batch
 from service.metrics import RelayMetrics
 from service.relay.health import ApiHealth
 from service.relay.messages import ApiRejection, BatchRejected, LedgerAppend
+from service.relay.reconcile import api_reference
 from service.relay.uploaders import Uploaders
 from service.scantrust.outcomes import (
     Ambiguous,
     AuthFailed,
     Rejected,
+    TaskApiState,
     Throttled,
     Unavailable,
     UploadOutcome,
 )
 from tests.unit.relay.fakes import FakeApi, Inbox, config
-from tests.unit.relay.support import batch
+from tests.unit.relay.support import api_task, batch
 
 
 class Recorder:
@@ -83,7 +85,7 @@ async def test_retries_are_owned_here_and_honour_the_api_wait() -> None:
     script: list[UploadOutcome] = [
         Throttled(0.2, "throttled"),
         Unavailable("HTTP 503", status=503),
-        Ambiguous("no answer before timeout"),
+        Unavailable("connect: refused"),
     ]
     api, recorder, health = FakeApi(script=script), Recorder(), ApiHealth()
     loop = asyncio.get_running_loop()
@@ -176,3 +178,49 @@ async def test_take_queued_returns_batches_no_uploader_started() -> None:
     assert stage.idle
     await stage.drain([], timeout_s=0.05, grace_s=0.05)
     await asyncio.wait_for(runner, 1)
+
+
+async def test_an_ambiguous_upload_is_looked_up_and_its_task_adopted_not_resent() -> None:
+    api = FakeApi(lost_answers=1)
+    recorder = Recorder()
+    await run_until_drained(uploaders(api, recorder, Inbox()), [batch(["a"])])
+    assert len(api.uploads) == 1, "the batch was sent again although its task existed"
+    assert api.lookups == 1
+    (append,) = recorder.items
+    assert append.record.task_id == "task-1"
+    assert api.uploads[0].reference == f"scm-relay:{append.batch.batch_id}"
+
+
+async def test_when_no_task_exists_the_batch_is_sent_again_once() -> None:
+    api = FakeApi(script=[Ambiguous("HTTP 502", status=502)])
+    recorder = Recorder()
+    await run_until_drained(uploaders(api, recorder, Inbox()), [batch(["a"])])
+    assert len(api.uploads) == 2
+    (append,) = recorder.items
+    assert append.record.task_id == "task-2"
+
+
+async def test_nothing_is_resent_before_a_lookup_has_answered() -> None:
+    api = FakeApi(
+        script=[Ambiguous("connection lost: ServerDisconnectedError")],
+        lookup_failure=Unavailable("HTTP 503", status=503),
+    )
+    recorder = Recorder()
+    await run_until_drained(uploaders(api, recorder, Inbox()), [batch(["a"])])
+    assert api.lookups == 2
+    assert len(api.uploads) == 2
+
+
+async def test_every_task_found_is_recorded_and_the_first_accounts_for_the_events() -> None:
+    ready = batch(["a"])
+    api = FakeApi(lost_answers=1)
+    # An earlier attempt's task that appeared after its own lookup, say.
+    api.states["late"] = api_task(
+        "late", TaskApiState.PENDING, reference=api_reference(ready), age_s=1
+    )
+    recorder = Recorder()
+    await run_until_drained(uploaders(api, recorder, Inbox()), [ready])
+    assert [(item.record.task_id, item.accounts) for item in recorder.items] == [
+        ("late", True),
+        ("task-1", False),
+    ]
