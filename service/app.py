@@ -285,9 +285,15 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def secrets(settings: Settings) -> list[str]:
+    """Every secret the settings hold: none of them may reach a log line."""
+    held = (settings.api_token, settings.kafka_sasl_password, settings.kafka_ssl_key_password)
+    return [secret.get_secret_value() for secret in held if secret is not None]
+
+
 def main(settings: Settings) -> int:
     """Entry point of `scm-relay run`: a crash in any stage is logged and exits non-zero."""
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, secrets(settings))
     tune_garbage_collector()
     try:
         return asyncio.run(run_relay(settings))

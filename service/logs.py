@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Final
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 # Lines about one event, batch or task are never limited: each is worth its line.
 IDENTITY_KEYS: Final = ("offset", "event_id", "batch_id", "task_id")
@@ -47,11 +49,43 @@ class RepeatLimiter:
         return event_dict
 
 
-def configure_logging(log_format: str, level: str) -> None:
-    """JSON lines (with dict tracebacks) in production, a console renderer on a TTY."""
+# Shorter strings are not secrets worth a search (and would redact ordinary words).
+MIN_SECRET_LENGTH: Final = 4
+REDACTED: Final = "[redacted]"
+
+
+class Redactor:
+    """The last step before a line is written: every secret the settings hold, in any
+    form it may take in a rendered line (as is, JSON- or repr-escaped), is replaced.
+
+    Defence in depth: tracebacks carry no local variables (where aiohttp keeps the
+    Authorization header) and secrets are `SecretStr`, but an exception message or a
+    library's repr could still quote one."""
+
+    def __init__(self, renderer: Callable[..., Any], secrets: Iterable[str]) -> None:
+        self._renderer = renderer
+        forms: set[str] = set()
+        for secret in secrets:
+            if len(secret) >= MIN_SECRET_LENGTH:
+                forms |= {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
+        # Longest first, so a form containing another is replaced whole.
+        self._forms = sorted(forms, key=len, reverse=True)
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
+        line = self._renderer(logger, method_name, event_dict)
+        if isinstance(line, str):
+            for form in self._forms:
+                line = line.replace(form, REDACTED)
+        return line
+
+
+def configure_logging(log_format: str, level: str, secrets: Iterable[str] = ()) -> None:
+    """JSON lines (with dict tracebacks, without local variables) in production, a
+    console renderer on a TTY; `secrets` never reach the output (see `Redactor`)."""
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer()
+        # plain_traceback: rich's and better-exceptions' tracebacks print local variables.
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         if use_console
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
@@ -62,8 +96,10 @@ def configure_logging(log_format: str, level: str) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if not use_console:
-        processors.append(structlog.processors.dict_tracebacks)
-    processors.append(renderer)
+        processors.append(
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        )
+    processors.append(Redactor(renderer, secrets))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),

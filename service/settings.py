@@ -219,6 +219,22 @@ class _ApiSettings(BaseModel):
         default=100, ge=1, le=1000, description="task ids per bulk status request"
     )
 
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _token_is_one_word(cls, value: Any) -> Any:
+        """Surrounding white space (a newline from `echo` or a Secret file) is dropped; any
+        other white space or control character cannot be sent in a header: refused."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(raw, str):
+            return value
+        token = raw.strip()
+        if any(char.isspace() or not char.isprintable() for char in token):
+            raise ValueError(
+                "holds white space or control characters inside it; set the token alone "
+                "(the value is not shown)"
+            )
+        return token
+
     @model_validator(mode="before")
     @classmethod
     def _token_from_file(cls, data: Any) -> Any:
@@ -497,7 +513,8 @@ def _describe(error: ValidationError) -> str:
         message = problem["msg"].removeprefix("Value error, ")
         if location:
             name = env_name(str(location[0]))
-            shown = "" if "password" in name or "token" in name else _shown_input(problem)
+            secret = any(word in name.lower() for word in ("password", "token", "secret"))
+            shown = "" if secret else _shown_input(problem)
             lines.append(f"{name}: {message}{shown}")
         else:
             lines.append(message)

@@ -1,0 +1,147 @@
+"""No secret reaches the output: tracebacks carry no local variables, every secret the
+settings hold is redacted from every line, and a token is checked at start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+
+from service.app import secrets
+from service.logs import REDACTED, configure_logging
+from service.settings import SettingsError, load_settings
+from tests.settings_support import clear_relay_environment
+
+TOKEN = "uat-7f3c9a1e5b2d4c6e"
+PASSWORD = "sasl-p4ss-w0rd-42"
+
+
+def crash_holding_the_token() -> None:
+    """Fails as aiohttp does when a header is refused: the token is in a local variable."""
+    headers = {"Authorization": f"UAT {TOKEN}\n"}
+    raise ValueError(f"Newline or carriage return character detected in {len(headers)} header")
+
+
+def crash_quoting_the_token() -> None:
+    """Fails with the secret in the exception's own message (as a library might)."""
+    raise RuntimeError(f"cannot log in as relay with {PASSWORD!r}")
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_crash_prints_neither_locals_nor_secrets(
+    log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        configure_logging(log_format, "INFO", secrets=[TOKEN, PASSWORD])
+        log = structlog.get_logger("secrets-test")
+        for crash in (crash_holding_the_token, crash_quoting_the_token):
+            try:
+                crash()
+            except (ValueError, RuntimeError):
+                log.exception("relay_crashed")
+        log.error("kafka_setup_invalid", problem=f"password {PASSWORD} refused")
+    finally:
+        structlog.reset_defaults()
+    output = capsys.readouterr().err
+    assert TOKEN not in output
+    assert PASSWORD not in output
+    assert "relay_crashed" in output
+    assert "crash_holding_the_token" in output
+    assert REDACTED in output
+    # The local's value as a repr would print it (the source line shows double quotes).
+    assert "{'Authorization'" not in output, "a traceback printed local variables"
+
+
+def test_json_crash_lines_stay_json(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        configure_logging("json", "INFO", secrets=[TOKEN])
+        try:
+            crash_holding_the_token()
+        except ValueError:
+            structlog.get_logger("secrets-test").exception("relay_crashed")
+    finally:
+        structlog.reset_defaults()
+    (line,) = capsys.readouterr().err.splitlines()
+    record = json.loads(line)
+    (frame_set,) = record["exception"]
+    assert all("locals" not in frame for frame in frame_set["frames"])
+
+
+def test_a_token_with_a_trailing_newline_is_used_without_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clear_relay_environment(monkeypatch)
+    monkeypatch.setenv("SCM_RELAY_API_TOKEN", f"{TOKEN}\n")
+    settings = load_settings(os.environ)
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == TOKEN
+
+
+@pytest.mark.parametrize("inside", [" ", "\t", "\x07", "\u2028"])
+def test_a_token_with_white_space_or_control_characters_inside_is_refused_unquoted(
+    inside: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clear_relay_environment(monkeypatch)
+    bad = f"{TOKEN[:6]}{inside}{TOKEN[6:]}"
+    monkeypatch.setenv("SCM_RELAY_API_TOKEN", bad)
+    with pytest.raises(SettingsError) as refused:
+        load_settings(os.environ)
+    message = str(refused.value)
+    assert "SCM_RELAY_API_TOKEN" in message
+    assert TOKEN[:6] not in message
+    assert TOKEN[6:] not in message
+
+
+def test_every_secret_setting_is_known_to_the_redactor(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_relay_environment(monkeypatch)
+    settings = load_settings(
+        {},
+        api_token=TOKEN,
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="PLAIN",
+        kafka_sasl_username="relay",
+        kafka_sasl_password=PASSWORD,
+    )
+    assert set(secrets(settings)) == {TOKEN, PASSWORD}
+    secret_fields = {
+        name
+        for name, field in type(settings).model_fields.items()
+        if "Secret" in str(field.annotation)
+    }
+    assert secret_fields == {"api_token", "kafka_sasl_password", "kafka_ssl_key_password"}
+
+
+def test_the_relay_process_prints_no_secret_when_kafka_refuses_it(tmp_path: Path) -> None:
+    # A SASL listener that is not there: the start-up probe fails and the process exits,
+    # logging why. Nothing it prints may hold the password or the token.
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith("SCM_RELAY_")
+    }
+    environment |= {
+        "SCM_RELAY_API_TOKEN": f"{TOKEN}\n",
+        "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+        "SCM_RELAY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "SCM_RELAY_KAFKA_SASL_MECHANISM": "PLAIN",
+        "SCM_RELAY_KAFKA_SASL_USERNAME": "relay",
+        "SCM_RELAY_KAFKA_SASL_PASSWORD": PASSWORD,
+        "SCM_RELAY_LOG_FORMAT": "json",
+        "SCM_RELAY_LOG_LEVEL": "DEBUG",
+    }
+    finished = subprocess.run(
+        [sys.executable, "-m", "service", "run"],
+        env=environment,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 1, output.decode(errors="replace")
+    assert b"kafka_unavailable" in output
+    assert PASSWORD.encode() not in output
+    assert TOKEN.encode() not in output
