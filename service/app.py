@@ -113,6 +113,7 @@ def client_config(settings: Settings) -> ClientConfig:
         overall_rate_per_min=settings.api_rate_per_min,
         retry_initial_s=settings.api_retry_initial_s,
         retry_max_backoff_s=settings.api_retry_max_backoff_s,
+        retry_after_max_s=settings.api_retry_after_max_s,
         retry_max_elapsed_s=settings.api_retry_max_elapsed_s,
         breaker_failures=settings.api_breaker_failures,
         breaker_cooldown_s=settings.api_breaker_cooldown_s,

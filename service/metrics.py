@@ -61,6 +61,16 @@ class RelayMetrics:
         self.dead_letters = counter(
             "dead_letters_total", "Records written to the dead-letter topic.", ("stage", "reason")
         )
+        self.api_misconfigured = gauge(
+            "api_misconfigured",
+            "1 while the API answers as if the base URL were wrong (404, 405, another 4xx "
+            "that is not about the data); intake is stopped.",
+        )
+        self.task_states_unknown = counter(
+            "task_states_unknown_total",
+            "Task states the API documentation does not name, seen while polling (the task "
+            "is still followed).",
+        )
         self.reconciliations = counter(
             "reconciliations_total",
             "Ambiguous uploads looked up by reference: the task found and adopted, or none "

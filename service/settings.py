@@ -199,6 +199,13 @@ class _ApiSettings(BaseModel):
     api_retry_max_backoff_s: float = Field(
         default=30.0, gt=0, le=3600, description="the most one backoff waits"
     )
+    api_retry_after_max_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="the longest wait a 429 or 5xx answer (`Retry-After`, or the seconds in a "
+        "429 body) may impose; longer ones are cut to this",
+    )
     api_retry_max_elapsed_s: float = Field(
         default=120.0,
         ge=0,

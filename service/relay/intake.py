@@ -195,8 +195,12 @@ class Intake:
     def _pause_reason(self) -> str | None:
         if not self._ledger_read:
             return "reading the ledger"
+        if not self._health.checked:
+            return "checking the API"
         if self._health.auth_failed is not None:
             return "API authentication failed"
+        if self._health.misconfigured is not None:
+            return "API refuses the relay's requests (configuration)"
         if self._health.degraded:
             return "API unavailable"
         if self.buffered_values >= self._config.max_buffered_values:

@@ -21,9 +21,10 @@ from service.core.polling import PollSchedule
 from service.core.records import TaskLedgerRecord, TaskOutcome, TaskProgress, TaskState
 from service.metrics import RelayMetrics
 from service.relay.config import RelayConfig, utcnow
+from service.relay.health import ApiHealth
 from service.relay.messages import LedgerChange, Mailbox, Progress, TaskFinished
 from service.relay.ports import GroupMember, StatusApi
-from service.scantrust.outcomes import ApiTask, TaskApiState, TaskPage
+from service.scantrust.outcomes import ApiTask, AuthFailed, Misconfigured, TaskApiState, TaskPage
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +67,7 @@ class TaskPoller:
         ledger: LedgerPositions,
         api: StatusApi,
         committer: ResultCommitter,
+        health: ApiHealth,
         metrics: RelayMetrics,
         clock: Callable[[], float],
     ) -> None:
@@ -74,6 +76,7 @@ class TaskPoller:
         self._ledger = ledger
         self._api = api
         self._committer = committer
+        self._health = health
         self._metrics = metrics
         self._clock = clock
         self._inbox = inbox
@@ -84,6 +87,7 @@ class TaskPoller:
         # were assigned: their tasks are polled only then, or a result the previous owner
         # just published would be published again.
         self._rebuilding: dict[int, int] = {}
+        self._unknown_states: dict[str, str] = {}  # task id -> the undocumented state seen
         self.schedule = PollSchedule(
             initial_s=config.poll_initial_s,
             factor=config.poll_factor,
@@ -171,6 +175,10 @@ class TaskPoller:
     async def _poll(self, due: list[str]) -> None:
         page = await self._api.tasks(due)
         now = self._clock()
+        if isinstance(page, AuthFailed | Misconfigured):
+            self._health.refused("status", page)
+        elif isinstance(page, TaskPage):
+            self._health.accepted("status")
         if not isinstance(page, TaskPage):
             log.warning("task_poll_failed", outcome=type(page).__name__, tasks=len(due))
             for task_id in due:
@@ -182,7 +190,9 @@ class TaskPoller:
             entry = self._tasks.get(task_id)
             if entry is None:
                 continue
-            if task is None or not task.state.finished:
+            if task is not None and not task.known_state:
+                self._note_unknown_state(task)
+            if task is None or not task.finished:
                 self.schedule.polled(task_id, now)
                 if self.schedule.newly_stuck(task_id, now):
                     await self._report_stuck(entry, task, self.schedule.age(task_id, now))
@@ -192,6 +202,22 @@ class TaskPoller:
             self._count(outcome, entry)
             done = functools.partial(self._forget, task_id)
             await self._committer.submit(TaskFinished(outcome, done))
+
+    def _note_unknown_state(self, task: ApiTask) -> None:
+        """A state the API does not document: kept, counted, logged once per task and
+        state, and the task polled on until it reaches a documented end."""
+        if self._unknown_states.get(task.id) != task.state:
+            self._unknown_states[task.id] = str(task.state)
+            self._metrics.task_states_unknown.inc()
+            log.warning(
+                "task_state_unknown",
+                task_id=task.id,
+                state=str(task.state)[:100],
+                hint="not a documented state; still followed until complete or failed",
+            )
+        if len(self._unknown_states) > 10_000:  # bounded: forget the oldest half
+            for task_id in list(self._unknown_states)[:5_000]:
+                del self._unknown_states[task_id]
 
     def _count(self, outcome: TaskOutcome, entry: TaskLedgerRecord) -> None:
         metrics = self._metrics

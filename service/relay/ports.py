@@ -164,5 +164,12 @@ class KafkaAdmin(GroupOffsets, MetadataProbe, Protocol):
     """The admin client: committed offsets for intake, metadata for the heartbeat."""
 
 
-class ScantrustApi(UploadApi, StatusApi, TaskLookup, BreakerView, Protocol):
+class AccountCheck(Protocol):
+    """`GET /api/v2/me/`: does the API accept the relay's token and base URL?"""
+
+    async def me(self, *, retry: bool = True) -> dict[str, Any] | Failure:
+        """The token's user, or why not."""
+
+
+class ScantrustApi(UploadApi, StatusApi, TaskLookup, AccountCheck, BreakerView, Protocol):
     """The API client as the whole relay uses it."""

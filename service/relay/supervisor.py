@@ -13,6 +13,7 @@ So the relay exits within shutdown_timeout_s + upload_grace_s + COMMIT_DEADLINE_
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from typing import Final
 
@@ -21,7 +22,7 @@ from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from service.core.batching import Batcher
-from service.core.resilience import BreakerState
+from service.core.resilience import Backoff, BreakerState
 from service.metrics import RelayMetrics
 from service.relay.admission import Admission
 from service.relay.book import OffsetBook
@@ -40,6 +41,7 @@ from service.relay.ports import (
     TransactionalProducer,
 )
 from service.relay.uploaders import Uploaders
+from service.scantrust.outcomes import AuthFailed, Misconfigured
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +76,9 @@ class Relay:
         self._clock = clock or (lambda: asyncio.get_running_loop().time())
         self.last_beat = 0.0
         self.kafka_reachable = True
-        self.health = ApiHealth()
+        self.health = ApiHealth(metrics)
+        self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
+        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         book = OffsetBook()
         written = WrittenRecords()
         intake_inbox: Mailbox[IntakeMessage] = Mailbox(INBOX_SIZE)
@@ -119,6 +123,7 @@ class Relay:
             ledger=self._ledger,
             api=client,
             committer=self._committer,
+            health=self.health,
             metrics=metrics,
             clock=self._clock,
         )
@@ -135,6 +140,7 @@ class Relay:
             poller = group.create_task(self._poller.run(), name="poller")
             group.create_task(self._uploaders.run(), name="uploaders")
             heartbeat = group.create_task(self._heartbeat(), name="heartbeat")
+            check = group.create_task(self._check_api(), name="api-check")
             final = await self._intake.run(stop)
             config = self._config
             await self._uploaders.drain(final, config.shutdown_timeout_s, config.upload_grace_s)
@@ -147,6 +153,7 @@ class Relay:
                 log.error("relay_shutdown_commit_deadline", deadline_s=COMMIT_DEADLINE_S)
             ledger.cancel()
             heartbeat.cancel()
+            check.cancel()
 
     # -- health and readiness ---------------------------------------------------------
 
@@ -157,8 +164,13 @@ class Relay:
             reasons.append("Kafka unreachable")
         if not self._ledger.caught_up.is_set():
             reasons.append("starting: reading the ledger")
+        if not self.health.checked:
+            reasons.append("starting: checking the API (GET /api/v2/me/)")
         if self.health.auth_failed is not None:
             reasons.append(f"API authentication failed ({self.health.auth_failed.status})")
+        if self.health.misconfigured is not None:
+            status = self.health.misconfigured.status
+            reasons.append(f"API refuses the relay's requests ({status}): check the base URL")
         if self._client.breaker_state is not BreakerState.CLOSED:
             reasons.append("API circuit breaker open")
         return reasons
@@ -173,11 +185,24 @@ class Relay:
                 await self.probe_kafka()
             metrics = self._metrics
             metrics.ready.set(0 if self.readiness() else 1)
-            metrics.api_auth_failed.set(1 if self.health.auth_failed is not None else 0)
             self._poller.refresh_gauges()
             await self._intake.refresh_gauges()
             beats += 1
             await asyncio.sleep(1.0)
+
+    async def _check_api(self) -> None:
+        """Before intake reads anything: does the API accept the token and the base URL?
+        One attempt per probe: a refusal is probed again with backoff until fixed; an
+        outage is not a refusal, and intake starts (uploads wait the outage out)."""
+        attempt = 0
+        while True:
+            outcome = await self._client.me(retry=False)
+            if not isinstance(outcome, AuthFailed | Misconfigured):
+                self.health.accepted("me")
+                return
+            self.health.refused("me", outcome)
+            await asyncio.sleep(self._backoff.delay(attempt, self._rng))
+            attempt += 1
 
     async def probe_kafka(self) -> None:
         """One metadata request, bounded: the client libraries reconnect silently, so

@@ -41,6 +41,7 @@ from service.scantrust.outcomes import (
     Ambiguous,
     AuthFailed,
     Failure,
+    Misconfigured,
     Rejected,
     UploadOutcome,
     retry_wait,
@@ -188,7 +189,7 @@ class Uploaders:
         attempt = 0
         first_sent = utcnow()
         while not self._deadline_passed:
-            if self._stopping.is_set() and self._health.auth_failed is not None:
+            if self._stopping.is_set() and self._health.refusal is not None:
                 return
             submitted_at = utcnow()
             async with self._sending_request():
@@ -219,12 +220,14 @@ class Uploaders:
             if isinstance(outcome, Rejected):
                 await self._intake.tell(BatchRejected(batch.batch_id))
                 return
-            if isinstance(outcome, AuthFailed):
-                self._health.auth_refused(outcome)
-                self._metrics.api_auth_failed.set(1)
-                self._metrics.ready.set(0)
-                await self._stopping.wait()
-                return
+            if isinstance(outcome, AuthFailed | Misconfigured):
+                # Intake stops; this batch waits and is the probe: sent again with backoff
+                # until the API accepts it (fixed token or URL) or the relay stops.
+                self._health.refused("upload", outcome)
+                if await self._stopped_within(self._backoff.delay(attempt, self._rng)):
+                    return
+                attempt += 1
+                continue
             self._health.upload_failed()
             wait = retry_wait(outcome, attempt, self._backoff, self._rng)
             self._metrics.retry_scheduled("upload", type(outcome).__name__, wait)
@@ -292,8 +295,17 @@ class Uploaders:
             attempt += 1
         return None
 
+    async def _stopped_within(self, wait_s: float) -> bool:
+        """Wait `wait_s`, or less if the shutdown starts; True if it did."""
+        try:
+            async with asyncio.timeout(wait_s):
+                await self._stopping.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def _lookup_wait(self, failure: Failure, attempt: int) -> float:
-        if isinstance(failure, Rejected | AuthFailed):
+        if isinstance(failure, Rejected | AuthFailed | Misconfigured):
             return self._config.retry_max_backoff_s
         return round(retry_wait(failure, attempt, self._backoff, self._rng), 2)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypeVar
-from urllib.parse import quote, urlencode, urljoin
+from urllib.parse import quote, urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
@@ -36,6 +36,7 @@ from service.scantrust.outcomes import (
     ApiTaskGroup,
     AuthFailed,
     Failure,
+    Misconfigured,
     Rejected,
     TaskPage,
     Throttled,
@@ -58,6 +59,7 @@ OVERALL_PERIOD_S: Final = 60.0
 # into the server's window.
 LIMITER_MARGIN_S: Final = 0.02
 MAX_TASK_PAGES: Final = 10_000
+ITEM_ENDPOINTS: Final = frozenset({"task", "task_group"})
 _CHUNK: Final = 64 * 1024
 
 
@@ -91,6 +93,7 @@ class ClientConfig:
     overall_rate_per_min: int = 3000
     retry_initial_s: float = 0.5
     retry_max_backoff_s: float = 30.0
+    retry_after_max_s: float = 300.0
     retry_max_elapsed_s: float = 120.0
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
@@ -294,9 +297,11 @@ class ScantrustClient:
             return result
         return _parse(ApiTaskGroup, _json_object(result.body), "task_group")
 
-    async def me(self) -> dict[str, Any] | Failure:
-        """`GET /api/v2/me/`: proves the token works (for `scm-relay check`)."""
-        result = await self._call(_Call("me", "GET", self._url(ME_PATH)))
+    async def me(self, *, retry: bool = True) -> dict[str, Any] | Failure:
+        """`GET /api/v2/me/`: proves the token and the base URL work (the relay's start-up
+        check asks once: an outage there must not delay the start)."""
+        call = _Call("me", "GET", self._url(ME_PATH))
+        result = await (self._call(call) if retry else self._attempt(call))
         if not isinstance(result, _Response):
             return result
         return _json_object(result.body)
@@ -305,6 +310,16 @@ class ScantrustClient:
 
     def _url(self, path: str) -> str:
         return f"{self._base}{path}"
+
+    def _on_base_origin(self, link: str) -> str | None:
+        """`link` on the base URL's scheme, host and port; None when it names another host.
+
+        A DRF behind a TLS proxy often builds `http://` links to itself: those are taken
+        to the base URL's scheme and port rather than followed in clear text."""
+        parts, base = urlsplit(link), urlsplit(self._base)
+        if parts.hostname is None or parts.hostname != base.hostname:
+            return None
+        return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -325,8 +340,15 @@ class ScantrustClient:
                     return parsed
                 tasks.append(parsed)
             next_url = page.get("next")
-            # Follow `next` as given (the API's own pagination), resolved against our URL.
-            url = urljoin(url, next_url) if isinstance(next_url, str) and next_url else None
+            if not isinstance(next_url, str) or not next_url:
+                return TaskPage(tasks)
+            # Follow `next` as given (the API's own pagination), resolved against our URL,
+            # but only to the base URL's own origin: the token goes with every request.
+            url = self._on_base_origin(urljoin(url, next_url))
+            if url is None:
+                link = urljoin(call.url, next_url)[:200]
+                log.error("api_next_link_refused", endpoint=call.endpoint, link=link)
+                return Misconfigured(200, f"pagination link off the base URL's host: {link}")
         return Unavailable(f"{call.endpoint}: more than {MAX_TASK_PAGES} pages")
 
     async def _call(self, call: _Call) -> _Response | Failure:
@@ -405,6 +427,12 @@ class ScantrustClient:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             reason = f"connection lost: {type(exc).__name__}"
             return self._transport_failure(call, started, Ambiguous(reason))
+        except (aiohttp.ClientError, ValueError) as exc:
+            # A malformed answer (a header over the parser's limit, a redirect loop, a bad
+            # URL): the request may have been processed. The message is bounded; it never
+            # carries our headers.
+            reason = f"unreadable answer: {type(exc).__name__}: {str(exc)[:200]}"
+            return self._transport_failure(call, started, Ambiguous(reason))
         self._observer.request_finished(call.endpoint, f"{status // 100}xx", self._now() - started)
         return self._classify(call, status, body, retry_after)
 
@@ -429,16 +457,32 @@ class ScantrustClient:
             return AuthFailed(status, body)
         if status == 429:
             self._observer.throttled(call.endpoint)
-            return Throttled(throttle_wait(retry_after, body), body)
+            # Capped: a proxy's or a bug's "Retry-After: 1e9" must not park the relay.
+            wait = min(throttle_wait(retry_after, body), self._config.retry_after_max_s)
+            return Throttled(wait, body)
         if status >= 500 and call.is_upload:
             # A gateway may answer 5xx after the application created the task.
             self._observer.ambiguous(call.endpoint)
             return Ambiguous(f"HTTP {status}", status=status)
         if status >= 500:
-            wait = throttle_wait(retry_after, "") if retry_after else None
-            return Unavailable(f"HTTP {status}", status=status, retry_after_s=wait)
+            asked = throttle_wait(retry_after, "") if retry_after else None
+            if asked is not None:
+                asked = min(asked, self._config.retry_after_max_s)
+            return Unavailable(f"HTTP {status}", status=status, retry_after_s=asked)
         parsed = _json_object(body)
-        return Rejected(status, parsed if parsed else {"detail": body}, body)
+        # A 404 for one task or task group by id is an answer: it does not exist.
+        if (status == 400 and parsed) or (status == 404 and call.endpoint in ITEM_ENDPOINTS):
+            return Rejected(status, parsed if parsed else {"detail": body}, body)
+        # A 404 or 405 from a wrong base URL, a proxy's 400 page: not the data's fault.
+        log.error(
+            "api_misconfigured",
+            endpoint=call.endpoint,
+            status=status,
+            url=call.url.split("?")[0],
+            body=body[:200],
+            hint="check SCM_RELAY_API_BASE_URL (host and path) and any proxy in front of the API",
+        )
+        return Misconfigured(status, body)
 
 
 class _RateLimits:
@@ -490,7 +534,7 @@ class _BodyTooLarge(Exception):
 def _json_object(body: str) -> dict[str, Any]:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         return {}
     return value if isinstance(value, dict) else {}
 

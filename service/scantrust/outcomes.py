@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from random import Random
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.resilience import Backoff
 
@@ -39,7 +39,9 @@ class ApiTask(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     id: str
-    state: TaskApiState
+    # A state the documentation does not name is kept as it is, never an error: one
+    # unknown task must not cost the results of the others in its page.
+    state: Annotated[TaskApiState | str, Field(union_mode="left_to_right")]
     reference: str | None = ""
     codes_affected: int | None = None
     created_by: int | None = None
@@ -47,6 +49,16 @@ class ApiTask(BaseModel):
     started_at: datetime | None = None
     completed_at: datetime | None = None
     details: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Complete or failed: the task will not change again (an unknown state is not)."""
+        return self.state in (TaskApiState.COMPLETE, TaskApiState.FAILED)
+
+    @property
+    def known_state(self) -> bool:
+        """Whether the state is one the API documents."""
+        return isinstance(self.state, TaskApiState)
 
 
 class ApiTaskGroup(BaseModel):
@@ -72,10 +84,11 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A 4xx other than 401/403/429: the request is wrong and resending it fails again.
+    """A 400 whose body names what is wrong with the data (or a 404 for a task id the API
+    does not know): resending the same request fails again.
 
-    `errors` is the parsed error body by field (400), or `{"detail": body}` when the
-    body is not a JSON object.
+    `errors` is the parsed error body by field, or `{"detail": body}` when the body is
+    not a JSON object.
     """
 
     status: int
@@ -86,6 +99,16 @@ class Rejected:
 @dataclass(frozen=True, slots=True)
 class AuthFailed:
     """401 or 403: the token is missing, wrong or lacks a permission. Never retried."""
+
+    status: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Misconfigured:
+    """Any other 4xx (404 and 405 from a wrong base URL or path, a 400 that names no
+    field, 409, 413...): the relay's configuration is wrong, not the data. Nothing is
+    dead-lettered; intake stops until a later call is accepted."""
 
     status: int
     body: str
@@ -119,7 +142,9 @@ class Ambiguous:
     status: int | None = None
 
 
-Failure = Rejected | AuthFailed | Throttled | Unavailable | Ambiguous
+Failure = Rejected | AuthFailed | Misconfigured | Throttled | Unavailable | Ambiguous
+# The API refused the relay itself (its token, its base URL): stop, probe, resume.
+Refused = AuthFailed | Misconfigured
 UploadOutcome = Accepted | Failure
 RETRYABLE: Final = (Throttled, Unavailable, Ambiguous)
 

@@ -17,12 +17,15 @@ import pytest
 import structlog
 
 from service import app
+from service.http import free_port
 from service.relay.supervisor import COMMIT_DEADLINE_S
 from service.simulator.state import Faults
 from tests.api_support import Simulator, simulator
+from tests.integration.test_observability import get_json, scrape, value
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     RunningRelay,
+    committed_offsets,
     event,
     ledger_task_ids,
     make_topics,
@@ -133,8 +136,11 @@ async def test_revoked_token_stops_intake_without_dead_letters_until_fixed(
     kafka_bootstrap: str, topic_factory: TopicFactory
 ) -> None:
     topics = await make_topics(topic_factory, partitions=1)
+    port = free_port()
     async with simulator(STEADY, codes_per_campaign=100) as sim:
-        settings = relay_settings(kafka_bootstrap, sim.base_url, topics)
+        settings = relay_settings(
+            kafka_bootstrap, sim.base_url, topics, http_port=port, api_retry_max_backoff_s=0.5
+        )
         await publish(kafka_bootstrap, topics.input, one_code_events(10), key_of=by_code)
         async with running_relay(settings) as relay:
             await wait_for_commit(kafka_bootstrap, topics, relay)
@@ -144,14 +150,51 @@ async def test_revoked_token_stops_intake_without_dead_letters_until_fixed(
             )
             await asyncio.sleep(3)
             relay.check_alive()
-        assert sim.account.stats.statuses["4xx"] >= 1
-        assert sum((await applications(sim, 10, first=10)).values()) == 0
-        await sim.set_faults(forbidden=False)
-        async with running_relay(settings) as relay:
+            status, body = await get_json(port, "/readyz")
+            assert (status, body["reasons"]) == (503, ["API authentication failed (403)"])
+            assert value(await scrape(port), "scm_relay_api_auth_failed") == 1
+            assert sum((await applications(sim, 10, first=10)).values()) == 0
+            # The permission granted back: the relay resumes by itself, no restart.
+            await sim.set_faults(forbidden=False)
             await wait_for_commit(kafka_bootstrap, topics, relay)
+            assert await get_json(port, "/readyz") == (200, {"ready": True})
+        assert sim.account.stats.statuses["4xx"] >= 1
         seen = await applications(sim, 20)
     assert dict(seen) == dict.fromkeys(range(20), 1)
     assert await read_topic(kafka_bootstrap, topics.dlq, expected=1, timeout_s=2) == []
+
+
+async def test_a_wrong_base_url_dead_letters_nothing_and_says_so(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    topics = await make_topics(topic_factory, partitions=1)
+    port = free_port()
+    async with simulator(STEADY, codes_per_campaign=100) as sim:
+        await publish(kafka_bootstrap, topics.input, one_code_events(20), key_of=by_code)
+        wrong = relay_settings(
+            kafka_bootstrap, f"{sim.base_url}/scantrust/", topics, http_port=port
+        )
+        with structlog.testing.capture_logs() as logs:
+            async with running_relay(wrong) as relay:
+                await asyncio.sleep(4)
+                relay.check_alive()
+                status, body = await get_json(port, "/readyz")
+                samples = await scrape(port)
+        assert status == 503
+        assert body["reasons"] == ["API refuses the relay's requests (404): check the base URL"]
+        assert value(samples, "scm_relay_api_misconfigured") == 1
+        assert value(samples, "scm_relay_events_consumed_total") == 0, "read before the check"
+        assert any(entry["event"] == "api_misconfigured_intake_stopped" for entry in logs)
+        assert sim.account.stats.uploads_accepted == 0
+        assert (await committed_offsets(kafka_bootstrap, topics.group, topics.input))[0] is None
+        right = relay_settings(kafka_bootstrap, sim.base_url, topics)
+        async with running_relay(right) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+        seen = await applications(sim, 20)
+    assert dict(seen) == dict.fromkeys(range(20), 1)
+    assert await read_topic(kafka_bootstrap, topics.dlq, expected=1, timeout_s=2) == [], (
+        "a wrong base URL dead-lettered good events"
+    )
 
 
 async def test_a_long_outage_keeps_the_relay_in_its_group_and_loses_nothing(

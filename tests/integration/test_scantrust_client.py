@@ -47,7 +47,7 @@ async def finished(api: ScantrustClient, task_id: str) -> ApiTask:
         answer = await api.task(task_id)
         assert isinstance(answer, ApiTask), answer
         result = answer
-        return answer.state.finished
+        return answer.finished
 
     await wait_for(done)
     assert result is not None
@@ -132,6 +132,17 @@ async def test_throttled_outcome_when_the_wait_exceeds_the_retry_budget() -> Non
         assert isinstance(outcome, Throttled)
         assert 25 <= outcome.retry_after_s <= 30  # from the Retry-After header
         assert sim.account.stats.requests["me"] == 1
+
+
+async def test_a_throttle_wait_is_capped_by_the_setting() -> None:
+    async with (
+        simulator() as sim,
+        client(sim.base_url, retry_max_elapsed_s=0.5, retry_after_max_s=60.0) as api,
+    ):
+        await sim.set_faults(throttle_storm_s=3600, retry_after_header=True)
+        outcome = await api.upload(MARKET)
+        assert isinstance(outcome, Throttled)
+        assert outcome.retry_after_s == 60.0
 
 
 async def test_server_errors_are_retried_then_reported_unavailable() -> None:

@@ -18,7 +18,14 @@ from service.core.contract import DEFAULT_LIMITS
 from service.core.resilience import BreakerState
 from service.relay.config import RelayConfig
 from service.scantrust.client import UploadRequest
-from service.scantrust.outcomes import ApiTask, Failure, TaskPage, UploadOutcome
+from service.scantrust.outcomes import (
+    ApiTask,
+    AuthFailed,
+    Failure,
+    Misconfigured,
+    TaskPage,
+    UploadOutcome,
+)
 
 
 def config(**overrides: Any) -> RelayConfig:
@@ -231,6 +238,7 @@ class FakeApi:
     lookup_failure: Failure | None = None
     lookups: int = 0
     lost_answers: int = 0
+    refusal: AuthFailed | Misconfigured | None = None
     breaker_state: BreakerState = BreakerState.CLOSED
     upload_delay_s: float = 0.0
 
@@ -240,6 +248,8 @@ class FakeApi:
         self.uploads.append(request)
         if self.upload_delay_s:
             await asyncio.sleep(self.upload_delay_s)
+        if self.refusal is not None:
+            return self.refusal
         if self.script:
             return self.script.pop(0)
         task_id = f"task-{len(self.uploads)}"
@@ -270,6 +280,9 @@ class FakeApi:
         listed = [t for t in self.states.values() if reference is None or t.reference == reference]
         # The list view carries no details.
         return TaskPage([t.model_copy(update={"details": None}) for t in listed])
+
+    async def me(self, *, retry: bool = True) -> dict[str, Any] | Failure:
+        return self.refusal if self.refusal is not None else {"id": 1638}
 
     async def task(self, task_id: str) -> ApiTask | Failure:
         from service.scantrust.outcomes import Rejected

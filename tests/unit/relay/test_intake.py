@@ -92,6 +92,7 @@ def rig(room: int = 100, **settings: Any) -> Rig:
         Committer(),
     )
     book, health, admin = OffsetBook(), ApiHealth(), FakeAdmin()
+    health.accepted("me")  # the start-up check answered
     batcher = Batcher(
         max_values=cfg.batch_max_values,
         max_keys=1,

@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from service.metrics import RelayMetrics
+from service.relay.health import ApiHealth
 from service.relay.ledger import LedgerView, WrittenRecords
 from service.relay.messages import (
     LedgerCaughtUp,
@@ -23,7 +24,7 @@ from service.relay.messages import (
     TaskRecorded,
 )
 from service.relay.poller import TaskPoller
-from service.scantrust.outcomes import TaskApiState, Unavailable
+from service.scantrust.outcomes import ApiTask, TaskApiState, Unavailable
 from tests.unit.relay.fakes import FakeApi, FakeConsumer, FakeMember, Inbox, config
 from tests.unit.relay.support import api_task, ledger_record
 
@@ -109,6 +110,7 @@ async def poller(
         ledger=positions,
         api=api,
         committer=committer,
+        health=ApiHealth(),
         metrics=RelayMetrics(CollectorRegistry()),
         clock=lambda: asyncio.get_running_loop().time(),
     )
@@ -202,3 +204,21 @@ async def test_a_task_unfinished_past_the_stuck_age_is_reported_and_still_follow
     (progress,) = committer.items
     assert isinstance(progress, Progress)
     assert (progress.progress.state, progress.progress.stuck) == ("in-progress", True)
+
+
+async def test_an_undocumented_state_costs_no_other_task_its_result() -> None:
+    api = FakeApi()
+    api.states["odd"] = ApiTask.model_validate({"id": "odd", "state": "archived"})
+    api.states["t0"] = api_task("t0", TaskApiState.COMPLETE, 1)
+    member, positions, committer = FakeMember("tasks"), Positions(), Committer()
+    async with poller(api, member, positions, committer) as inbox:
+        await member.assign(0)
+        await inbox.tell(LedgerChange(0, "odd", ledger_record("odd", ["a"])))
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["b"])))
+        await eventually(lambda: committer.items)
+        calls = len(api.status_calls)
+        await eventually(lambda: len(api.status_calls) > calls)
+    (finished,) = committer.items
+    assert isinstance(finished, TaskFinished)
+    assert finished.outcome.task_id == "t0"
+    assert "odd" in api.status_calls[-1], "the task in an undocumented state is no longer followed"

@@ -7,6 +7,7 @@ import asyncio
 import random
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from service.core.batching import Batch
@@ -18,6 +19,7 @@ from service.relay.uploaders import Uploaders
 from service.scantrust.outcomes import (
     Ambiguous,
     AuthFailed,
+    Misconfigured,
     Rejected,
     TaskApiState,
     Throttled,
@@ -116,19 +118,46 @@ async def test_the_next_batch_waits_until_the_last_is_recorded() -> None:
 
 async def test_parked_after_403_does_not_hold_up_the_shutdown() -> None:
     health = ApiHealth()
-    api = FakeApi(script=[AuthFailed(403, "forbidden")])
-    stage = uploaders(api, Recorder(), Inbox(), health)
+    api = FakeApi(refusal=AuthFailed(403, "forbidden"))
+    stage = uploaders(api, Recorder(), Inbox(), health, retry_max_backoff_s=10.0)
     runner = asyncio.create_task(stage.run())
     await stage.put(batch(["a"]))
     await asyncio.sleep(0.05)
     assert health.auth_failed is not None
+    tried = len(api.uploads)
     loop = asyncio.get_running_loop()
     started = loop.time()
     # The final batches are not even tried with a token the API refused.
     await stage.drain([batch(["b"]), batch(["c"])], timeout_s=30.0, grace_s=30.0)
     await asyncio.wait_for(runner, 1)
     assert loop.time() - started < 1.0
-    assert len(api.uploads) == 1
+    assert len(api.uploads) == tried
+
+
+@pytest.mark.parametrize(
+    "refusal", [AuthFailed(403, "forbidden"), Misconfigured(404, "<h1>Not Found</h1>")]
+)
+async def test_a_refused_batch_is_kept_and_probes_until_the_api_accepts_it(
+    refusal: AuthFailed | Misconfigured,
+) -> None:
+    health = ApiHealth()
+    api = FakeApi(refusal=refusal)
+    recorder, inbox = Recorder(), Inbox()
+    stage = uploaders(api, recorder, inbox, health)
+    runner = asyncio.create_task(stage.run())
+    await stage.put(batch(["a"]))
+    await asyncio.sleep(0.3)
+    assert health.refusal == refusal
+    assert len(api.uploads) >= 3, "the refused batch was not probed again"
+    assert recorder.items == [], "a refusal dead-lettered the batch"
+    assert inbox.messages == []
+    api.refusal = None  # the token or the URL fixed
+    await asyncio.sleep(0.2)
+    assert health.refusal is None, "the relay did not resume by itself"
+    (append,) = recorder.items
+    assert isinstance(append, LedgerAppend)
+    await stage.drain([], 1.0, 1.0)
+    await asyncio.wait_for(runner, 1)
 
 
 async def test_at_the_deadline_retrying_uploads_stop_and_requests_under_way_finish() -> None:
