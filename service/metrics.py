@@ -131,6 +131,12 @@ class RelayMetrics:
         self.tasks_short = counter(
             "tasks_short_total", "Completed tasks that touched fewer codes than expected."
         )
+        self.tasks_over = counter(
+            "tasks_over_total", "Completed tasks that touched more codes than expected."
+        )
+        self.tasks_over_codes = counter(
+            "tasks_over_codes_total", "Codes touched beyond the expectation by such tasks."
+        )
         self.tasks_short_codes = counter(
             "tasks_short_codes_total", "Codes expected but not touched by short tasks."
         )

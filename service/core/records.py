@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import StrEnum
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
@@ -91,6 +91,20 @@ class TaskOutcome(_Record):
         description="expected_codes - codes_affected when positive, else 0; null if unknown."
     )
     short: bool = Field(description="True when shortfall > 0.")
+    excess: NonNegativeInt | None = Field(
+        default=None,
+        description="codes_affected - expected_codes when positive, else 0; null if unknown.",
+    )
+    over: bool = Field(
+        default=False,
+        description="True when excess > 0: the task touched more codes than its events named.",
+    )
+    api_details: dict[str, Any] | None = Field(
+        default=None,
+        description="For a failed task: what the API's task view says beyond the states and "
+        "times (its details and any error fields), bounded; null otherwise or when the view "
+        "could not be read.",
+    )
     campaign: int | None
     reference: str
     scm_data: dict[str, str]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Callable, Collection, Mapping
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -27,6 +28,22 @@ from service.relay.ports import GroupMember, StatusApi
 from service.scantrust.outcomes import ApiTask, AuthFailed, Misconfigured, TaskApiState, TaskPage
 
 log = structlog.get_logger(__name__)
+
+# A failed task's details in its result stay under this (JSON, UTF-8).
+MAX_DETAILS_BYTES: Final = 8 * 1024
+# The task view's fields every result already carries in its own fields.
+SUMMARY_FIELDS: Final = frozenset(
+    {
+        "id",
+        "state",
+        "reference",
+        "codes_affected",
+        "created_by",
+        "created_at",
+        "started_at",
+        "completed_at",
+    }
+)
 
 INBOX_WAIT_S: Final = 0.2
 
@@ -198,7 +215,8 @@ class TaskPoller:
                     await self._report_stuck(entry, task, self.schedule.age(task_id, now))
                 continue
             self.schedule.finishing(task_id)
-            outcome = task_outcome(entry, task)
+            details = await self._failure_details(task) if not task.finished_well else None
+            outcome = task_outcome(entry, task, details)
             self._count(outcome, entry)
             done = functools.partial(self._forget, task_id)
             await self._committer.submit(TaskFinished(outcome, done))
@@ -219,6 +237,21 @@ class TaskPoller:
             for task_id in list(self._unknown_states)[:5_000]:
                 del self._unknown_states[task_id]
 
+    async def _failure_details(self, task: ApiTask) -> dict[str, Any] | None:
+        """What the API's single view of a failed task says about it ("failed: the errors
+        can be interpreted"), bounded; None when it cannot be read now (the result is not
+        held back for it)."""
+        view = await self._api.task(task.id)
+        if not isinstance(view, ApiTask):
+            log.warning("task_details_unavailable", task_id=task.id, outcome=type(view).__name__)
+            return None
+        kept = {
+            key: value
+            for key, value in view.model_dump(mode="json").items()
+            if key not in SUMMARY_FIELDS and value is not None
+        }
+        return bounded_details(kept)
+
     def _count(self, outcome: TaskOutcome, entry: TaskLedgerRecord) -> None:
         metrics = self._metrics
         metrics.tasks_finished.labels(outcome.state.value).inc()
@@ -228,6 +261,9 @@ class TaskPoller:
         if outcome.short and outcome.shortfall:
             metrics.tasks_short.inc()
             metrics.tasks_short_codes.inc(outcome.shortfall)
+        if outcome.over and outcome.excess:
+            metrics.tasks_over.inc()
+            metrics.tasks_over_codes.inc(outcome.excess)
         log.info(
             "task_finished",
             task_id=outcome.task_id,
@@ -235,6 +271,7 @@ class TaskPoller:
             codes_affected=outcome.codes_affected,
             expected_codes=outcome.expected_codes,
             short=outcome.short,
+            over=outcome.over,
         )
 
     async def _report_stuck(
@@ -273,12 +310,26 @@ class TaskPoller:
         self._metrics.oldest_pending_task_age.set(self.schedule.oldest_age(self._clock()))
 
 
-def task_outcome(entry: TaskLedgerRecord, task: ApiTask) -> TaskOutcome:
+def bounded_details(details: dict[str, Any]) -> dict[str, Any]:
+    """`details` as they are when their JSON fits MAX_DETAILS_BYTES, else their start as
+    text (a result record must stay small)."""
+    text = json.dumps(details, ensure_ascii=False)
+    if len(text.encode()) <= MAX_DETAILS_BYTES:
+        return details
+    cut = text.encode()[:MAX_DETAILS_BYTES].decode(errors="ignore")
+    return {"truncated": True, "start": cut}
+
+
+def task_outcome(
+    entry: TaskLedgerRecord, task: ApiTask, api_details: dict[str, Any] | None = None
+) -> TaskOutcome:
     """The result record of a finished task."""
     state = TaskState.COMPLETE if task.state is TaskApiState.COMPLETE else TaskState.FAILED
     shortfall: int | None = None
+    excess: int | None = None
     if state is TaskState.COMPLETE and entry.expected_codes is not None:
         shortfall = max(0, entry.expected_codes - (task.codes_affected or 0))
+        excess = max(0, (task.codes_affected or 0) - entry.expected_codes)
     return TaskOutcome(
         task_id=entry.task_id,
         state=state,
@@ -286,6 +337,9 @@ def task_outcome(entry: TaskLedgerRecord, task: ApiTask) -> TaskOutcome:
         expected_codes=entry.expected_codes,
         shortfall=shortfall,
         short=bool(shortfall),
+        excess=excess,
+        over=bool(excess),
+        api_details=api_details,
         campaign=entry.campaign,
         reference=entry.reference,
         scm_data=entry.scm_data,

@@ -16,7 +16,7 @@ from service.core.batching import Batch
 from service.core.resilience import BreakerState
 from service.relay.reconcile import TaskLookup
 from service.scantrust.client import UploadRequest
-from service.scantrust.outcomes import Failure, TaskPage, UploadOutcome
+from service.scantrust.outcomes import ApiTask, Failure, TaskPage, UploadOutcome
 
 
 class FetchedRecord(Protocol):
@@ -136,6 +136,9 @@ class StatusApi(Protocol):
 
     async def tasks(self, task_ids: Sequence[str]) -> TaskPage | Failure:
         """The tasks the API knows among `task_ids`."""
+
+    async def task(self, task_id: str) -> ApiTask | Failure:
+        """One task's own view (with its details)."""
 
 
 class BreakerView(Protocol):

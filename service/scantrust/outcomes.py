@@ -56,6 +56,11 @@ class ApiTask(BaseModel):
         return self.state in (TaskApiState.COMPLETE, TaskApiState.FAILED)
 
     @property
+    def finished_well(self) -> bool:
+        """Complete (a failed or unfinished task is not)."""
+        return self.state is TaskApiState.COMPLETE
+
+    @property
     def known_state(self) -> bool:
         """Whether the state is one the API documents."""
         return isinstance(self.state, TaskApiState)

@@ -43,6 +43,9 @@ async def test_short_and_failed_tasks_get_the_right_outcome(
         # A pallet key: no expectation unless declared; declared 240, touches 240.
         event("PALLET-0000", key="pallet_sscc", scm_data={"lot": "P"}, reference="pallet",
               expected_codes=240),
+        # Declared 20, touches the second pallet's 60 codes: more than expected.
+        event("PALLET-0001", key="pallet_sscc", scm_data={"lot": "Q"}, reference="over",
+              expected_codes=20),
         event(["11X000003"], scm_data={"batch_number": "F"}, reference="will-fail"),
         event(["11X000004"], scm_data={"batch_number": "OK"}, reference="fine"),
     ]  # fmt: skip
@@ -52,7 +55,7 @@ async def test_short_and_failed_tasks_get_the_right_outcome(
         await publish(kafka_bootstrap, topics.input, events)
         async with running_relay(settings) as relay:
             await wait_for_commit(kafka_bootstrap, topics, relay)
-            outcomes = await results(kafka_bootstrap, topics.results, expected=4)
+            outcomes = await results(kafka_bootstrap, topics.results, expected=5)
     by_reference = {o["reference"]: o for o in outcomes}
     short = by_reference["short"]
     assert (short["state"], short["codes_affected"], short["expected_codes"]) == ("complete", 2, 4)
@@ -63,8 +66,21 @@ async def test_short_and_failed_tasks_get_the_right_outcome(
         240,
         False,
     )
+    assert (pallet["excess"], pallet["over"]) == (0, False)
+    over = by_reference["over"]
+    assert (over["codes_affected"], over["expected_codes"], over["excess"], over["over"]) == (
+        60,
+        20,
+        40,
+        True,
+    )
+    assert over["short"] is False
     failed = by_reference["will-fail"]
     assert (failed["state"], failed["short"], failed["shortfall"]) == ("failed", False, None)
+    # "failed: the errors can be interpreted": the API's own view travels with the result.
+    assert failed["api_details"]["error"] == "Simulated failure (fail_rate)"
+    assert failed["api_details"]["details"]["constraints"] == {"extended_id": ["11X000003"]}
+    assert by_reference["fine"]["api_details"] is None
     fine = by_reference["fine"]
     assert (fine["state"], fine["shortfall"], fine["short"]) == ("complete", 0, False)
     assert all(o["kind"] == "result" for o in outcomes)

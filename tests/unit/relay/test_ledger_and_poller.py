@@ -5,6 +5,7 @@ once read to where they ended at their assignment."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,7 +24,7 @@ from service.relay.messages import (
     TaskFinished,
     TaskRecorded,
 )
-from service.relay.poller import TaskPoller
+from service.relay.poller import TaskPoller, bounded_details
 from service.scantrust.outcomes import ApiTask, TaskApiState, Unavailable
 from tests.unit.relay.fakes import FakeApi, FakeConsumer, FakeMember, Inbox, config
 from tests.unit.relay.support import api_task, ledger_record
@@ -222,3 +223,41 @@ async def test_an_undocumented_state_costs_no_other_task_its_result() -> None:
     assert isinstance(finished, TaskFinished)
     assert finished.outcome.task_id == "t0"
     assert "odd" in api.status_calls[-1], "the task in an undocumented state is no longer followed"
+
+
+async def test_a_failed_task_s_result_carries_the_api_s_view_and_an_over_count_is_flagged() -> None:
+    api = FakeApi()
+    api.states["bad"] = ApiTask.model_validate(
+        {
+            "id": "bad",
+            "state": "failed",
+            "codes_affected": 0,
+            "error": "campaign 11 is archived",
+            "details": {"constraints": {"extended_id": ["a"]}, "scm_data": {"x": "1"}},
+        }
+    )
+    api.states["big"] = api_task("big", TaskApiState.COMPLETE, 5)
+    member, positions, committer = FakeMember("tasks"), Positions(), Committer()
+    async with poller(api, member, positions, committer) as inbox:
+        await member.assign(0)
+        await inbox.tell(LedgerChange(0, "bad", ledger_record("bad", ["a"])))
+        await inbox.tell(LedgerChange(0, "big", ledger_record("big", ["b", "c"])))
+        await eventually(lambda: len(committer.items) == 2)
+    outcomes = {
+        item.outcome.task_id: item.outcome
+        for item in committer.items
+        if isinstance(item, TaskFinished)
+    }
+    failed, big = outcomes["bad"], outcomes["big"]
+    assert failed.api_details is not None
+    assert failed.api_details["error"] == "campaign 11 is archived"
+    assert failed.api_details["details"]["scm_data"] == {"x": "1"}
+    assert (big.expected_codes, big.excess, big.over, big.short) == (2, 3, True, False)
+    assert big.api_details is None
+
+
+def test_oversized_details_are_cut_to_their_bound() -> None:
+    cut = bounded_details({"error": "x" * 100_000})
+    assert cut["truncated"] is True
+    assert len(json.dumps(cut).encode()) < 9 * 1024
+    assert bounded_details({"error": "short"}) == {"error": "short"}
