@@ -14,6 +14,7 @@ the API matches constraint values exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class Reason(StrEnum):
     CONSTRAINT_VALUE_INVALID = "constraint_value_invalid"
     CONSTRAINT_VALUE_BLANK = "constraint_value_blank"
     CONSTRAINT_VALUE_TOO_LONG = "constraint_value_too_long"
+    CONSTRAINT_VALUE_WHITESPACE = "constraint_value_whitespace"
     CONSTRAINT_VALUE_DUPLICATE = "constraint_value_duplicate"
     TOO_MANY_VALUES = "too_many_values"
     SCM_DATA_NOT_OBJECT = "scm_data_not_object"
@@ -79,6 +81,7 @@ class Reason(StrEnum):
     SCM_DATA_KEY_INVALID = "scm_data_key_invalid"
     SCM_DATA_VALUE_INVALID = "scm_data_value_invalid"
     SCM_DATA_VALUE_TOO_LONG = "scm_data_value_too_long"
+    SCM_DATA_VALUE_WHITESPACE = "scm_data_value_whitespace"
     ACTIVATION_STATUS_INVALID = "activation_status_invalid"
     BLACKLIST_REASON_INVALID = "blacklist_reason_invalid"
     CAMPAIGN_TYPE = "campaign_type"
@@ -86,6 +89,7 @@ class Reason(StrEnum):
     REFERENCE_INVALID = "reference_invalid"
     REFERENCE_TOO_LONG = "reference_too_long"
     EXPECTED_CODES_INVALID = "expected_codes_invalid"
+    DUPLICATE_KEY = "duplicate_key"
     # api: the API refused the batch the event was in
     API_REJECTED = "api_rejected"
 
@@ -230,7 +234,17 @@ def _constraint_key(key: str, limits: ContractLimits) -> None:
 def _constraint_value(value: Any, field: str, limits: ContractLimits) -> str:
     # bool is an int in Python, but `true` is no code; floats lose digits.
     if isinstance(value, str):
-        text = value.strip()
+        text = value
+        if text.strip() and text != text.strip():
+            # Scantrust matches codes exactly: " 0A70X1" selects no code, and stripping
+            # it would send what nobody published.
+            raise _problem(
+                Reason.CONSTRAINT_VALUE_WHITESPACE,
+                field,
+                f"constraint value {_show(value)} has white space around it; the API matches "
+                "codes exactly: publish the value without it",
+            )
+        text = text.strip()
     elif isinstance(value, int) and not isinstance(value, bool):
         text = str(value)
     else:
@@ -334,7 +348,14 @@ def _scm_key(key: str, limits: ContractLimits) -> None:
 def _scm_value(key: str, value: Any, limits: ContractLimits) -> str:
     field = f"scm_data.{key}"
     if isinstance(value, str):
-        text = value.strip()
+        text = value
+        if text != text.strip():
+            raise _problem(
+                Reason.SCM_DATA_VALUE_WHITESPACE,
+                field,
+                f"value {_show(value)} has white space around it; it would be saved as it "
+                "is: publish the value without it",
+            )
     elif isinstance(value, int) and not isinstance(value, bool):
         text = str(value)
     elif isinstance(value, float) and math.isfinite(value):
@@ -497,6 +518,10 @@ def _expected_codes(value: Any) -> int | None:
 
 # JSON Schemas of the accepted input (the field validators above are plain
 # functions, so pydantic cannot derive them). They use the default limits.
+# Values are sent as published, so white space around one is refused: a constraint
+# value has something else in it; an scm_data value may be empty.
+NO_SURROUNDING_SPACE: Final = r"^\S(?:[\s\S]*\S)?$"
+NO_SPACE_AROUND: Final = r"^(?:\S(?:[\s\S]*\S)?)?$"
 _KEY_SCHEMA: Final = {
     "type": "string",
     "pattern": KEY_PATTERN,
@@ -504,7 +529,11 @@ _KEY_SCHEMA: Final = {
 }
 _CONSTRAINT_VALUE_SCHEMA: Final = {
     "oneOf": [
-        {"type": "string", "pattern": r"\S", "maxLength": DEFAULT_LIMITS.max_value_length},
+        {
+            "type": "string",
+            "pattern": NO_SURROUNDING_SPACE,
+            "maxLength": DEFAULT_LIMITS.max_value_length,
+        },
         {"type": "integer"},
     ]
 }
@@ -537,7 +566,11 @@ _CONSTRAINTS_SCHEMA: Final = {
 }
 _SCM_VALUE_SCHEMA: Final = {
     "oneOf": [
-        {"type": "string", "maxLength": DEFAULT_LIMITS.max_value_length},
+        {
+            "type": "string",
+            "pattern": NO_SPACE_AROUND,
+            "maxLength": DEFAULT_LIMITS.max_value_length,
+        },
         {"type": "number"},
     ],
 }
@@ -558,14 +591,14 @@ _SCM_DATA_SCHEMA: Final = {
             "description": "0 inactive, 1 active, 2 blacklisted",
             "oneOf": [
                 {"type": "integer", "enum": [0, 1, 2]},
-                {"type": "string", "pattern": r"^\s*[0-2]\s*$"},
+                {"type": "string", "pattern": r"^[0-2]$"},
             ],
         },
         "blacklist_reason": {
             "description": "0 to 10, see docs/event-contract.md",
             "oneOf": [
                 {"type": "integer", "minimum": 0, "maximum": 10},
-                {"type": "string", "pattern": r"^\s*([0-9]|10)\s*$"},
+                {"type": "string", "pattern": r"^([0-9]|10)$"},
             ],
         },
     },
@@ -690,7 +723,51 @@ def parse_event(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> ParsedEv
         )
     except ValidationError as exc:
         return rejection_from(exc)
+    # Every key of the document ends in `":`; more of those than the event has keys means
+    # a key came twice (or a string holds `":`): only then is the document parsed again.
+    keys = len(event.model_fields_set) + len(event.constraints) + len(event.scm_data)
+    if len(_KEY_END.findall(text)) > keys:
+        duplicate = _duplicate_key(text)
+        if duplicate is not None:
+            return duplicate
     return ParsedEvent(event, tuple(warnings))
+
+
+_KEY_END: Final = re.compile(r'"\s*:')
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKeyError(key)
+        seen[key] = value
+    return seen
+
+
+def _duplicate_key(text: str) -> Rejection | None:
+    """A JSON object naming one key twice: a parser keeps one of the two silently, so
+    the event is refused (it is already known to be valid JSON of bounded depth)."""
+    if text.count('"') < 2:
+        return None
+    try:
+        json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKeyError as exc:
+        return Rejection(
+            Reason.DUPLICATE_KEY,
+            f"the key {exc.key!r} appears twice in one object; a reader would keep one of "
+            "them silently: publish each key once",
+            exc.key,
+        )
+    except (ValueError, RecursionError):
+        return None  # the validating parse accepted it; nothing more to say here
+    return None
 
 
 def rejection_from(error: ValidationError) -> Rejection:

@@ -42,7 +42,7 @@ def batcher(**overrides: Any) -> Batcher:
 def test_same_scm_data_merges_and_duplicates_are_dropped_and_counted() -> None:
     b = batcher()
     assert b.add(pending(["a", "b"]), 0.0)[0] == []
-    assert b.add(pending(["b", "c"], scm_data={"intended_market": " DE "}), 0.1)[0] == []
+    assert b.add(pending(["b", "c"], scm_data={"intended_market": "DE"}), 0.1)[0] == []
     (batch,) = b.drain()
     assert batch.constraints() == {"extended_id": ["a", "b", "c"]}
     assert b.deduplicated == 1

@@ -60,7 +60,9 @@ def test_invalid_example(path: Path) -> None:
     assert isinstance(result, Rejection), f"{path.name} was accepted"
     assert result.reason is expected_reason(path), result
     if limits is None:
-        assert not schema_accepts(raw), f"the JSON Schema accepts {path.name}"
+        # A JSON Schema sees the document a parser made: a duplicate key is gone by then.
+        if result.reason is not Reason.DUPLICATE_KEY:
+            assert not schema_accepts(raw), f"the JSON Schema accepts {path.name}"
     else:
         # Schemas carry the default limits only; within those the example is fine.
         assert isinstance(parse_event(raw), ParsedEvent)

@@ -96,8 +96,21 @@ RULES: list[tuple[str, bytes, Reason, str | None, str]] = [
      Reason.CONSTRAINT_VALUE_TOO_LONG, "constraints.extended_id", "limit is 1024"),
     ("duplicate", encode(event(constraints={"extended_id": ["a", "b", "a"]})),
      Reason.CONSTRAINT_VALUE_DUPLICATE, "constraints.extended_id[2]", "duplicates index 0"),
-    ("duplicate after trim", encode(event(constraints={"extended_id": ["a", " a "]})),
-     Reason.CONSTRAINT_VALUE_DUPLICATE, "constraints.extended_id[1]", "'a'"),
+    ("value with spaces around", encode(event(constraints={"extended_id": ["a", " a "]})),
+     Reason.CONSTRAINT_VALUE_WHITESPACE, "constraints.extended_id[1]", "white space around"),
+    ("value with a newline after", encode(event(constraints={"rfid": "E28011\n"})),
+     Reason.CONSTRAINT_VALUE_WHITESPACE, "constraints.rfid", "exactly"),
+    ("scm value with spaces around", encode(event(scm_data={"intended_market": "DE "})),
+     Reason.SCM_DATA_VALUE_WHITESPACE, "scm_data.intended_market", "white space around"),
+    ("activation status padded", encode(event(scm_data={"activation_status": " 1"})),
+     Reason.SCM_DATA_VALUE_WHITESPACE, "scm_data.activation_status", "white space around"),
+    ("duplicate key",
+     b'{"constraints": {"extended_id": ["a"]}, "scm_data": {"lot": "1", "lot": "2"}}',
+     Reason.DUPLICATE_KEY, "lot", "appears twice"),
+    ("duplicate constraints",
+     b'{"constraints": {"extended_id": ["a"]}, "constraints": {"extended_id": ["b"]}, '
+     b'"scm_data": {"lot": "1"}}',
+     Reason.DUPLICATE_KEY, "constraints", "appears twice"),
     ("duplicate number", encode(event(constraints={"serial_number": [7, "7"]})),
      Reason.CONSTRAINT_VALUE_DUPLICATE, "constraints.serial_number[1]", "'7'"),
     ("scm_data list", encode(event(scm_data=["DE"])), Reason.SCM_DATA_NOT_OBJECT, "scm_data",
@@ -210,15 +223,15 @@ def test_settable_limits_are_honoured() -> None:
     assert refused(encode({**base, "reference": "ab"}), limits).reason is Reason.REFERENCE_TOO_LONG
 
 
-def test_values_are_normalised_to_trimmed_strings_keeping_case_and_inner_spaces() -> None:
+def test_values_are_sent_as_published_as_strings_keeping_case_and_inner_spaces() -> None:
     parsed = accepted(
         encode(
             {
-                "constraints": {"extended_id": [" 0a70X1 ", "Code With  Spaces", 12345678901]},
+                "constraints": {"extended_id": ["0a70X1", "Code With  Spaces", 12345678901]},
                 "scm_data": {
                     "lot": 42,
                     "weight_kg": 12.5,
-                    "market": "  De  ",
+                    "market": "De",
                     "activation_status": 1,
                 },
             }
@@ -300,3 +313,10 @@ def test_one_code_per_value_keys_is_settable() -> None:
     limits = ContractLimits(one_code_per_value_keys=frozenset({"case_id"}))
     assert expected_codes(parsed.event, limits) == 2
     assert expected_codes(accepted(encode(event(constraints={"rfid": "r"}))).event, limits) is None
+
+
+def test_a_value_holding_a_quote_and_colon_is_no_duplicate_key() -> None:
+    raw = b'{"constraints": {"extended_id": ["a\\":b"]}, "scm_data": {"note": "x\\" : y"}}'
+    parsed = accepted(raw)
+    assert parsed.event.constraint_values == ('a":b',)
+    assert parsed.event.scm_data == {"note": 'x" : y'}
