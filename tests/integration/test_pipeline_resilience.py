@@ -157,7 +157,12 @@ async def test_revoked_token_stops_intake_without_dead_letters_until_fixed(
             # The permission granted back: the relay resumes by itself, no restart.
             await sim.set_faults(forbidden=False)
             await wait_for_commit(kafka_bootstrap, topics, relay)
-            assert await get_json(port, "/readyz") == (200, {"ready": True})
+            # Ready again once the status polls are accepted too (their next round).
+            for _ in range(100):
+                if (ready := await get_json(port, "/readyz")) == (200, {"ready": True}):
+                    break
+                await asyncio.sleep(0.1)
+            assert ready == (200, {"ready": True})
         assert sim.account.stats.statuses["4xx"] >= 1
         seen = await applications(sim, 20)
     assert dict(seen) == dict.fromkeys(range(20), 1)
