@@ -152,6 +152,15 @@ HEADER_SOURCE_PARTITION: Final = "scm_relay.source.partition"
 HEADER_SOURCE_OFFSET: Final = "scm_relay.source.offset"
 HEADER_API_STATUS: Final = "scm_relay.error.api_status"
 HEADER_API_BODY: Final = "scm_relay.error.api_body"
+HEADER_SOURCE_SIZE: Final = "scm_relay.source.size"
+HEADER_VALUE_TRUNCATED: Final = "scm_relay.value.truncated"
+# A dead letter's value is the original bytes, unless they are larger than this: then
+# it is their first DEAD_LETTER_PREFIX_BYTES, and the headers say so and give the size
+# (the whole record stays on the input topic at its coordinates). Kafka refuses records
+# over the producer's max.request.size and the topic's max.message.bytes (1 MiB by
+# default): one such record would stop the relay at every start.
+DEAD_LETTER_MAX_VALUE_BYTES: Final = 512 * 1024
+DEAD_LETTER_PREFIX_BYTES: Final = 64 * 1024
 MAX_MESSAGE_BYTES: Final = 1024
 MAX_API_BODY_BYTES: Final = 4096
 _TRUNCATED: Final = " [truncated]"
@@ -177,6 +186,8 @@ class DeadLetterHeaders(_Record):
     source_offset: NonNegativeInt
     api_status: int | None = None
     api_body: str | None = None
+    source_size: NonNegativeInt | None = None
+    value_truncated: bool = False
 
     @field_validator("message")
     @classmethod
@@ -202,7 +213,19 @@ class DeadLetterHeaders(_Record):
             headers.append((HEADER_API_STATUS, str(self.api_status)))
         if self.api_body is not None:
             headers.append((HEADER_API_BODY, self.api_body))
+        if self.source_size is not None:
+            headers.append((HEADER_SOURCE_SIZE, str(self.source_size)))
+        if self.value_truncated:
+            headers.append((HEADER_VALUE_TRUNCATED, "true"))
         return [(name, value.encode("utf-8")) for name, value in headers]
+
+    def bounded_value(self, raw: bytes) -> tuple[bytes, DeadLetterHeaders]:
+        """The value to write for `raw` and the headers to write it with: `raw` itself,
+        or its prefix when it is over DEAD_LETTER_MAX_VALUE_BYTES (see there)."""
+        if len(raw) <= DEAD_LETTER_MAX_VALUE_BYTES:
+            return raw, self
+        marked = self.model_copy(update={"source_size": len(raw), "value_truncated": True})
+        return raw[:DEAD_LETTER_PREFIX_BYTES], marked
 
     @classmethod
     def from_kafka(cls, headers: Iterable[tuple[str, bytes]]) -> DeadLetterHeaders:
@@ -218,4 +241,6 @@ class DeadLetterHeaders(_Record):
             source_offset=int(values[HEADER_SOURCE_OFFSET]),
             api_status=None if api_status is None else int(api_status),
             api_body=values.get(HEADER_API_BODY),
+            source_size=int(values[HEADER_SOURCE_SIZE]) if HEADER_SOURCE_SIZE in values else None,
+            value_truncated=values.get(HEADER_VALUE_TRUNCATED) == "true",
         )

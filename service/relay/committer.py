@@ -139,8 +139,9 @@ class Committer:
             if item.accounts:
                 self._accounting.batch_recorded(item.batch)
         elif isinstance(item, DeadLetter):
+            value, headers = item.headers.bounded_value(item.raw)
             await producer.send(
-                config.dlq_topic, key=item.key, value=item.raw, headers=item.headers.to_kafka()
+                config.dlq_topic, key=item.key, value=value, headers=headers.to_kafka()
             )
             source = item.source
             self._accounting.dead_lettered(source.topic, source.partition, source.offset)
@@ -183,9 +184,7 @@ class Committer:
                 api_status=item.outcome.status,
                 api_body=item.outcome.body,
             )
+            value, bounded = headers.bounded_value(pending.raw)
             await self._producer.send(
-                self._config.dlq_topic,
-                key=pending.key,
-                value=pending.raw,
-                headers=headers.to_kafka(),
+                self._config.dlq_topic, key=pending.key, value=value, headers=bounded.to_kafka()
             )

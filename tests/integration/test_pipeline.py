@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from service.core.records import DeadLetterHeaders
 from service.simulator.state import Faults
@@ -205,3 +206,39 @@ async def test_a_ledger_topic_without_compaction_is_refused(
     assert code == EXIT_CONFIG
     (line,) = [entry for entry in logs if entry["event"] == "kafka_setup_invalid"]
     assert "must have cleanup.policy=compact, it has 'delete'" in line["problem"]
+
+
+async def test_a_record_too_large_for_a_dead_letter_is_dead_lettered_by_its_prefix(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    # The input topic allows 4 MiB records; the dead-letter topic keeps Kafka's 1 MiB.
+    topics = await make_topics(topic_factory, partitions=1)
+    topics.input = await topic_factory.create(
+        "scm-changes-large", config={"max.message.bytes": str(4 * 1024 * 1024)}
+    )
+    huge = json.dumps(
+        {"constraints": {"extended_id": ["11X000001"]}, "scm_data": {"note": "x" * 1_500_000}}
+    ).encode()
+    after = [event([f"11X00000{n}"], scm_data={"batch_number": "L"}) for n in (2, 3)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=4 * 1024 * 1024)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.input, huge)
+        for item in after:
+            await producer.send_and_wait(topics.input, json.dumps(item).encode())
+    finally:
+        await producer.stop()
+    async with simulator(FAST, codes_per_campaign=10) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            (dead,) = await read_topic(kafka_bootstrap, topics.dlq, expected=1)
+        done = [await history(sim, f"11X00000{n}") for n in (2, 3)]
+    headers = dict(dead.headers)
+    assert headers["scm_relay.error.reason"] == b"record_too_large"
+    assert headers["scm_relay.source.size"] == str(len(huge)).encode()
+    assert headers["scm_relay.value.truncated"] == b"true"
+    assert headers["scm_relay.source.offset"] == b"0"
+    assert dead.value == huge[: len(dead.value)]
+    assert len(dead.value) == 64 * 1024
+    assert all(len(changes) == 1 for changes in done), "the events after it were not applied"
