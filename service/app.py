@@ -75,6 +75,7 @@ def relay_config(settings: Settings) -> RelayConfig:
         group_id=settings.kafka_group_id,
         limits=contract_limits(settings),
         batch_max_values=settings.batch_max_values,
+        batch_max_bytes=settings.batch_max_bytes,
         batch_max_keys=settings.batch_max_keys,
         batch_linger_s=settings.batch_linger_ms / 1000,
         max_in_flight_requests=settings.max_in_flight_requests,

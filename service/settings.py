@@ -280,6 +280,13 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         le=1000,
         description="values per upload request, 1 to 1000 (the API's limit)",
     )
+    batch_max_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        le=768 * 1024,
+        description="constraint value bytes per upload request; keeps each request and its "
+        "ledger record under Kafka's 1 MiB record limit",
+    )
     batch_max_keys: int = Field(
         default=1,
         ge=1,

@@ -65,9 +65,14 @@ class FlushReason(StrEnum):
     KEYS = "keys"
     OPEN_BATCHES = "open_batches"
     SHUTDOWN = "shutdown"
+    BYTES = "bytes"
 
 
 GroupKey = tuple[int | None, tuple[tuple[str, str], ...], str, str | None]
+# Constraint value bytes per request: with scm_data and the events' sources, a request
+# and its ledger record stay well under Kafka's 1 MiB record limit (1000 values of the
+# longest allowed 1024 characters would be 1 MiB of values alone).
+DEFAULT_MAX_BATCH_BYTES: Final = 256 * 1024
 _NEXT_BATCH: Final = itertools.count(1)
 
 
@@ -87,8 +92,9 @@ class Batch:
     parts: list[Part] = field(default_factory=list)
     flush_reason: FlushReason | None = None
     # Values over all constraint keys, kept by the batcher as it attaches parts (read on
-    # every event, so not summed each time).
+    # every event, so not summed each time), and their UTF-8 bytes.
     size: int = 0
+    value_bytes: int = 0
 
     @property
     def campaign(self) -> int | None:
@@ -150,10 +156,14 @@ class Batcher:
         max_keys: int,
         linger_s: float,
         max_open_batches: int,
+        max_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         if not 1 <= max_values <= 1000 or not 1 <= max_keys <= 5 or max_open_batches < 1:
             raise ValueError("max_values 1..1000, max_keys 1..5 and max_open_batches >= 1")
+        if max_bytes < 1:
+            raise ValueError("max_bytes >= 1")
         self.max_values = max_values
+        self.max_bytes = max_bytes
         self.max_keys = max_keys
         self.linger_s = linger_s
         self.max_open_batches = max_open_batches
@@ -192,9 +202,19 @@ class Batcher:
         if not remaining:
             placed.append((batch, self._attach(batch, pending, key, ())))
         while remaining:
-            room = self.max_values - batch.size
-            chunk, remaining = remaining[:room], remaining[room:]
+            chunk = remaining[: self.max_values - batch.size]
+            sizes = [len(v) if v.isascii() else len(v.encode()) for v in chunk]
+            if batch.value_bytes + sum(sizes) > self.max_bytes:
+                chunk = chunk[: self._fitting(sizes, self.max_bytes - batch.value_bytes)]
+                if not chunk and batch.size:
+                    # Not one more value fits: this request is full by its bytes.
+                    ready.append(self._close(batch, FlushReason.BYTES))
+                    batch = self._open_new(group, now)
+                    continue
+                chunk = chunk or remaining[:1]  # a value over the bound goes alone
+            remaining = remaining[len(chunk) :]
             placed.append((batch, self._attach(batch, pending, key, tuple(chunk))))
+            batch.value_bytes += sum(sizes[: len(chunk)])
             if batch.size >= self.max_values:
                 ready.append(self._close(batch, FlushReason.FULL))
                 if remaining:
@@ -240,6 +260,16 @@ class Batcher:
     def open_values(self) -> int:
         """Values in open batches."""
         return sum(batch.size for batch in self._open.values())
+
+    @staticmethod
+    def _fitting(sizes: list[int], room: int) -> int:
+        """How many of the values (of these sizes, in order) fit in `room` bytes."""
+        used = 0
+        for count, size in enumerate(sizes):
+            used += size
+            if used > room:
+                return count
+        return len(sizes)
 
     def _open_new(self, group: GroupKey, now: float) -> Batch:
         batch = Batch(group=group, opened_at=now)

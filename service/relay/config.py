@@ -22,6 +22,7 @@ class RelayConfig:
     group_id: str
     limits: ContractLimits
     batch_max_values: int = 1000
+    batch_max_bytes: int = 256 * 1024
     batch_max_keys: int = 1
     batch_linger_s: float = 1.0
     max_in_flight_requests: int = 4

@@ -96,6 +96,7 @@ class Relay:
         )
         batcher = Batcher(
             max_values=config.batch_max_values,
+            max_bytes=config.batch_max_bytes,
             max_keys=config.batch_max_keys,
             linger_s=config.batch_linger_s,
             max_open_batches=config.max_open_batches,

@@ -242,3 +242,26 @@ async def test_a_record_too_large_for_a_dead_letter_is_dead_lettered_by_its_pref
     assert dead.value == huge[: len(dead.value)]
     assert len(dead.value) == 64 * 1024
     assert all(len(changes) == 1 for changes in done), "the events after it were not applied"
+
+
+async def test_long_values_are_split_into_requests_whose_ledger_records_kafka_takes(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    # Ten valid events of 200 values of 1 000 characters (206 KB each): one request of
+    # 1 000 values would make a ledger record over Kafka's 1 MiB limit after the API had
+    # created the task.
+    topics = await make_topics(topic_factory, partitions=1)
+    events = [
+        event([f"L{n:02d}{v:03d}" + "x" * 994 for v in range(200)], scm_data={"lot": "Z"})
+        for n in range(10)
+    ]
+    async with simulator(FAST, codes_per_campaign=10) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics, batch_linger_ms=1000)
+        await publish(kafka_bootstrap, topics.input, events)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            uploads = sim.account.stats.uploads_accepted
+            outcomes = await results(kafka_bootstrap, topics.results, expected=uploads)
+        assert sim.account.stats.upload_values_total == 2000
+        assert sim.account.stats.upload_values_max <= 256 * 1024 // 1000
+    assert len(outcomes) == uploads >= 2000 * 1000 // (256 * 1024)

@@ -174,3 +174,18 @@ def test_discard_forgets_open_batches() -> None:
     assert len(b.discard()) == 1
     assert b.open_batches == 0
     assert b.drain() == []
+
+
+def test_a_request_is_bounded_in_bytes_as_well_as_values() -> None:
+    b = batcher(max_bytes=3000)
+    long_codes = [f"{n:04d}" + "x" * 996 for n in range(7)]  # 1000 bytes each
+    ready, _ = b.add(pending(long_codes), 0.0)
+    assert [(batch.size, batch.value_bytes) for batch in ready] == [(3, 3000), (3, 3000)]
+    assert all(batch.flush_reason is FlushReason.BYTES for batch in ready)
+    (rest,) = b.drain()
+    assert rest.constraints()["extended_id"] == long_codes[6:]
+    # A value alone over the bound still goes, alone; non-ASCII counts its UTF-8 bytes.
+    big = batcher(max_bytes=10)
+    ready, _ = big.add(pending(["é" * 6, "a"]), 0.0)
+    assert [batch.constraints()["extended_id"] for batch in ready] == [["é" * 6]]
+    assert ready[0].value_bytes == 12
