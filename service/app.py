@@ -119,6 +119,7 @@ def client_config(settings: Settings) -> ClientConfig:
         breaker_failures=settings.api_breaker_failures,
         breaker_cooldown_s=settings.api_breaker_cooldown_s,
         status_chunk_size=settings.api_status_chunk_size,
+        token_file=settings.api_token_file,
     )
 
 

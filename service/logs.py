@@ -64,10 +64,15 @@ class Redactor:
 
     def __init__(self, renderer: Callable[..., Any], secrets: Iterable[str]) -> None:
         self._renderer = renderer
-        forms: set[str] = set()
+        self._forms: list[str] = []
         for secret in secrets:
-            if len(secret) >= MIN_SECRET_LENGTH:
-                forms |= {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
+            self.add(secret)
+
+    def add(self, secret: str) -> None:
+        """Redact `secret` too."""
+        if len(secret) < MIN_SECRET_LENGTH:
+            return
+        forms = {*self._forms, secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
         # Longest first, so a form containing another is replaced whole.
         self._forms = sorted(forms, key=len, reverse=True)
 
@@ -77,6 +82,15 @@ class Redactor:
             for form in self._forms:
                 line = line.replace(form, REDACTED)
         return line
+
+
+_redactor: Redactor | None = None
+
+
+def add_secret(secret: str) -> None:
+    """A secret learnt after start-up (a rotated token) is redacted from now on."""
+    if _redactor is not None:
+        _redactor.add(secret)
 
 
 def configure_logging(log_format: str, level: str, secrets: Iterable[str] = ()) -> None:
@@ -99,7 +113,9 @@ def configure_logging(log_format: str, level: str, secrets: Iterable[str] = ()) 
         processors.append(
             structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
         )
-    processors.append(Redactor(renderer, secrets))
+    global _redactor
+    _redactor = Redactor(renderer, secrets)
+    processors.append(_redactor)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),

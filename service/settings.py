@@ -229,18 +229,8 @@ class _ApiSettings(BaseModel):
     @field_validator("api_token", mode="before")
     @classmethod
     def _token_is_one_word(cls, value: Any) -> Any:
-        """Surrounding white space (a newline from `echo` or a Secret file) is dropped; any
-        other white space or control character cannot be sent in a header: refused."""
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if not isinstance(raw, str):
-            return value
-        token = raw.strip()
-        if any(char.isspace() or not char.isprintable() for char in token):
-            raise ValueError(
-                "holds white space or control characters inside it; set the token alone "
-                "(the value is not shown)"
-            )
-        return token
+        return clean_token(raw) if isinstance(raw, str) else value
 
     @model_validator(mode="before")
     @classmethod
@@ -490,6 +480,19 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         if config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
+
+
+def clean_token(raw: str) -> str:
+    """The token without surrounding white space (a newline from `echo` or a Secret
+    file); ValueError when white space or a control character is inside it (it cannot
+    be sent in a header). The message never holds the value."""
+    token = raw.strip()
+    if any(char.isspace() or not char.isprintable() for char in token):
+        raise ValueError(
+            "holds white space or control characters inside it; set the token alone "
+            "(the value is not shown)"
+        )
+    return token
 
 
 def env_name(field: str) -> str:

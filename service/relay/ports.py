@@ -174,5 +174,14 @@ class AccountCheck(Protocol):
         """The token's user, or why not."""
 
 
-class ScantrustApi(UploadApi, StatusApi, TaskLookup, AccountCheck, BreakerView, Protocol):
+class TokenReload(Protocol):
+    """The token read again from its file when that changed."""
+
+    async def reload_token(self) -> bool:
+        """True when the token changed."""
+
+
+class ScantrustApi(
+    UploadApi, StatusApi, TaskLookup, AccountCheck, TokenReload, BreakerView, Protocol
+):
     """The API client as the whole relay uses it."""

@@ -184,6 +184,8 @@ class Relay:
             self.last_beat = self._clock()
             if beats % KAFKA_PROBE_EVERY == 0:
                 await self.probe_kafka()
+                # A rotated token is taken up here; refused uploads then probe with it.
+                await self._client.reload_token()
             metrics = self._metrics
             metrics.ready.set(0 if self.readiness() else 1)
             self._poller.refresh_gauges()

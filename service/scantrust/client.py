@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import ssl
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from service import __version__
 from service.core.resilience import Backoff, BreakerState, CircuitBreaker, SlidingWindowLimiter
+from service.logs import add_secret
 from service.scantrust.outcomes import (
     RETRYABLE,
     Accepted,
@@ -45,6 +47,7 @@ from service.scantrust.outcomes import (
     retry_wait,
     throttle_wait,
 )
+from service.settings import clean_token
 
 log = structlog.get_logger(__name__)
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -94,6 +97,8 @@ class ClientConfig:
     retry_initial_s: float = 0.5
     retry_max_backoff_s: float = 30.0
     retry_after_max_s: float = 300.0
+    # The file the token came from (a mounted Secret): read again when it changes.
+    token_file: Path | None = None
     retry_max_elapsed_s: float = 120.0
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
@@ -179,6 +184,8 @@ class ScantrustClient:
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self._last_failure = "none"
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
+        self._token = config.token
+        self._token_stamp: tuple[int, int] | None = None  # (mtime_ns, size) last read
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -196,7 +203,6 @@ class ScantrustClient:
                 total=self._config.request_timeout_s, connect=self._config.connect_timeout_s
             ),
             headers={
-                "Authorization": f"UAT {self._config.token.get_secret_value()}",
                 "Accept": "application/json",
                 "User-Agent": f"scm-relay/{__version__}",
             },
@@ -223,6 +229,31 @@ class ScantrustClient:
 
     def __repr__(self) -> str:
         return f"ScantrustClient(base_url={self._base!r})"
+
+    async def reload_token(self) -> bool:
+        """Read the token file again if it changed (a rotated Kubernetes Secret); True
+        when the token changed. A file that cannot be read or holds no usable token
+        keeps the current token, said in one line that never shows a value."""
+        path = self._config.token_file
+        if path is None:
+            return False
+        try:
+            status = await asyncio.to_thread(os.stat, path)
+            stamp = (status.st_mtime_ns, status.st_size)
+            if stamp == self._token_stamp:
+                return False
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+            token = clean_token(text)
+        except (OSError, ValueError) as exc:
+            log.error("api_token_file_unusable", path=str(path), problem=type(exc).__name__)
+            return False
+        self._token_stamp = stamp
+        if not token or token == self._token.get_secret_value():
+            return False
+        add_secret(token)
+        self._token = SecretStr(token)
+        log.warning("api_token_reloaded", path=str(path))
+        return True
 
     @property
     def breaker_state(self) -> BreakerState:
@@ -413,7 +444,10 @@ class ScantrustClient:
             raise RuntimeError("ScantrustClient used before start()")
         started = self._now()
         try:
-            async with session.request(call.method, call.url, json=call.body) as response:
+            authorization = {"Authorization": f"UAT {self._token.get_secret_value()}"}
+            async with session.request(
+                call.method, call.url, json=call.body, headers=authorization
+            ) as response:
                 body = await _read_bounded(response, self._config.max_response_bytes)
                 status, retry_after = response.status, response.headers.get("Retry-After")
         except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake: not sent

@@ -145,3 +145,48 @@ def test_the_relay_process_prints_no_secret_when_kafka_refuses_it(tmp_path: Path
     assert b"kafka_unavailable" in output
     assert PASSWORD.encode() not in output
     assert TOKEN.encode() not in output
+
+
+async def test_a_rotated_token_file_is_read_again_without_a_restart(tmp_path: Path) -> None:
+    import asyncio
+
+    from pydantic import SecretStr
+
+    from service.scantrust.client import ClientConfig, ScantrustClient
+
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.extend(
+            line for line in head.split(b"\r\n") if line.lower().startswith(b"authorization")
+        )
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    token_file = tmp_path / "api-token"
+    token_file.write_text(f"{TOKEN}\n")
+    config = ClientConfig(
+        base_url=f"http://127.0.0.1:{port}", token=SecretStr(TOKEN), token_file=token_file
+    )
+    try:
+        async with ScantrustClient(config) as api:
+            assert await api.reload_token() is False  # the same token as at start
+            await api.me()
+            token_file.write_text("rotated-token-0042\n")
+            assert await api.reload_token() is True
+            await api.me()
+            token_file.write_text("broken token\n")
+            assert await api.reload_token() is False  # refused: the rotated one stays
+            await api.me()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen == [
+        f"Authorization: UAT {TOKEN}".encode(),
+        b"Authorization: UAT rotated-token-0042",
+        b"Authorization: UAT rotated-token-0042",
+    ]

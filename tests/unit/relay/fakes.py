@@ -281,6 +281,9 @@ class FakeApi:
         # The list view carries no details.
         return TaskPage([t.model_copy(update={"details": None}) for t in listed])
 
+    async def reload_token(self) -> bool:
+        return False
+
     async def me(self, *, retry: bool = True) -> dict[str, Any] | Failure:
         return self.refusal if self.refusal is not None else {"id": 1638}
 
