@@ -75,7 +75,7 @@ def test_ports_topics_and_token_agree_across_services(compose: dict[str, Any]) -
     services = compose["services"]
     environment = relay_environment(compose)
     relay_port = environment["SCM_RELAY_HTTP_PORT"]
-    assert f"{relay_port}:{relay_port}" in services["relay"]["ports"]
+    assert f"127.0.0.1:{relay_port}:{relay_port}" in services["relay"]["ports"]
 
     scrape = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
     targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
@@ -101,6 +101,17 @@ def test_ports_topics_and_token_agree_across_services(compose: dict[str, Any]) -
     for setting in ("INPUT_TOPIC", "RESULTS_TOPIC", "DLQ_TOPIC", "TASKS_TOPIC"):
         assert environment[f"SCM_RELAY_{setting}"] in created
     assert "cleanup.policy=compact" in created[environment["SCM_RELAY_TASKS_TOPIC"]]
+
+
+def test_compose_publishes_ports_on_loopback_only(compose: dict[str, Any]) -> None:
+    # The simulator's control endpoints and Kafka's host listener have no authentication.
+    published = [
+        (name, port)
+        for name, service in compose["services"].items()
+        for port in service.get("ports", [])
+    ]
+    assert published
+    assert all(str(port).startswith("127.0.0.1:") for _, port in published), published
 
 
 def test_the_relay_waits_for_kafka_and_its_topics_and_stops_after_draining(
