@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # scm-relay container image. Build: docker build -t scm-relay .
-# The build stage installs from the same hash-pinned lock file as `make setup`.
+# The build stage installs from the same hash-pinned lock file as `make setup`, and
+# builds the relay's wheel with a build backend pinned by hash (requirements/build.lock)
+# in a venv of its own, so nothing of the build reaches the runtime image.
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
@@ -9,9 +11,13 @@ WORKDIR /src
 RUN python -m venv /opt/scm-relay
 COPY requirements/runtime.lock requirements/runtime.lock
 RUN /opt/scm-relay/bin/pip install --require-hashes --no-deps -r requirements/runtime.lock
+COPY requirements/build.lock requirements/build.lock
+RUN python -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --no-deps -r requirements/build.lock
 COPY pyproject.toml README.md ./
 COPY service service
-RUN /opt/scm-relay/bin/pip install --no-deps .
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /tmp/wheel . \
+ && /opt/scm-relay/bin/pip install --no-deps /tmp/wheel/*.whl
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 ARG VERSION=0.1.0

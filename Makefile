@@ -50,6 +50,7 @@ setup: $(VENV)/.synced /usr/bin/promtool $(KUSTOMIZE) ## create .venv from the l
 lock: | $(UV) ## re-resolve requirements/*.lock from pyproject.toml
 	$(UV) pip compile pyproject.toml --generate-hashes --universal --python-version 3.11 -q -o requirements/runtime.lock
 	$(UV) pip compile pyproject.toml --group dev --generate-hashes --universal --python-version 3.11 -q -o requirements/dev.lock
+	$(UV) pip compile requirements/build.in --generate-hashes --universal --python-version 3.11 -q -o requirements/build.lock
 
 schemas: setup ## regenerate schemas/*.schema.json from the models
 	$(BIN)/python -m service.schemas write schemas
