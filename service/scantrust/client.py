@@ -445,8 +445,10 @@ class ScantrustClient:
         started = self._now()
         try:
             authorization = {"Authorization": f"UAT {self._token.get_secret_value()}"}
+            # Redirects are not followed: one is a wrong base URL (http for https, a moved
+            # host), and following it would carry the token wherever it points.
             async with session.request(
-                call.method, call.url, json=call.body, headers=authorization
+                call.method, call.url, json=call.body, headers=authorization, allow_redirects=False
             ) as response:
                 body = await _read_bounded(response, self._config.max_response_bytes)
                 status, retry_after = response.status, response.headers.get("Retry-After")
@@ -486,6 +488,15 @@ class ScantrustClient:
     ) -> _Response | Failure:
         if 200 <= status < 300:
             return _Response(status, body, retry_after)
+        if 300 <= status < 400:
+            log.error(
+                "api_redirected",
+                endpoint=call.endpoint,
+                status=status,
+                url=call.url.split("?")[0],
+                hint="SCM_RELAY_API_BASE_URL answers with a redirect: set the URL it points to",
+            )
+            return Misconfigured(status, body)
         if status in (401, 403):
             log.error("api_auth_failed", endpoint=call.endpoint, status=status, body=body[:200])
             return AuthFailed(status, body)

@@ -60,10 +60,16 @@ async def test_a_header_over_the_parser_limit_is_an_outcome_not_a_crash() -> Non
         assert isinstance(await api.me(), Unavailable)
 
 
-async def test_a_redirect_loop_is_an_outcome_not_a_crash() -> None:
-    loop = b"HTTP/1.1 302 Found\r\nLocation: /api/v2/me/\r\nContent-Length: 0\r\n\r\n"
-    async with raw_server(loop) as url, client(url) as api:
-        assert isinstance(await api.me(), Unavailable)
+async def test_a_redirect_is_a_wrong_base_url_and_is_not_followed() -> None:
+    moved = (
+        b"HTTP/1.1 301 Moved\r\nLocation: https://elsewhere.invalid/\r\n"
+        b"Connection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    async with raw_server(moved) as url, client(url) as api:
+        outcome = await api.me()
+        assert isinstance(outcome, Misconfigured)
+        assert outcome.status == 301
+        assert isinstance(await api.upload(REQUEST), Misconfigured)
 
 
 def test_json_nested_too_deep_is_no_object() -> None:
