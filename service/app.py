@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+from collections.abc import Mapping
 from contextlib import AsyncExitStack, suppress
+from dataclasses import replace
 from typing import Any, Final
 
 import structlog
@@ -30,6 +32,7 @@ from service.kafka import (
     check_topics,
     client_options,
     probe_connection,
+    record_limits,
     transactional_id,
 )
 from service.logs import configure_logging
@@ -93,6 +96,45 @@ def relay_config(settings: Settings) -> RelayConfig:
         retry_initial_s=settings.api_retry_initial_s,
         retry_max_backoff_s=settings.api_retry_max_backoff_s,
         reconcile_after_s=settings.api_request_timeout_s,
+    )
+
+
+# What a ledger or result record holds besides its constraint values, at the most: the
+# events' sources (up to 1000), scm_data (up to 100 keys), a failed task's details.
+RECORD_OVERHEAD_BYTES: Final = 256 * 1024
+# Headers and framing of a dead letter besides its value.
+DEAD_LETTER_OVERHEAD_BYTES: Final = 16 * 1024
+# The producer's max.request.size (aiokafka's default, which the relay keeps).
+PRODUCER_MAX_REQUEST_BYTES: Final = 1024 * 1024
+
+
+def fitted_to_record_limits(config: RelayConfig, limits: Mapping[str, int]) -> RelayConfig:
+    """The config with its byte bounds cut so that every record the relay writes fits
+    the topic it goes to (`max.message.bytes`, read at start) and the producer."""
+
+    def limit(topic: str) -> int:
+        return min(PRODUCER_MAX_REQUEST_BYTES, limits.get(topic, PRODUCER_MAX_REQUEST_BYTES))
+
+    dead_letter_max = max(
+        1024,
+        min(config.dead_letter_max_bytes, limit(config.dlq_topic) - DEAD_LETTER_OVERHEAD_BYTES),
+    )
+    record_room = (
+        min(limit(config.tasks_topic), limit(config.results_topic)) - RECORD_OVERHEAD_BYTES
+    )
+    batch_bytes = max(4096, min(config.batch_max_bytes, record_room))
+    if batch_bytes < config.batch_max_bytes or dead_letter_max < config.dead_letter_max_bytes:
+        log.warning(
+            "record_bounds_cut_to_topic_limits",
+            topic_limits=dict(limits),
+            batch_max_bytes=batch_bytes,
+            dead_letter_max_bytes=dead_letter_max,
+        )
+    return replace(
+        config,
+        batch_max_bytes=batch_bytes,
+        dead_letter_max_bytes=dead_letter_max,
+        dead_letter_prefix_bytes=min(config.dead_letter_prefix_bytes, dead_letter_max // 2),
     )
 
 
@@ -175,10 +217,14 @@ async def run_relay(
             await admin.start()
             stack.push_async_callback(admin.close)
             await check_topics(admin, relay_topics(settings))
+            limits = await record_limits(admin, relay_topics(settings))
+            config = fitted_to_record_limits(relay_config(settings), limits)
             registry = registry or CollectorRegistry()
             metrics = RelayMetrics(registry)
             client = await stack.enter_async_context(ScantrustClient(api_config, metrics))
-            relay = await _build_relay(stack, settings, kafka, options, client, admin, metrics)
+            relay = await _build_relay(
+                stack, settings, config, kafka, options, client, admin, metrics
+            )
             http_app = build_http_app(registry, relay.readiness, lambda: relay.last_beat)
             port = await stack.enter_async_context(
                 serving(http_app, settings.http_host, settings.http_port)
@@ -211,6 +257,7 @@ async def run_relay(
 async def _build_relay(
     stack: AsyncExitStack,
     settings: Settings,
+    config: RelayConfig,
     kafka: KafkaConfig,
     options: dict[str, Any],
     client: ScantrustClient,
@@ -253,7 +300,7 @@ async def _build_relay(
         **options,
     )
     relay = Relay(
-        relay_config(settings),
+        config,
         consumer=consumer,
         producer=producer,
         ledger_reader=ledger_reader,

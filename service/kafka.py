@@ -236,6 +236,20 @@ async def check_topics(admin: AIOKafkaAdminClient, topics: RelayTopics) -> None:
         )
 
 
+async def record_limits(admin: AIOKafkaAdminClient, topics: RelayTopics) -> dict[str, int]:
+    """`max.message.bytes` of each topic the relay writes (results, dead letters,
+    ledger): a record over it is refused and its transaction with it."""
+    names = (topics.results, topics.dlq, topics.tasks)
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    limits: dict[str, int] = {}
+    for response in await admin.describe_configs(resources):
+        for _error, _message, _kind, name, entries in response.resources:
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and entry[1]:
+                    limits[name] = int(entry[1])
+    return limits
+
+
 async def _layout(admin: AIOKafkaAdminClient, topic: str) -> tuple[int, int]:
     """Partitions and replication factor of `topic`: the ledger copies the input's."""
     (description,) = await admin.describe_topics([topic])

@@ -219,13 +219,19 @@ class DeadLetterHeaders(_Record):
             headers.append((HEADER_VALUE_TRUNCATED, "true"))
         return [(name, value.encode("utf-8")) for name, value in headers]
 
-    def bounded_value(self, raw: bytes) -> tuple[bytes, DeadLetterHeaders]:
+    def bounded_value(
+        self,
+        raw: bytes,
+        max_bytes: int = DEAD_LETTER_MAX_VALUE_BYTES,
+        prefix_bytes: int = DEAD_LETTER_PREFIX_BYTES,
+    ) -> tuple[bytes, DeadLetterHeaders]:
         """The value to write for `raw` and the headers to write it with: `raw` itself,
-        or its prefix when it is over DEAD_LETTER_MAX_VALUE_BYTES (see there)."""
-        if len(raw) <= DEAD_LETTER_MAX_VALUE_BYTES:
+        or its first `prefix_bytes` when it is over `max_bytes` (see
+        DEAD_LETTER_MAX_VALUE_BYTES)."""
+        if len(raw) <= max_bytes:
             return raw, self
         marked = self.model_copy(update={"source_size": len(raw), "value_truncated": True})
-        return raw[:DEAD_LETTER_PREFIX_BYTES], marked
+        return raw[:prefix_bytes], marked
 
     @classmethod
     def from_kafka(cls, headers: Iterable[tuple[str, bytes]]) -> DeadLetterHeaders:

@@ -139,7 +139,9 @@ class Committer:
             if item.accounts:
                 self._accounting.batch_recorded(item.batch)
         elif isinstance(item, DeadLetter):
-            value, headers = item.headers.bounded_value(item.raw)
+            value, headers = item.headers.bounded_value(
+                item.raw, config.dead_letter_max_bytes, config.dead_letter_prefix_bytes
+            )
             await producer.send(
                 config.dlq_topic, key=item.key, value=value, headers=headers.to_kafka()
             )
@@ -184,7 +186,11 @@ class Committer:
                 api_status=item.outcome.status,
                 api_body=item.outcome.body,
             )
-            value, bounded = headers.bounded_value(pending.raw)
+            value, bounded = headers.bounded_value(
+                pending.raw,
+                self._config.dead_letter_max_bytes,
+                self._config.dead_letter_prefix_bytes,
+            )
             await self._producer.send(
                 self._config.dlq_topic, key=pending.key, value=value, headers=bounded.to_kafka()
             )

@@ -42,6 +42,9 @@ class RelayConfig:
     # After an ambiguous upload, how long until the original request can no longer
     # create a task: the API request timeout (see service/relay/reconcile.py).
     reconcile_after_s: float = 30.0
+    # Bounds that keep every record under the topics' max.message.bytes (read at start).
+    dead_letter_max_bytes: int = 512 * 1024
+    dead_letter_prefix_bytes: int = 64 * 1024
 
 
 def utcnow() -> datetime:

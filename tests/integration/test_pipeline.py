@@ -265,3 +265,30 @@ async def test_long_values_are_split_into_requests_whose_ledger_records_kafka_ta
         assert sim.account.stats.upload_values_total == 2000
         assert sim.account.stats.upload_values_max <= 256 * 1024 // 1000
     assert len(outcomes) == uploads >= 2000 * 1000 // (256 * 1024)
+
+
+async def test_dead_letters_fit_a_dead_letter_topic_with_a_small_record_limit(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    # The dead-letter topic takes records of 200 000 bytes at most (read at start); a
+    # broken record of 300 000 bytes, within the input's limits, still becomes one.
+    topics = await make_topics(topic_factory, partitions=1)
+    topics.dlq = await topic_factory.create("scm-dlq-small", config={"max.message.bytes": "200000"})
+    broken = b"{" + b"x" * 300_000
+    await publish(
+        kafka_bootstrap,
+        topics.input,
+        [broken, event(["11X000001"], scm_data={"batch_number": "S"})],
+    )
+    async with simulator(FAST, codes_per_campaign=10) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            (dead,) = await read_topic(kafka_bootstrap, topics.dlq, expected=1)
+            (outcome,) = await results(kafka_bootstrap, topics.results, expected=1)
+        assert outcome["codes_affected"] == 1
+    headers = dict(dead.headers)
+    assert headers["scm_relay.value.truncated"] == b"true"
+    assert headers["scm_relay.source.size"] == b"300001"
+    assert dead.value == broken[: len(dead.value)]
+    assert len(dead.value) < 200_000

@@ -198,3 +198,24 @@ def test_a_setting_without_a_description_cannot_be_rendered(
     monkeypatch.setattr(field, "description", None)
     with pytest.raises(ValueError, match="http_port has no description"):
         settings_reference.render()
+
+
+def test_record_bounds_are_cut_to_the_topics_limits() -> None:
+    from service.app import fitted_to_record_limits
+    from service.relay.config import RelayConfig
+
+    config = RelayConfig(
+        input_topic="in",
+        results_topic="out",
+        dlq_topic="dlq",
+        tasks_topic="tasks",
+        group_id="g",
+        limits=contract_limits(load_settings({}, api_token="t")),
+    )
+    assert fitted_to_record_limits(config, {}) == config
+    small = fitted_to_record_limits(config, {"dlq": 200_000, "tasks": 400_000})
+    assert small.dead_letter_max_bytes == 200_000 - 16 * 1024
+    assert small.dead_letter_prefix_bytes <= small.dead_letter_max_bytes // 2
+    assert small.batch_max_bytes == 400_000 - 256 * 1024
+    large = fitted_to_record_limits(config, {"dlq": 8 << 20, "tasks": 8 << 20, "out": 8 << 20})
+    assert large == config, "the producer's 1 MiB bounds what larger topics allow"
