@@ -25,7 +25,7 @@ from service.relay.messages import (
     TaskRecorded,
 )
 from service.relay.poller import TaskPoller, bounded_details
-from service.scantrust.outcomes import ApiTask, TaskApiState, Unavailable
+from service.scantrust.outcomes import ApiTask, AuthFailed, TaskApiState, Unavailable
 from tests.unit.relay.fakes import FakeApi, FakeConsumer, FakeMember, Inbox, config
 from tests.unit.relay.support import api_task, ledger_record
 
@@ -101,7 +101,12 @@ class Committer:
 
 @asynccontextmanager
 async def poller(
-    api: FakeApi, member: FakeMember, positions: Positions, committer: Committer, **settings: Any
+    api: FakeApi,
+    member: FakeMember,
+    positions: Positions,
+    committer: Committer,
+    health: ApiHealth | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Mailbox[LedgerChange]]:
     inbox: Mailbox[LedgerChange] = Mailbox(100)
     stage = TaskPoller(
@@ -111,7 +116,7 @@ async def poller(
         ledger=positions,
         api=api,
         committer=committer,
-        health=ApiHealth(),
+        health=health or ApiHealth(),
         metrics=RelayMetrics(CollectorRegistry()),
         clock=lambda: asyncio.get_running_loop().time(),
     )
@@ -261,3 +266,22 @@ def test_oversized_details_are_cut_to_their_bound() -> None:
     assert cut["truncated"] is True
     assert len(json.dumps(cut).encode()) < 9 * 1024
     assert bounded_details({"error": "short"}) == {"error": "short"}
+
+
+async def test_a_token_refused_only_to_the_poller_stops_intake_and_heals() -> None:
+    # No upload is under way: only the status polls see the 403.
+    api = FakeApi(status_failure=AuthFailed(403, "forbidden"))
+    api.states["t0"] = api_task("t0", TaskApiState.COMPLETE, 1)
+    member, positions, committer, health = (
+        FakeMember("tasks"),
+        Positions(),
+        Committer(),
+        ApiHealth(),
+    )
+    async with poller(api, member, positions, committer, health) as inbox:
+        await member.assign(0)
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["a"])))
+        await eventually(lambda: health.auth_failed is not None)
+        api.status_failure = None  # the token works again
+        await eventually(lambda: committer.items)
+    assert health.refusal is None, "the refusal outlived the polls that were accepted"
