@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 
 from service.core.contract import Reason
 from tests.api_support import simulator
-from tests.integration.test_pipeline_resilience import STEADY, applications, one_code_events
+from tests.integration.test_pipeline_resilience import STEADY, applied, one_code_events
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     make_topics,
@@ -106,7 +106,7 @@ async def test_ten_thousand_broken_records_never_stop_the_relay(
             dead = await read_topic(
                 kafka_bootstrap, topics.dlq, expected=len(invalid_at), timeout_s=120
             )
-        seen = await applications(sim, VALID)
+            seen = await applied(sim, VALID)
     sources = Counter(
         (
             int(dict(r.headers)["scm_relay.source.partition"]),

@@ -233,6 +233,7 @@ async def test_a_record_too_large_for_a_dead_letter_is_dead_lettered_by_its_pref
         async with running_relay(settings) as relay:
             await wait_for_commit(kafka_bootstrap, topics, relay)
             (dead,) = await read_topic(kafka_bootstrap, topics.dlq, expected=1)
+            await results(kafka_bootstrap, topics.results, expected=1)
         done = [await history(sim, f"11X00000{n}") for n in (2, 3)]
     headers = dict(dead.headers)
     assert headers["scm_relay.error.reason"] == b"record_too_large"
