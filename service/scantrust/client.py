@@ -184,8 +184,7 @@ class ScantrustClient:
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self._last_failure = "none"
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
-        self._token = config.token
-        self._token_stamp: tuple[int, int] | None = None  # (mtime_ns, size) last read
+        self._token = _TokenFile(config.token, config.token_file)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -231,29 +230,9 @@ class ScantrustClient:
         return f"ScantrustClient(base_url={self._base!r})"
 
     async def reload_token(self) -> bool:
-        """Read the token file again if it changed (a rotated Kubernetes Secret); True
-        when the token changed. A file that cannot be read or holds no usable token
-        keeps the current token, said in one line that never shows a value."""
-        path = self._config.token_file
-        if path is None:
-            return False
-        try:
-            status = await asyncio.to_thread(os.stat, path)
-            stamp = (status.st_mtime_ns, status.st_size)
-            if stamp == self._token_stamp:
-                return False
-            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
-            token = clean_token(text)
-        except (OSError, ValueError) as exc:
-            log.error("api_token_file_unusable", path=str(path), problem=type(exc).__name__)
-            return False
-        self._token_stamp = stamp
-        if not token or token == self._token.get_secret_value():
-            return False
-        add_secret(token)
-        self._token = SecretStr(token)
-        log.warning("api_token_reloaded", path=str(path))
-        return True
+        """Read the token file again if it changed (a rotated Kubernetes Secret); True when
+        the token changed."""
+        return await self._token.reload()
 
     @property
     def breaker_state(self) -> BreakerState:
@@ -342,16 +321,6 @@ class ScantrustClient:
     def _url(self, path: str) -> str:
         return f"{self._base}{path}"
 
-    def _on_base_origin(self, link: str) -> str | None:
-        """`link` on the base URL's scheme, host and port; None when it names another host.
-
-        A DRF behind a TLS proxy often builds `http://` links to itself: those are taken
-        to the base URL's scheme and port rather than followed in clear text."""
-        parts, base = urlsplit(link), urlsplit(self._base)
-        if parts.hostname is None or parts.hostname != base.hostname:
-            return None
-        return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
-
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
@@ -375,7 +344,7 @@ class ScantrustClient:
                 return TaskPage(tasks)
             # Follow `next` as given (the API's own pagination), resolved against our URL,
             # but only to the base URL's own origin: the token goes with every request.
-            url = self._on_base_origin(urljoin(url, next_url))
+            url = on_origin(urljoin(url, next_url), self._base)
             if url is None:
                 link = urljoin(call.url, next_url)[:200]
                 log.error("api_next_link_refused", endpoint=call.endpoint, link=link)
@@ -444,7 +413,7 @@ class ScantrustClient:
             raise RuntimeError("ScantrustClient used before start()")
         started = self._now()
         try:
-            authorization = {"Authorization": f"UAT {self._token.get_secret_value()}"}
+            authorization = {"Authorization": f"UAT {self._token.value}"}
             # Redirects are not followed: one is a wrong base URL (http for https, a moved
             # host), and following it would carry the token wherever it points.
             async with session.request(
@@ -470,7 +439,7 @@ class ScantrustClient:
             reason = f"unreadable answer: {type(exc).__name__}: {str(exc)[:200]}"
             return self._transport_failure(call, started, Ambiguous(reason))
         self._observer.request_finished(call.endpoint, f"{status // 100}xx", self._now() - started)
-        return self._classify(call, status, body, retry_after)
+        return _classify(call, status, body, retry_after, self._observer, self._config)
 
     def _transport_failure(
         self, call: _Call, started: float, outcome: Unavailable | Ambiguous
@@ -483,51 +452,108 @@ class ScantrustClient:
             return Unavailable(outcome.reason)
         return outcome
 
-    def _classify(
-        self, call: _Call, status: int, body: str, retry_after: str | None
-    ) -> _Response | Failure:
-        if 200 <= status < 300:
-            return _Response(status, body, retry_after)
-        if 300 <= status < 400:
-            log.error(
-                "api_redirected",
-                endpoint=call.endpoint,
-                status=status,
-                url=call.url.split("?")[0],
-                hint="SCM_RELAY_API_BASE_URL answers with a redirect: set the URL it points to",
-            )
-            return Misconfigured(status, body)
-        if status in (401, 403):
-            log.error("api_auth_failed", endpoint=call.endpoint, status=status, body=body[:200])
-            return AuthFailed(status, body)
-        if status == 429:
-            self._observer.throttled(call.endpoint)
-            # Capped: a proxy's or a bug's "Retry-After: 1e9" must not park the relay.
-            wait = min(throttle_wait(retry_after, body), self._config.retry_after_max_s)
-            return Throttled(wait, body)
-        if status >= 500 and call.is_upload:
-            # A gateway may answer 5xx after the application created the task.
-            self._observer.ambiguous(call.endpoint)
-            return Ambiguous(f"HTTP {status}", status=status)
-        if status >= 500:
-            asked = throttle_wait(retry_after, "") if retry_after else None
-            if asked is not None:
-                asked = min(asked, self._config.retry_after_max_s)
-            return Unavailable(f"HTTP {status}", status=status, retry_after_s=asked)
-        parsed = _json_object(body)
-        # A 404 for one task or task group by id is an answer: it does not exist.
-        if (status == 400 and parsed) or (status == 404 and call.endpoint in ITEM_ENDPOINTS):
-            return Rejected(status, parsed if parsed else {"detail": body}, body)
-        # A 404 or 405 from a wrong base URL, a proxy's 400 page: not the data's fault.
+
+class _TokenFile:
+    """The API token, read again from its file (a rotated Kubernetes Secret) when the
+    file changed. A file that cannot be read or holds no usable token keeps the current
+    token, said in one line that never shows a value."""
+
+    def __init__(self, token: SecretStr, path: Path | None) -> None:
+        self._token = token
+        self._path = path
+        self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) last read
+
+    @property
+    def value(self) -> str:
+        """The token to send."""
+        return self._token.get_secret_value()
+
+    async def reload(self) -> bool:
+        """True when the file holds a new token (file I/O in a thread)."""
+        path = self._path
+        if path is None:
+            return False
+        try:
+            status = await asyncio.to_thread(os.stat, path)
+            stamp = (status.st_mtime_ns, status.st_size)
+            if stamp == self._stamp:
+                return False
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+            token = clean_token(text)
+        except (OSError, ValueError) as exc:
+            log.error("api_token_file_unusable", path=str(path), problem=type(exc).__name__)
+            return False
+        self._stamp = stamp
+        if not token or token == self.value:
+            return False
+        add_secret(token)
+        self._token = SecretStr(token)
+        log.warning("api_token_reloaded", path=str(path))
+        return True
+
+
+def on_origin(link: str, base_url: str) -> str | None:
+    """`link` on the base URL's scheme, host and port; None when it names another host.
+
+    A DRF behind a TLS proxy often builds `http://` links to itself: those are taken
+    to the base URL's scheme and port rather than followed in clear text."""
+    parts, base = urlsplit(link), urlsplit(base_url)
+    if parts.hostname is None or parts.hostname != base.hostname:
+        return None
+    return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
+
+
+def _classify(
+    call: _Call,
+    status: int,
+    body: str,
+    retry_after: str | None,
+    observer: ApiObserver,
+    config: ClientConfig,
+) -> _Response | Failure:
+    """One HTTP answer as the outcome the relay acts on."""
+    if 200 <= status < 300:
+        return _Response(status, body, retry_after)
+    if 300 <= status < 400:
         log.error(
-            "api_misconfigured",
+            "api_redirected",
             endpoint=call.endpoint,
             status=status,
             url=call.url.split("?")[0],
-            body=body[:200],
-            hint="check SCM_RELAY_API_BASE_URL (host and path) and any proxy in front of the API",
+            hint="SCM_RELAY_API_BASE_URL answers with a redirect: set the URL it points to",
         )
         return Misconfigured(status, body)
+    if status in (401, 403):
+        log.error("api_auth_failed", endpoint=call.endpoint, status=status, body=body[:200])
+        return AuthFailed(status, body)
+    if status == 429:
+        observer.throttled(call.endpoint)
+        # Capped: a proxy's or a bug's "Retry-After: 1e9" must not park the relay.
+        wait = min(throttle_wait(retry_after, body), config.retry_after_max_s)
+        return Throttled(wait, body)
+    if status >= 500 and call.is_upload:
+        # A gateway may answer 5xx after the application created the task.
+        observer.ambiguous(call.endpoint)
+        return Ambiguous(f"HTTP {status}", status=status)
+    if status >= 500:
+        asked = throttle_wait(retry_after, "") if retry_after else None
+        if asked is not None:
+            asked = min(asked, config.retry_after_max_s)
+        return Unavailable(f"HTTP {status}", status=status, retry_after_s=asked)
+    parsed = _json_object(body)
+    # A 404 for one task or task group by id is an answer: it does not exist.
+    if (status == 400 and parsed) or (status == 404 and call.endpoint in ITEM_ENDPOINTS):
+        return Rejected(status, parsed if parsed else {"detail": body}, body)
+    # A 404 or 405 from a wrong base URL, a proxy's 400 page: not the data's fault.
+    log.error(
+        "api_misconfigured",
+        endpoint=call.endpoint,
+        status=status,
+        url=call.url.split("?")[0],
+        body=body[:200],
+        hint="check SCM_RELAY_API_BASE_URL (host and path) and any proxy in front of the API",
+    )
+    return Misconfigured(status, body)
 
 
 class _RateLimits:
