@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -328,8 +327,3 @@ class FakeAdmin:
         if self.fail:
             raise KafkaConnectionError("connection refused")
         return ["in"]
-
-
-def by_partition() -> defaultdict[int, list[Any]]:
-    """A fresh mapping partition -> items."""
-    return defaultdict(list)
