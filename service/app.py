@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
+from service import fencing
 from service.core.contract import ContractLimits
 from service.http import build_http_app, serving
 from service.kafka import (
@@ -38,6 +39,7 @@ from service.kafka import (
 from service.logs import configure_logging
 from service.metrics import RelayMetrics
 from service.relay import Relay, RelayConfig
+from service.relay.committer import ReplicaFencedError
 from service.scantrust.client import ClientConfig, ScantrustClient
 from service.settings import Settings, SettingsError
 
@@ -46,6 +48,7 @@ log = structlog.get_logger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_FENCED = 3  # another member owns this replica's partitions now: restart it
 # aiokafka's default (5 minutes) would let a stuck member hold its partitions that long.
 MAX_POLL_INTERVAL_MS = 60_000
 # A transaction left open by a killed process blocks every read_committed reader of the
@@ -236,7 +239,19 @@ async def run_relay(
                 group_id=settings.kafka_group_id,
                 api=str(settings.api_base_url),
             )
-            await relay.run(stop)
+            try:
+                await relay.run(stop)
+            except BaseExceptionGroup as group:
+                if group.subgroup(ReplicaFencedError) is None:
+                    raise
+                log.error(
+                    "relay_exiting_fenced",
+                    exit_code=EXIT_FENCED,
+                    hint="the group gave this replica's partitions to another member while "
+                    "it was stopped or cut off; it restarts clean (its open intents are "
+                    "resolved by their partitions' new owners)",
+                )
+                return EXIT_FENCED
     except KafkaSetupError as exc:
         log.error("kafka_setup_invalid", problem=str(exc))
         return EXIT_CONFIG
@@ -273,6 +288,9 @@ async def _build_relay(
     )
     await producer.start()
     stack.push_async_callback(producer.stop)
+    # Offset commits carry the group generation: a replica whose partitions moved while
+    # it was paused can commit nothing (service/fencing.py).
+    fencing.install(producer)
     consumer = AIOKafkaConsumer(
         group_id=settings.kafka_group_id,
         enable_auto_commit=False,
@@ -308,6 +326,7 @@ async def _build_relay(
         admin=admin,
         client=client,
         metrics=metrics,
+        membership=_InputMembership(consumer, settings.kafka_group_id),
     )
     consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())
     for kafka_consumer in (ledger_reader, poller_member, consumer):
@@ -316,6 +335,17 @@ async def _build_relay(
         # commits before the stack stops the consumers.
         stack.push_async_callback(kafka_consumer.stop)
     return relay
+
+
+class _InputMembership:
+    """The input consumer's group membership, for the committer's fenced commits."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, group_id: str) -> None:
+        self._consumer = consumer
+        self._group_id = group_id
+
+    def group(self) -> str:
+        return fencing.membership(self._consumer, self._group_id)
 
 
 # The cyclic garbage collector's first generation runs every 700 allocations by default

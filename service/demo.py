@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import run_relay
-from service.core.records import HEADER_REASON
+from service.core.records import HEADER_REASON, INTENT_KEY_PREFIX
 from service.http import free_port
 from service.logs import configure_logging
 from service.settings import Settings
@@ -291,7 +291,9 @@ def _take(
     summary: DemoSummary,
 ) -> None:
     if name == "tasks" and record.value is not None:
-        recorded.add(record.key.decode())
+        key = record.key.decode()
+        if not key.startswith(INTENT_KEY_PREFIX):  # intents are not tasks
+            recorded.add(key)
     elif name == "results":
         value = json.loads(record.value)
         if value.get("kind") == "result":

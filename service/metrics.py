@@ -77,6 +77,12 @@ class RelayMetrics:
             "(then the batch is sent again).",
             ("found",),
         )
+        self.intents_resolved = counter(
+            "intents_resolved_total",
+            "Open intents another process (or this one before a restart) left, resolved "
+            "here: the task found by reference and adopted, or none and the batch resent.",
+            ("action",),
+        )
         self.batches_submitted = counter(
             "batches_submitted_total", "Upload requests accepted by the API.", ("flush_reason",)
         )
@@ -182,6 +188,8 @@ class RelayMetrics:
             self.tasks_finished.labels(state)
         for found in ("task", "none"):
             self.reconciliations.labels(found)
+        for action in ("adopted", "resent"):
+            self.intents_resolved.labels(action)
 
     # -- the API client's observer -------------------------------------------------
 

@@ -16,7 +16,13 @@ from typing import Any, Final
 from pydantic import BaseModel
 
 from service.core.contract import ChangeEvent
-from service.core.records import TaskLedgerRecord, TaskOutcome, TaskProgress
+from service.core.records import (
+    IntentClosure,
+    IntentRecord,
+    TaskLedgerRecord,
+    TaskOutcome,
+    TaskProgress,
+)
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_FILES: Final[dict[str, type[BaseModel]]] = {
@@ -24,6 +30,8 @@ SCHEMA_FILES: Final[dict[str, type[BaseModel]]] = {
     "scm-task-result.schema.json": TaskOutcome,
     "scm-task-ledger.schema.json": TaskLedgerRecord,
     "scm-task-progress.schema.json": TaskProgress,
+    "scm-ledger-intent.schema.json": IntentRecord,
+    "scm-ledger-intent-closed.schema.json": IntentClosure,
 }
 
 

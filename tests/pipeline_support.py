@@ -223,21 +223,43 @@ async def relay_process(
 
 
 async def ledger_task_ids(bootstrap: str, topic: str, timeout_s: float = 60) -> list[str]:
-    """Task ids of every committed ledger record (not tombstones), in log order.
+    """Task ids of every committed task record (not tombstones, not intents), in log order.
 
     Reads until the high watermark: a transaction left open by a killed relay holds
     read_committed readers back until the broker aborts it.
     """
+    return [
+        key.decode()
+        for key, value in await ledger_entries(bootstrap, topic, timeout_s)
+        if value is not None and not key.startswith(b"intent:")
+    ]
+
+
+async def open_intents(bootstrap: str, topic: str, timeout_s: float = 60) -> list[str]:
+    """Batch ids of the intents in the ledger that were never closed."""
+    opened: dict[str, bool] = {}
+    for key, value in await ledger_entries(bootstrap, topic, timeout_s):
+        if not key.startswith(b"intent:") or value is None:
+            continue
+        entry = json.loads(value)
+        opened[entry["batch_id"]] = entry["kind"] == "intent"
+    return sorted(batch_id for batch_id, is_open in opened.items() if is_open)
+
+
+async def ledger_entries(
+    bootstrap: str, topic: str, timeout_s: float = 60
+) -> list[tuple[bytes, bytes | None]]:
+    """(key, value) of every committed ledger record, tombstones included, in log order."""
     consumer = committed_reader(bootstrap, topic)
     await consumer.start()
     try:
         partitions = await assigned_partitions(consumer, topic)
         await consumer.seek_to_beginning(*partitions)
-        ids: list[str] = []
+        ids: list[tuple[bytes, bytes | None]] = []
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             for records in (await consumer.getmany(timeout_ms=200)).values():
-                ids.extend(r.key.decode() for r in records if r.value is not None)
+                ids.extend((r.key, r.value) for r in records)
             behind = [
                 tp
                 for tp in partitions

@@ -71,9 +71,19 @@ class PartitionOffsets:
         self._in_flight: set[int] = set()
         self.committed: tuple[int, str] | None = None
 
-    def restore(self, metadata: str | None) -> None:
-        """Take over the done offsets a previous owner committed with the offset."""
+    def restore(self, offset: int, metadata: str | None) -> None:
+        """Take over the commit point a previous owner committed, with its done offsets."""
         self._done_above |= decode_done(metadata)
+        if self.committed is None:
+            self.committed = (offset, metadata or "")
+
+    def done(self, offset: int) -> None:
+        """The event at `offset` was recorded elsewhere (an intent another process wrote
+        and a task adopted for it): accounted if read and pending, else skipped when read."""
+        if offset in self._pending:
+            self.accounted(offset)
+        elif self._next_after_last is None or offset >= self._next_after_last:
+            self._done_above.add(offset)
 
     def in_flight(self, offset: int) -> None:
         """The event at `offset` is in an upload that is still under way while the partition
@@ -93,6 +103,15 @@ class PartitionOffsets:
             self._pending.add(offset)
             heapq.heappush(self._heap, offset)
         return False
+
+    def is_done(self, offset: int) -> bool:
+        """Accounted for, or below the commit point."""
+        if offset in self._done_above:
+            return True
+        if self.committed is not None and offset < self.committed[0]:
+            return True
+        point = self.committable()
+        return offset not in self._pending and point is not None and offset < point
 
     def accounted(self, offset: int) -> None:
         """The event at `offset` is in a recorded task or dead-lettered."""
@@ -155,6 +174,28 @@ class OffsetTracker:
         tracker = self._partitions.get((topic, partition))
         if tracker is not None:
             tracker.accounted(offset)
+
+    def done(self, topic: str, partition: int, offset: int) -> bool:
+        """See `PartitionOffsets.done`; False (nothing done) for a partition not tracked."""
+        tracker = self._partitions.get((topic, partition))
+        if tracker is None:
+            return False
+        tracker.done(offset)
+        return True
+
+    def is_done(self, topic: str, partition: int, offset: int) -> bool:
+        """See `PartitionOffsets.is_done`; False for a partition not tracked."""
+        tracker = self._partitions.get((topic, partition))
+        return tracker is not None and tracker.is_done(offset)
+
+    def commit_points(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """The last commit point of every partition that has one (committed again to
+        fence a transaction in which no offset moved)."""
+        return {
+            key: tracker.committed
+            for key, tracker in self._partitions.items()
+            if tracker.committed is not None
+        }
 
     def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
         """Every partition whose commit point changed, with its (offset, metadata)."""

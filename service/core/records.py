@@ -58,6 +58,71 @@ class TaskLedgerRecord(_Record):
     events: Annotated[list[EventSource], Field(min_length=1)]
 
 
+INTENT_KEY_PREFIX: Final = "intent:"
+
+
+def intent_key(batch_id: str) -> str:
+    """The ledger key of a batch's intent (task ids never start with it)."""
+    return f"{INTENT_KEY_PREFIX}{batch_id}"
+
+
+class IntentRecord(_Record):
+    """A batch about to be uploaded, in `scm.tasks` under `intent:<batch id>`.
+
+    Committed (with a fenced offset commit) before the upload is sent: the writer
+    sends only before `send_by`; after `resolve_after` the owner of the partition of
+    the first event may look the batch up by `api_reference`, adopt the task found, or
+    upload it itself (docs/design.md section 11). Closed by an `IntentClosure`.
+    """
+
+    model_config = ConfigDict(
+        title="SCM upload intent",
+        json_schema_extra={
+            "$comment": "Generated from service.core.records.IntentRecord; do not edit."
+        },
+    )
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["intent"] = "intent"
+    batch_id: Annotated[str, Field(min_length=1)]
+    api_reference: Annotated[str, Field(min_length=1)]
+    written_at: AwareDatetime
+    send_by: AwareDatetime
+    resolve_after: AwareDatetime
+    attempt: NonNegativeInt = 0
+    campaign: int | None
+    reference: str
+    scm_data: dict[str, str]
+    constraints: Annotated[dict[str, list[str]], Field(min_length=1, max_length=5)]
+    expected_codes: NonNegativeInt | None
+    events: Annotated[list[EventSource], Field(min_length=1)]
+
+
+class IntentOutcome(StrEnum):
+    """How an intent ended."""
+
+    RECORDED = "recorded"  # its task(s) are in the ledger: its events are done
+    REJECTED = "rejected"  # the API refused it: its events are dead letters
+
+
+class IntentClosure(_Record):
+    """How an intent ended; written with the intent's tombstone right after it, in the
+    transaction that records its task or its dead letters."""
+
+    model_config = ConfigDict(
+        title="SCM upload intent closed",
+        json_schema_extra={
+            "$comment": "Generated from service.core.records.IntentClosure; do not edit."
+        },
+    )
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["intent_closed"] = "intent_closed"
+    batch_id: Annotated[str, Field(min_length=1)]
+    outcome: IntentOutcome
+    task_ids: list[str] = Field(default_factory=list)
+
+
 class TaskState(StrEnum):
     """The final states of a Scantrust SCM task."""
 

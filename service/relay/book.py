@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from service.core.batching import Batch
+from service.core.batching import Batch, Source
 from service.core.offsets import OffsetTracker
 
 
@@ -23,6 +23,7 @@ class OffsetBook:
     def __init__(self) -> None:
         self._offsets = OffsetTracker()
         self._in_flight: dict[str, Batch] = {}
+        self._intent_written: set[str] = set()  # in-flight batches with an intent in the ledger
         self._settled = asyncio.Event()
         self._settled.set()
 
@@ -32,13 +33,21 @@ class OffsetBook:
         """A record was read; True when it is already done (skip it)."""
         return self._offsets.received(topic, partition, offset)
 
-    def restore(self, topic: str, partition: int, metadata: str | None) -> None:
-        """Take over the done offsets the partition's previous owner committed."""
-        self._offsets.partition(topic, partition).restore(metadata)
+    def restore(self, topic: str, partition: int, offset: int, metadata: str | None) -> None:
+        """Take over the commit point the partition's previous owner committed."""
+        self._offsets.partition(topic, partition).restore(offset, metadata)
+
+    def is_done(self, source: Source) -> bool:
+        """Whether the event at `source` is accounted for (or to be skipped)."""
+        return self._offsets.is_done(source.topic, source.partition, source.offset)
 
     def keep_only(self, partitions: set[tuple[str, int]]) -> None:
         """Forget every partition but these."""
         self._offsets.keep_only(partitions)
+
+    def is_in_flight(self, batch_id: str) -> bool:
+        """Whether `batch_id` is a batch of this process between intake and the ledger."""
+        return batch_id in self._in_flight
 
     def handed_on(self, batch: Batch) -> None:
         """`batch` left intake for the uploaders."""
@@ -50,15 +59,26 @@ class OffsetBook:
         again, so nothing of them will be accounted for here."""
         for batch_id in batch_ids:
             self._in_flight.pop(batch_id, None)
+            self._intent_written.discard(batch_id)
         self._note_settled()
 
-    def keep_in_flight(self) -> int:
-        """At a rebalance deadline: offsets of uploads still under way are skipped when
-        read again, and accounted for when their upload ends. Returns their batches."""
+    def keep_in_flight(self) -> list[str]:
+        """At a rebalance deadline: batches whose intent is in the ledger may be sent, so
+        their offsets are skipped when read again here (and accounted for when their
+        upload ends; another owner holds them behind the intent). Every other batch is
+        forgotten: its intent can no longer be written (`claim_intent`), and its events
+        are read again. Returns the forgotten batch ids."""
+        forgotten = [b for b in self._in_flight if b not in self._intent_written]
+        self.forget(forgotten)
         for batch in self._in_flight.values():
             for part in batch.parts:
                 source = part.event.source
                 self._offsets.partition(source.topic, source.partition).in_flight(source.offset)
+        return forgotten
+
+    @property
+    def in_flight_batches(self) -> int:
+        """Batches between intake and the ledger."""
         return len(self._in_flight)
 
     async def settled(self) -> None:
@@ -76,9 +96,19 @@ class OffsetBook:
         """The record is in the dead-letter topic."""
         self._offsets.accounted(topic, partition, offset)
 
+    def claim_intent(self, batch_id: str) -> bool:
+        """The committer is about to write `batch_id`'s intent: allowed only while the batch
+        is this intake's (a rebalance forgets batches without an intent, whose events the
+        partitions' next owner reads again)."""
+        if batch_id not in self._in_flight:
+            return False
+        self._intent_written.add(batch_id)
+        return True
+
     def batch_recorded(self, batch: Batch) -> None:
         """`batch` is recorded (or dead-lettered): its events' parts are accounted for."""
         self._in_flight.pop(batch.batch_id, None)
+        self._intent_written.discard(batch.batch_id)
         for part in batch.parts:
             pending = part.event
             pending.parts_done += 1
@@ -87,9 +117,18 @@ class OffsetBook:
                 self._offsets.accounted(source.topic, source.partition, source.offset)
         self._note_settled()
 
+    def sources_done(self, sources: Iterable[Source]) -> int:
+        """Events recorded by position (an intent resolved here, or by another replica):
+        accounted for where this intake tracks their partition. Returns how many were."""
+        return sum(1 for s in sources if self._offsets.done(s.topic, s.partition, s.offset))
+
     def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
         """Partitions whose commit point moved, with (offset, metadata)."""
         return self._offsets.checkpoints()
+
+    def fence_points(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """The last commit point of every partition tracked."""
+        return self._offsets.commit_points()
 
     def _note_settled(self) -> None:
         if not self._in_flight:

@@ -1,10 +1,16 @@
 """The committer: the relay's one writer to Kafka.
 
-Each round takes what the other stages queued (ledger records of uploaded
-batches, dead letters, API rejections, results with their tombstones, progress
-records) and writes it in one Kafka transaction together with the input offsets
-it accounts for. Nothing a stage hands it counts as done until that transaction
-commits: `record` and `flush` return only then.
+Each round takes what the other stages queued (intents, ledger records of
+uploaded batches, dead letters, API rejections, results with their tombstones,
+progress records) and writes it in one Kafka transaction together with the
+input offsets it accounts for. Nothing a stage hands it counts as done until
+that transaction commits: `write_intent`, `record` and `flush` return only then.
+
+Every transaction is fenced: its offset commit carries the input consumer's
+group generation and member id (service/fencing.py), and when no offset moved
+the commit points of the partitions this replica owns are committed again, so
+that a replica whose partitions moved while it was paused can write nothing at
+all. Such a transaction is aborted and the relay stops with `ReplicaFenced`.
 """
 
 from __future__ import annotations
@@ -16,16 +22,27 @@ from typing import Final, Protocol
 
 import structlog
 from aiokafka import TopicPartition
+from aiokafka.errors import ProducerFenced
 
+from service.core.batching import Batch, Source
 from service.core.contract import Reason, Stage
-from service.core.records import DeadLetterHeaders, TaskLedgerRecord
+from service.core.records import (
+    DeadLetterHeaders,
+    IntentClosure,
+    IntentOutcome,
+    TaskLedgerRecord,
+    intent_key,
+)
+from service.fencing import GroupFencedError
 from service.metrics import RelayMetrics
 from service.relay.config import RelayConfig
 from service.relay.messages import (
     ApiRejection,
+    BatchRevokedError,
     CommitItem,
     DeadLetter,
     Flush,
+    IntentWrite,
     LedgerAppend,
     Progress,
     TaskFinished,
@@ -35,6 +52,19 @@ from service.relay.ports import Accounting, TransactionalProducer
 log = structlog.get_logger(__name__)
 
 COMMIT_BATCH_MAX: Final = 500
+
+
+class ReplicaFencedError(Exception):
+    """The consumer group moved this replica's partitions to another member: what it
+    holds is no longer its to commit. The transaction was aborted; the relay stops
+    (and is restarted clean by its supervisor)."""
+
+
+class Membership(Protocol):
+    """The input consumer's group membership, as commits need it."""
+
+    def group(self) -> str:
+        """The group id, carrying the generation and member id to commit under."""
 
 
 class WrittenLedger(Protocol):
@@ -56,18 +86,27 @@ class Committer:
         accounting: Accounting,
         written: WrittenLedger,
         metrics: RelayMetrics,
+        membership: Membership | None = None,
     ) -> None:
         self._config = config
         self._producer = producer
         self._accounting = accounting
+        self._membership = membership
         self._written = written
         self._metrics = metrics
         # None closes the queue: the committer commits what came before it and returns.
         self._queue: asyncio.Queue[CommitItem | None] = asyncio.Queue(maxsize=COMMIT_BATCH_MAX * 4)
+        self._free = asyncio.Event()  # cleared while a rebalance holds commits (`hold`)
+        self._free.set()
 
     async def submit(self, item: CommitItem) -> None:
         """Queue `item` for the next transaction (waits for room)."""
         await self._queue.put(item)
+
+    async def write_intent(self, intent: IntentWrite) -> None:
+        """Queue an intent and wait until it is committed."""
+        await self._queue.put(intent)
+        await intent.written
 
     async def record(self, append: LedgerAppend) -> None:
         """Queue a ledger record and wait until it is committed."""
@@ -80,13 +119,26 @@ class Committer:
         await self._queue.put(flush)
         await flush.flushed
 
+    def hold(self) -> None:
+        """Start no transaction until `resume`. Intake asks for this once its revoked
+        partitions are flushed: until the group assigns partitions again, this member's
+        generation may already be stale at the broker while the consumer still holds it,
+        and a fenced commit would stop a replica that is no zombie."""
+        self._free.clear()
+
+    def resume(self) -> None:
+        """The group assigned partitions (the generation is current): commit again."""
+        self._free.set()
+
     async def close(self) -> None:
         """Commit what is queued, then end `run`."""
+        self._free.set()
         await self._queue.put(None)
 
     async def run(self) -> None:
         """Commit rounds until closed."""
         while True:
+            await self._free.wait()
             items = [await self._queue.get()]
             while len(items) < COMMIT_BATCH_MAX and not self._queue.empty():
                 items.append(self._queue.get_nowait())
@@ -104,10 +156,26 @@ class Committer:
             for item in items:
                 await self._write(item, finished)
             advanced = self._accounting.checkpoints()
-            if advanced:
-                offsets = {TopicPartition(t, p): point for (t, p), point in advanced.items()}
-                await self._producer.send_offsets_to_transaction(offsets, self._config.group_id)
+            points = advanced or self._fence_points()
+            if points:
+                offsets = {TopicPartition(t, p): point for (t, p), point in points.items()}
+                group = self._membership.group() if self._membership else self._config.group_id
+                await self._producer.send_offsets_to_transaction(offsets, group)
             await self._producer.commit_transaction()
+        except (GroupFencedError, ProducerFenced) as exc:
+            if isinstance(exc, GroupFencedError):
+                await self._producer.abort_transaction()
+            # (ProducerFenced: the broker already aborted it: this transaction outlived
+            # transaction.timeout.ms, the replica was stopped, or a newer incarnation with
+            # the same transactional id started.)
+            log.error(
+                "relay_fenced",
+                error=str(exc),
+                items=len(items),
+                hint="another replica owns these partitions now; nothing of this "
+                "transaction was written, and the relay stops",
+            )
+            raise ReplicaFencedError(f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
             # Kafka refused the transaction: what it carried is unrecorded. Stop the process;
             # a restart re-reads from the last committed offsets (docs/guarantees.md).
@@ -117,7 +185,12 @@ class Committer:
         for done in finished:
             done()
         for item in items:
-            if isinstance(item, LedgerAppend) and not item.recorded.done():
+            if isinstance(item, IntentWrite) and not item.written.done():
+                if item.refused:
+                    item.written.set_exception(BatchRevokedError(item.record.batch_id))
+                else:
+                    item.written.set_result(None)
+            elif isinstance(item, LedgerAppend) and not item.recorded.done():
                 item.recorded.set_result(None)
             elif isinstance(item, Flush) and not item.flushed.done():
                 item.flushed.set_result(None)
@@ -126,18 +199,37 @@ class Committer:
                 "offsets_committed", offsets={f"{t}:{p}": o for (t, p), o in advanced.items()}
             )
 
+    def _fence_points(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """The last commit points of the partitions of this member's last assignment,
+        committed again (no change) so that the transaction is fenced even when no offset
+        moved. Not filtered by the consumer's assignment now: while the member rejoins
+        that is empty, and its generation is the one the points belong to."""
+        if self._membership is None:
+            return {}
+        return self._accounting.fence_points()
+
     async def _write(self, item: CommitItem, finished: list[Callable[[], None]]) -> None:
         config, producer = self._config, self._producer
-        if isinstance(item, LedgerAppend):
-            record = item.record
+        if isinstance(item, IntentWrite):
+            if not self._accounting.claim_intent(item.record.batch_id):
+                item.refused = True
+                return
             await producer.send(
                 config.tasks_topic,
-                key=record.task_id.encode(),
-                value=record.model_dump_json().encode(),
+                key=intent_key(item.record.batch_id).encode(),
+                value=item.record.model_dump_json().encode(),
             )
-            self._written.remember(record)
-            if item.accounts:
-                self._accounting.batch_recorded(item.batch)
+        elif isinstance(item, LedgerAppend):
+            for record in (item.record, *item.more):
+                await producer.send(
+                    config.tasks_topic,
+                    key=record.task_id.encode(),
+                    value=record.model_dump_json().encode(),
+                )
+                self._written.remember(record)
+            self._account(item.batch, item.sources)
+            task_ids = [item.record.task_id, *(record.task_id for record in item.more)]
+            await self._close_intent(item.batch.batch_id, IntentOutcome.RECORDED, task_ids)
         elif isinstance(item, DeadLetter):
             value, headers = item.headers.bounded_value(
                 item.raw, config.dead_letter_max_bytes, config.dead_letter_prefix_bytes
@@ -152,7 +244,8 @@ class Committer:
             ).inc()
         elif isinstance(item, ApiRejection):
             await self._write_rejection(item)
-            self._accounting.batch_recorded(item.batch)
+            self._account(item.batch, item.sources)
+            await self._close_intent(item.batch.batch_id, IntentOutcome.REJECTED, [])
         elif isinstance(item, TaskFinished):
             outcome = item.outcome
             key = outcome.task_id.encode()
@@ -167,6 +260,24 @@ class Committer:
                 key=item.progress.task_id.encode(),
                 value=item.progress.model_dump_json().encode(),
             )
+
+    def _account(self, batch: Batch, sources: list[Source] | None) -> None:
+        self._accounting.batch_recorded(batch)
+        if sources is not None:
+            # A resolved intent: its events are accounted by position (see Resolution).
+            self._accounting.sources_done(sources)
+
+    async def _close_intent(
+        self, batch_id: str, outcome: IntentOutcome, task_ids: list[str]
+    ) -> None:
+        """The intent's closure and its tombstone, in this transaction: the intent ends
+        exactly when what it promised is written."""
+        key = intent_key(batch_id).encode()
+        closure = IntentClosure(batch_id=batch_id, outcome=outcome, task_ids=task_ids)
+        await self._producer.send(
+            self._config.tasks_topic, key=key, value=closure.model_dump_json().encode()
+        )
+        await self._producer.send(self._config.tasks_topic, key=key, value=None)
 
     async def _write_rejection(self, item: ApiRejection) -> None:
         """Every event of a rejected batch, dead-lettered once (an event split over two
@@ -194,3 +305,30 @@ class Committer:
             await self._producer.send(
                 self._config.dlq_topic, key=pending.key, value=value, headers=bounded.to_kafka()
             )
+        held = {pending.source for pending in item.batch.events()}
+        for source in item.sources or []:
+            if any(_same_position(source, other) for other in held):
+                continue
+            # An event of a resolved intent this process never read (another replica's
+            # partition): its position stands in for its bytes.
+            headers = DeadLetterHeaders(
+                stage=Stage.API,
+                reason=Reason.API_REJECTED,
+                message=f"the API refused the request carrying this event "
+                f"(HTTP {item.outcome.status}); its original is at the source position",
+                source_topic=source.topic,
+                source_partition=source.partition,
+                source_offset=source.offset,
+                api_status=item.outcome.status,
+                api_body=item.outcome.body,
+            )
+            value, bounded = headers.bounded_value(
+                b"", self._config.dead_letter_max_bytes, self._config.dead_letter_prefix_bytes
+            )
+            await self._producer.send(
+                self._config.dlq_topic, key=None, value=value, headers=bounded.to_kafka()
+            )
+
+
+def _same_position(a: Source, b: Source) -> bool:
+    return (a.topic, a.partition, a.offset) == (b.topic, b.partition, b.offset)

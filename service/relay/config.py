@@ -42,6 +42,18 @@ class RelayConfig:
     # After an ambiguous upload, how long until the original request can no longer
     # create a task: the API request timeout (see service/relay/reconcile.py).
     reconcile_after_s: float = 30.0
+    # An intent allows its writer to send the upload this long after it is committed
+    # (then it is renewed); another process may resolve it once `send_by` is this far
+    # behind: the request timeout, once more for a request the API still processes,
+    # and a margin for the clocks of two machines (docs/design.md section 11).
+    intent_send_window_s: float = 10.0
+    intent_clock_margin_s: float = 5.0
+
+    @property
+    def intent_resolve_delay_s(self) -> float:
+        """From an intent's `send_by` to when another process may resolve it."""
+        return 2 * self.reconcile_after_s + self.intent_clock_margin_s
+
     # Bounds that keep every record under the topics' max.message.bytes (read at start).
     dead_letter_max_bytes: int = 512 * 1024
     dead_letter_prefix_bytes: int = 64 * 1024

@@ -11,6 +11,7 @@ ended, the uploaders report rejected batches.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -24,14 +25,19 @@ from service.core.records import DeadLetterHeaders
 from service.metrics import RelayMetrics
 from service.relay.admission import Admission
 from service.relay.book import OffsetBook
-from service.relay.config import RelayConfig
+from service.relay.config import RelayConfig, utcnow
 from service.relay.health import ApiHealth
+from service.relay.intents import IntentWatch
 from service.relay.messages import (
     BatchRejected,
     DeadLetter,
+    Flush,
     IntakeMessage,
+    IntentClosed,
+    IntentOpened,
     LedgerCaughtUp,
     Mailbox,
+    Resolution,
     TaskEnded,
     TaskRecorded,
 )
@@ -41,6 +47,9 @@ log = structlog.get_logger(__name__)
 
 POLL_MS: Final = 100
 MAX_RECORDS: Final = 2000
+# Task tombstones intake remembers (see `_recently_ended`): far more than the tasks that
+# can end while an intent's closure is on its way through the ledger view.
+RECENTLY_ENDED_KEPT: Final = 10_000
 # How often intake looks again at a due batch that waits for a free uploader.
 LINGER_RECHECK_MS: Final = 20
 # While the upload queue is full, intake polls Kafka (partitions paused) this often, well
@@ -51,8 +60,8 @@ QUEUE_KEEPALIVE_S: Final = 1.0
 class UploadQueue(Protocol):
     """The uploaders' queue, as intake sees it."""
 
-    async def put(self, batch: Batch) -> None:
-        """Queue a batch; waits for room."""
+    async def put(self, batch: Batch | Resolution) -> None:
+        """Queue a batch (or an intent to resolve); waits for room."""
 
     @property
     def idle(self) -> bool:
@@ -62,14 +71,30 @@ class UploadQueue(Protocol):
         """Take back every batch not yet started (a rebalance)."""
 
 
+class LedgerSync(Protocol):
+    """The ledger view, as intake waits for it at an assignment."""
+
+    async def end_offsets(self) -> dict[int, int]:
+        """Where each ledger partition ends now, open transactions included."""
+
+    def reached(self, ends: dict[int, int]) -> bool:
+        """Whether the view has read and told every partition up to `ends`."""
+
+
 class CommitQueue(Protocol):
     """The committer, as intake sees it."""
 
-    async def submit(self, item: DeadLetter) -> None:
-        """Queue a dead letter for the next transaction."""
+    async def submit(self, item: DeadLetter | Flush) -> None:
+        """Queue a dead letter (or a request to commit soon) for the next transaction."""
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
+
+    def hold(self) -> None:
+        """Start no transaction until `resume` (a rebalance is under way)."""
+
+    def resume(self) -> None:
+        """Commit again after a hold."""
 
 
 class Intake:
@@ -89,8 +114,13 @@ class Intake:
         health: ApiHealth,
         metrics: RelayMetrics,
         clock: Callable[[], float],
+        ledger: LedgerSync | None = None,
     ) -> None:
         self._config = config
+        self._ledger = ledger
+        self._ledger_target: dict[int, int] | None = None
+        self._assigning = False
+        self._intents = IntentWatch()
         self._consumer = consumer
         self._group_offsets = group_offsets
         self._admission = admission
@@ -103,6 +133,10 @@ class Intake:
         self._inbox = inbox
         self._ledger_read = False
         self._ledger_tasks: dict[str, str] = {}  # unfinished task id -> batch id
+        self._tasks_per_batch: Counter[str] = Counter()  # batch id -> its unfinished tasks
+        # Tombstones seen, so an intent's closure read after them (it is in another ledger
+        # partition) does not claim for tasks that already ended. Bounded, oldest dropped.
+        self._recently_ended: OrderedDict[str, None] = OrderedDict()
         self._paused = False
         self._last_poll = 0.0
         self._rebalances = 0
@@ -161,23 +195,80 @@ class Intake:
 
     async def _read_inbox(self, stop: asyncio.Event) -> None:
         released = False
+        readmit: list[PendingEvent] = []
         for message in self._inbox.take_all():
             if isinstance(message, TaskRecorded):
-                self._ledger_tasks[message.task_id] = message.batch_id
+                self._task_started(message.task_id, message.batch_id)
                 self._admission.claim_task(message.batch_id, message.constraints, message.scm_data)
             elif isinstance(message, TaskEnded):
-                batch_id = self._ledger_tasks.pop(message.task_id, None)
-                if batch_id is not None:
-                    self._admission.release(batch_id)
-                    released = True
+                released |= self._task_ended(message.task_id)
             elif isinstance(message, BatchRejected):
                 self._admission.release(message.batch_id)
                 released = True
             elif isinstance(message, LedgerCaughtUp):
                 self._ledger_read = True
+            elif isinstance(message, IntentOpened):
+                record = message.record
+                if not self._book.is_in_flight(record.batch_id):  # not this process's own
+                    self._intents.opened(record)
+                    self._admission.claim_task(record.batch_id, record.constraints, record.scm_data)
+            elif isinstance(message, IntentClosed):
+                closed = self._intents.closed(message.batch_id, message.outcome)
+                if self._book.sources_done(closed.done):
+                    # Their offsets go with the next transaction, asked for now.
+                    await self._committer.submit(Flush())
+                readmit.extend(closed.readmit)
+                # A recorded intent's claim passes to its tasks (the ledger view may tell of
+                # them before or after this: they are in other ledger partitions).
+                for task_id in message.task_ids:
+                    if task_id not in self._recently_ended:
+                        self._task_started(task_id, message.batch_id)
+                released |= self._claim_may_end(message.batch_id)
+        for event in readmit:
+            await self._admit(event, stop)
         if released:
             while (pending := self._admission.next_released()) is not None:
                 await self._admit(pending, stop, released=True)
+        if len(self._intents):
+            await self._resolve_due(stop)
+
+    def _task_started(self, task_id: str, batch_id: str) -> None:
+        if task_id not in self._ledger_tasks:
+            self._ledger_tasks[task_id] = batch_id
+            self._tasks_per_batch[batch_id] += 1
+
+    def _task_ended(self, task_id: str) -> bool:
+        """A task's tombstone; True if its batch's claim ended with it."""
+        self._recently_ended[task_id] = None
+        if len(self._recently_ended) > RECENTLY_ENDED_KEPT:
+            self._recently_ended.popitem(last=False)
+        batch_id = self._ledger_tasks.pop(task_id, None)
+        if batch_id is None:
+            return False
+        self._tasks_per_batch[batch_id] -= 1
+        return self._claim_may_end(batch_id)
+
+    def _claim_may_end(self, batch_id: str) -> bool:
+        """Release a batch's claim once none of its tasks runs and its intent (if it has one
+        another process wrote) is closed; True if released."""
+        if self._tasks_per_batch[batch_id] > 0 or self._intents.is_open(batch_id):
+            return False
+        self._tasks_per_batch.pop(batch_id, None)
+        self._admission.release(batch_id)
+        return True
+
+    async def _resolve_due(self, stop: asyncio.Event) -> None:
+        """Hand the uploaders the intents whose writer is gone and which this intake owns."""
+        owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        for batch, record, sources in self._intents.due(utcnow(), owned, self._book.is_done):
+            log.warning(
+                "intent_orphaned",
+                batch_id=record.batch_id,
+                reference=record.api_reference,
+                send_by=record.send_by.isoformat(),
+                hint="its writer did not close it: looked up by reference, adopted or resent",
+            )
+            await self._send(Resolution(batch, record, sources), stop)
 
     def _update_pause(self) -> None:
         reason = self._pause_reason()
@@ -195,6 +286,12 @@ class Intake:
     def _pause_reason(self) -> str | None:
         if not self._ledger_read:
             return "reading the ledger"
+        if self._assigning:
+            return "taking over partitions"
+        if self._ledger_target is not None:
+            if self._ledger is not None and not self._ledger.reached(self._ledger_target):
+                return "reading the ledger to where it ended at the assignment"
+            self._ledger_target = None
         if not self._health.checked:
             return "checking the API"
         if self._health.auth_failed is not None:
@@ -244,6 +341,16 @@ class Intake:
             key=record.key,
             received_at=self._clock(),
         )
+        if self._intents and self._intents.hold(pending):
+            # In an upload another process may still send: held until its intent closes.
+            self._metrics.events_held_back.inc()
+            log.info(
+                "event_held_by_intent",
+                event_id=pending.event.event_id,
+                partition=record.partition,
+                offset=record.offset,
+            )
+            return
         await self._admit(pending, stop)
 
     async def _admit(
@@ -264,13 +371,14 @@ class Intake:
         for batch in admitted.ready:
             await self._send(batch, stop)
 
-    async def _send(self, batch: Batch, stop: asyncio.Event) -> None:
+    async def _send(self, job: Batch | Resolution, stop: asyncio.Event) -> None:
         """Queue a batch for the uploaders; when stopping, keep it for the shutdown flush.
 
         While it waits for room, intake keeps polling Kafka with its partitions paused
         (which returns nothing): a consumer that does not poll for max.poll.interval.ms
         leaves its group, and an API outage of a minute would move the partitions.
         """
+        batch = job.batch if isinstance(job, Resolution) else job
         self._book.handed_on(batch)
         epoch = self._rebalances
         while not stop.is_set():
@@ -278,7 +386,7 @@ class Intake:
             wait_s = max(0.0, self._last_poll + QUEUE_KEEPALIVE_S - self._clock())
             try:
                 async with asyncio.timeout(wait_s):
-                    await self._uploaders.put(batch)
+                    await self._uploaders.put(job)
             except TimeoutError:
                 pass
             else:
@@ -290,9 +398,15 @@ class Intake:
                 # Revoked while this batch waited: like every unsent batch, it is forgotten
                 # and its events are read again by the partitions' next owner.
                 self._book.forget([batch.batch_id])
-                self._admission.release(batch.batch_id)
+                if isinstance(job, Resolution):
+                    self._reclaim_intents()
+                else:
+                    self._admission.release(batch.batch_id)
                 return
-        self._unsent.append(batch)
+        if isinstance(job, Resolution):
+            self._book.forget([batch.batch_id])  # the next start resolves it
+        else:
+            self._unsent.append(batch)
 
     def _hold(self, reason: str) -> None:
         """Pause the input partitions until the next round decides again."""
@@ -317,6 +431,8 @@ class Intake:
         self._rebalances += 1
         batch_ids, dropped = self._admission.drop_unsent(self._uploaders.take_queued())
         self._book.forget(batch_ids)
+        dropped += self._intents.forget_held()
+        self._reclaim_intents()
         try:
             async with asyncio.timeout(self._config.rebalance_timeout_s):
                 await self._book.settled()
@@ -325,10 +441,13 @@ class Intake:
                 await self._committer.flush()
         except TimeoutError:
             pass
-        late = self._book.keep_in_flight()
+        self._committer.hold()
+        for batch_id in self._book.keep_in_flight():
+            self._admission.release(batch_id)
+        late = self._book.in_flight_batches
         if late:
-            # If another consumer gets these partitions it sends these events again: the
-            # duplicate window of docs/guarantees.md.
+            # Their intents are in the ledger: the next owner holds their events until
+            # they close (docs/design.md section 11).
             log.warning("rebalance_deadline_uploads_in_flight", batches=late)
         log.info(
             "partitions_revoked",
@@ -336,18 +455,60 @@ class Intake:
             dropped_events=dropped,
         )
 
+    async def _restore(self, assigned: set[TopicPartition]) -> None:
+        committed = await self._group_offsets.list_consumer_group_offsets(
+            self._config.group_id, partitions=sorted(assigned)
+        )
+        for tp in assigned:
+            point = committed.get(tp)
+            if point is not None and point.offset >= 0:
+                self._book.restore(tp.topic, tp.partition, point.offset, point.metadata)
+                self._consumer.seek(tp, point.offset)
+            else:
+                # Never committed: where reading starts is the commit point, so that every
+                # transaction can carry a (fencing) offset commit from now on.
+                await self._consumer.seek_to_beginning(tp)
+                start = await self._consumer.position(tp)
+                self._book.restore(tp.topic, tp.partition, start, None)
+
+    async def _ledger_end(self) -> dict[int, int] | None:
+        """Where every ledger partition ends now (None: unknown, not waited for)."""
+        if self._ledger is None:
+            return None
+        try:
+            async with asyncio.timeout(self._config.rebalance_timeout_s):
+                return await self._ledger.end_offsets()
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("ledger_end_unknown_at_assignment", error=type(exc).__name__)
+            return None
+
+    def _reclaim_intents(self) -> None:
+        """Open intents claim their codes again (dropping unsent work released them)."""
+        for record in self._intents.claims():
+            self._admission.claim_task(record.batch_id, record.constraints, record.scm_data)
+
     async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """New partitions start from their committed offsets; the offsets done above
-        them, from the commit metadata, are skipped."""
-        self._book.keep_only({(tp.topic, tp.partition) for tp in assigned})
-        self._metrics.consumer_lag.clear()
-        if assigned:
-            committed = await self._group_offsets.list_consumer_group_offsets(
-                self._config.group_id, partitions=sorted(assigned)
-            )
-            for tp, point in committed.items():
-                if point is not None and point.metadata:
-                    self._book.restore(tp.topic, tp.partition, point.metadata)
+        them, from the commit metadata, are skipped.
+
+        While this runs (it awaits), intake's loop goes on: the partitions are paused and
+        anything fetched before is not processed (the epoch moves), and each is sought
+        back to its start at the end. Then intake stays paused until the ledger view has
+        read every ledger partition to where it ended now, open transactions included:
+        an intent the previous owner committed just before it lost the partitions is
+        known before their events are read."""
+        self._rebalances += 1
+        self._assigning = True
+        self._consumer.pause(*assigned)
+        try:
+            self._committer.resume()
+            self._book.keep_only({(tp.topic, tp.partition) for tp in assigned})
+            self._metrics.consumer_lag.clear()
+            if assigned:
+                await self._restore(assigned)
+                self._ledger_target = await self._ledger_end()
+        finally:
+            self._assigning = False
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),

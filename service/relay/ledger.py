@@ -11,14 +11,22 @@ instead of being parsed again.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Annotated, Final, Protocol
 
 import structlog
 from aiokafka import TopicPartition
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
-from service.core.records import TaskLedgerRecord
-from service.relay.messages import LedgerCaughtUp, LedgerChange, TaskEnded, TaskRecorded
+from service.core.records import INTENT_KEY_PREFIX, IntentClosure, IntentRecord, TaskLedgerRecord
+from service.relay.messages import (
+    IntentClosed,
+    IntentOpened,
+    LedgerCaughtUp,
+    LedgerChange,
+    TaskEnded,
+    TaskRecorded,
+)
 from service.relay.ports import FetchedRecord, LedgerConsumer
 
 log = structlog.get_logger(__name__)
@@ -45,7 +53,9 @@ class WrittenRecords:
 class IntakeInbox(Protocol):
     """Intake, as the ledger view sees it."""
 
-    async def tell(self, message: TaskRecorded | TaskEnded | LedgerCaughtUp) -> None:
+    async def tell(
+        self, message: TaskRecorded | TaskEnded | LedgerCaughtUp | IntentOpened | IntentClosed
+    ) -> None:
         """Send intake a message."""
 
 
@@ -73,11 +83,23 @@ class LedgerView:
         self._poller = poller
         self._unfinished: set[str] = set()
         self._positions: dict[int, int] = {}
+        self._moved = asyncio.Condition()  # notified whenever positions were updated
         self.caught_up = asyncio.Event()
 
     def position(self, partition: int) -> int:
         """The offset up to which ledger partition `partition` has been read and told."""
         return self._positions.get(partition, 0)
+
+    def partitions(self) -> list[int]:
+        """The ledger's partitions (empty until the view has started reading)."""
+        return sorted(self._positions)
+
+    async def reached(self, ends: Mapping[int, int]) -> None:
+        """Wait until every partition in `ends` has been read and told up to its end."""
+        async with self._moved:
+            await self._moved.wait_for(
+                lambda: all(self.position(partition) >= end for partition, end in ends.items())
+            )
 
     async def run(self) -> None:
         """Read for ever; `caught_up` is set once the ledger is read to its end."""
@@ -99,6 +121,8 @@ class LedgerView:
                 # To the high watermark, past any transaction a killed relay left open.
                 highwater = reader.highwater(tp)
                 behind |= highwater is None or position < highwater
+            async with self._moved:
+                self._moved.notify_all()
             if not behind and not self.caught_up.is_set():
                 log.info("ledger_read", unfinished_tasks=len(self._unfinished))
                 await self._intake.tell(LedgerCaughtUp(len(self._unfinished)))
@@ -106,6 +130,9 @@ class LedgerView:
 
     async def _apply(self, tp: TopicPartition, record: FetchedRecord) -> None:
         task_id = record.key.decode() if record.key else ""
+        if task_id.startswith(INTENT_KEY_PREFIX):
+            await self._apply_intent(task_id, record.value)
+            return
         if record.value is None:
             self._unfinished.discard(task_id)
             await self._poller.tell(LedgerChange(tp.partition, task_id, None))
@@ -123,3 +150,25 @@ class LedgerView:
         await self._intake.tell(
             TaskRecorded(task_id, entry.batch_id, entry.constraints, entry.scm_data)
         )
+
+    async def _apply_intent(self, key: str, value: bytes | None) -> None:
+        """Intents and their closures go to intake only (the poller follows tasks); the
+        tombstone after a closure says nothing new."""
+        if value is None:
+            return
+        try:
+            entry = _INTENT_ENTRY.validate_json(value)
+        except ValidationError as exc:
+            log.error("ledger_record_unreadable", key=key, error=str(exc)[:300])
+            return
+        if isinstance(entry, IntentRecord):
+            await self._intake.tell(IntentOpened(entry))
+        else:
+            await self._intake.tell(
+                IntentClosed(entry.batch_id, entry.outcome, tuple(entry.task_ids))
+            )
+
+
+_INTENT_ENTRY: Final = TypeAdapter(
+    Annotated[IntentRecord | IntentClosure, Field(discriminator="kind")]
+)

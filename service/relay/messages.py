@@ -13,21 +13,49 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from service.core.batching import Batch, Source
-from service.core.records import DeadLetterHeaders, TaskLedgerRecord, TaskOutcome, TaskProgress
+from service.core.records import (
+    DeadLetterHeaders,
+    IntentOutcome,
+    IntentRecord,
+    TaskLedgerRecord,
+    TaskOutcome,
+    TaskProgress,
+)
 from service.scantrust.outcomes import Rejected
 
 # -- to the committer ------------------------------------------------------------------
 
 
+class BatchRevokedError(Exception):
+    """A batch's intent was not written: a rebalance took its partitions before it was
+    sent, and the partitions' next owner reads its events again."""
+
+
+@dataclass
+class IntentWrite:
+    """A batch's intent, committed before its upload is sent; `written` resolves once
+    committed (and fails if the transaction could not be)."""
+
+    record: IntentRecord
+    written: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    refused: bool = False  # the batch was revoked before its intent could be written
+
+
 @dataclass
 class LedgerAppend:
-    """An uploaded batch's task, to record; `recorded` resolves once committed."""
+    """An uploaded batch's task(s), to record, closing the batch's intent in the same
+    transaction; `recorded` resolves once committed.
+
+    `more`: further tasks of the same batch (reconciliation found several). `sources`:
+    for an intent resolved after its writer was gone, the events to account for by
+    position (this process never batched them); otherwise the batch's own events."""
 
     record: TaskLedgerRecord
     batch: Batch
-    # False for a second task of the same batch (reconciliation found several): the
-    # first record accounts for the batch's events.
-    accounts: bool = True
+    more: list[TaskLedgerRecord] = field(default_factory=list)
+    sources: list[Source] | None = None
     recorded: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -45,10 +73,13 @@ class DeadLetter:
 
 @dataclass
 class ApiRejection:
-    """A batch the API refused: its events become dead letters with the API's answer."""
+    """A batch the API refused: its events become dead letters with the API's answer,
+    and its intent closes. `sources`: as for `LedgerAppend` (events of a resolved intent
+    that this process does not hold are dead-lettered by position, without their bytes)."""
 
     batch: Batch
     outcome: Rejected
+    sources: list[Source] | None = None
 
 
 @dataclass
@@ -76,7 +107,23 @@ class Flush:
     )
 
 
-CommitItem = LedgerAppend | DeadLetter | ApiRejection | TaskFinished | Progress | Flush
+CommitItem = (
+    IntentWrite | LedgerAppend | DeadLetter | ApiRejection | TaskFinished | Progress | Flush
+)
+
+
+# -- to the uploaders ------------------------------------------------------------------
+
+
+@dataclass
+class Resolution:
+    """An open intent whose writer is gone, for this intake to resolve: `batch` carries
+    the intent's request and, as parts without values, the events of it intake holds
+    (their bytes for dead letters); `sources` are the events its task accounts for."""
+
+    batch: Batch
+    intent: IntentRecord
+    sources: list[Source]
 
 
 # -- to intake -------------------------------------------------------------------------
@@ -101,6 +148,23 @@ class TaskEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class IntentOpened:
+    """The ledger holds an intent: its events are not to be sent by anyone but its
+    writer, and its codes are claimed, until it closes."""
+
+    record: IntentRecord
+
+
+@dataclass(frozen=True, slots=True)
+class IntentClosed:
+    """An intent closed: its events are done (recorded or dead-lettered)."""
+
+    batch_id: str
+    outcome: IntentOutcome
+    task_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerCaughtUp:
     """Every unfinished task in the ledger at start-up has been sent as `TaskRecorded`."""
 
@@ -114,7 +178,9 @@ class BatchRejected:
     batch_id: str
 
 
-IntakeMessage = TaskRecorded | TaskEnded | LedgerCaughtUp | BatchRejected
+IntakeMessage = (
+    TaskRecorded | TaskEnded | LedgerCaughtUp | BatchRejected | IntentOpened | IntentClosed
+)
 
 
 # -- to the task poller ----------------------------------------------------------------

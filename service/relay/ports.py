@@ -7,16 +7,16 @@ broker or a server.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from service.core.batching import Batch
+from service.core.batching import Batch, Source
 from service.core.resilience import BreakerState
 from service.relay.reconcile import TaskLookup
 from service.scantrust.client import UploadRequest
-from service.scantrust.outcomes import ApiTask, Failure, TaskPage, UploadOutcome
+from service.scantrust.outcomes import ApiTask, Expired, Failure, TaskPage, UploadOutcome
 
 
 class FetchedRecord(Protocol):
@@ -55,6 +55,12 @@ class InputConsumer(PartitionReader, Protocol):
 
     def resume(self, *partitions: TopicPartition) -> None:
         """Fetch these partitions again."""
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        """Read `partition` from `offset` next."""
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> bool:
+        """Read these partitions from their first offset next."""
 
 
 class LedgerConsumer(PartitionReader, Protocol):
@@ -123,12 +129,17 @@ class TransactionalProducer(Protocol):
     async def commit_transaction(self) -> None:
         """Commit the open transaction."""
 
+    async def abort_transaction(self) -> None:
+        """Abort the transaction: nothing written in it becomes visible."""
+
 
 class UploadApi(Protocol):
     """The upload endpoint: one attempt per call (the uploaders own the retries)."""
 
-    async def upload(self, request: UploadRequest) -> UploadOutcome:
-        """Submit one batch."""
+    async def upload(
+        self, request: UploadRequest, *, send_by: float | None = None
+    ) -> UploadOutcome | Expired:
+        """Submit one batch, unless `send_by` (Unix time) passes before it is sent."""
 
 
 class StatusApi(Protocol):
@@ -159,8 +170,17 @@ class Accounting(Protocol):
     def batch_recorded(self, batch: Batch) -> None:
         """Every event part of `batch` is in a ledger record or dead-lettered."""
 
+    def sources_done(self, sources: Iterable[Source]) -> int:
+        """Events recorded by position (a resolved intent): accounted for."""
+
+    def claim_intent(self, batch_id: str) -> bool:
+        """May this batch's intent be written (the batch was not revoked)?"""
+
     def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
         """Partitions whose commit point moved: (offset, metadata) to commit."""
+
+    def fence_points(self) -> dict[tuple[str, int], tuple[int, str]]:
+        """The last commit point of every partition tracked."""
 
 
 class KafkaAdmin(GroupOffsets, MetadataProbe, Protocol):

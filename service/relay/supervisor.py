@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Final
 
 import structlog
-from aiokafka import ConsumerRebalanceListener
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from service.core.batching import Batcher
@@ -26,7 +26,7 @@ from service.core.resilience import Backoff, BreakerState
 from service.metrics import RelayMetrics
 from service.relay.admission import Admission
 from service.relay.book import OffsetBook
-from service.relay.committer import Committer
+from service.relay.committer import Committer, Membership
 from service.relay.config import RelayConfig
 from service.relay.health import ApiHealth
 from service.relay.intake import Intake
@@ -68,8 +68,10 @@ class Relay:
         client: ScantrustApi,
         metrics: RelayMetrics,
         clock: Callable[[], float] | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self._config = config
+        self._poller_member = poller_member
         self._admin = admin
         self._client = client
         self._metrics = metrics
@@ -84,7 +86,12 @@ class Relay:
         intake_inbox: Mailbox[IntakeMessage] = Mailbox(INBOX_SIZE)
         poller_inbox: Mailbox[LedgerChange] = Mailbox(INBOX_SIZE)
         self._committer = Committer(
-            config, producer=producer, accounting=book, written=written, metrics=metrics
+            config,
+            producer=producer,
+            accounting=book,
+            written=written,
+            metrics=metrics,
+            membership=membership,
         )
         self._uploaders = Uploaders(
             config,
@@ -113,6 +120,7 @@ class Relay:
             health=self.health,
             metrics=metrics,
             clock=self._clock,
+            ledger=_LedgerSync(self),
         )
         self._ledger = LedgerView(
             reader=ledger_reader, written=written, intake=intake_inbox, poller=poller_inbox
@@ -155,6 +163,20 @@ class Relay:
             ledger.cancel()
             heartbeat.cancel()
             check.cancel()
+
+    async def ledger_end_offsets(self) -> dict[int, int]:
+        """Where every ledger partition ends now, open transactions included (the
+        poller's member reads uncommitted); empty while the view has not started."""
+        partitions = self._ledger.partitions()
+        if not partitions:
+            return {}  # still starting: intake waits for the whole ledger anyway
+        topic = self._config.tasks_topic
+        ends = await self._poller_member.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return {tp.partition: end for tp, end in ends.items()}
+
+    def ledger_reached(self, ends: dict[int, int]) -> bool:
+        """Whether the ledger view has read every partition up to `ends`."""
+        return all(self._ledger.position(p) >= end for p, end in ends.items())
 
     # -- health and readiness ---------------------------------------------------------
 
@@ -221,3 +243,16 @@ class Relay:
         if not self.kafka_reachable:
             log.info("kafka_reachable_again")
         self.kafka_reachable = True
+
+
+class _LedgerSync:
+    """The ledger view and the poller's member, as intake waits for them."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    async def end_offsets(self) -> dict[int, int]:
+        return await self._relay.ledger_end_offsets()
+
+    def reached(self, ends: dict[int, int]) -> bool:
+        return self._relay.ledger_reached(ends)

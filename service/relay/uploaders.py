@@ -9,6 +9,11 @@ answer is never resent blindly: once the request can no longer create a task,
 the task is looked up by reference and adopted, and only when none exists is the
 batch sent again (reconcile.py).
 
+Every request is sent under a write-ahead intent the committer committed first,
+and only before the intent's `send_by` (a later attempt commits a fresh one). An
+intent another process left open (a `Resolution` from intake) is looked up
+first: its task adopted, or its request sent again (docs/design.md section 11).
+
 Shutdown (`drain`) is bounded twice: queued and final batches are uploaded until
 the shutdown deadline; then no new attempt starts, uploads whose request is
 under way get the grace to finish (cancelling one after it was sent would leave
@@ -19,20 +24,28 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
 
-from service.core.batching import Batch, FlushReason
-from service.core.records import TaskLedgerRecord
+from service.core.batching import Batch, FlushReason, Source
+from service.core.records import IntentRecord, TaskLedgerRecord
 from service.core.resilience import Backoff
 from service.metrics import RelayMetrics
 from service.relay.config import RelayConfig, utcnow
 from service.relay.health import ApiHealth
-from service.relay.messages import ApiRejection, BatchRejected, LedgerAppend
+from service.relay.messages import (
+    ApiRejection,
+    BatchRejected,
+    BatchRevokedError,
+    IntentWrite,
+    LedgerAppend,
+    Resolution,
+)
 from service.relay.ports import UploadApi
 from service.relay.reconcile import Reconciler, TaskLookup, api_reference
 from service.scantrust.client import UploadRequest
@@ -40,10 +53,10 @@ from service.scantrust.outcomes import (
     Accepted,
     Ambiguous,
     AuthFailed,
+    Expired,
     Failure,
     Misconfigured,
     Rejected,
-    UploadOutcome,
     retry_wait,
 )
 
@@ -59,6 +72,9 @@ class Recorder(Protocol):
 
     async def submit(self, item: LedgerAppend | ApiRejection) -> None:
         """Queue an outcome for the next transaction."""
+
+    async def write_intent(self, intent: IntentWrite) -> None:
+        """Commit an intent; returns once it is committed."""
 
 
 class IntakeInbox(Protocol):
@@ -92,7 +108,7 @@ class Uploaders:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
         # None tells one worker to end.
-        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(
+        self._queue: asyncio.Queue[Batch | Resolution | None] = asyncio.Queue(
             maxsize=config.max_in_flight_requests * 2
         )
         self._workers: list[asyncio.Task[None]] = []
@@ -101,8 +117,8 @@ class Uploaders:
         self._deadline_passed = False  # no new attempt starts
         self._finished = asyncio.Event()  # every worker has ended
 
-    async def put(self, batch: Batch) -> None:
-        """Queue a batch (waits for room)."""
+    async def put(self, batch: Batch | Resolution) -> None:
+        """Queue a batch, or an intent to resolve (waits for room)."""
         await self._queue.put(batch)
 
     @property
@@ -114,9 +130,11 @@ class Uploaders:
         """Take back the batches no uploader has started (a rebalance)."""
         taken = []
         while not self._queue.empty():
-            batch = self._queue.get_nowait()
-            if batch is not None:
-                taken.append(batch)
+            job = self._queue.get_nowait()
+            if isinstance(job, Resolution):
+                taken.append(job.batch)
+            elif job is not None:
+                taken.append(job)
         return taken
 
     async def run(self) -> None:
@@ -160,8 +178,11 @@ class Uploaders:
             )
 
     async def _work(self) -> None:
-        while (batch := await self._queue.get()) is not None:
-            await self._upload(batch)
+        while (job := await self._queue.get()) is not None:
+            if isinstance(job, Resolution):
+                await self._upload(job.batch, job.intent, job.sources)
+            else:
+                await self._upload(job)
             if self._deadline_passed:
                 return
 
@@ -176,47 +197,71 @@ class Uploaders:
         finally:
             self._sending.discard(task)
 
-    async def _upload(self, batch: Batch) -> None:
+    async def _upload(
+        self,
+        batch: Batch,
+        resolving: IntentRecord | None = None,
+        sources: list[Source] | None = None,
+    ) -> None:
         """Upload `batch` until accepted or rejected; returns early (the batch unsent, its
-        events read again at the next start) when stopping makes it pointless."""
-        request = UploadRequest(
-            constraints=batch.constraints(),
-            scm_data=batch.scm_data,
-            campaign=batch.campaign,
-            reference=api_reference(batch),
-        )
-        bound = log.bind(batch_id=batch.batch_id, values=batch.size, events=len(batch.events()))
+        events read again at the next start) when stopping makes it pointless.
+
+        Every request is sent under a committed intent, and only before its `send_by`.
+        `resolving`: the intent of a batch another process (or this one before a
+        restart) wrote and left open: the task it may have created is looked up first."""
+        job = _Job(batch, self._config, resolving, sources)
+        bound = log.bind(batch_id=batch.batch_id, values=batch.size, events=len(job.events))
         attempt = 0
-        first_sent = utcnow()
+        if resolving is not None:
+            found = await self._look_up(job, bound)
+            if found is None:
+                return  # the shutdown deadline: the intent stays open for the next owner
+            self._metrics.intents_resolved.labels("adopted" if found else "resent").inc()
+            bound.warning(
+                "intent_resolved",
+                task_ids=found,
+                written_at=resolving.written_at.isoformat(),
+                action="adopted" if found else "resent",
+            )
+            if found:
+                await self._record(job, found, utcnow(), bound)
+                return
+            attempt = resolving.attempt + 1
+        intent: IntentRecord | None = None
         while not self._deadline_passed:
             if self._stopping.is_set() and self._health.refusal is not None:
                 return
+            if intent is None or time.time() >= intent.send_by.timestamp():
+                intent = job.intent(attempt)
+                try:
+                    await self._committer.write_intent(IntentWrite(intent))
+                except BatchRevokedError:
+                    bound.info("batch_revoked_before_sending")
+                    return
             submitted_at = utcnow()
             async with self._sending_request():
-                outcome: UploadOutcome | list[str] = await self._api.upload(request)
+                outcome = await self._api.upload(job.request, send_by=intent.send_by.timestamp())
+                if isinstance(outcome, Expired):
+                    # Nothing was sent: a fresh intent first (fenced, like every write).
+                    bound.info("intent_expired_before_sending", attempt=attempt)
+                    intent = None
+                    continue
                 if isinstance(outcome, Ambiguous):
-                    found = await self._reconcile(batch, request, first_sent, outcome, bound)
+                    found = await self._reconcile(job, outcome, bound)
                     if found is None:
                         return  # the shutdown deadline came first: see docs/guarantees.md
                     if found:
-                        outcome = found
-                if isinstance(outcome, Accepted | list):
-                    appends = self._accepted(batch, outcome, submitted_at, bound)
-                    for append in appends:
-                        await self._committer.submit(append)
-                elif isinstance(outcome, Rejected):
+                        await self._record(job, found, submitted_at, bound)
+                        return
+                    # Looked up after its timeout: no task exists, so the batch goes again.
+                    attempt += 1
+                    continue
+                if isinstance(outcome, Accepted):
+                    await self._record(job, [outcome.task_id], submitted_at, bound)
+                    return
+                if isinstance(outcome, Rejected):
                     bound.warning("batch_rejected", status=outcome.status, errors=outcome.errors)
-                    await self._committer.submit(ApiRejection(batch, outcome))
-            if isinstance(outcome, Ambiguous):
-                # Looked up after its timeout: no task exists, so the batch goes again.
-                attempt += 1
-                continue
-            if isinstance(outcome, Accepted | list):
-                if not self._deadline_passed:
-                    # The next batch only once this task is in the ledger: a crash then
-                    # leaves at most one created-but-unrecorded task per uploader.
-                    await appends[0].recorded
-                return
+                    await self._committer.submit(ApiRejection(batch, outcome, job.sources))
             if isinstance(outcome, Rejected):
                 await self._intake.tell(BatchRejected(batch.batch_id))
                 return
@@ -241,36 +286,32 @@ class Uploaders:
             await asyncio.sleep(wait)
             attempt += 1
 
-    def _accepted(
+    async def _record(
         self,
-        batch: Batch,
-        outcome: Accepted | list[str],
+        job: _Job,
+        task_ids: list[str],
         submitted_at: datetime,
         bound: structlog.typing.FilteringBoundLogger,
-    ) -> list[LedgerAppend]:
-        """Ledger records of the task (or the tasks reconciliation found) of a batch; the
-        first accounts for the batch's events."""
+    ) -> None:
+        """Record the batch's task(s), closing its intent; the next batch only once they
+        are in the ledger, so a crash leaves at most one unrecorded task per uploader."""
+        batch = job.batch
         self._health.upload_accepted()
         reason = (batch.flush_reason or FlushReason.SHUTDOWN).value
         self._metrics.batches_submitted.labels(reason).inc()
         self._metrics.batch_values.observe(batch.size)
-        task_ids = [outcome.task_id] if isinstance(outcome, Accepted) else outcome
         bound.info("batch_submitted", task_id=task_ids[0], flush_reason=reason)
         if len(task_ids) > 1:
             # Earlier attempts created tasks too: each is recorded, followed and reported.
             bound.warning("batch_created_several_tasks", task_ids=task_ids)
-        return [
-            LedgerAppend(self._ledger_record(batch, task_id, submitted_at), batch, accounts=n == 0)
-            for n, task_id in enumerate(task_ids)
-        ]
+        records = [job.ledger_record(task_id, submitted_at) for task_id in task_ids]
+        append = LedgerAppend(records[0], batch, more=records[1:], sources=job.sources)
+        await self._committer.submit(append)
+        if not self._deadline_passed:
+            await append.recorded
 
     async def _reconcile(
-        self,
-        batch: Batch,
-        request: UploadRequest,
-        first_sent: datetime,
-        ambiguous: Ambiguous,
-        bound: structlog.typing.FilteringBoundLogger,
+        self, job: _Job, ambiguous: Ambiguous, bound: structlog.typing.FilteringBoundLogger
     ) -> list[str] | None:
         """The tasks the batch's uploads created, looked up once the request can no
         longer create one; None when the shutdown deadline passes first."""
@@ -282,12 +323,18 @@ class Uploaders:
             hint="looked up by reference before anything is sent again",
         )
         await asyncio.sleep(self._config.reconcile_after_s)
+        return await self._look_up(job, bound)
+
+    async def _look_up(
+        self, job: _Job, bound: structlog.typing.FilteringBoundLogger
+    ) -> list[str] | None:
+        """Ask the API for the batch's tasks until it answers; None at the deadline."""
         attempt = 0
         while not self._deadline_passed:
-            found = await self._reconciler.find(batch, request, first_sent)
+            found = await self._reconciler.find(job.batch, job.request, job.first_sent)
             if isinstance(found, list):
                 self._metrics.reconciliations.labels("task" if found else "none").inc()
-                bound.info("batch_reconciled", task_ids=found, reference=request.reference)
+                bound.info("batch_reconciled", task_ids=found, reference=job.request.reference)
                 return found
             wait = self._lookup_wait(found, attempt)
             bound.warning("reconcile_lookup_failed", outcome=type(found).__name__, wait_s=wait)
@@ -309,11 +356,69 @@ class Uploaders:
             return self._config.retry_max_backoff_s
         return round(retry_wait(failure, attempt, self._backoff, self._rng), 2)
 
-    def _ledger_record(
-        self, batch: Batch, task_id: str, submitted_at: datetime
-    ) -> TaskLedgerRecord:
-        # Validated as one document: pydantic checks the nested event sources in its core,
-        # which is several times cheaper than building one model object per event.
+
+class _Job:
+    """One batch's upload: its request, intent and ledger record, built once."""
+
+    def __init__(
+        self,
+        batch: Batch,
+        config: RelayConfig,
+        resolving: IntentRecord | None = None,
+        sources: list[Source] | None = None,
+    ) -> None:
+        self.batch = batch
+        self._config = config
+        self.request = UploadRequest(
+            constraints=batch.constraints(),
+            scm_data=batch.scm_data,
+            campaign=batch.campaign,
+            reference=api_reference(batch),
+        )
+        self.sources: list[Source] | None = None
+        self.events: list[dict[str, Any]]
+        if resolving is None:
+            self.first_sent = utcnow()
+            self.events = [
+                {
+                    "topic": pending.source.topic,
+                    "partition": pending.source.partition,
+                    "offset": pending.source.offset,
+                    "event_id": pending.source.event_id,
+                }
+                for pending in batch.events()
+            ]
+            self.expected_codes = batch.expected_codes(config.limits.one_code_per_value_keys)
+        else:
+            self.first_sent = resolving.written_at
+            self.events = [source.model_dump() for source in resolving.events]
+            self.expected_codes = resolving.expected_codes
+            self.sources = sources
+
+    def intent(self, attempt: int) -> IntentRecord:
+        """A fresh intent for the next send: allowed until now + the send window."""
+        send_by = utcnow() + timedelta(seconds=self._config.intent_send_window_s)
+        return IntentRecord.model_validate(
+            {
+                "batch_id": self.batch.batch_id,
+                "api_reference": self.request.reference,
+                "written_at": self.first_sent,
+                "send_by": send_by,
+                "resolve_after": send_by + timedelta(seconds=self._config.intent_resolve_delay_s),
+                "attempt": attempt,
+                "campaign": self.batch.campaign,
+                "reference": self.batch.reference,
+                "scm_data": self.batch.scm_data,
+                "constraints": self.request.constraints,
+                "expected_codes": self.expected_codes,
+                "events": self.events,
+            }
+        )
+
+    def ledger_record(self, task_id: str, submitted_at: datetime) -> TaskLedgerRecord:
+        """The task's ledger record. Validated as one document: pydantic checks the nested
+        event sources in its core, several times cheaper than one model per event."""
+        batch = self.batch
         return TaskLedgerRecord.model_validate(
             {
                 "task_id": task_id,
@@ -322,16 +427,8 @@ class Uploaders:
                 "campaign": batch.campaign,
                 "reference": batch.reference,
                 "scm_data": batch.scm_data,
-                "constraints": batch.constraints(),
-                "expected_codes": batch.expected_codes(self._config.limits.one_code_per_value_keys),
-                "events": [
-                    {
-                        "topic": pending.source.topic,
-                        "partition": pending.source.partition,
-                        "offset": pending.source.offset,
-                        "event_id": pending.source.event_id,
-                    }
-                    for pending in batch.events()
-                ],
+                "constraints": self.request.constraints,
+                "expected_codes": self.expected_codes,
+                "events": self.events,
             }
         )

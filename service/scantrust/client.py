@@ -16,6 +16,7 @@ import json
 import os
 import random
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from service.scantrust.outcomes import (
     ApiTask,
     ApiTaskGroup,
     AuthFailed,
+    Expired,
     Failure,
     Misconfigured,
     Rejected,
@@ -161,6 +163,11 @@ class _Call:
     body: dict[str, Any] | None = None
     is_upload: bool = False
     params: dict[str, str] = field(default_factory=dict)
+    send_by: float | None = None  # Unix time; see `ScantrustClient.upload`
+
+
+class _SendByPassed(Exception):
+    """An upload's `send_by` passed before it was sent (see `ScantrustClient.upload`)."""
 
 
 class ScantrustClient:
@@ -241,14 +248,28 @@ class ScantrustClient:
 
     # -- calls -------------------------------------------------------------
 
-    async def upload(self, request: UploadRequest) -> UploadOutcome:
+    async def upload(
+        self, request: UploadRequest, *, send_by: float | None = None
+    ) -> UploadOutcome | Expired:
         """Submit one batch, once; `Accepted` carries the new task's id.
 
         One attempt (after the rate limiters and the circuit breaker): an upload is the
         one call with a side effect, so its retries belong to the caller, which alone
-        knows whether a resend is safe (docs/design.md, "Retries")."""
-        call = _Call("upload", "POST", self._url(UPLOAD_PATH), request.to_json(), is_upload=True)
-        result = await self._attempt(call)
+        knows whether a resend is safe (docs/design.md, "Retries"). `send_by` (a Unix
+        time): the request is not sent after it, `Expired` says so; it is checked after
+        the rate limiters, the last wait before the request is written."""
+        call = _Call(
+            "upload",
+            "POST",
+            self._url(UPLOAD_PATH),
+            request.to_json(),
+            is_upload=True,
+            send_by=send_by,
+        )
+        try:
+            result = await self._attempt(call)
+        except _SendByPassed:
+            return Expired(send_by or 0.0)
         if not isinstance(result, _Response):
             return result
         task_id = _json_object(result.body).get("task_id")
@@ -389,6 +410,8 @@ class ScantrustClient:
             reason = f"circuit breaker open (last failure: {self._last_failure})"
             return Unavailable(reason, retry_after_s=retry_in or None)
         granted_at = await self._limits.acquire(call.is_upload, self._now)
+        if call.send_by is not None and time.time() >= call.send_by:
+            raise _SendByPassed
         outcome = await self._exchange(call)
         if call.is_upload:
             self._limits.confirm_upload(granted_at, self._now())

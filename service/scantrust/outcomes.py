@@ -147,6 +147,15 @@ class Ambiguous:
     status: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """An upload was not sent: the intent it was committed under allows sending only
+    until `send_by`, which passed while it waited (rate limit, a pause). Nothing reached
+    the API; the uploader commits a fresh intent before it tries again."""
+
+    send_by: float
+
+
 Failure = Rejected | AuthFailed | Misconfigured | Throttled | Unavailable | Ambiguous
 # The API refused the relay itself (its token, its base URL): stop, probe, resume.
 Refused = AuthFailed | Misconfigured

@@ -108,8 +108,12 @@ async def upload(request: web.Request) -> web.StreamResponse:
         task = account.validate_upload(await _json_body(request))
     except UploadInvalid as invalid:
         return _json(invalid.errors, 400)
+    if account.upload_hook is not None:
+        await account.upload_hook("received")
     values = sum(len(v) for v in task.constraints.values())
     account.register(task, values)
+    if account.upload_hook is not None:
+        await account.upload_hook("created")
     never_finish = account.rng.random() < account.faults.never_finish_rate
     _spawn(request.app, _process(account, task, never_finish=never_finish))
     if account.rng.random() < account.faults.drop_response_rate:

@@ -12,6 +12,7 @@ import math
 import random
 import uuid
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -199,6 +200,9 @@ class Account:
         self._upload_windows: dict[str, SlidingWindowLimiter] = {}
         self._overall_windows: dict[str, SlidingWindowLimiter] = {}
         self.throttle_storm_until = 0.0
+        # Tests' crash points: called with "received" before an upload creates its task
+        # and "created" after, before the answer is written (an in-process simulator only).
+        self.upload_hook: Callable[[str], Awaitable[None]] | None = None
 
     # -- codes ---------------------------------------------------------------
 

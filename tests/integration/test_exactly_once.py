@@ -8,16 +8,33 @@ updated twice. The relay runs against the real broker and the simulator.
 
 from __future__ import annotations
 
+import asyncio
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from service.simulator.state import Faults
-from tests.api_support import simulator
-from tests.integration.test_pipeline_resilience import applications, by_code, one_code_events
+from tests.api_support import Simulator, simulator
+from tests.integration.test_pipeline_resilience import (
+    STEADY,
+    applications,
+    applied,
+    by_code,
+    one_code_events,
+)
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
+    Topics,
+    event,
     ledger_task_ids,
     make_topics,
+    open_intents,
     publish,
+    read_topic,
+    relay_process,
     relay_settings,
     results,
     running_relay,
@@ -26,20 +43,22 @@ from tests.pipeline_support import (
 
 pytestmark = pytest.mark.kafka
 
+# 20 % of upload answers dropped after the task was created, 10 % answered 502 after it.
+LOST_ANSWERS_AND_5XX = Faults(
+    pending_delay_s=0.05,
+    progress_delay_s=0.05,
+    jitter_s=0.05,
+    drop_response_rate=0.2,
+    error_after_create_rate=0.1,
+)
+
 
 async def test_lost_answers_and_5xx_after_creating_a_task_update_no_code_twice(
     kafka_bootstrap: str, topic_factory: TopicFactory
 ) -> None:
     topics = await make_topics(topic_factory, partitions=2)
     count = 300
-    faults = Faults(
-        pending_delay_s=0.05,
-        progress_delay_s=0.05,
-        jitter_s=0.05,
-        drop_response_rate=0.2,
-        error_after_create_rate=0.1,
-    )
-    async with simulator(faults, codes_per_campaign=count) as sim:
+    async with simulator(LOST_ANSWERS_AND_5XX, codes_per_campaign=count) as sim:
         settings = relay_settings(
             kafka_bootstrap,
             sim.base_url,
@@ -62,3 +81,214 @@ async def test_lost_answers_and_5xx_after_creating_a_task_update_no_code_twice(
     finished = [o["task_id"] for o in outcomes if o.get("kind", "result") == "result"]
     assert sorted(finished) == sorted(created), "a task did not get exactly one result"
     assert dict(seen) == dict.fromkeys(range(count), 1), "a code was lost or updated twice"
+
+
+# -- crashes, takeovers and paused replicas (write-ahead intents and fencing) ------------
+
+CRASH_POINTS = {
+    # The request reached the API, which has not created the task yet.
+    "before_the_task_exists": ("received", 1),
+    # The API created the task; its answer never leaves (the relay is gone).
+    "task_created_answer_lost": ("created", 1),
+    # The first task is recorded (one uploader takes the next batch only then), its
+    # result not yet published.
+    "after_the_record": ("received", 2),
+}
+
+
+async def everything_settled(
+    bootstrap: str, topics: Topics, sim: Simulator, timeout_s: float = 120
+) -> list[dict[str, Any]]:
+    """Wait until the input is committed to its end, no intent is open and every task the
+    simulator created has a result; returns the results."""
+    await wait_for_commit(bootstrap, topics, timeout_s=timeout_s)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while await open_intents(bootstrap, topics.tasks):
+        assert asyncio.get_running_loop().time() < deadline, "an intent never closed"
+        await asyncio.sleep(0.5)
+    outcomes = await results(bootstrap, topics.results, expected=len(sim.account.tasks))
+    return [o for o in outcomes if o.get("kind", "result") == "result"]
+
+
+def assert_exactly_once(
+    created: set[str], recorded: list[str], finished: list[dict[str, Any]], seen: Counter[int]
+) -> None:
+    assert sorted(recorded) == sorted(created), "a task created at the API is not recorded once"
+    assert sorted(o["task_id"] for o in finished) == sorted(created), (
+        "a task did not get exactly one result"
+    )
+    twice = sorted(n for n, times in seen.items() if times > 1)
+    assert twice == [], f"{len(twice)} codes updated twice"
+
+
+@pytest.mark.parametrize("point", sorted(CRASH_POINTS))
+async def test_a_crash_at_each_step_loses_nothing_and_sends_nothing_twice(
+    point: str, kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    moment, upload = CRASH_POINTS[point]
+    topics = await make_topics(topic_factory, partitions=2)
+    count = 40
+    async with simulator(STEADY, codes_per_campaign=count) as sim:
+        settings = relay_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            topics,
+            batch_max_values=10,
+            max_in_flight_requests=1,
+            api_request_timeout_s=2.0,
+        )
+        await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
+        log = tmp_path / "relay.log"
+        async with relay_process(settings, log) as victim:
+            seen_moments: Counter[str] = Counter()
+            killed = asyncio.Event()
+
+            async def crash(at: str) -> None:
+                seen_moments[at] += 1
+                if at == moment and seen_moments[at] == upload and not killed.is_set():
+                    victim.send_signal(signal.SIGKILL)
+                    await victim.wait()
+                    killed.set()
+
+            sim.account.upload_hook = crash
+            await asyncio.wait_for(killed.wait(), 60)
+            sim.account.upload_hook = None
+        async with relay_process(settings, log) as survivor:
+            finished = await everything_settled(kafka_bootstrap, topics, sim)
+            survivor.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(survivor.wait(), 60) == 0, log.read_text()[-3000:]
+        created = set(sim.account.tasks)
+        seen = await applied(sim, count)
+    recorded = await ledger_task_ids(kafka_bootstrap, topics.tasks)
+    resolved = log.read_text().count('"intent_resolved"')
+    print(f"\n{point}: {len(created)} tasks created, {resolved} intents resolved after the crash")
+    assert set(seen) == set(range(count)), "a code was never updated"
+    assert_exactly_once(created, recorded, finished, seen)
+    assert resolved >= 1, "the crash left no intent open: the test did not test intents"
+
+
+@pytest.mark.timeout(300)
+async def test_sigkills_with_lost_answers_and_5xx_update_no_code_twice(
+    kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    topics = await make_topics(topic_factory, partitions=2)
+    count, kills = 600, 3
+    async with simulator(LOST_ANSWERS_AND_5XX, codes_per_campaign=count) as sim:
+        settings = relay_settings(
+            kafka_bootstrap,
+            sim.base_url,
+            topics,
+            batch_max_values=10,
+            max_in_flight_requests=2,
+            api_request_timeout_s=2.0,
+            api_breaker_failures=1000,
+        )
+        await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
+        log = tmp_path / "relay.log"
+        for kill in range(kills):
+            async with relay_process(settings, log) as process:
+                await sim.wait_uploads(sim.account.stats.uploads_accepted + 5, timeout_s=90)
+                process.send_signal(signal.SIGKILL)
+                assert await process.wait() == -signal.SIGKILL, kill
+        async with relay_process(settings, log) as process:
+            finished = await everything_settled(kafka_bootstrap, topics, sim, timeout_s=240)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 60) == 0, log.read_text()[-3000:]
+        created = set(sim.account.tasks)
+        seen = await applied(sim, count)
+        stats = sim.account.stats
+    recorded = await ledger_task_ids(kafka_bootstrap, topics.tasks)
+    resolved = log.read_text().count('"intent_resolved"')
+    print(
+        f"\n{kills} SIGKILLs, {stats.responses_dropped} answers dropped, "
+        f"{stats.errors_after_create} 5xx after creating: {len(created)} tasks created, "
+        f"{len(set(recorded))} recorded, {len(finished)} results, "
+        f"{sum(1 for t in seen.values() if t > 1)} codes updated twice, "
+        f"{resolved} intents resolved after a crash"
+    )
+    assert stats.responses_dropped > 0
+    assert stats.errors_after_create > 0
+    assert set(seen) == set(range(count)), "a code was never updated"
+    assert_exactly_once(created, recorded, finished, seen)
+
+
+def a_b_a_events(first: int, count: int) -> list[list[dict[str, Any]]]:
+    """Three rounds of events over `count` codes: batch number A, then B, then A."""
+    return [
+        [
+            event([f"11X{n:06d}"], scm_data={"batch_number": value}, event_id=f"{value}{step}-{n}")
+            for n in range(first, first + count)
+        ]
+        for step, value in enumerate(("A", "B", "A"))
+    ]
+
+
+async def histories(sim: Simulator, first: int, count: int) -> dict[int, list[str]]:
+    """The batch numbers each code was given, in the order the API applied them."""
+    seen = {}
+    for n in range(first, first + count):
+        _, code = await sim.get(f"/_sim/codes?extended_id=11X{n:06d}")
+        seen[n] = [entry["set"]["batch_number"] for entry in code["history"]]
+    return seen
+
+
+@pytest.mark.timeout(420)
+async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions_moved(
+    kafka_bootstrap: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    topics = await make_topics(topic_factory, partitions=4)
+    count, sequences, invalid = 1500, 50, 10
+    async with simulator(STEADY, codes_per_campaign=count + sequences) as sim:
+        # Both replicas share the account's 10 uploads per second: a 150-request backlog
+        # keeps the paused one's batches open and its uploads in flight.
+        base = {"batch_max_values": 10, "upload_rate_per_s": 5, "api_request_timeout_s": 2.0}
+        first, second = (
+            relay_settings(
+                kafka_bootstrap,
+                sim.base_url,
+                topics,
+                kafka_transactional_id=f"{topics.group}-{name}",
+                **base,
+            )
+            for name in ("a", "b")
+        )
+        a, b, a_again = a_b_a_events(count, sequences)
+        backlog: list[Any] = [*a, *one_code_events(count), *b, *a_again]
+        await publish(kafka_bootstrap, topics.input, backlog, key_of=by_code)
+        await publish(kafka_bootstrap, topics.input, [b"{not json"] * invalid)
+        log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+        async with relay_process(first, log_a) as paused, relay_process(second, log_b) as other:
+            await sim.wait_uploads(20, timeout_s=90)
+            paused.send_signal(signal.SIGSTOP)
+            at_pause = sim.account.stats.uploads_accepted
+            await asyncio.sleep(30)
+            paused.send_signal(signal.SIGCONT)
+            finished = await everything_settled(kafka_bootstrap, topics, sim, timeout_s=240)
+            paused_exit = await asyncio.wait_for(paused.wait(), 60)
+            other.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(other.wait(), 60) == 0, log_b.read_text()[-3000:]
+        created = set(sim.account.tasks)
+        seen = await applied(sim, count)
+        orders = await histories(sim, count, sequences)
+        # One more than expected: a dead letter written twice shows up.
+        dead = await read_topic(kafka_bootstrap, topics.dlq, invalid + 1, timeout_s=5)
+    recorded = await ledger_task_ids(kafka_bootstrap, topics.tasks)
+    fenced = log_a.read_text().count('"relay_fenced"')
+    resolved = log_b.read_text().count('"intent_resolved"')
+    wrong = sorted(n for n, history in orders.items() if history != ["A", "B", "A"])
+    print(
+        f"\npaused at {at_pause} uploads; the paused replica exited with {paused_exit} "
+        f"({fenced} fenced transaction); {resolved} of its intents resolved by the other; "
+        f"{len(created)} tasks created, {len(set(recorded))} recorded, {len(finished)} results; "
+        f"{sum(1 for t in seen.values() if t > 1)} codes updated twice; "
+        f"{len(wrong)} of {sequences} A, B, A codes out of order; {len(dead)} dead letters"
+    )
+    assert set(seen) == set(range(count)), "a code was never updated"
+    assert_exactly_once(created, recorded, finished, seen)
+    assert wrong == [], f"A, B, A not kept: {[orders[n] for n in wrong[:5]]}"
+    positions = {
+        (dict(r.headers)["scm_relay.source.partition"], dict(r.headers)["scm_relay.source.offset"])
+        for r in dead
+    }
+    assert len(dead) == invalid, "a dead letter was written twice (or lost)"
+    assert len(set(positions)) == invalid

@@ -67,7 +67,7 @@ def test_a_new_owner_skips_what_the_metadata_says_is_done() -> None:
     offset, metadata = point
     assert offset == 0
     second = PartitionOffsets()
-    second.restore(metadata)
+    second.restore(0, metadata)
     assert [second.received(o) for o in range(5)] == [False, False, True, True, False]
     second.accounted(0)
     # Before 1 is done, a further commit still carries 2 and 3.
@@ -154,7 +154,7 @@ def test_committed_offset_never_passes_an_unaccounted_event(
     if commits:
         offset, metadata = commits[-1]
         resumed = PartitionOffsets()
-        resumed.restore(metadata)
+        resumed.restore(offset, metadata)
         redelivered = [o for o in range(offset, received) if not resumed.received(o)]
         unaccounted_then = [o for o in range(received) if o not in accounted]
         assert set(unaccounted_then) <= set(redelivered) | set(range(offset))

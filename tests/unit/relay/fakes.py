@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from service.core.batching import Batch
+from service.core.batching import Batch, Source
 from service.core.contract import DEFAULT_LIMITS
 from service.core.resilience import BreakerState
+from service.fencing import GroupFencedError
 from service.relay.config import RelayConfig
 from service.scantrust.client import UploadRequest
 from service.scantrust.outcomes import (
     ApiTask,
     AuthFailed,
+    Expired,
     Failure,
     Misconfigured,
     TaskPage,
@@ -121,6 +124,9 @@ class FakeConsumer:
             self.positions[tp.partition] = 0
         return True
 
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.positions[partition.partition] = offset
+
 
 class FakeMember(FakeConsumer):
     """The poller's group member: assignment as the test decides."""
@@ -159,6 +165,8 @@ class FakeProducer:
         self.committed: list[Transaction] = []
         self._open: Transaction | None = None
         self.fail_commit = False
+        self.fence_commit = False
+        self.aborted: list[Transaction] = []
         self.hold_commit: asyncio.Event | None = None
 
     async def begin_transaction(self) -> None:
@@ -183,8 +191,15 @@ class FakeProducer:
         assert self._open is not None
         self._open.offsets.update(offsets)
 
+    async def abort_transaction(self) -> None:
+        assert self._open is not None
+        self.aborted.append(self._open)
+        self._open = None
+
     async def commit_transaction(self) -> None:
         assert self._open is not None
+        if self.fence_commit:
+            raise GroupFencedError("group refused generation 1 of member m: IllegalGenerationError")
         if self.hold_commit is not None:
             await self.hold_commit.wait()
         if self.fail_commit:
@@ -209,7 +224,10 @@ class FakeAccounting:
     def __init__(self) -> None:
         self.dead: list[tuple[str, int, int]] = []
         self.batches: list[str] = []
+        self.sources: list[Source] = []
+        self.revoked: set[str] = set()
         self.points: dict[tuple[str, int], tuple[int, str]] = {}
+        self.last_points: dict[tuple[str, int], tuple[int, str]] = {}
 
     def dead_lettered(self, topic: str, partition: int, offset: int) -> None:
         self.dead.append((topic, partition, offset))
@@ -218,9 +236,21 @@ class FakeAccounting:
     def batch_recorded(self, batch: Batch) -> None:
         self.batches.append(batch.batch_id)
 
+    def claim_intent(self, batch_id: str) -> bool:
+        return batch_id not in self.revoked
+
+    def sources_done(self, sources: Iterable[Source]) -> int:
+        done = list(sources)
+        self.sources.extend(done)
+        return len(done)
+
     def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
         points, self.points = self.points, {}
+        self.last_points.update(points)
         return points
+
+    def fence_points(self) -> dict[tuple[str, int], tuple[int, str]]:
+        return dict(self.last_points)
 
 
 @dataclass
@@ -230,7 +260,8 @@ class FakeApi:
     `lost_answers`: that many uploads create their task and answer `Ambiguous`."""
 
     uploads: list[UploadRequest] = field(default_factory=list)
-    script: list[UploadOutcome] = field(default_factory=list)
+    sent_by: list[float | None] = field(default_factory=list)
+    script: list[UploadOutcome | Expired] = field(default_factory=list)
     states: dict[str, ApiTask] = field(default_factory=dict)
     status_calls: list[list[str]] = field(default_factory=list)
     status_failure: Failure | None = None
@@ -241,12 +272,15 @@ class FakeApi:
     breaker_state: BreakerState = BreakerState.CLOSED
     upload_delay_s: float = 0.0
 
-    async def upload(self, request: UploadRequest) -> UploadOutcome:
+    async def upload(self, request: UploadRequest, *, send_by: float | None = None) -> Any:
         from service.scantrust.outcomes import Accepted, Ambiguous, TaskApiState
 
-        self.uploads.append(request)
         if self.upload_delay_s:
             await asyncio.sleep(self.upload_delay_s)
+        if send_by is not None and time.time() >= send_by:
+            return Expired(send_by)
+        self.sent_by.append(send_by)
+        self.uploads.append(request)
         if self.refusal is not None:
             return self.refusal
         if self.script:

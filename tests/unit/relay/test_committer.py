@@ -4,6 +4,7 @@ nothing counts as done before its commit."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -58,7 +59,16 @@ async def test_a_ledger_record_and_the_offsets_it_releases_commit_together() -> 
     await stage.close()
     await runner
     keys = [key for key, _ in producer.written("tasks")]
-    assert keys == [b"t1"]
+    # The task, then the closure of its intent and the intent's tombstone, in one go.
+    intent = f"intent:{uploaded.batch_id}".encode()
+    assert keys == [b"t1", intent, intent]
+    closure = json.loads(producer.written("tasks")[1][1] or b"")
+    assert (closure["kind"], closure["outcome"], closure["task_ids"]) == (
+        "intent_closed",
+        "recorded",
+        ["t1"],
+    )
+    assert producer.written("tasks")[2][1] is None
     assert producer.written("dlq") == [(b"k", b"{")]
     assert accounting.batches == [uploaded.batch_id]
     assert accounting.dead == [("in", 0, 0)]
@@ -104,7 +114,11 @@ async def test_a_rejected_batch_dead_letters_each_event_once_and_a_result_tombst
     await stage.submit(TaskFinished(outcome, lambda: forgotten.append("t9")))
     await stage.flush()
     assert len(producer.written("dlq")) == 1
-    assert producer.written("tasks") == [(b"t9", None)]
+    intent = f"intent:{refused.batch_id}".encode()
+    closures = [value for key, value in producer.written("tasks") if key == intent]
+    assert [json.loads(v)["outcome"] for v in closures if v] == ["rejected", "rejected"]
+    assert [key for key, value in producer.written("tasks") if key == b"t9"] == [b"t9"]
+    assert (b"t9", None) in producer.written("tasks")
     assert [key for key, _ in producer.written("out")] == [b"t9"]
     assert forgotten == ["t9"]
     await stage.close()

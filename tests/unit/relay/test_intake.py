@@ -22,9 +22,11 @@ from service.relay.intake import Intake
 from service.relay.messages import (
     BatchRejected,
     DeadLetter,
+    Flush,
     IntakeMessage,
     LedgerCaughtUp,
     Mailbox,
+    Resolution,
     TaskEnded,
     TaskRecorded,
 )
@@ -36,10 +38,14 @@ class Queue:
 
     def __init__(self, room: int = 100) -> None:
         self.batches: list[Batch] = []
+        self.resolutions: list[Resolution] = []
         self.room = room
         self._space = asyncio.Event()
 
-    async def put(self, batch: Batch) -> None:
+    async def put(self, batch: Batch | Resolution) -> None:
+        if isinstance(batch, Resolution):
+            self.resolutions.append(batch)
+            return
         while len(self.batches) >= self.room:
             self._space.clear()
             await self._space.wait()
@@ -52,6 +58,8 @@ class Queue:
 
     def take_queued(self) -> list[Batch]:
         taken, self.batches = self.batches, []
+        taken += [r.batch for r in self.resolutions]
+        self.resolutions = []
         self._space.set()
         return taken
 
@@ -60,14 +68,21 @@ class Committer:
     """Collects dead letters; `flush` counts."""
 
     def __init__(self) -> None:
-        self.items: list[DeadLetter] = []
+        self.items: list[DeadLetter | Flush] = []
         self.flushes = 0
+        self.held = False
 
-    async def submit(self, item: DeadLetter) -> None:
+    async def submit(self, item: DeadLetter | Flush) -> None:
         self.items.append(item)
 
     async def flush(self) -> None:
         self.flushes += 1
+
+    def hold(self) -> None:
+        self.held = True
+
+    def resume(self) -> None:
+        self.held = False
 
 
 @dataclass
@@ -158,6 +173,7 @@ async def test_an_invalid_record_becomes_a_dead_letter_and_the_stream_goes_on() 
     async with running(subject):
         await eventually(lambda: subject.queue.batches)
     (dead,) = subject.committer.items
+    assert isinstance(dead, DeadLetter)
     assert (dead.source.offset, dead.raw, dead.headers.reason.value) == (
         0,
         b"{not json",

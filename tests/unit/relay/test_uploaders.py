@@ -11,14 +11,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.core.batching import Batch
+from service.core.records import IntentRecord
 from service.metrics import RelayMetrics
 from service.relay.health import ApiHealth
-from service.relay.messages import ApiRejection, BatchRejected, LedgerAppend
+from service.relay.messages import ApiRejection, BatchRejected, IntentWrite, LedgerAppend
 from service.relay.reconcile import api_reference
 from service.relay.uploaders import Uploaders
 from service.scantrust.outcomes import (
     Ambiguous,
     AuthFailed,
+    Expired,
     Misconfigured,
     Rejected,
     TaskApiState,
@@ -35,12 +37,17 @@ class Recorder:
 
     def __init__(self, *, hold: bool = False) -> None:
         self.items: list[Any] = []
+        self.intents: list[IntentRecord] = []
         self.hold = hold
 
     async def submit(self, item: LedgerAppend | ApiRejection) -> None:
         self.items.append(item)
         if isinstance(item, LedgerAppend) and not self.hold:
             item.recorded.set_result(None)
+
+    async def write_intent(self, intent: IntentWrite) -> None:
+        self.intents.append(intent.record)
+        intent.written.set_result(None)
 
 
 def uploaders(
@@ -84,7 +91,7 @@ async def test_accepted_becomes_a_ledger_record_and_rejected_dead_letters_and_a_
 
 
 async def test_retries_are_owned_here_and_honour_the_api_wait() -> None:
-    script: list[UploadOutcome] = [
+    script: list[UploadOutcome | Expired] = [
         Throttled(0.2, "throttled"),
         Unavailable("HTTP 503", status=503),
         Unavailable("connect: refused"),
@@ -161,7 +168,9 @@ async def test_a_refused_batch_is_kept_and_probes_until_the_api_accepts_it(
 
 
 async def test_at_the_deadline_retrying_uploads_stop_and_requests_under_way_finish() -> None:
-    outage: list[UploadOutcome] = [Unavailable("HTTP 503", status=503, retry_after_s=60.0)]
+    outage: list[UploadOutcome | Expired] = [
+        Unavailable("HTTP 503", status=503, retry_after_s=60.0)
+    ]
     api, recorder = FakeApi(script=outage), Recorder()
     stage = uploaders(api, recorder, Inbox(), max_in_flight_requests=2)
     runner = asyncio.create_task(stage.run())
@@ -249,7 +258,7 @@ async def test_every_task_found_is_recorded_and_the_first_accounts_for_the_event
     )
     recorder = Recorder()
     await run_until_drained(uploaders(api, recorder, Inbox()), [ready])
-    assert [(item.record.task_id, item.accounts) for item in recorder.items] == [
-        ("late", True),
-        ("task-1", False),
-    ]
+    (append,) = recorder.items
+    # One record for the batch, closing its intent: both tasks, the first accounting.
+    assert isinstance(append, LedgerAppend)
+    assert [append.record.task_id, *(r.task_id for r in append.more)] == ["late", "task-1"]

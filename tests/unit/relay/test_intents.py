@@ -1,0 +1,410 @@
+"""Write-ahead intents (docs/design.md section 11), stage by stage, with no server:
+intake holds what an open intent covers and resolves orphans it owns, the uploaders
+send only under a committed intent and resolve by lookup first, the committer
+closes intents with what they promised and is fenced as a whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from service.core.batching import PendingEvent, Source
+from service.core.records import IntentOutcome, IntentRecord
+from service.metrics import RelayMetrics
+from service.relay.committer import Committer, ReplicaFencedError
+from service.relay.health import ApiHealth
+from service.relay.intents import IntentWatch
+from service.relay.ledger import WrittenRecords
+from service.relay.messages import (
+    ApiRejection,
+    Flush,
+    IntentClosed,
+    IntentOpened,
+    LedgerAppend,
+    LedgerCaughtUp,
+    Resolution,
+)
+from service.relay.reconcile import api_reference
+from service.relay.uploaders import Uploaders
+from service.scantrust.outcomes import Accepted, Expired, TaskApiState
+from tests.unit.relay.fakes import (
+    FakeAccounting,
+    FakeApi,
+    FakeProducer,
+    Inbox,
+    change,
+    config,
+)
+from tests.unit.relay.support import api_task, batch, ledger_record, pending
+from tests.unit.relay.test_intake import eventually, rig, running
+from tests.unit.relay.test_uploaders import Recorder, run_until_drained
+
+
+def intent(
+    values: list[str],
+    events: list[tuple[int, int]],
+    *,
+    batch_id: str = "b-orphan",
+    resolve_in_s: float = -1.0,
+    market: str = "DE",
+) -> IntentRecord:
+    """An intent for `values` covering the events at (partition, offset) of topic "in"."""
+    now = datetime.now(UTC)
+    return IntentRecord.model_validate(
+        {
+            "batch_id": batch_id,
+            "api_reference": f"scm-relay:{batch_id}",
+            "written_at": now - timedelta(seconds=60),
+            "send_by": now - timedelta(seconds=50),
+            "resolve_after": now + timedelta(seconds=resolve_in_s),
+            "campaign": None,
+            "reference": "",
+            "scm_data": {"intended_market": market},
+            "constraints": {"extended_id": values},
+            "expected_codes": len(values),
+            "events": [{"topic": "in", "partition": p, "offset": o} for p, o in events],
+        }
+    )
+
+
+def held(values: list[str], partition: int, offset: int) -> PendingEvent:
+    event = pending(values, partition=partition)
+    event.source = Source("in", partition, offset)
+    return event
+
+
+# -- IntentWatch (pure) ------------------------------------------------------------------
+
+
+def test_an_open_intent_holds_what_it_covers_and_its_closure_says_what_is_done() -> None:
+    watch = IntentWatch()
+    watch.opened(intent(["a", "b", "c"], [(0, 5), (0, 6)]))
+    whole, split, elsewhere = held(["a", "b"], 0, 5), held(["c", "z"], 0, 6), held(["a"], 0, 7)
+    assert watch.hold(whole)
+    assert watch.hold(split)
+    assert not watch.hold(elsewhere), "an event the intent does not cover went on hold"
+    closed = watch.closed("b-orphan", IntentOutcome.RECORDED)
+    assert closed.done == [whole.source]
+    # Only part of this event was in the intent: it is read in again, not lost.
+    assert closed.readmit == [split]
+    assert len(watch) == 0
+    assert not watch.hold(held(["a"], 0, 5)), "a closed intent still holds"
+
+
+def test_an_orphan_is_due_only_after_resolve_after_for_the_owner_of_its_first_event() -> None:
+    watch = IntentWatch()
+    watch.opened(intent(["a", "b"], [(1, 3), (0, 9)], resolve_in_s=30))
+    now = datetime.now(UTC)
+    mine = {("in", 0), ("in", 1)}
+    assert watch.due(now, mine, lambda _: False) == [], "resolved before resolve_after"
+    later = now + timedelta(seconds=31)
+    assert watch.due(later, {("in", 0)}, lambda _: True) == [], "resolved by a non-owner"
+    # The owner, but it has not read the intent's events yet.
+    assert watch.due(later, mine, lambda _: False) == []
+    watch.hold(held(["a"], 1, 3))
+    watch.hold(held(["b"], 0, 9))
+    ((resolution, record, sources),) = watch.due(later, mine, lambda _: False)
+    assert resolution.batch_id == record.batch_id == "b-orphan"
+    assert resolution.constraints() == {"extended_id": ["a", "b"]}
+    assert [(s.partition, s.offset) for s in sources] == [(1, 3), (0, 9)]
+    assert watch.due(later, mine, lambda _: False) == [], "handed out twice"
+
+
+# -- intake ------------------------------------------------------------------------------
+
+
+async def test_intake_holds_events_under_an_open_intent_until_it_closes_then_skips_them() -> None:
+    subject = rig()
+    offset = subject.consumer.append(change(["a"]))
+    await subject.inbox.tell(IntentOpened(intent(["a"], [(0, offset)], resolve_in_s=3600)))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    later = subject.consumer.append(change(["b"]))
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
+        await asyncio.sleep(0.2)
+        assert [b.constraints() for b in subject.queue.batches] == [{"extended_id": ["b"]}]
+        await subject.inbox.tell(IntentClosed("b-orphan", IntentOutcome.RECORDED))
+        await eventually(lambda: subject.book.is_done(Source("in", 0, offset)))
+        await eventually(lambda: any(isinstance(i, Flush) for i in subject.committer.items))
+    assert len(subject.queue.batches) == 1, "an event of a recorded intent was sent again"
+    assert later == offset + 1
+
+
+async def test_intake_hands_an_orphan_it_owns_to_the_uploaders_once_it_is_due() -> None:
+    subject = rig()
+    offset = subject.consumer.append(change(["a"]))
+    orphan = intent(["a"], [(0, offset)], resolve_in_s=0.3)
+    await subject.inbox.tell(IntentOpened(orphan))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    async with running(subject):
+        await asyncio.sleep(0.1)
+        assert subject.queue.resolutions == [], "resolved before resolve_after"
+        await eventually(lambda: subject.queue.resolutions)
+    assert subject.queue.batches == []
+    (job,) = subject.queue.resolutions
+    assert job.intent == orphan
+    assert [(s.partition, s.offset) for s in job.sources] == [(0, offset)]
+    assert [p.event.source.offset for p in job.batch.parts] == [offset]
+
+
+async def test_the_echo_of_intakes_own_intent_holds_nothing() -> None:
+    subject = rig()
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    subject.consumer.append(change(["a"]))
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
+        (own,) = subject.queue.batches
+        echo = intent(["a"], [(0, 0)], batch_id=own.batch_id, resolve_in_s=-1)
+        await subject.inbox.tell(IntentOpened(echo))
+        await asyncio.sleep(0.3)
+    assert subject.queue.batches == [own]
+    assert subject.queue.resolutions == [], "intake resolved its own upload"
+
+
+# -- uploaders ---------------------------------------------------------------------------
+
+
+def uploaders(api: FakeApi, recorder: Recorder, **settings: Any) -> Uploaders:
+    return Uploaders(
+        config(**settings),
+        api=api,
+        committer=recorder,
+        intake=Inbox(),
+        health=ApiHealth(),
+        metrics=RelayMetrics(CollectorRegistry()),
+        rng=random.Random(3),
+    )
+
+
+async def test_every_upload_is_sent_under_a_committed_intent_and_only_before_send_by() -> None:
+    api, recorder = FakeApi(script=[Expired(0.0)]), Recorder()
+    ready = batch(["a", "b"])
+    before = time.time()
+    await run_until_drained(uploaders(api, recorder, intent_send_window_s=10), [ready])
+    # The first attempt found its intent expired (nothing sent): a fresh one, then sent.
+    assert [i.batch_id for i in recorder.intents] == [ready.batch_id] * 2
+    first, second = recorder.intents
+    assert first.api_reference == api_reference(ready)
+    assert first.constraints == ready.constraints()
+    assert [(e.partition, e.offset) for e in first.events] == [
+        (p.source.partition, p.source.offset) for p in ready.events()
+    ]
+    assert before + 9 < second.send_by.timestamp() <= time.time() + 10
+    assert second.resolve_after > second.send_by
+    assert api.sent_by[-1] == second.send_by.timestamp()
+    (append,) = recorder.items
+    assert isinstance(append, LedgerAppend)
+    assert append.sources is None, "the batch's own events account for it"
+
+
+async def test_a_resolution_adopts_the_task_found_and_sends_nothing() -> None:
+    orphan = intent(["a"], [(0, 4), (1, 2)])
+    api = FakeApi()
+    api.states["t-lost"] = api_task(
+        "t-lost", TaskApiState.COMPLETE, reference=orphan.api_reference, age_s=30
+    )
+    recorder = Recorder()
+    from service.relay.intents import resolution_batch
+
+    job = Resolution(resolution_batch(orphan, []), orphan, [Source("in", 0, 4)])
+    await run_until_drained(uploaders(api, recorder), [job])  # type: ignore[list-item]
+    assert api.uploads == [], "a task already existed, yet the batch was sent again"
+    assert recorder.intents == []
+    (append,) = recorder.items
+    assert append.record.task_id == "t-lost"
+    assert append.record.batch_id == orphan.batch_id
+    assert [(e.partition, e.offset) for e in append.record.events] == [(0, 4), (1, 2)]
+    assert append.sources == [Source("in", 0, 4)]
+
+
+async def test_a_resolution_with_no_task_found_sends_under_a_new_intent() -> None:
+    orphan = intent(["a"], [(0, 4)])
+    api, recorder = FakeApi(), Recorder()
+    from service.relay.intents import resolution_batch
+
+    job = Resolution(resolution_batch(orphan, []), orphan, [Source("in", 0, 4)])
+    await run_until_drained(uploaders(api, recorder), [job])  # type: ignore[list-item]
+    (sent,) = api.uploads
+    assert sent.reference == orphan.api_reference
+    assert sent.constraints == orphan.constraints
+    (renewed,) = recorder.intents
+    assert (renewed.batch_id, renewed.attempt) == (orphan.batch_id, orphan.attempt + 1)
+    (append,) = recorder.items
+    assert append.record.task_id == "task-1"
+
+
+# -- committer ---------------------------------------------------------------------------
+
+
+class Membership:
+    def group(self) -> str:
+        return "group-at-generation-7"
+
+
+def committer(producer: FakeProducer, accounting: FakeAccounting) -> Committer:
+    return Committer(
+        config(),
+        producer=producer,
+        accounting=accounting,
+        written=WrittenRecords(),
+        metrics=RelayMetrics(CollectorRegistry()),
+        membership=Membership(),
+    )
+
+
+async def test_a_transaction_where_no_offset_moved_still_commits_the_last_points() -> None:
+    producer, accounting = FakeProducer(), FakeAccounting()
+    accounting.last_points = {("in", 0): (12, "")}
+    stage = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    record = intent(["a"], [(0, 12)])
+    from service.relay.messages import IntentWrite
+
+    await stage.write_intent(IntentWrite(record))
+    await stage.close()
+    await runner
+    (transaction,) = producer.committed
+    assert transaction.offsets == {TopicPartition("in", 0): (12, "")}
+    ((_topic, key, value, _),) = transaction.records
+    assert key == b"intent:b-orphan"
+    assert json.loads(value or b"")["kind"] == "intent"
+
+
+async def test_a_fenced_transaction_is_aborted_and_stops_the_relay() -> None:
+    producer, accounting = FakeProducer(), FakeAccounting()
+    accounting.last_points = {("in", 0): (12, "")}
+    producer.fence_commit = True
+    stage = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    append = LedgerAppend(ledger_record("t1", ["a"]), batch(["a"]))
+    await stage.submit(append)
+    await stage.submit(ApiRejection(batch(["b"]), _rejected()))
+    with pytest.raises(ReplicaFencedError, match="IllegalGeneration"):
+        await asyncio.wait_for(runner, 1)
+    assert producer.committed == []
+    assert len(producer.aborted) == 1
+    assert not append.recorded.done()
+
+
+def _rejected() -> Any:
+    from service.scantrust.outcomes import Rejected
+
+    return Rejected(400, {"scm_data": ["bad"]}, "{}")
+
+
+def test_the_fake_api_sends_nothing_past_send_by() -> None:
+    # The contract the uploaders' tests above lean on (the real client: test_scantrust_client).
+    api = FakeApi()
+    outcome = asyncio.run(api.upload(_request(), send_by=time.time() - 1))
+    assert isinstance(outcome, Expired)
+    assert api.uploads == []
+    outcome = asyncio.run(api.upload(_request(), send_by=time.time() + 10))
+    assert isinstance(outcome, Accepted)
+
+
+def _request() -> Any:
+    from service.scantrust.client import UploadRequest
+
+    return UploadRequest(constraints={"extended_id": ["a"]}, scm_data={"intended_market": "DE"})
+
+
+async def test_a_held_committer_starts_no_transaction_until_resumed() -> None:
+    producer, accounting = FakeProducer(), FakeAccounting()
+    stage = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    stage.hold()
+    from service.relay.messages import IntentWrite
+
+    writing = asyncio.create_task(stage.write_intent(IntentWrite(intent(["a"], [(0, 1)]))))
+    await asyncio.sleep(0.1)
+    assert producer.committed == [], "committed while a rebalance held the committer"
+    stage.resume()
+    await asyncio.wait_for(writing, 1)
+    assert len(producer.committed) == 1
+    await stage.close()
+    await runner
+
+
+async def test_the_intent_of_a_batch_revoked_before_it_was_written_is_refused() -> None:
+    producer, accounting = FakeProducer(), FakeAccounting()
+    accounting.revoked.add("b-orphan")
+    stage = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    from service.relay.messages import BatchRevokedError, IntentWrite
+
+    with pytest.raises(BatchRevokedError):
+        await stage.write_intent(IntentWrite(intent(["a"], [(0, 1)])))
+    await stage.close()
+    await runner
+    assert [r for t in producer.committed for r in t.records] == []
+
+
+def test_at_a_rebalance_only_batches_with_an_intent_stay_in_flight() -> None:
+    from service.relay.book import OffsetBook
+
+    book = OffsetBook()
+    sent, unsent = batch(["a"]), batch(["b"])
+    for ready in (sent, unsent):
+        for part in ready.parts:
+            source = part.event.source
+            book.received(source.topic, source.partition, source.offset)
+        book.handed_on(ready)
+    assert book.claim_intent(sent.batch_id)
+    assert book.keep_in_flight() == [unsent.batch_id]
+    assert not book.claim_intent(unsent.batch_id), "a revoked batch could still be sent"
+    # Read again here: the batch under way is skipped, the forgotten one is read anew.
+    (sent_source,) = [p.event.source for p in sent.parts]
+    (unsent_source,) = [p.event.source for p in unsent.parts]
+    assert book.received(sent_source.topic, sent_source.partition, sent_source.offset)
+    assert not book.received(unsent_source.topic, unsent_source.partition, unsent_source.offset)
+
+
+async def test_a_claim_ends_with_its_task_whatever_order_the_ledger_partitions_are_read_in() -> (
+    None
+):
+    from service.relay.messages import TaskEnded, TaskRecorded
+
+    # The intent and its closure sit in one ledger partition, the task's record and
+    # tombstone in another: the view may read the tombstone before the intent.
+    subject = rig()
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    orphan = intent(["a"], [(0, 99)], resolve_in_s=3600)
+    await subject.inbox.tell(
+        TaskRecorded("t1", orphan.batch_id, {"extended_id": ["a"]}, {"intended_market": "DE"})
+    )
+    await subject.inbox.tell(TaskEnded("t1"))
+    await subject.inbox.tell(IntentOpened(orphan))
+    await subject.inbox.tell(IntentClosed(orphan.batch_id, IntentOutcome.RECORDED, ("t1",)))
+    subject.consumer.append(change(["a"], market="FR"))
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
+    assert [b.constraints() for b in subject.queue.batches] == [{"extended_id": ["a"]}]
+
+
+async def test_a_closure_read_before_its_task_record_keeps_the_claim_until_the_task_ends() -> None:
+    from service.relay.messages import TaskEnded, TaskRecorded
+
+    subject = rig()
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    orphan = intent(["a"], [(0, 99)], resolve_in_s=3600)
+    await subject.inbox.tell(IntentOpened(orphan))
+    await subject.inbox.tell(IntentClosed(orphan.batch_id, IntentOutcome.RECORDED, ("t1",)))
+    subject.consumer.append(change(["a"], market="FR"))
+    async with running(subject):
+        await asyncio.sleep(0.3)
+        assert subject.queue.batches == [], "overtook a task that was still running"
+        await subject.inbox.tell(
+            TaskRecorded("t1", orphan.batch_id, {"extended_id": ["a"]}, {"intended_market": "DE"})
+        )
+        await asyncio.sleep(0.2)
+        assert subject.queue.batches == []
+        await subject.inbox.tell(TaskEnded("t1"))
+        await eventually(lambda: subject.queue.batches)
