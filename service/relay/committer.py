@@ -30,6 +30,7 @@ from service.core.records import (
     DeadLetterHeaders,
     IntentClosure,
     IntentOutcome,
+    IntentRecord,
     TaskLedgerRecord,
     intent_key,
 )
@@ -73,6 +74,9 @@ class WrittenLedger(Protocol):
 
     def remember(self, record: TaskLedgerRecord) -> None:
         """`record` is in the transaction being committed."""
+
+    def remember_intent(self, key: str, entry: IntentRecord | IntentClosure) -> None:
+        """An intent or its closure is in the transaction being committed."""
 
 
 class Committer:
@@ -214,11 +218,13 @@ class Committer:
             if not self._accounting.claim_intent(item.record.batch_id):
                 item.refused = True
                 return
+            intent = intent_key(item.record.batch_id)
             await producer.send(
                 config.tasks_topic,
-                key=intent_key(item.record.batch_id).encode(),
+                key=intent.encode(),
                 value=item.record.model_dump_json().encode(),
             )
+            self._written.remember_intent(intent, item.record)
         elif isinstance(item, LedgerAppend):
             for record in (item.record, *item.more):
                 await producer.send(
@@ -272,12 +278,12 @@ class Committer:
     ) -> None:
         """The intent's closure and its tombstone, in this transaction: the intent ends
         exactly when what it promised is written."""
-        key = intent_key(batch_id).encode()
+        key = intent_key(batch_id)
         closure = IntentClosure(batch_id=batch_id, outcome=outcome, task_ids=task_ids)
-        await self._producer.send(
-            self._config.tasks_topic, key=key, value=closure.model_dump_json().encode()
-        )
-        await self._producer.send(self._config.tasks_topic, key=key, value=None)
+        topic = self._config.tasks_topic
+        await self._producer.send(topic, key=key.encode(), value=closure.model_dump_json().encode())
+        self._written.remember_intent(key, closure)
+        await self._producer.send(topic, key=key.encode(), value=None)
 
     async def _write_rejection(self, item: ApiRejection) -> None:
         """Every event of a rejected batch, dead-lettered once (an event split over two

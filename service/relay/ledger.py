@@ -11,6 +11,7 @@ instead of being parsed again.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Mapping
 from typing import Annotated, Final, Protocol
 
@@ -40,6 +41,22 @@ class WrittenRecords:
 
     def __init__(self) -> None:
         self._records: dict[str, TaskLedgerRecord] = {}
+        # Intent keys are written several times (intent, renewals, closure): in order.
+        self._intents: dict[str, deque[IntentRecord | IntentClosure]] = {}
+
+    def remember_intent(self, key: str, entry: IntentRecord | IntentClosure) -> None:
+        """`entry` is in the transaction being committed, under `key`."""
+        self._intents.setdefault(key, deque()).append(entry)
+
+    def take_intent(self, key: str) -> IntentRecord | IntentClosure | None:
+        """The next entry written under `key`, once."""
+        written = self._intents.get(key)
+        if not written:
+            return None
+        entry = written.popleft()
+        if not written:
+            del self._intents[key]
+        return entry
 
     def remember(self, record: TaskLedgerRecord) -> None:
         """`record` is in the transaction being committed."""
@@ -156,11 +173,13 @@ class LedgerView:
         tombstone after a closure says nothing new."""
         if value is None:
             return
-        try:
-            entry = _INTENT_ENTRY.validate_json(value)
-        except ValidationError as exc:
-            log.error("ledger_record_unreadable", key=key, error=str(exc)[:300])
-            return
+        entry = self._written.take_intent(key)
+        if entry is None:
+            try:
+                entry = _INTENT_ENTRY.validate_json(value)
+            except ValidationError as exc:
+                log.error("ledger_record_unreadable", key=key, error=str(exc)[:300])
+                return
         if isinstance(entry, IntentRecord):
             await self._intake.tell(IntentOpened(entry))
         else:

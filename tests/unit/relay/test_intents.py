@@ -408,3 +408,16 @@ async def test_a_closure_read_before_its_task_record_keeps_the_claim_until_the_t
         assert subject.queue.batches == []
         await subject.inbox.tell(TaskEnded("t1"))
         await eventually(lambda: subject.queue.batches)
+
+
+def test_the_ledger_view_takes_back_what_this_process_wrote_in_order() -> None:
+    from service.core.records import IntentClosure
+    from service.relay.ledger import WrittenRecords
+
+    written = WrittenRecords()
+    first, renewed = intent(["a"], [(0, 1)]), intent(["a"], [(0, 1)], resolve_in_s=60)
+    closure = IntentClosure(batch_id="b-orphan", outcome=IntentOutcome.RECORDED, task_ids=["t"])
+    for entry in (first, renewed, closure):
+        written.remember_intent("intent:b-orphan", entry)
+    taken = [written.take_intent("intent:b-orphan") for _ in range(4)]
+    assert taken == [first, renewed, closure, None]
