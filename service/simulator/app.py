@@ -121,6 +121,10 @@ async def upload(request: web.Request) -> web.StreamResponse:
         account.stats.responses_dropped += 1
         if request.transport is not None:
             request.transport.close()
+    if account.rng.random() < account.faults.hang_after_create_rate:
+        # Processed, but the answer comes only after the caller's timeout (if ever).
+        account.stats.answers_hung += 1
+        await asyncio.sleep(account.faults.hang_s)
     if account.rng.random() < account.faults.error_after_create_rate:
         # A gateway that fails after the application created the task (a 5xx after sending).
         account.stats.errors_after_create += 1

@@ -57,6 +57,13 @@ class Faults(BaseModel):
         le=1,
         description="share of uploads processed (the task exists) that answer 502 anyway",
     )
+    hang_after_create_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of uploads processed (the task exists) whose answer hangs",
+    )
+    hang_s: float = Field(default=30.0, ge=0, le=600, description="how long a hanging answer hangs")
     fail_reference: str | None = Field(
         default=None, description="tasks with this reference always fail"
     )
@@ -156,6 +163,7 @@ class Stats:
     throttled: int = 0
     responses_dropped: int = 0
     errors_after_create: int = 0
+    answers_hung: int = 0
     updates_applied: int = 0
 
     def view(self) -> dict[str, Any]:
@@ -169,6 +177,7 @@ class Stats:
             "throttled": self.throttled,
             "responses_dropped": self.responses_dropped,
             "errors_after_create": self.errors_after_create,
+            "answers_hung": self.answers_hung,
             "updates_applied": self.updates_applied,
         }
 

@@ -58,7 +58,9 @@ async def test_lost_answers_and_5xx_after_creating_a_task_update_no_code_twice(
 ) -> None:
     topics = await make_topics(topic_factory, partitions=2)
     count = 300
-    async with simulator(LOST_ANSWERS_AND_5XX, codes_per_campaign=count) as sim:
+    # And 10 % of answers hang past the relay's 2 s timeout (the task exists).
+    faults = LOST_ANSWERS_AND_5XX.model_copy(update={"hang_after_create_rate": 0.1, "hang_s": 3})
+    async with simulator(faults, codes_per_campaign=count) as sim:
         settings = relay_settings(
             kafka_bootstrap,
             sim.base_url,
@@ -75,8 +77,14 @@ async def test_lost_answers_and_5xx_after_creating_a_task_update_no_code_twice(
         recorded = await ledger_task_ids(kafka_bootstrap, topics.tasks)
         seen = await applications(sim, count)
         stats = sim.account.stats
+    print(
+        f"\n{stats.responses_dropped} answers dropped, {stats.answers_hung} hung, "
+        f"{stats.errors_after_create} 502s after creating: {len(created)} tasks created, "
+        f"{len(recorded)} recorded, {len(outcomes)} results"
+    )
     assert stats.responses_dropped > 0, "no answer was lost"
     assert stats.errors_after_create > 0, "no 5xx came after a task was created"
+    assert stats.answers_hung > 0, "no answer hung"
     assert sorted(recorded) == sorted(created), "a task created at the API is not recorded once"
     finished = [o["task_id"] for o in outcomes if o.get("kind", "result") == "result"]
     assert sorted(finished) == sorted(created), "a task did not get exactly one result"
