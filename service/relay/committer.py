@@ -8,9 +8,9 @@ that transaction commits: `write_intent`, `record` and `flush` return only then.
 
 Every transaction is fenced: its offset commit carries the input consumer's
 group generation and member id (service/fencing.py), and when no offset moved
-the commit points of the partitions this replica owns are committed again, so
-that a replica whose partitions moved while it was paused can write nothing at
-all. Such a transaction is aborted and the relay stops with `ReplicaFenced`.
+the commit points of the member's last assignment are committed again, so that
+a replica whose partitions moved while it was paused can write nothing at all.
+Such a transaction is aborted and the relay stops with `ReplicaFencedError`.
 """
 
 from __future__ import annotations
@@ -287,54 +287,38 @@ class Committer:
 
     async def _write_rejection(self, item: ApiRejection) -> None:
         """Every event of a rejected batch, dead-lettered once (an event split over two
-        rejected batches is written once)."""
+        rejected batches is written once). The events of a resolved intent this process
+        never read (another replica's partitions) are dead-lettered by position: their
+        position stands in for their bytes."""
+        held = set()
         for pending in item.batch.events():
-            if pending.rejected:
-                continue
-            pending.rejected = True
-            headers = DeadLetterHeaders(
-                stage=Stage.API,
-                reason=Reason.API_REJECTED,
-                message=f"the API refused the request carrying this event "
-                f"(HTTP {item.outcome.status})",
-                source_topic=pending.source.topic,
-                source_partition=pending.source.partition,
-                source_offset=pending.source.offset,
-                api_status=item.outcome.status,
-                api_body=item.outcome.body,
-            )
-            value, bounded = headers.bounded_value(
-                pending.raw,
-                self._config.dead_letter_max_bytes,
-                self._config.dead_letter_prefix_bytes,
-            )
-            await self._producer.send(
-                self._config.dlq_topic, key=pending.key, value=value, headers=bounded.to_kafka()
-            )
-        held = {pending.source for pending in item.batch.events()}
+            source = pending.source
+            held.add((source.topic, source.partition, source.offset))
+            if not pending.rejected:
+                pending.rejected = True
+                await self._dead_letter_rejected(item, source, pending.raw, pending.key)
         for source in item.sources or []:
-            if any(_same_position(source, other) for other in held):
-                continue
-            # An event of a resolved intent this process never read (another replica's
-            # partition): its position stands in for its bytes.
-            headers = DeadLetterHeaders(
-                stage=Stage.API,
-                reason=Reason.API_REJECTED,
-                message=f"the API refused the request carrying this event "
-                f"(HTTP {item.outcome.status}); its original is at the source position",
-                source_topic=source.topic,
-                source_partition=source.partition,
-                source_offset=source.offset,
-                api_status=item.outcome.status,
-                api_body=item.outcome.body,
-            )
-            value, bounded = headers.bounded_value(
-                b"", self._config.dead_letter_max_bytes, self._config.dead_letter_prefix_bytes
-            )
-            await self._producer.send(
-                self._config.dlq_topic, key=None, value=value, headers=bounded.to_kafka()
-            )
+            if (source.topic, source.partition, source.offset) not in held:
+                await self._dead_letter_rejected(item, source, b"", None)
 
-
-def _same_position(a: Source, b: Source) -> bool:
-    return (a.topic, a.partition, a.offset) == (b.topic, b.partition, b.offset)
+    async def _dead_letter_rejected(
+        self, item: ApiRejection, source: Source, raw: bytes, key: bytes | None
+    ) -> None:
+        unread = "" if raw else "; its original is at the source position"
+        headers = DeadLetterHeaders(
+            stage=Stage.API,
+            reason=Reason.API_REJECTED,
+            message=f"the API refused the request carrying this event "
+            f"(HTTP {item.outcome.status}){unread}",
+            source_topic=source.topic,
+            source_partition=source.partition,
+            source_offset=source.offset,
+            api_status=item.outcome.status,
+            api_body=item.outcome.body,
+        )
+        value, bounded = headers.bounded_value(
+            raw, self._config.dead_letter_max_bytes, self._config.dead_letter_prefix_bytes
+        )
+        await self._producer.send(
+            self._config.dlq_topic, key=key, value=value, headers=bounded.to_kafka()
+        )
