@@ -224,23 +224,27 @@ class FencedTxnOffsetCommitHandler(TxnOffsetCommitHandler):  # type: ignore[misc
         return super().handle_response(resp)  # type: ignore[no-any-return]
 
     def _fail_transaction(self, error: str) -> None:
-        """Make the transaction abortable only. aiokafka's `error_transaction` also forgets
-        the partitions the transaction wrote to, after which `abort_transaction` believes
-        it empty and sends no EndTxn: the broker would keep the transaction open and commit
-        its records with the next one. They are put back so that the abort reaches the
-        broker."""
-        txn_manager = self._sender._txn_manager
-        partitions = set(txn_manager._txn_partitions)
-        consumer_group = txn_manager._txn_consumer_group
         group = self._group_id
-        txn_manager.error_transaction(
+        abortable(
+            self._sender._txn_manager,
             GroupFencedError(
                 f"group {group!s} refused generation {group.generation_id} "
                 f"of member {group.member_id or '(none)'}: {error}"
-            )
+            ),
         )
-        txn_manager._txn_partitions |= partitions
-        txn_manager._txn_consumer_group = consumer_group
+
+
+def abortable(txn_manager: Any, exc: Exception) -> None:
+    """Make the transaction abortable only, with `exc` as its error. aiokafka's
+    `error_transaction` also forgets the partitions the transaction wrote to, after which
+    `abort_transaction` believes it empty and sends no EndTxn: the broker would keep the
+    transaction open and commit its records with the next one. They are put back so that
+    the abort reaches the broker."""
+    partitions = set(txn_manager._txn_partitions)
+    consumer_group = txn_manager._txn_consumer_group
+    txn_manager.error_transaction(exc)
+    txn_manager._txn_partitions |= partitions
+    txn_manager._txn_consumer_group = consumer_group
 
 
 async def _do_txn_offset_commit(self: Sender, offsets: Any, group_id: str) -> None:
@@ -253,7 +257,7 @@ async def _do_txn_offset_commit(self: Sender, offsets: Any, group_id: str) -> No
     try:
         node_id = await self._find_coordinator(CoordinationType.GROUP, group_id)
     except kafka_errors.GroupAuthorizationFailedError as exc:
-        self._txn_manager.error_transaction(exc)
+        abortable(self._txn_manager, exc)
         return
     await FencedTxnOffsetCommitHandler(self, offsets, group_id).do(node_id)
 
