@@ -49,14 +49,14 @@ class RelayConfig:
     intent_send_window_s: float = 10.0
     intent_clock_margin_s: float = 5.0
 
+    # Bounds that keep every record under the topics' max.message.bytes (read at start).
+    dead_letter_max_bytes: int = 512 * 1024
+    dead_letter_prefix_bytes: int = 64 * 1024
+
     @property
     def intent_resolve_delay_s(self) -> float:
         """From an intent's `send_by` to when another process may resolve it."""
         return 2 * self.reconcile_after_s + self.intent_clock_margin_s
-
-    # Bounds that keep every record under the topics' max.message.bytes (read at start).
-    dead_letter_max_bytes: int = 512 * 1024
-    dead_letter_prefix_bytes: int = 64 * 1024
 
 
 def utcnow() -> datetime:
