@@ -11,7 +11,6 @@ ended, the uploaders report rejected batches.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -27,7 +26,7 @@ from service.relay.admission import Admission
 from service.relay.book import OffsetBook
 from service.relay.config import RelayConfig, utcnow
 from service.relay.health import ApiHealth
-from service.relay.intents import IntentWatch
+from service.relay.intents import IntentWatch, LedgerTasks
 from service.relay.messages import (
     BatchRejected,
     DeadLetter,
@@ -47,9 +46,6 @@ log = structlog.get_logger(__name__)
 
 POLL_MS: Final = 100
 MAX_RECORDS: Final = 2000
-# Task tombstones intake remembers (see `_recently_ended`): far more than the tasks that
-# can end while an intent's closure is on its way through the ledger view.
-RECENTLY_ENDED_KEPT: Final = 10_000
 # How often intake looks again at a due batch that waits for a free uploader.
 LINGER_RECHECK_MS: Final = 20
 # While the upload queue is full, intake polls Kafka (partitions paused) this often, well
@@ -132,11 +128,7 @@ class Intake:
         self._clock = clock
         self._inbox = inbox
         self._ledger_read = False
-        self._ledger_tasks: dict[str, str] = {}  # unfinished task id -> batch id
-        self._tasks_per_batch: Counter[str] = Counter()  # batch id -> its unfinished tasks
-        # Tombstones seen, so an intent's closure read after them (it is in another ledger
-        # partition) does not claim for tasks that already ended. Bounded, oldest dropped.
-        self._recently_ended: OrderedDict[str, None] = OrderedDict()
+        self._ledger_tasks = LedgerTasks()
         self._paused = False
         self._last_poll = 0.0
         self._rebalances = 0
@@ -198,10 +190,11 @@ class Intake:
         readmit: list[PendingEvent] = []
         for message in self._inbox.take_all():
             if isinstance(message, TaskRecorded):
-                self._task_started(message.task_id, message.batch_id)
+                self._ledger_tasks.started(message.task_id, message.batch_id)
                 self._admission.claim_task(message.batch_id, message.constraints, message.scm_data)
             elif isinstance(message, TaskEnded):
-                released |= self._task_ended(message.task_id)
+                batch_id = self._ledger_tasks.ended(message.task_id)
+                released |= batch_id is not None and self._claim_may_end(batch_id)
             elif isinstance(message, BatchRejected):
                 self._admission.release(message.batch_id)
                 released = True
@@ -213,16 +206,14 @@ class Intake:
                     self._intents.opened(record)
                     self._admission.claim_task(record.batch_id, record.constraints, record.scm_data)
             elif isinstance(message, IntentClosed):
-                closed = self._intents.closed(message.batch_id, message.outcome)
+                closed = self._intents.closed(message.batch_id)
                 if self._book.sources_done(closed.done):
                     # Their offsets go with the next transaction, asked for now.
                     await self._committer.submit(Flush())
                 readmit.extend(closed.readmit)
-                # A recorded intent's claim passes to its tasks (the ledger view may tell of
-                # them before or after this: they are in other ledger partitions).
+                # A recorded intent's claim passes to its tasks (see LedgerTasks).
                 for task_id in message.task_ids:
-                    if task_id not in self._recently_ended:
-                        self._task_started(task_id, message.batch_id)
+                    self._ledger_tasks.started(task_id, message.batch_id, named_by_closure=True)
                 released |= self._claim_may_end(message.batch_id)
         for event in readmit:
             await self._admit(event, stop)
@@ -232,28 +223,11 @@ class Intake:
         if len(self._intents):
             await self._resolve_due(stop)
 
-    def _task_started(self, task_id: str, batch_id: str) -> None:
-        if task_id not in self._ledger_tasks:
-            self._ledger_tasks[task_id] = batch_id
-            self._tasks_per_batch[batch_id] += 1
-
-    def _task_ended(self, task_id: str) -> bool:
-        """A task's tombstone; True if its batch's claim ended with it."""
-        self._recently_ended[task_id] = None
-        if len(self._recently_ended) > RECENTLY_ENDED_KEPT:
-            self._recently_ended.popitem(last=False)
-        batch_id = self._ledger_tasks.pop(task_id, None)
-        if batch_id is None:
-            return False
-        self._tasks_per_batch[batch_id] -= 1
-        return self._claim_may_end(batch_id)
-
     def _claim_may_end(self, batch_id: str) -> bool:
         """Release a batch's claim once none of its tasks runs and its intent (if it has one
         another process wrote) is closed; True if released."""
-        if self._tasks_per_batch[batch_id] > 0 or self._intents.is_open(batch_id):
+        if self._intents.is_open(batch_id) or self._ledger_tasks.running(batch_id):
             return False
-        self._tasks_per_batch.pop(batch_id, None)
         self._admission.release(batch_id)
         return True
 

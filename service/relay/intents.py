@@ -17,14 +17,18 @@ events they cover.
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from service.core.batching import Batch, Part, PendingEvent, Source
-from service.core.records import IntentOutcome, IntentRecord
+from service.core.records import IntentRecord
 
 Position = tuple[str, int, int]
+# Task tombstones remembered (see `LedgerTasks`): far more than the tasks that can end
+# while an intent's closure is on its way through the ledger view.
+RECENTLY_ENDED_KEPT = 10_000
 
 
 def position(source: Source) -> Position:
@@ -80,10 +84,11 @@ class IntentWatch:
         self._open[covering[0]].held.append(pending)
         return True
 
-    def closed(self, batch_id: str, outcome: IntentOutcome) -> Closed:
-        """An intent closed: its held events that it wholly carried are done; those it
-        carried in part (an event split across uploads) go to the next intent covering
-        them, or are read in again."""
+    def closed(self, batch_id: str) -> Closed:
+        """An intent closed (recorded or rejected: either way its events are written
+        somewhere): its held events that it wholly carried are done; those it carried in
+        part (an event split across uploads) go to the next intent covering them, or are
+        read in again."""
         entry = self._open.pop(batch_id, None)
         if entry is None:
             return Closed([], [])
@@ -101,7 +106,6 @@ class IntentWatch:
                 done.append(pending.source)
             elif not self.hold(pending):
                 readmit.append(pending)
-        del outcome  # recorded or rejected: either way its events are written somewhere
         return Closed(done, readmit)
 
     def due(
@@ -189,3 +193,48 @@ def _wholly_inside(pending: PendingEvent, record: IntentRecord) -> bool:
         return False
     carried = set(values)
     return all(value in carried for value in event.constraint_values)
+
+
+class LedgerTasks:
+    """The unfinished tasks in the ledger, by the batch whose claim they hold.
+
+    An intent and its closure share one ledger partition, its tasks' records and
+    tombstones sit in others: the ledger view may tell of a tombstone before the
+    intent it closed, or of a closure before its task. The closure names its task
+    ids, so a claim passes from an intent to its tasks in whatever order they are
+    read; recent tombstones are remembered (bounded, oldest dropped) so that a late
+    closure does not claim for a task that already ended."""
+
+    def __init__(self) -> None:
+        self._batch_of: dict[str, str] = {}  # unfinished task id -> batch id
+        self._per_batch: Counter[str] = Counter()
+        self._recently_ended: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._batch_of)
+
+    def started(self, task_id: str, batch_id: str, *, named_by_closure: bool = False) -> None:
+        """A task record, or an intent's closure naming it (read perhaps after the task's
+        tombstone): the task holds the batch's claim."""
+        if named_by_closure and task_id in self._recently_ended:
+            return
+        if task_id not in self._batch_of:
+            self._batch_of[task_id] = batch_id
+            self._per_batch[batch_id] += 1
+
+    def ended(self, task_id: str) -> str | None:
+        """A task's tombstone; the batch whose claim it held, if it was known."""
+        self._recently_ended[task_id] = None
+        if len(self._recently_ended) > RECENTLY_ENDED_KEPT:
+            self._recently_ended.popitem(last=False)
+        batch_id = self._batch_of.pop(task_id, None)
+        if batch_id is not None:
+            self._per_batch[batch_id] -= 1
+        return batch_id
+
+    def running(self, batch_id: str) -> bool:
+        """Whether a task of `batch_id` is unfinished; forgets the batch when none is."""
+        if self._per_batch[batch_id] > 0:
+            return True
+        self._per_batch.pop(batch_id, None)
+        return False

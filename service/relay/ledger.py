@@ -183,9 +183,7 @@ class LedgerView:
         if isinstance(entry, IntentRecord):
             await self._intake.tell(IntentOpened(entry))
         else:
-            await self._intake.tell(
-                IntentClosed(entry.batch_id, entry.outcome, tuple(entry.task_ids))
-            )
+            await self._intake.tell(IntentClosed(entry.batch_id, tuple(entry.task_ids)))
 
 
 _INTENT_ENTRY: Final = TypeAdapter(

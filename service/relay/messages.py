@@ -15,7 +15,6 @@ from typing import Generic, TypeVar
 from service.core.batching import Batch, Source
 from service.core.records import (
     DeadLetterHeaders,
-    IntentOutcome,
     IntentRecord,
     TaskLedgerRecord,
     TaskOutcome,
@@ -160,8 +159,7 @@ class IntentClosed:
     """An intent closed: its events are done (recorded or dead-lettered)."""
 
     batch_id: str
-    outcome: IntentOutcome
-    task_ids: tuple[str, ...] = ()
+    task_ids: tuple[str, ...] = ()  # its tasks, when it was recorded
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from service.relay.messages import (
 )
 from service.relay.reconcile import api_reference
 from service.relay.uploaders import Uploaders
-from service.scantrust.outcomes import Accepted, Expired, TaskApiState
+from service.scantrust.outcomes import Expired, TaskApiState
 from tests.unit.relay.fakes import (
     FakeAccounting,
     FakeApi,
@@ -91,7 +91,7 @@ def test_an_open_intent_holds_what_it_covers_and_its_closure_says_what_is_done()
     assert watch.hold(whole)
     assert watch.hold(split)
     assert not watch.hold(elsewhere), "an event the intent does not cover went on hold"
-    closed = watch.closed("b-orphan", IntentOutcome.RECORDED)
+    closed = watch.closed("b-orphan")
     assert closed.done == [whole.source]
     # Only part of this event was in the intent: it is read in again, not lost.
     assert closed.readmit == [split]
@@ -131,7 +131,7 @@ async def test_intake_holds_events_under_an_open_intent_until_it_closes_then_ski
         await eventually(lambda: subject.queue.batches)
         await asyncio.sleep(0.2)
         assert [b.constraints() for b in subject.queue.batches] == [{"extended_id": ["b"]}]
-        await subject.inbox.tell(IntentClosed("b-orphan", IntentOutcome.RECORDED))
+        await subject.inbox.tell(IntentClosed("b-orphan", ("t-of-b-orphan",)))
         await eventually(lambda: subject.book.is_done(Source("in", 0, offset)))
         await eventually(lambda: any(isinstance(i, Flush) for i in subject.committer.items))
     assert len(subject.queue.batches) == 1, "an event of a recorded intent was sent again"
@@ -300,22 +300,6 @@ def _rejected() -> Any:
     return Rejected(400, {"scm_data": ["bad"]}, "{}")
 
 
-def test_the_fake_api_sends_nothing_past_send_by() -> None:
-    # The contract the uploaders' tests above lean on (the real client: test_scantrust_client).
-    api = FakeApi()
-    outcome = asyncio.run(api.upload(_request(), send_by=time.time() - 1))
-    assert isinstance(outcome, Expired)
-    assert api.uploads == []
-    outcome = asyncio.run(api.upload(_request(), send_by=time.time() + 10))
-    assert isinstance(outcome, Accepted)
-
-
-def _request() -> Any:
-    from service.scantrust.client import UploadRequest
-
-    return UploadRequest(constraints={"extended_id": ["a"]}, scm_data={"intended_market": "DE"})
-
-
 async def test_a_held_committer_starts_no_transaction_until_resumed() -> None:
     producer, accounting = FakeProducer(), FakeAccounting()
     stage = committer(producer, accounting)
@@ -382,7 +366,7 @@ async def test_a_claim_ends_with_its_task_whatever_order_the_ledger_partitions_a
     )
     await subject.inbox.tell(TaskEnded("t1"))
     await subject.inbox.tell(IntentOpened(orphan))
-    await subject.inbox.tell(IntentClosed(orphan.batch_id, IntentOutcome.RECORDED, ("t1",)))
+    await subject.inbox.tell(IntentClosed(orphan.batch_id, ("t1",)))
     subject.consumer.append(change(["a"], market="FR"))
     async with running(subject):
         await eventually(lambda: subject.queue.batches)
@@ -396,7 +380,7 @@ async def test_a_closure_read_before_its_task_record_keeps_the_claim_until_the_t
     await subject.inbox.tell(LedgerCaughtUp(0))
     orphan = intent(["a"], [(0, 99)], resolve_in_s=3600)
     await subject.inbox.tell(IntentOpened(orphan))
-    await subject.inbox.tell(IntentClosed(orphan.batch_id, IntentOutcome.RECORDED, ("t1",)))
+    await subject.inbox.tell(IntentClosed(orphan.batch_id, ("t1",)))
     subject.consumer.append(change(["a"], market="FR"))
     async with running(subject):
         await asyncio.sleep(0.3)
