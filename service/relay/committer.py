@@ -123,11 +123,25 @@ class Committer:
         await self._queue.put(flush)
         await flush.flushed
 
+    async def flush_and_hold(self) -> None:
+        """Commit everything queued so far, then start no transaction until `resume`.
+
+        Intake asks for this when the group revokes its partitions: until the group
+        assigns partitions again, this member's generation may already be stale at the
+        broker while the consumer still holds it, and a fenced commit would stop a replica
+        that is no zombie. The hold is taken by the committer itself, in the same step
+        that ends the flushing transaction: a transaction begun between the flush and a
+        hold taken by the caller would run under the old generation while the group
+        moves on (seen as ILLEGAL_GENERATION right after a rebalance)."""
+        if not self._free.is_set():
+            return  # already held: nothing more will be committed before `resume`
+        flush = Flush(then_hold=True)
+        await self._queue.put(flush)
+        await flush.flushed
+
     def hold(self) -> None:
-        """Start no transaction until `resume`. Intake asks for this once its revoked
-        partitions are flushed: until the group assigns partitions again, this member's
-        generation may already be stale at the broker while the consumer still holds it,
-        and a fenced commit would stop a replica that is no zombie."""
+        """Start no new transaction until `resume` (one under way still ends): for a
+        revoke whose flush did not finish in time."""
         self._free.clear()
 
     def resume(self) -> None:
@@ -186,6 +200,8 @@ class Committer:
             log.exception("transaction_failed", items=len(items))
             raise
         self._metrics.last_commit.set(time.time())
+        if any(isinstance(item, Flush) and item.then_hold for item in items):
+            self._free.clear()
         for done in finished:
             done()
         for item in items:

@@ -86,8 +86,11 @@ class CommitQueue(Protocol):
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
 
+    async def flush_and_hold(self) -> None:
+        """Commit what is queued, then start no transaction until `resume`."""
+
     def hold(self) -> None:
-        """Start no transaction until `resume` (a rebalance is under way)."""
+        """Start no new transaction until `resume` (a rebalance is under way)."""
 
     def resume(self) -> None:
         """Commit again after a hold."""
@@ -411,11 +414,10 @@ class Intake:
             async with asyncio.timeout(self._config.rebalance_timeout_s):
                 await self._book.settled()
                 # Accounted is not committed: offsets of partitions that move away would
-                # be lost with their trackers.
-                await self._committer.flush()
+                # be lost with their trackers. Then no transaction until the assignment.
+                await self._committer.flush_and_hold()
         except TimeoutError:
-            pass
-        self._committer.hold()
+            self._committer.hold()
         for batch_id in self._book.keep_in_flight():
             self._admission.release(batch_id)
         late = self._book.in_flight_batches

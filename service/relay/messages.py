@@ -99,8 +99,10 @@ class Progress:
 
 @dataclass
 class Flush:
-    """Resolves `flushed` once every item queued before it is committed."""
+    """Resolves `flushed` once every item queued before it is committed; with
+    `then_hold`, the committer starts no further transaction until it is resumed."""
 
+    then_hold: bool = False
     flushed: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

@@ -78,6 +78,10 @@ class Committer:
     async def flush(self) -> None:
         self.flushes += 1
 
+    async def flush_and_hold(self) -> None:
+        self.flushes += 1
+        self.held = True
+
     def hold(self) -> None:
         self.held = True
 

@@ -317,6 +317,29 @@ async def test_a_held_committer_starts_no_transaction_until_resumed() -> None:
     await runner
 
 
+async def test_flush_and_hold_lets_no_transaction_begin_between_the_flush_and_the_hold() -> None:
+    # The revoke callback flushes, then the group rejoins under a new generation: an item
+    # queued while the flush commits must wait for the assignment, or it would be
+    # committed under the old generation and fence a replica that is no zombie.
+    from service.relay.messages import IntentWrite
+
+    producer, accounting = FakeProducer(), FakeAccounting()
+    stage = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    first = asyncio.create_task(stage.write_intent(IntentWrite(intent(["a"], [(0, 1)]))))
+    holding = asyncio.create_task(stage.flush_and_hold())
+    await asyncio.wait_for(asyncio.gather(first, holding), 1)
+    committed = len(producer.committed)
+    later = asyncio.create_task(stage.write_intent(IntentWrite(intent(["b"], [(0, 2)]))))
+    await asyncio.sleep(0.1)
+    assert len(producer.committed) == committed, "a transaction began after the hold"
+    stage.resume()
+    await asyncio.wait_for(later, 1)
+    assert len(producer.committed) == committed + 1
+    await stage.close()
+    await runner
+
+
 async def test_the_intent_of_a_batch_revoked_before_it_was_written_is_refused() -> None:
     producer, accounting = FakeProducer(), FakeAccounting()
     accounting.revoked.add("b-orphan")
