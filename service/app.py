@@ -32,9 +32,9 @@ from service.kafka import (
     RelayTopics,
     check_topics,
     client_options,
-    probe_connection,
     record_limits,
     transactional_id,
+    wait_for_kafka,
 )
 from service.logs import configure_logging
 from service.metrics import RelayMetrics
@@ -195,6 +195,24 @@ def relay_topics(settings: Settings) -> RelayTopics:
     )
 
 
+class _Starting:
+    """Readiness and liveness until the relay is built, then the relay's own."""
+
+    def __init__(self) -> None:
+        self.relay: Relay | None = None
+        self.phase = "starting: waiting for Kafka"
+        self._beat = asyncio.get_running_loop().time()
+
+    def beat(self) -> None:
+        self._beat = asyncio.get_running_loop().time()
+
+    def readiness(self) -> list[str]:
+        return self.relay.readiness() if self.relay else [self.phase]
+
+    def last_beat(self) -> float:
+        return max(self._beat, self.relay.last_beat) if self.relay else self._beat
+
+
 async def run_relay(
     settings: Settings,
     stop: asyncio.Event | None = None,
@@ -215,23 +233,36 @@ async def run_relay(
         async with AsyncExitStack() as stack:
             kafka = kafka_config(settings)
             options = client_options(kafka)
-            await probe_connection(kafka, options)
+            registry = registry or CollectorRegistry()
+            metrics = RelayMetrics(registry)
+            # Served from the start: while Kafka is awaited the relay is alive, not ready.
+            starting = _Starting()
+            http_app = build_http_app(registry, starting.readiness, starting.last_beat)
+            port = await stack.enter_async_context(
+                serving(http_app, settings.http_host, settings.http_port)
+            )
+            reached = await wait_for_kafka(
+                kafka,
+                options,
+                wait_s=settings.kafka_startup_wait_s,
+                stop=stop,
+                alive=starting.beat,
+            )
+            if not reached:
+                log.info("relay_stopped", before="Kafka answered")
+                return EXIT_OK
+            starting.phase = "starting: checking topics"
             admin = AIOKafkaAdminClient(**options)
             await admin.start()
             stack.push_async_callback(admin.close)
             await check_topics(admin, relay_topics(settings))
             limits = await record_limits(admin, relay_topics(settings))
             config = fitted_to_record_limits(relay_config(settings), limits)
-            registry = registry or CollectorRegistry()
-            metrics = RelayMetrics(registry)
             client = await stack.enter_async_context(ScantrustClient(api_config, metrics))
             relay = await _build_relay(
                 stack, settings, config, kafka, options, client, admin, metrics
             )
-            http_app = build_http_app(registry, relay.readiness, lambda: relay.last_beat)
-            port = await stack.enter_async_context(
-                serving(http_app, settings.http_host, settings.http_port)
-            )
+            starting.relay = relay
             log.info(
                 "relay_started",
                 http=f"http://{settings.http_host}:{port}",

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import ssl
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import collect_hosts, create_conn
@@ -28,6 +32,10 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import SecretStr
 
+from service.core.resilience import Backoff
+
+log = structlog.get_logger(__name__)
+
 # Ledger topic configuration: compacted, so finished tasks (tombstones) disappear and a
 # rebuild reads only unfinished ones; tombstones are kept a day for slow readers.
 LEDGER_TOPIC_CONFIG: Final = {
@@ -35,6 +43,11 @@ LEDGER_TOPIC_CONFIG: Final = {
     "delete.retention.ms": str(24 * 3600 * 1000),
     "min.compaction.lag.ms": "0",
 }
+
+# Waiting for Kafka at start: each probe is bounded; retries back off to half a minute.
+STARTUP_PROBE_TIMEOUT_S: Final = 15.0
+STARTUP_RETRY_INITIAL_S: Final = 1.0
+STARTUP_RETRY_MAX_S: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +201,58 @@ async def probe_connection(
         "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS and that SCM_RELAY_KAFKA_SECURITY_PROTOCOL "
         "matches the listener"
     )
+
+
+async def wait_for_kafka(
+    config: KafkaConfig,
+    options: dict[str, Any],
+    *,
+    wait_s: float,
+    stop: asyncio.Event,
+    alive: Callable[[], None],
+    rng: random.Random | None = None,
+) -> bool:
+    """Probe the bootstrap servers until one answers (True), `stop` is set (False), or
+    `wait_s` has passed (KafkaUnreachableError).
+
+    A broker that is down (a maintenance of the whole cluster, a pod scheduled before
+    Kafka) looks exactly like a wrong address or a listener of another protocol, so both
+    are waited for, within `wait_s`; a refused credential or an untrusted certificate is
+    told apart and raised at once (KafkaSetupError). `alive` is called on every attempt,
+    so the liveness probe sees a process that is waiting, not stuck.
+    """
+    backoff = Backoff(STARTUP_RETRY_INITIAL_S, STARTUP_RETRY_MAX_S)
+    rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    attempt = 0
+    while True:
+        alive()
+        probe_timeout = min(STARTUP_PROBE_TIMEOUT_S, max(1.0, deadline - loop.time()))
+        try:
+            await probe_connection(config, options, probe_timeout)
+        except KafkaUnreachableError as exc:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise KafkaUnreachableError(f"after waiting {wait_s:g} s: {exc}") from exc
+            pause = min(left, backoff.delay(attempt, rng))
+            log.warning(
+                "kafka_waiting",
+                attempt=attempt + 1,
+                retry_in_s=round(pause, 1),
+                gives_up_in_s=round(left),
+                problem=str(exc),
+            )
+            attempt += 1
+            with suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await stop.wait()
+            if stop.is_set():
+                return False
+            continue
+        if attempt:
+            log.info("kafka_reachable_at_start", attempts=attempt + 1)
+        return True
 
 
 def transactional_id(config: KafkaConfig) -> str:

@@ -91,6 +91,15 @@ class _KafkaSettings(BaseModel):
         ),
         json_schema_extra={"default_doc": "group id, host name and process id"},
     )
+    kafka_startup_wait_s: float = Field(
+        default=600.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "at start, how long to wait (not ready, retrying with backoff) for a bootstrap "
+            "server to answer before exiting; a refused credential or certificate exits at once"
+        ),
+    )
     input_topic: str = Field(
         default="scm.changes", min_length=1, description="change events from upstream"
     )

@@ -220,13 +220,20 @@ async def test_a_refused_connection_stops_the_relay_at_start_naming_the_setting(
     assert "wrong-pw" not in message, "the password must never be logged"
 
 
-async def test_no_listener_at_all_exits_as_unavailable_naming_the_servers() -> None:
-    settings = Settings(kafka_bootstrap_servers="127.0.0.1:1", api_token=SecretStr("t"))
-    code, _seconds, logs = await relay_exit(settings)
+async def test_no_listener_at_all_exits_as_unavailable_after_the_startup_wait() -> None:
+    settings = Settings(
+        kafka_bootstrap_servers="127.0.0.1:1",
+        api_token=SecretStr("t"),
+        kafka_startup_wait_s=3,
+    )
+    code, seconds, logs = await relay_exit(settings)
     assert code == EXIT_FAILED
+    assert seconds >= 3, "a broker that is down is waited for, within the setting"
     message = problem(logs, "kafka_unavailable")
+    assert "after waiting 3 s" in message
     assert "127.0.0.1:1" in message
     assert "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS" in message
+    assert [entry for entry in logs if entry["event"] == "kafka_waiting"]
 
 
 def test_an_unreadable_ca_file_names_the_setting(tmp_path: Path) -> None:
