@@ -358,6 +358,11 @@ async def _build_relay(
         client=client,
         metrics=metrics,
         membership=_InputMembership(consumer, settings.kafka_group_id),
+        # The account's limits are divided by the partitions each replica owns.
+        rate_share=client.limits,
+        partitions_of=lambda topic: (
+            consumer if topic == settings.input_topic else poller_member
+        ).partitions_for_topic(topic),
     )
     consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())
     for kafka_consumer in (ledger_reader, poller_member, consumer):

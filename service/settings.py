@@ -197,7 +197,10 @@ class _ApiSettings(BaseModel):
         default=3000,
         ge=1,
         le=1_000_000,
-        description="all requests per minute, shared by the process (the API's user limit)",
+        description=(
+            "all requests per minute of the account (the API's user limit), shared by every "
+            "replica of the consumer group by the partitions each owns"
+        ),
     )
     api_retry_initial_s: float = Field(
         default=0.5,
@@ -309,7 +312,8 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         gt=0,
         le=1000,
         description=(
-            "upload requests per second, shared by the process (the API's `scm_update` limit)"
+            "upload requests per second of the account (the API's `scm_update` limit), shared "
+            "by every replica of the consumer group by the input partitions each owns"
         ),
     )
     max_in_flight_requests: int = Field(default=4, ge=1, le=100, description="uploads sent at once")

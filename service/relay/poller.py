@@ -87,9 +87,12 @@ class TaskPoller:
         health: ApiHealth,
         metrics: RelayMetrics,
         clock: Callable[[], float],
+        wrap_listener: Callable[[ConsumerRebalanceListener], ConsumerRebalanceListener]
+        | None = None,
     ) -> None:
         self._config = config
         self._member = member
+        self._wrap_listener = wrap_listener or (lambda listener: listener)
         self._ledger = ledger
         self._api = api
         self._committer = committer
@@ -117,7 +120,8 @@ class TaskPoller:
 
     async def run(self) -> None:
         """Follow the owned tasks for ever (cancelled at shutdown: polls only read)."""
-        self._member.subscribe([self._config.tasks_topic], listener=_PollerRebalance(self))
+        listener = self._wrap_listener(_PollerRebalance(self))
+        self._member.subscribe([self._config.tasks_topic], listener=listener)
         while True:
             # Keeps the membership alive; nothing is fetched, the partitions are paused.
             await self._member.getmany(timeout_ms=0)

@@ -201,6 +201,13 @@ class TokenReload(Protocol):
         """True when the token changed."""
 
 
+class RateShare(Protocol):
+    """The account's rate limits, as the group's assignments divide them."""
+
+    def assigned(self, role: str, owned: Collection[int], partitions: int) -> None:
+        """This replica now owns `owned` of the `partitions` partitions of `role`'s topic."""
+
+
 class ScantrustApi(
     UploadApi, StatusApi, TaskLookup, AccountCheck, TokenReload, BreakerView, Protocol
 ):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Final
 
 import structlog
@@ -37,10 +37,12 @@ from service.relay.ports import (
     InputConsumer,
     KafkaAdmin,
     LedgerConsumer,
+    RateShare,
     ScantrustApi,
     TransactionalProducer,
 )
 from service.relay.uploaders import Uploaders
+from service.scantrust.limits import INPUT, LEDGER
 from service.scantrust.outcomes import AuthFailed, Misconfigured
 
 log = structlog.get_logger(__name__)
@@ -69,8 +71,12 @@ class Relay:
         metrics: RelayMetrics,
         clock: Callable[[], float] | None = None,
         membership: Membership | None = None,
+        rate_share: RateShare | None = None,
+        partitions_of: Callable[[str], Collection[int] | None] | None = None,
     ) -> None:
         self._config = config
+        self._rate_share = rate_share
+        self._partitions_of = partitions_of or (lambda _topic: None)
         self._poller_member = poller_member
         self._admin = admin
         self._client = client
@@ -135,11 +141,19 @@ class Relay:
             health=self.health,
             metrics=metrics,
             clock=self._clock,
+            wrap_listener=lambda inner: self._sharing(inner, LEDGER, config.tasks_topic),
         )
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
         """The listener to subscribe the input consumer with."""
-        return self._intake.rebalance_listener()
+        return self._sharing(self._intake.rebalance_listener(), INPUT, self._config.input_topic)
+
+    def _sharing(
+        self, inner: ConsumerRebalanceListener, role: str, topic: str
+    ) -> ConsumerRebalanceListener:
+        if self._rate_share is None:
+            return inner
+        return _SharingRebalance(inner, self._rate_share, role, topic, self._partitions_of)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every stage until `stop` is set, then shut down in order (see above)."""
@@ -243,6 +257,37 @@ class Relay:
         if not self.kafka_reachable:
             log.info("kafka_reachable_again")
         self.kafka_reachable = True
+
+
+class _SharingRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Divides the account's rate limits by the partitions this replica was assigned,
+    before the stage's own listener starts work on them (docs/design.md section 12)."""
+
+    def __init__(
+        self,
+        inner: ConsumerRebalanceListener,
+        share: RateShare,
+        role: str,
+        topic: str,
+        partitions_of: Callable[[str], Collection[int] | None],
+    ) -> None:
+        self._inner = inner
+        self._share = share
+        self._role = role
+        self._topic = topic
+        self._partitions_of = partitions_of
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # The share stays until the next assignment: uploads still under way at a revoke
+        # finish in this replica's slots.
+        await self._inner.on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        owned = {tp.partition for tp in assigned if tp.topic == self._topic}
+        total = len(self._partitions_of(self._topic) or ()) or max(owned, default=-1) + 1
+        self._share.assigned(self._role, owned, total)
+        log.info("rate_share", role=self._role, partitions=sorted(owned), of=total)
+        await self._inner.on_partitions_assigned(assigned)
 
 
 class _LedgerSync:

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ import structlog
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from service import __version__
-from service.core.resilience import Backoff, BreakerState, CircuitBreaker, SlidingWindowLimiter
+from service.core.resilience import Backoff, BreakerState, CircuitBreaker
 from service.logs import add_secret
+from service.scantrust.limits import RateLimits
 from service.scantrust.outcomes import (
     RETRYABLE,
     Accepted,
@@ -58,11 +58,6 @@ UPLOAD_PATH: Final = "/api/v2/scm/upload/async/"
 TASKS_PATH: Final = "/api/v2/scm/tasks/"
 TASK_GROUPS_PATH: Final = "/api/v2/scm/task-groups/"
 ME_PATH: Final = "/api/v2/me/"
-# The period of the vendor's overall limit (3000 requests per minute).
-OVERALL_PERIOD_S: Final = 60.0
-# Widens our windows so loopback or network jitter never lets one request too many
-# into the server's window.
-LIMITER_MARGIN_S: Final = 0.02
 MAX_TASK_PAGES: Final = 10_000
 ITEM_ENDPOINTS: Final = frozenset({"task", "task_group"})
 _CHUNK: Final = 64 * 1024
@@ -187,11 +182,16 @@ class ScantrustClient:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._base = config.base_url.rstrip("/")
-        self._limits = _RateLimits(config.upload_rate_per_s, config.overall_rate_per_min)
+        self._limits = RateLimits(config.upload_rate_per_s, config.overall_rate_per_min)
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self._last_failure = "none"
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
         self._token = _TokenFile(config.token, config.token_file)
+
+    @property
+    def limits(self) -> RateLimits:
+        """This replica's share of the account's limits (the group's assignments set it)."""
+        return self._limits
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -409,12 +409,10 @@ class ScantrustClient:
             retry_in = self._breaker.retry_in(self._now())
             reason = f"circuit breaker open (last failure: {self._last_failure})"
             return Unavailable(reason, retry_after_s=retry_in or None)
-        granted_at = await self._limits.acquire(call.is_upload, self._now)
-        if call.send_by is not None and time.time() >= call.send_by:
+        granted_at = await self._limits.acquire(call.is_upload)
+        if call.send_by is not None and granted_at >= call.send_by:
             raise _SendByPassed
         outcome = await self._exchange(call)
-        if call.is_upload:
-            self._limits.confirm_upload(granted_at, self._now())
         before = self._breaker.state
         if isinstance(outcome, Unavailable | Ambiguous):
             self._last_failure = outcome.reason
@@ -577,37 +575,6 @@ def _classify(
         hint="check SCM_RELAY_API_BASE_URL (host and path) and any proxy in front of the API",
     )
     return Misconfigured(status, body)
-
-
-class _RateLimits:
-    """The account's limits as sliding windows, shared by every call of this process (one
-    client per process): all requests per minute, and uploads per second."""
-
-    def __init__(self, upload_rate_per_s: float, overall_rate_per_min: int) -> None:
-        # A rate r/s becomes "n uploads per n/r seconds" with a whole n: 10/s -> 10 per 1 s.
-        uploads_per_window = max(1, round(upload_rate_per_s))
-        self._uploads = SlidingWindowLimiter(
-            uploads_per_window, uploads_per_window / upload_rate_per_s, LIMITER_MARGIN_S
-        )
-        self._overall = SlidingWindowLimiter(
-            overall_rate_per_min, OVERALL_PERIOD_S, LIMITER_MARGIN_S
-        )
-
-    async def acquire(self, is_upload: bool, now: Callable[[], float]) -> float:
-        """Wait for a slot in every limiter that applies; returns when it was granted."""
-        limiters = [self._overall, self._uploads] if is_upload else [self._overall]
-        while True:
-            at = now()
-            wait = max(limiter.delay(at) for limiter in limiters)
-            if wait <= 0:
-                for limiter in limiters:
-                    limiter.try_acquire(at)
-                return at
-            await asyncio.sleep(wait)
-
-    def confirm_upload(self, granted_at: float, answered_at: float) -> None:
-        """Count the upload granted at `granted_at` from its answer (see `confirm`)."""
-        self._uploads.confirm(granted_at, answered_at)
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> str:

@@ -258,7 +258,7 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
     topics = await make_topics(topic_factory, partitions=4)
     count, sequences, invalid = 1500, 50, 10
     async with simulator(STEADY, codes_per_campaign=count + sequences) as sim:
-        # Both replicas share the account's 10 uploads per second: a 150-request backlog
+        # The replicas share 5 uploads per second between them: a 150-request backlog
         # keeps the paused one's batches open and its uploads in flight.
         base = {"batch_max_values": 10, "upload_rate_per_s": 5, "api_request_timeout_s": 2.0}
         first, second = (

@@ -259,8 +259,7 @@ async def test_a_second_relay_takes_over_when_the_first_stops(
     topics = await make_topics(topic_factory, partitions=4)
     count = 1000
     async with simulator(STEADY, codes_per_campaign=count) as sim:
-        # Both replicas share the account's 10 uploads per second.
-        base = {"batch_max_values": 10, "upload_rate_per_s": 5}
+        base = {"batch_max_values": 10}
         first = relay_settings(
             kafka_bootstrap,
             sim.base_url,
