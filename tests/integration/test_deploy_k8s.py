@@ -19,7 +19,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from jsonschema import Draft4Validator
+from prometheus_client import CollectorRegistry
 
+from service.metrics import RelayMetrics
 from service.relay.supervisor import COMMIT_DEADLINE_S
 from service.settings import Settings, env_name
 from tests.settings_support import load_as_the_relay
@@ -91,9 +93,9 @@ def crd_problems(document: dict[str, Any]) -> list[str]:
 
 def test_every_rendered_resource_is_valid(rendered: list[dict[str, Any]]) -> None:
     kinds = {doc["kind"] for doc in rendered}
-    assert kinds == {
+    assert kinds - {"HorizontalPodAutoscaler"} == {
         "ConfigMap",
-        "Deployment",
+        "StatefulSet",
         "Service",
         "PodDisruptionBudget",
         "ServiceMonitor",
@@ -107,7 +109,7 @@ def test_every_rendered_resource_is_valid(rendered: list[dict[str, Any]]) -> Non
 
 
 def test_the_validators_can_fail() -> None:
-    deployment = one(render(K8S / "base"), "Deployment")
+    deployment = one(render(K8S / "base"), "StatefulSet")
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
@@ -138,27 +140,74 @@ def test_settings_are_real_load_and_hold_no_secret(
     rendered: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     data = settings_of(rendered)
-    container = one(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    variables = set(data) | {entry["name"] for entry in container.get("env", [])}
+    container = one(rendered, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    env = {entry["name"]: entry for entry in container.get("env", [])}
+    relay_env = {name for name in env if name.startswith("SCM_RELAY_")}
+    variables = set(data) | relay_env
     assert variables - {env_name(name) for name in Settings.model_fields} == set()
-    assert not {"SCM_RELAY_API_TOKEN", "SCM_RELAY_KAFKA_SASL_PASSWORD"} & set(data)
-    for entry in container.get("env", []):
-        assert "value" not in entry, f"{entry['name']} must come from a Secret"
+    secret = {"SCM_RELAY_API_TOKEN", "SCM_RELAY_KAFKA_SASL_PASSWORD"}
+    assert not secret & set(data)
+    for name in secret & set(env):
+        assert "secretKeyRef" in env[name]["valueFrom"], f"{name} must come from a Secret"
+    for name in set(env) - relay_env:  # what the relay's settings are built from
+        assert "fieldRef" in env[name]["valueFrom"], name
     token = tmp_path / "api-token"
     token.write_text("test-token")
     # The Secrets the Deployment names provide the token file and the Kafka password.
     secrets = {"SCM_RELAY_API_TOKEN_FILE": str(token)}
     if data.get("SCM_RELAY_KAFKA_SECURITY_PROTOCOL", "").startswith("SASL_"):
         secrets["SCM_RELAY_KAFKA_SASL_PASSWORD"] = "from-the-secret"
-    settings = load_as_the_relay(monkeypatch, {**data, **secrets})
+    pod = {"POD_NAME": "scm-relay-1", "POD_NAMESPACE": "scm-relay"}
+    expanded = {
+        name: expand(entry["value"], pod) for name, entry in env.items() if "value" in entry
+    }
+    settings = load_as_the_relay(monkeypatch, {**data, **secrets, **expanded})
     assert settings.api_token is not None
+    assert settings.kafka_transactional_id == "scm-relay.scm-relay.scm-relay-1"
+
+
+def expand(value: str, variables: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of an env value."""
+    for name, replacement in variables.items():
+        value = value.replace(f"$({name})", replacement)
+    assert "$(" not in value, value
+    return value
+
+
+def test_each_replica_has_a_stable_transactional_id_from_its_pod_name(
+    rendered: list[dict[str, Any]],
+) -> None:
+    # A restarted pod keeps its name, so its producer fences its previous incarnation.
+    statefulset = one(rendered, "StatefulSet")
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    env = {entry["name"]: entry for entry in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert "$(POD_NAME)" in env["SCM_RELAY_KAFKA_TRANSACTIONAL_ID"]["value"]
+    names = list(env)
+    assert names.index("POD_NAME") < names.index("SCM_RELAY_KAFKA_TRANSACTIONAL_ID")
+    service = one(rendered, "Service")
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None", "a StatefulSet's governing Service"
+
+
+def test_the_autoscaler_scales_the_relays_on_a_metric_they_export() -> None:
+    rendered = render(K8S / "overlays/example")
+    autoscaler = one(rendered, "HorizontalPodAutoscaler")
+    statefulset = one(rendered, "StatefulSet")
+    target = autoscaler["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", statefulset["metadata"]["name"])
+    (metric,) = autoscaler["spec"]["metrics"]
+    exported = {family.name for family in RelayMetrics(CollectorRegistry()).registry.collect()}
+    assert metric["pods"]["metric"]["name"] in exported
+    assert autoscaler["spec"]["minReplicas"] <= statefulset["spec"]["replicas"]
 
 
 def test_pods_are_probed_locked_down_sized_and_drain_in_time(
     rendered: list[dict[str, Any]],
 ) -> None:
     data = settings_of(rendered)
-    deployment = one(rendered, "Deployment")
+    deployment = one(rendered, "StatefulSet")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert deployment["spec"]["replicas"] == 2
@@ -197,7 +246,7 @@ def test_prometheus_scrapes_the_service_port_under_the_job_the_alerts_use(
 ) -> None:
     service = one(rendered, "Service")
     monitor = one(rendered, "ServiceMonitor")
-    deployment = one(rendered, "Deployment")
+    deployment = one(rendered, "StatefulSet")
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
