@@ -85,6 +85,17 @@ class PartitionOffsets:
         elif self._next_after_last is None or offset >= self._next_after_last:
             self._done_above.add(offset)
 
+    def hold_in_flight(self, offset: int) -> None:
+        """The event at `offset` is in an upload of this process still under way when the
+        partition is assigned to it again: skip it when read, and keep the commit point
+        below it until its upload is accounted for."""
+        if offset in self._done_above or (self.committed and offset < self.committed[0]):
+            return  # done by the partition's owner meanwhile (it held it behind the intent)
+        if offset not in self._pending:
+            self._pending.add(offset)
+            heapq.heappush(self._heap, offset)
+        self._in_flight.add(offset)
+
     def in_flight(self, offset: int) -> None:
         """The event at `offset` is in an upload that is still under way while the partition
         is re-read (a rebalance gave it back): when read again, skip it; it is accounted for
@@ -163,6 +174,11 @@ class OffsetTracker:
         tracker = self._partitions.get(key)
         if tracker is None:
             tracker = self._partitions[key] = PartitionOffsets()
+        return tracker
+
+    def reset(self, topic: str, partition: int) -> PartitionOffsets:
+        """A fresh tracker for the partition, replacing what was known of it."""
+        tracker = self._partitions[(topic, partition)] = PartitionOffsets()
         return tracker
 
     def received(self, topic: str, partition: int, offset: int) -> bool:

@@ -34,8 +34,19 @@ class OffsetBook:
         return self._offsets.received(topic, partition, offset)
 
     def restore(self, topic: str, partition: int, offset: int, metadata: str | None) -> None:
-        """Take over the commit point the partition's previous owner committed."""
-        self._offsets.partition(topic, partition).restore(offset, metadata)
+        """Start an assigned partition over from the group's commit point and its done
+        offsets. What this process knew of it before is dropped: another member may have
+        owned it meanwhile (this one was paused past its session) and committed past
+        offsets still pending here, which would have held the commit point for ever.
+        Events of this process's batches still in flight are skipped when read again and
+        hold the commit point until their upload is accounted for."""
+        tracker = self._offsets.reset(topic, partition)
+        tracker.restore(offset, metadata)
+        for batch in self._in_flight.values():
+            for part in batch.parts:
+                source = part.event.source
+                if (source.topic, source.partition) == (topic, partition):
+                    tracker.hold_in_flight(source.offset)
 
     def is_done(self, source: Source) -> bool:
         """Whether the event at `source` is accounted for (or to be skipped)."""

@@ -374,6 +374,37 @@ def test_at_a_rebalance_only_batches_with_an_intent_stay_in_flight() -> None:
     assert not book.received(unsent_source.topic, unsent_source.partition, unsent_source.offset)
 
 
+def test_a_partition_assigned_again_starts_from_the_groups_commit_point() -> None:
+    # Paused past its session, this replica had read offsets 10-19 and 32 (the last in an
+    # upload under way, its intent written); the group gave the partition to another
+    # member, which committed up to 30, then gave it back. The stale offsets must not hold
+    # the commit point for ever; the one under way is skipped and holds it until recorded.
+    from service.relay.book import OffsetBook
+
+    book = OffsetBook()
+    under_way = batch(["a"])
+    (part,) = under_way.parts
+    part.event.source = Source("in", 0, 32)
+    for offset in [*range(10, 20), 32]:
+        book.received("in", 0, offset)
+    book.handed_on(under_way)
+    assert book.claim_intent(under_way.batch_id)
+    book.keep_in_flight()
+    book.keep_only({("in", 0)})
+    book.restore("in", 0, 30, None)
+    for offset in range(30, 35):
+        if offset == 32:
+            assert book.received("in", 0, offset), "an event under way was read again"
+        else:
+            assert not book.received("in", 0, offset)
+            book.dead_lettered("in", 0, offset)
+    assert [point for point, _ in book.checkpoints().values()] == [32]
+    book.batch_recorded(under_way)
+    assert [point for point, _ in book.checkpoints().values()] == [35], (
+        "offsets known from before the assignment hold the commit point"
+    )
+
+
 async def test_a_claim_ends_with_its_task_whatever_order_the_ledger_partitions_are_read_in() -> (
     None
 ):
