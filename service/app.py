@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, suppress
 from dataclasses import replace
 from typing import Any, Final
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from service import fencing
 from service.core.contract import ContractLimits
+from service.core.resilience import Backoff
 from service.http import build_http_app, serving
 from service.kafka import (
     KafkaConfig,
@@ -48,7 +50,11 @@ log = structlog.get_logger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
-EXIT_FENCED = 3  # another member owns this replica's partitions now: restart it
+# After the group fenced this replica, a fresh incarnation starts after a backoff (1 s
+# doubling to 30 s while it keeps being fenced within a minute of starting).
+FENCED_RESTART_INITIAL_S: Final = 1.0
+FENCED_RESTART_MAX_S: Final = 30.0
+FENCED_STABLE_S: Final = 60.0
 # aiokafka's default (5 minutes) would let a stuck member hold its partitions that long.
 MAX_POLL_INTERVAL_MS = 60_000
 # A transaction left open by a killed process blocks every read_committed reader of the
@@ -259,30 +265,21 @@ async def run_relay(
             limits = await record_limits(admin, relay_topics(settings))
             config = fitted_to_record_limits(relay_config(settings), limits)
             client = await stack.enter_async_context(ScantrustClient(api_config, metrics))
-            relay = await _build_relay(
-                stack, settings, config, kafka, options, client, admin, metrics
-            )
-            starting.relay = relay
-            log.info(
-                "relay_started",
-                http=f"http://{settings.http_host}:{port}",
-                input_topic=settings.input_topic,
-                group_id=settings.kafka_group_id,
-                api=str(settings.api_base_url),
-            )
-            try:
-                await relay.run(stop)
-            except BaseExceptionGroup as group:
-                if group.subgroup(ReplicaFencedError) is None:
-                    raise
-                log.error(
-                    "relay_exiting_fenced",
-                    exit_code=EXIT_FENCED,
-                    hint="the group gave this replica's partitions to another member while "
-                    "it was stopped or cut off; it restarts clean (its open intents are "
-                    "resolved by their partitions' new owners)",
+
+            async def build(incarnation: AsyncExitStack) -> Relay:
+                relay = await _build_relay(
+                    incarnation, settings, config, kafka, options, client, admin, metrics
                 )
-                return EXIT_FENCED
+                log.info(
+                    "relay_started",
+                    http=f"http://{settings.http_host}:{port}",
+                    input_topic=settings.input_topic,
+                    group_id=settings.kafka_group_id,
+                    api=str(settings.api_base_url),
+                )
+                return relay
+
+            await _run_incarnations(build, starting, stop)
     except KafkaSetupError as exc:
         log.error("kafka_setup_invalid", problem=str(exc))
         return EXIT_CONFIG
@@ -298,6 +295,53 @@ async def run_relay(
                 loop.remove_signal_handler(signum)
     log.info("relay_stopped")
     return EXIT_OK
+
+
+async def _run_incarnations(
+    build: Callable[[AsyncExitStack], Awaitable[Relay]],
+    starting: _Starting,
+    stop: asyncio.Event,
+) -> None:
+    """Run the relay until `stop`. When the consumer group fences it (its partitions moved
+    while it was paused, cut off, or while the broker itself was paused past the session
+    timeout), the incarnation is torn down (its last transaction was aborted, nothing of it
+    was written) and a fresh one, with new consumers and producer and no state carried
+    over, rejoins the group: what a restart of the process would do, without depending on
+    a supervisor to restart it (docs/design.md section 11)."""
+    loop = asyncio.get_running_loop()
+    backoff = Backoff(FENCED_RESTART_INITIAL_S, FENCED_RESTART_MAX_S)
+    rng = random.Random()  # noqa: S311 - jitter, not cryptography
+    restarts = 0
+    while not stop.is_set():
+        began = loop.time()
+        try:
+            async with AsyncExitStack() as incarnation:
+                relay = await build(incarnation)
+                starting.relay = relay
+                await relay.run(stop)
+                return
+        except BaseExceptionGroup as group:
+            if group.subgroup(ReplicaFencedError) is None:
+                raise
+        finally:
+            starting.relay = None
+        starting.phase = "restarting: the consumer group fenced this replica"
+        starting.beat()
+        if loop.time() - began > FENCED_STABLE_S:
+            restarts = 0
+        wait = backoff.delay(restarts, rng)
+        restarts += 1
+        log.warning(
+            "relay_restarting_fenced",
+            restarts=restarts,
+            in_s=round(wait, 1),
+            hint="the group gave this replica's partitions away while it was stopped or cut "
+            "off; a fresh incarnation rejoins (its open intents are resolved by their "
+            "partitions' owners)",
+        )
+        with suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await stop.wait()
 
 
 async def _build_relay(

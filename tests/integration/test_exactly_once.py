@@ -283,9 +283,10 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
             await asyncio.sleep(30)
             paused.send_signal(signal.SIGCONT)
             finished = await everything_settled(kafka_bootstrap, topics, sim, timeout_s=240)
-            paused_exit = await asyncio.wait_for(paused.wait(), 60)
-            other.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(other.wait(), 60) == 0, log_b.read_text()[-3000:]
+            # Fenced, the paused replica started a fresh incarnation that rejoined the group.
+            for process, log in ((paused, log_a), (other, log_b)):
+                process.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(process.wait(), 60) == 0, log.read_text()[-3000:]
         created = set(sim.account.tasks)
         seen = await applied(sim, count)
         orders = await histories(sim, count, sequences)
@@ -293,11 +294,12 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
         dead = await read_topic(kafka_bootstrap, topics.dlq, invalid + 1, timeout_s=5)
     recorded = await ledger_task_ids(kafka_bootstrap, topics.tasks)
     fenced = log_a.read_text().count('"relay_fenced"')
+    restarted = log_a.read_text().count('"relay_restarting_fenced"')
     resolved = log_b.read_text().count('"intent_resolved"')
     wrong = sorted(n for n, history in orders.items() if history != ["A", "B", "A"])
     print(
-        f"\npaused at {at_pause} uploads; the paused replica exited with {paused_exit} "
-        f"({fenced} fenced transaction); {resolved} of its intents resolved by the other; "
+        f"\npaused at {at_pause} uploads; the paused replica had {fenced} fenced transaction "
+        f"and restarted {restarted} time(s); {resolved} of its intents resolved by the other; "
         f"{len(created)} tasks created, {len(set(recorded))} recorded, {len(finished)} results; "
         f"{sum(1 for t in seen.values() if t > 1)} codes updated twice; "
         f"{len(wrong)} of {sequences} A, B, A codes out of order; {len(dead)} dead letters"
