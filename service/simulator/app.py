@@ -78,7 +78,7 @@ async def _gate(request: web.Request, account: Account, faults: Faults) -> web.R
     if not authorization:
         return _json({"detail": "Authentication credentials were not provided."}, 401)
     scheme, _, token = authorization.partition(" ")
-    if scheme != "UAT" or token != request.app[TOKEN]:
+    if scheme != "UAT" or token != request.app[TOKEN] or faults.token_revoked:
         return _json({"detail": "Invalid token."}, 401)
     if faults.forbidden:
         return _json({"detail": "You do not have permission to perform this action."}, 403)

@@ -68,6 +68,9 @@ class Faults(BaseModel):
         default=None, description="tasks with this reference always fail"
     )
     forbidden: bool = Field(default=False, description="answer 403 to every API request")
+    token_revoked: bool = Field(
+        default=False, description="answer 401 to every API request (the token was revoked)"
+    )
     pending_delay_s: float = Field(default=0.05, ge=0, le=3600, description="time pending")
     progress_delay_s: float = Field(default=0.1, ge=0, le=3600, description="time in-progress")
     jitter_s: float = Field(
