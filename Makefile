@@ -17,7 +17,7 @@ KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help demo setup lint fmt test test-unit bench schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
+.PHONY: help demo setup lint fmt test test-unit bench chaos schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ test: lint ## lint + every test against a freshly started local Kafka broker
 	    rc=$$?; echo "--- tail of the Kafka broker log ---"; $(KAFKA_LOCAL) logs 60; exit $$rc; }
 
 # The benchmarks start a broker of their own (bench/.run) and write docs/benchmarks.md.
+chaos: setup ## the fault suite at full size on a broker of its own (about 30 minutes); writes docs/reliability.md
+	$(BIN)/python -m tests.chaos.run --write docs/reliability.md
+
 bench: setup ## run every benchmark (about 15 minutes) and write docs/benchmarks.md
 	$(BIN)/python -m bench.run_all
 

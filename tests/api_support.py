@@ -54,11 +54,11 @@ class Simulator:
 
 @asynccontextmanager
 async def simulator(
-    faults: Faults = FAST, codes_per_campaign: int = 50
+    faults: Faults = FAST, codes_per_campaign: int = 50, host: str = "127.0.0.1"
 ) -> AsyncIterator[Simulator]:
-    """Serve a simulator on 127.0.0.1 with a free port."""
+    """Serve a simulator on `host` (loopback unless told) with a free port."""
     account = Account(default_seed(codes_per_campaign), faults, rng_seed=7)
-    async with running_simulator(account, TOKEN) as base_url:
+    async with running_simulator(account, TOKEN, host) as base_url:
         yield Simulator(base_url, account)
 
 

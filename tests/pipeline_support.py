@@ -201,11 +201,13 @@ def relay_environment(settings: Settings) -> dict[str, str]:
 
 @asynccontextmanager
 async def relay_process(
-    settings: Settings, log_path: Path
+    settings: Settings, log_path: Path, prefix: tuple[str, ...] = ()
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`python -m service run` as a child process, its log in `log_path`; killed on exit."""
+    """`python -m service run` as a child process, its log in `log_path`; killed on exit.
+    `prefix` runs it through another command (a network namespace's `ip netns exec`)."""
     with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
+            *prefix,
             sys.executable,
             "-m",
             "service",

@@ -1,0 +1,276 @@
+"""The chaos cases: what each breaks, and when.
+
+Each case is `async def case(env: Env) -> Row`; `CASES` lists them in the order
+of docs/reliability.md. Sizes and counts come from `env` (full for `make chaos`,
+small for the smoke inside `make test`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.chaos import netns
+from tests.chaos.broker import Broker
+from tests.chaos.harness import STEADY, Row, Size, running_case
+
+
+@dataclass
+class Env:
+    """Where and how big a chaos run is."""
+
+    broker: Broker
+    size: Size
+    logs: Path
+    smoke: bool
+    rng: random.Random
+
+    def times(self, full: int, smoke: int) -> int:
+        return smoke if self.smoke else full
+
+    def seconds(self, full: float, smoke: float) -> float:
+        return smoke if self.smoke else full
+
+
+async def relay_sigkill(env: Env) -> Row:
+    kills = env.times(20, 3)
+    size = Size(
+        codes=env.size.codes * 2,
+        sequences=env.size.sequences,
+        invalid=env.size.invalid,
+        partitions=env.size.partitions,
+    )
+    async with running_case(
+        "relay_sigkill",
+        f"relay SIGKILL x {kills} at random moments",
+        env.broker.bootstrap,
+        size,
+        env.logs,
+    ) as case:
+        for kill in range(kills):
+            process = await case.relay(f"k{kill}")
+            await case.progress(env.rng.randint(2, 8), timeout_s=180)
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+        case.fault_over()
+        last = await case.relay("last")
+        return await case.finish({"last": last})
+
+
+async def relay_sigterm(env: Env) -> Row:
+    stops = env.times(5, 2)
+    async with running_case(
+        "relay_sigterm", f"relay SIGTERM x {stops}", env.broker.bootstrap, env.size, env.logs
+    ) as case:
+        for stop in range(stops):
+            process = await case.relay(f"t{stop}")
+            await case.progress(env.rng.randint(3, 10), timeout_s=180)
+            if await case.stop(process, f"t{stop}") != 0:
+                case.row.notes.append(f"SIGTERM {stop}: exit {process.returncode}")
+        case.fault_over()
+        last = await case.relay("last")
+        return await case.finish({"last": last})
+
+
+async def relay_paused(env: Env) -> Row:
+    pause = env.seconds(30, 15)
+    async with running_case(
+        "relay_paused",
+        f"one of two relays SIGSTOPped {pause:g} s",
+        env.broker.bootstrap,
+        env.size,
+        env.logs,
+        upload_rate_per_s=5,
+    ) as case:
+        paused, other = await case.relay("paused"), await case.relay("other")
+        await case.progress(15)
+        paused.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(pause)
+        paused.send_signal(signal.SIGCONT)
+        case.fault_over()
+        row = await case.finish({"other": other, "paused": paused})
+        log = case.log_path("paused").read_text()
+        row.notes.append(
+            f"the paused relay: {log.count('relay_fenced')} fenced transaction(s), "
+            f"{log.count('relay_restarting_fenced')} in-process restart(s)"
+        )
+        return row
+
+
+async def scale_out_and_in(env: Env) -> Row:
+    async with running_case(
+        "scale_1_3_1",
+        "scale 1 -> 3 -> 1 replicas mid-run",
+        env.broker.bootstrap,
+        env.size,
+        env.logs,
+    ) as case:
+        first = await case.relay("r0")
+        await case.progress(env.times(30, 8))
+        extra = [await case.relay("r1"), await case.relay("r2")]
+        await case.joined("r1")
+        await case.joined("r2")
+        await case.progress(env.times(60, 10))
+        for n, process in enumerate(extra, start=1):
+            if await case.stop(process, f"r{n}") != 0:
+                case.row.notes.append(f"r{n} exited {process.returncode}")
+        case.fault_over()
+        return await case.finish({"r0": first})
+
+
+async def broker_sigkill(env: Env) -> Row:
+    kills = env.times(5, 2)
+    async with running_case(
+        "broker_sigkill",
+        f"broker SIGKILL and restart on its data x {kills}, the last while a relay restarts",
+        env.broker.bootstrap,
+        env.size,
+        env.logs,
+    ) as case:
+        relay = await case.relay("r0")
+        for kill in range(kills):
+            await case.progress(env.rng.randint(5, 15), timeout_s=240)
+            env.broker.crash()
+            if kill == kills - 1:
+                relay.send_signal(signal.SIGKILL)
+                await relay.wait()
+                relay = await case.relay(f"r{kill + 1}")  # starts while the broker is down
+            await asyncio.sleep(env.rng.uniform(1, 5))
+            await asyncio.to_thread(env.broker.restart)
+            case.fault_over()
+        return await case.finish({"relay": relay})
+
+
+async def broker_paused(env: Env) -> Row:
+    pause = env.seconds(30, 10)
+    async with running_case(
+        "broker_paused", f"broker SIGSTOPped {pause:g} s", env.broker.bootstrap, env.size, env.logs
+    ) as case:
+        relay = await case.relay("r0")
+        await case.progress(10)
+        env.broker.pause()
+        try:
+            await asyncio.sleep(pause)
+        finally:
+            env.broker.resume()
+        case.fault_over()
+        return await case.finish({"r0": relay})
+
+
+async def network_cut(env: Env) -> Row:
+    seconds = env.seconds(60, 10)
+    fault = f"the relay cut off the network (veth down) for {seconds:g} s, then healed"
+    why_not = netns.available()
+    if why_not is not None:
+        return Row(case="network_cut", fault=fault, notes=[f"not run: {why_not}"])
+    with netns.namespace() as space:
+        # A broker and a simulator the namespace reaches over the veth pair.
+        broker = Broker(env.logs / "veth-broker", host=netns.HOST_ADDRESS)
+        await asyncio.to_thread(broker.start)
+        try:
+            async with running_case(
+                "network_cut",
+                fault,
+                broker.bootstrap,
+                env.size,
+                env.logs,
+                sim_host=netns.HOST_ADDRESS,
+            ) as case:
+                relay = await case.relay("r0", prefix=space.prefix)
+                await case.progress(10)
+                space.cut()
+                try:
+                    await asyncio.sleep(seconds)
+                finally:
+                    space.heal()
+                case.fault_over()
+                return await case.finish({"r0": relay})
+        finally:
+            await asyncio.to_thread(broker.stop)
+
+
+def api_storm(
+    name: str,
+    fault: str,
+    knobs: Callable[[float], dict[str, object]],
+    full_s: float = 60,
+    smoke_s: float = 10,
+    **settings: Any,
+) -> Callable[[Env], Awaitable[Row]]:
+    """A case that turns simulator knobs on for a while (given its length), then back."""
+
+    async def case_fn(env: Env) -> Row:
+        seconds = env.seconds(full_s, smoke_s)
+        async with running_case(
+            name,
+            fault.format(seconds=seconds),
+            env.broker.bootstrap,
+            env.size,
+            env.logs,
+            **settings,
+        ) as case:
+            relay = await case.relay("r0")
+            await case.progress(10)
+            turned = knobs(seconds)
+            await case.sim.set_faults(**turned)
+            await asyncio.sleep(seconds)
+            await case.sim.set_faults(**{key: STEADY.model_dump()[key] for key in turned})
+            case.fault_over()
+            return await case.finish({"r0": relay})
+
+    case_fn.__name__ = name
+    return case_fn
+
+
+async def api_lost_answers(env: Env) -> Row:
+    faults = STEADY.model_copy(update={"drop_response_rate": 0.3})
+    async with running_case(
+        "api_lost_answers",
+        "30 % of upload answers lost (all run)",
+        env.broker.bootstrap,
+        env.size,
+        env.logs,
+        faults=faults,
+    ) as case:
+        relay = await case.relay("r0")
+        row = await case.finish({"r0": relay})
+        row.notes.append(f"{case.sim.account.stats.responses_dropped} answers dropped")
+        return row
+
+
+CASES: list[Callable[[Env], Awaitable[Row]]] = [
+    relay_sigkill,
+    relay_sigterm,
+    relay_paused,
+    scale_out_and_in,
+    broker_sigkill,
+    broker_paused,
+    network_cut,
+    api_storm(
+        "api_5xx_storm",
+        "every API request answered 503 for {seconds:g} s",
+        lambda _s: {"error_rate": 1.0},
+    ),
+    api_storm(
+        "api_429_storm",
+        "every API request answered 429 for {seconds:g} s",
+        lambda seconds: {"throttle_storm_s": seconds},
+    ),
+    api_lost_answers,
+    api_storm(
+        "api_latency",
+        "5 s added to every API request for {seconds:g} s (request timeout 10 s)",
+        lambda _s: {"latency_s": 5.0},
+        api_request_timeout_s=10.0,
+    ),
+    api_storm(
+        "api_token_revoked",
+        "the token refused (401) for {seconds:g} s, then accepted again",
+        lambda _s: {"token_revoked": True},
+    ),
+]

@@ -1,0 +1,233 @@
+"""One chaos case: its own topics and simulator, relays as processes, and the checks.
+
+Every case publishes the same kind of backlog (codes updated once, codes updated
+A, B, A in order, a few records that are not JSON), breaks something while the
+relays drain it, and then checks what an operator would: codes lost, codes
+updated twice, A, B, A orders broken, tasks not recorded once or without exactly
+one result, dead letters not written exactly once, 429s, and how long the relay
+took to send again after the fault ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.simulator.state import Faults
+from tests.api_support import Simulator, simulator
+from tests.integration.test_exactly_once import a_b_a_events, everything_settled, histories
+from tests.integration.test_pipeline_resilience import applications, by_code, one_code_events
+from tests.kafka_support import TopicFactory, admin_client
+from tests.pipeline_support import (
+    Topics,
+    ledger_task_ids,
+    make_topics,
+    publish,
+    read_topic,
+    relay_process,
+    relay_settings,
+)
+
+STEADY = Faults(pending_delay_s=0.05, progress_delay_s=0.05, jitter_s=0.05)
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much a case drains: `codes` once, `sequences` codes A, B, A, `invalid`
+    records that are not JSON."""
+
+    codes: int = 2000
+    sequences: int = 50
+    invalid: int = 5
+    partitions: int = 6
+
+    @property
+    def uploads(self) -> int:
+        """Uploads the backlog needs at least (10 values per request in these runs)."""
+        return self.codes // 10 + 3 * self.sequences // 10
+
+
+SMOKE = Size(codes=300, sequences=10, invalid=2, partitions=4)
+
+
+@dataclass
+class Row:
+    """What one case found."""
+
+    case: str
+    fault: str
+    codes: int = 0
+    lost: int = 0
+    twice: int = 0
+    out_of_order: int = 0
+    tasks: int = 0
+    not_recorded_once: int = 0
+    not_one_result: int = 0
+    dead_letters_wrong: int = 0
+    throttled: int = 0
+    recovery_s: float | None = None
+    total_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing lost, nothing twice, order kept, every task once with one result."""
+        return not (
+            self.lost
+            or self.twice
+            or self.out_of_order
+            or self.not_recorded_once
+            or self.not_one_result
+            or self.dead_letters_wrong
+        )
+
+
+class Case:
+    """A running case; use `running_case`."""
+
+    def __init__(
+        self,
+        name: str,
+        fault: str,
+        bootstrap: str,
+        topics: Topics,
+        sim: Simulator,
+        size: Size,
+        logs: Path,
+        stack: AsyncExitStack,
+        settings: dict[str, Any],
+    ) -> None:
+        self.row = Row(case=name, fault=fault, codes=size.codes + size.sequences)
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.sim = sim
+        self.size = size
+        self._logs = logs
+        self._stack = stack
+        self._settings = settings
+        self._started = time.monotonic()
+        self._recovery: asyncio.Task[None] | None = None
+        self.exit_codes: dict[str, int] = {}
+
+    def log_path(self, name: str) -> Path:
+        return self._logs / f"{self.row.case}-{name}.log"
+
+    async def relay(
+        self, name: str, prefix: tuple[str, ...] = (), **overrides: Any
+    ) -> asyncio.subprocess.Process:
+        """Start relay `name` as its own process (stopped at the end of the case)."""
+        settings = relay_settings(
+            self.bootstrap,
+            self.sim.base_url,
+            self.topics,
+            kafka_transactional_id=f"{self.topics.group}-{name}",
+            **{**self._settings, **overrides},
+        )
+        return await self._stack.enter_async_context(
+            relay_process(settings, self.log_path(name), prefix)
+        )
+
+    async def joined(self, name: str, timeout_s: float = 90) -> None:
+        """Wait until relay `name` has been assigned input partitions."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            log = self.log_path(name)
+            lines = log.read_text().splitlines() if log.exists() else []
+            assigned = [line for line in lines if '"partitions_assigned"' in line]
+            if assigned and '"partitions": []' not in assigned[-1]:
+                return
+            assert time.monotonic() < deadline, f"relay {name} never got partitions"
+            await asyncio.sleep(0.2)
+
+    async def progress(self, uploads: int, timeout_s: float = 120) -> None:
+        """Wait until `uploads` more uploads were accepted (or the backlog's last one)."""
+        accepted = self.sim.account.stats.uploads_accepted
+        await self.sim.wait_uploads(min(accepted + uploads, self.size.uploads), timeout_s)
+
+    def fault_over(self) -> None:
+        """The fault ended now: time how long until the API accepts an upload again."""
+        accepted = self.sim.account.stats.uploads_accepted
+        started = time.monotonic()
+
+        async def measure() -> None:
+            await self.sim.wait_uploads(accepted + 1, timeout_s=3600)
+            self.row.recovery_s = time.monotonic() - started
+
+        if self._recovery is not None:
+            self._recovery.cancel()
+        self._recovery = asyncio.create_task(measure())
+
+    async def stop(self, process: asyncio.subprocess.Process, name: str) -> int:
+        """SIGTERM and wait for the exit code."""
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 90)
+        self.exit_codes[name] = code
+        return code
+
+    async def finish(self, processes: dict[str, asyncio.subprocess.Process]) -> Row:
+        """Wait until everything is settled, stop the relays, check."""
+        row, sim, size = self.row, self.sim, self.size
+        finished = await everything_settled(self.bootstrap, self.topics, sim, timeout_s=600)
+        row.total_s = time.monotonic() - self._started
+        if self._recovery is not None:
+            if not self._recovery.done():
+                row.notes.append("no upload after the fault (nothing was left to send)")
+            self._recovery.cancel()
+        for name, process in processes.items():
+            if process.returncode is None:
+                code = await self.stop(process, name)
+                if code != 0:
+                    row.notes.append(f"relay {name} exited {code} at its stop")
+        created = list(sim.account.tasks)
+        recorded = await ledger_task_ids(self.bootstrap, self.topics.tasks)
+        results = [o["task_id"] for o in finished]
+        row.tasks = len(created)
+        row.not_recorded_once = (
+            len(set(created) ^ set(recorded)) + len(recorded) - len(set(recorded))
+        )
+        row.not_one_result = len(set(created) ^ set(results)) + len(results) - len(set(results))
+        seen = await applications(sim, size.codes)
+        row.lost = size.codes - len(seen)
+        row.twice = sum(1 for times in seen.values() if times > 1)
+        orders = await histories(sim, size.codes, size.sequences)
+        row.lost += sum(1 for history in orders.values() if not history)
+        row.out_of_order = sum(
+            1 for history in orders.values() if history and history != ["A", "B", "A"]
+        )
+        dead = await read_topic(self.bootstrap, self.topics.dlq, size.invalid + 1, timeout_s=5)
+        row.dead_letters_wrong = abs(len(dead) - size.invalid)
+        row.throttled = sim.account.stats.throttled
+        return row
+
+
+@asynccontextmanager
+async def running_case(
+    name: str,
+    fault: str,
+    bootstrap: str,
+    size: Size,
+    logs: Path,
+    faults: Faults = STEADY,
+    sim_host: str = "127.0.0.1",
+    **settings: Any,
+) -> AsyncIterator[Case]:
+    """Topics, a simulator and the backlog published; relays are started by the case."""
+    settings = {"batch_max_values": 10, "api_request_timeout_s": 2.0, **settings}
+    async with AsyncExitStack() as stack:
+        admin = await stack.enter_async_context(admin_client(bootstrap))
+        topics = await make_topics(TopicFactory(admin), partitions=size.partitions)
+        sim = await stack.enter_async_context(
+            simulator(faults, codes_per_campaign=size.codes + size.sequences, host=sim_host)
+        )
+        a, b, a_again = a_b_a_events(size.codes, size.sequences)
+        backlog: list[Any] = [*a, *one_code_events(size.codes), *b, *a_again]
+        await publish(bootstrap, topics.input, backlog, key_of=by_code)
+        await publish(bootstrap, topics.input, [b"{not json"] * size.invalid)
+        yield Case(name, fault, bootstrap, topics, sim, size, logs, stack, settings)

@@ -1,0 +1,107 @@
+"""`make chaos`: every case at full size on a broker of its own; writes docs/reliability.md.
+
+    python -m tests.chaos.run [--smoke] [--case NAME ...] [--write FILE] [--seed N]
+
+Exit status 0 when every case is clean (nothing lost, nothing twice, order kept,
+every task recorded once with one result, every dead letter once), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.chaos.broker import Broker
+from tests.chaos.cases import CASES, Env
+from tests.chaos.harness import SMOKE, Row, Size
+
+REPO = Path(__file__).resolve().parents[2]
+KEPT_MARK = "<!-- kept below -->"
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| case | fault | codes | lost | twice | A,B,A broken | tasks | not recorded once "
+        "| not one result | dead letters wrong | 429s | recovery s | total s | notes |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r.case} | {r.fault} | {r.codes} | {r.lost} | {r.twice} | {r.out_of_order} "
+        f"| {r.tasks} | {r.not_recorded_once} | {r.not_one_result} | {r.dead_letters_wrong} "
+        f"| {r.throttled} | {'-' if r.recovery_s is None else f'{r.recovery_s:.1f}'} "
+        f"| {r.total_s:.0f} | {'; '.join(r.notes)} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def write(path: Path, rows: list[Row], seed: int) -> None:
+    kept = ""
+    if path.exists() and KEPT_MARK in (text := path.read_text()):
+        kept = text[text.index(KEPT_MARK) :]
+    today = datetime.date.today().isoformat()
+    body = (
+        "# Reliability: the fault suite's figures\n\n"
+        f"Written by `make chaos` on {today} ({machine()}, seed {seed}); every row is one "
+        "case of `tests/chaos/cases.py`: a backlog published to a real broker of the run's "
+        "own, drained by the relay as its own processes against the simulator (10 uploads "
+        "per second, 10 values per request), broken as the fault column says. "
+        "*Recovery* is the time from the end of the last fault to the next upload the API "
+        "accepted; *total* the whole case, backlog included. A case is clean when its "
+        "lost, twice, A,B,A, tasks and dead-letter columns are 0.\n\n"
+        + table(rows)
+        + "\n"
+        + (kept or f"{KEPT_MARK}\n")
+    )
+    path.write_text(body)
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small sizes and counts")
+    parser.add_argument("--case", action="append", help="run only these cases")
+    parser.add_argument("--write", type=Path, help="write the table to this markdown file")
+    parser.add_argument("--seed", type=int, default=11)
+    args = parser.parse_args(argv)
+    chosen = [case for case in CASES if not args.case or case.__name__ in args.case]
+    with tempfile.TemporaryDirectory(prefix="scm-relay-chaos-") as scratch:
+        broker = Broker(Path(scratch) / "broker")
+        broker.start()
+        try:
+            env = Env(
+                broker=broker,
+                size=SMOKE if args.smoke else Size(),
+                logs=Path(scratch),
+                smoke=args.smoke,
+                rng=random.Random(args.seed),
+            )
+            rows = []
+            for case in chosen:
+                print(f"chaos: {case.__name__} ...", flush=True)
+                row = await case(env)
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+        finally:
+            broker.stop()
+    print(table(rows))
+    if args.write:
+        write(args.write, rows, args.seed)
+    return 0 if all(row.clean for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
