@@ -401,7 +401,9 @@ async def _build_relay(
         admin=admin,
         client=client,
         metrics=metrics,
-        membership=_InputMembership(consumer, settings.kafka_group_id),
+        membership=_GroupMembership(consumer, settings.kafka_group_id),
+        # Results are published under the poller group's generation (ResultFence).
+        result_membership=_GroupMembership(poller_member, f"{settings.kafka_group_id}.task-poller"),
         # The account's limits are divided by the partitions each replica owns.
         rate_share=client.limits,
         partitions_of=lambda topic: (
@@ -417,8 +419,8 @@ async def _build_relay(
     return relay
 
 
-class _InputMembership:
-    """The input consumer's group membership, for the committer's fenced commits."""
+class _GroupMembership:
+    """A consumer's group membership (the input's, or the poller's), for fenced commits."""
 
     def __init__(self, consumer: AIOKafkaConsumer, group_id: str) -> None:
         self._consumer = consumer

@@ -73,7 +73,8 @@ class GroupGeneration(str):
 
 def membership(consumer: AIOKafkaConsumer, group_id: str) -> GroupGeneration:
     """The generation and member id `consumer` last joined its group with (-1 and "" before
-    it joined: the broker then refuses any commit under them)."""
+    it joined, and after aiokafka reset them because the group no longer knew the member:
+    `_do_txn_offset_commit` refuses to commit under those)."""
     coordinator = consumer._coordinator
     if coordinator is None or not hasattr(coordinator, "generation"):
         return GroupGeneration(group_id, -1, "", None)
@@ -253,6 +254,18 @@ async def _do_txn_offset_commit(self: Sender, offsets: Any, group_id: str) -> No
         return
     if not isinstance(group_id, GroupGeneration):
         await Sender._do_txn_offset_commit(self, offsets, group_id)
+        return
+    if group_id.generation_id < 0 or not group_id.member_id:
+        # The broker accepts a transactional commit with no generation unchecked (the
+        # compatibility rule for clients before KIP-447): a member the group dropped (aiokafka
+        # reset its generation) would commit unfenced. Not a member now: fenced.
+        abortable(
+            self._txn_manager,
+            GroupFencedError(
+                f"not a member of group {group_id!s} (generation {group_id.generation_id}): "
+                "the group dropped this member, its offsets are no longer its to commit"
+            ),
+        )
         return
     try:
         node_id = await self._find_coordinator(CoordinationType.GROUP, group_id)

@@ -46,6 +46,7 @@ from service.relay.messages import (
     IntentWrite,
     LedgerAppend,
     Progress,
+    ResultFence,
     TaskFinished,
 )
 from service.relay.ports import Accounting, TransactionalProducer
@@ -161,24 +162,32 @@ class Committer:
             while len(items) < COMMIT_BATCH_MAX and not self._queue.empty():
                 items.append(self._queue.get_nowait())
             work = [item for item in items if item is not None]
-            if work:
-                await self._commit(work)
+            for transaction, fence in _transactions(work):
+                await self._commit(transaction, fence)
             if len(work) < len(items):
                 return
 
-    async def _commit(self, items: Sequence[CommitItem]) -> None:
-        """One Kafka transaction for `items` and the input offsets they release."""
+    async def _commit(self, items: Sequence[CommitItem], fence: ResultFence | None) -> None:
+        """One Kafka transaction for `items` and the input offsets they release; results
+        under `fence` are committed under the poller group's generation instead."""
         finished: list[Callable[[], None]] = []
+        advanced: dict[tuple[str, int], tuple[int, str]] = {}
         await self._producer.begin_transaction()
         try:
             for item in items:
                 await self._write(item, finished)
-            advanced = self._accounting.checkpoints()
-            points = advanced or self._fence_points()
-            if points:
-                offsets = {TopicPartition(t, p): point for (t, p), point in points.items()}
-                group = self._membership.group() if self._membership else self._config.group_id
-                await self._producer.send_offsets_to_transaction(offsets, group)
+            if fence is not None:
+                # Offset 0 of the task's ledger partition for the poller group, whose member
+                # never reads: the commit carries the generation the result was polled under.
+                marker = {TopicPartition(self._config.tasks_topic, fence.ledger_partition): 0}
+                await self._producer.send_offsets_to_transaction(marker, fence.group)
+            else:
+                advanced = self._accounting.checkpoints()
+                points = advanced or self._fence_points()
+                if points:
+                    offsets = {TopicPartition(t, p): point for (t, p), point in points.items()}
+                    group = self._membership.group() if self._membership else self._config.group_id
+                    await self._producer.send_offsets_to_transaction(offsets, group)
             await self._producer.commit_transaction()
         except (GroupFencedError, ProducerFenced) as exc:
             if isinstance(exc, GroupFencedError):
@@ -338,3 +347,30 @@ class Committer:
         await self._producer.send(
             self._config.dlq_topic, key=key, value=value, headers=bounded.to_kafka()
         )
+
+
+def _transactions(
+    work: list[CommitItem],
+) -> list[tuple[list[CommitItem], ResultFence | None]]:
+    """A round's items as transactions: everything that moves input offsets in one, fenced
+    by the input group; results fenced by the poller group in one per generation and
+    ledger partition (a transaction commits offsets of one group only, in aiokafka).
+    Flushes go with the last, so that what came before them is committed first."""
+    if not work:
+        return []
+    main: list[CommitItem] = []
+    fenced: dict[ResultFence, list[CommitItem]] = {}
+    flushes: list[CommitItem] = []
+    for item in work:
+        if isinstance(item, Flush):
+            flushes.append(item)
+        elif isinstance(item, TaskFinished | Progress) and item.fence is not None:
+            fenced.setdefault(item.fence, []).append(item)
+        else:
+            main.append(item)
+    transactions: list[tuple[list[CommitItem], ResultFence | None]] = []
+    if main or not fenced:
+        transactions.append((main, None))
+    transactions += [(items, fence) for fence, items in fenced.items()]
+    transactions[-1][0].extend(flushes)
+    return transactions

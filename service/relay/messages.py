@@ -81,6 +81,18 @@ class ApiRejection:
     sources: list[Source] | None = None
 
 
+@dataclass(frozen=True)
+class ResultFence:
+    """Who may publish a task's result: the poller group's member under the generation it
+    had when it polled the task (fencing.GroupGeneration), for the task's ledger
+    partition. The committer commits results under it, so a replica whose ledger
+    partitions moved while it was paused cannot publish a result the new owner publishes
+    too."""
+
+    group: str
+    ledger_partition: int
+
+
 @dataclass
 class TaskFinished:
     """A task reached its end: its result, and its tombstone in the ledger. `done` runs
@@ -88,6 +100,7 @@ class TaskFinished:
 
     outcome: TaskOutcome
     done: Callable[[], None]
+    fence: ResultFence | None = None
 
 
 @dataclass
@@ -95,6 +108,7 @@ class Progress:
     """A progress record (a stuck task) for the results topic."""
 
     progress: TaskProgress
+    fence: ResultFence | None = None
 
 
 @dataclass

@@ -21,9 +21,10 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from service.core.polling import PollSchedule
 from service.core.records import TaskLedgerRecord, TaskOutcome, TaskProgress, TaskState
 from service.metrics import RelayMetrics
+from service.relay.committer import Membership
 from service.relay.config import RelayConfig, utcnow
 from service.relay.health import ApiHealth
-from service.relay.messages import LedgerChange, Mailbox, Progress, TaskFinished
+from service.relay.messages import LedgerChange, Mailbox, Progress, ResultFence, TaskFinished
 from service.relay.ports import GroupMember, StatusApi
 from service.scantrust.outcomes import ApiTask, AuthFailed, Misconfigured, TaskApiState, TaskPage
 
@@ -89,8 +90,10 @@ class TaskPoller:
         clock: Callable[[], float],
         wrap_listener: Callable[[ConsumerRebalanceListener], ConsumerRebalanceListener]
         | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self._config = config
+        self._membership = membership
         self._member = member
         self._wrap_listener = wrap_listener or (lambda listener: listener)
         self._ledger = ledger
@@ -223,7 +226,7 @@ class TaskPoller:
             outcome = task_outcome(entry, task, details)
             self._count(outcome, entry)
             done = functools.partial(self._forget, task_id)
-            await self._committer.submit(TaskFinished(outcome, done))
+            await self._committer.submit(TaskFinished(outcome, done, self._fence(task_id)))
 
     def _note_unknown_state(self, task: ApiTask) -> None:
         """A state the API does not document: kept, counted, logged once per task and
@@ -305,7 +308,14 @@ class TaskPoller:
             submitted_at=entry.submitted_at,
             reported_at=utcnow(),
         )
-        await self._committer.submit(Progress(progress))
+        await self._committer.submit(Progress(progress, self._fence(entry.task_id)))
+
+    def _fence(self, task_id: str) -> ResultFence | None:
+        """The poller group's generation now, for a result about to be published."""
+        partition = self._partition_of.get(task_id)
+        if self._membership is None or partition is None:
+            return None
+        return ResultFence(self._membership.group(), partition)
 
     def refresh_gauges(self) -> None:
         """Tasks followed, stuck ones, and the age of the oldest."""

@@ -71,6 +71,7 @@ class Relay:
         metrics: RelayMetrics,
         clock: Callable[[], float] | None = None,
         membership: Membership | None = None,
+        result_membership: Membership | None = None,
         rate_share: RateShare | None = None,
         partitions_of: Callable[[str], Collection[int] | None] | None = None,
     ) -> None:
@@ -142,6 +143,7 @@ class Relay:
             metrics=metrics,
             clock=self._clock,
             wrap_listener=lambda inner: self._sharing(inner, LEDGER, config.tasks_topic),
+            membership=result_membership,
         )
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:

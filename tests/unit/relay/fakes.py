@@ -156,6 +156,7 @@ class Transaction:
 
     records: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]]
     offsets: dict[TopicPartition, Any]
+    groups: list[str] = field(default_factory=list)
 
 
 class FakeProducer:
@@ -190,6 +191,7 @@ class FakeProducer:
     ) -> None:
         assert self._open is not None
         self._open.offsets.update(offsets)
+        self._open.groups.append(group_id)
 
     async def abort_transaction(self) -> None:
         assert self._open is not None

@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import pytest
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from service.core.batching import Source
@@ -15,7 +16,13 @@ from service.core.records import DeadLetterHeaders
 from service.metrics import RelayMetrics
 from service.relay.committer import Committer
 from service.relay.ledger import WrittenRecords
-from service.relay.messages import ApiRejection, DeadLetter, LedgerAppend, TaskFinished
+from service.relay.messages import (
+    ApiRejection,
+    DeadLetter,
+    LedgerAppend,
+    ResultFence,
+    TaskFinished,
+)
 from service.relay.poller import task_outcome
 from service.scantrust.outcomes import Rejected, TaskApiState
 from tests.unit.relay.fakes import FakeAccounting, FakeProducer, config
@@ -121,6 +128,48 @@ async def test_a_rejected_batch_dead_letters_each_event_once_and_a_result_tombst
     assert (b"t9", None) in producer.written("tasks")
     assert [key for key, _ in producer.written("out")] == [b"t9"]
     assert forgotten == ["t9"]
+    await stage.close()
+    await runner
+
+
+async def test_results_commit_under_the_poller_generation_they_were_polled_under() -> None:
+    # A replica paused past its session resumes with a result polled before the pause:
+    # committed under the poller group's generation of then, it is fenced if the ledger
+    # partition moved meanwhile (the new owner publishes it); input offsets never ride
+    # in a result's transaction (it would not be fenced by the input group).
+    producer, accounting = FakeProducer(), FakeAccounting()
+    stage, _ = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    outcomes = {
+        task_id: task_outcome(
+            ledger_record(task_id, [task_id]), api_task(task_id, TaskApiState.COMPLETE, 1)
+        )
+        for task_id in ("t1", "t2", "t3")
+    }
+    old, new = ResultFence("poller-generation-3", 1), ResultFence("poller-generation-4", 2)
+    await stage.submit(dead_letter(5))
+    await stage.submit(TaskFinished(outcomes["t1"], lambda: None, old))
+    await stage.submit(TaskFinished(outcomes["t2"], lambda: None, new))
+    await stage.submit(TaskFinished(outcomes["t3"], lambda: None, old))
+    await stage.flush()
+    by_group = {tuple(t.groups): t for t in producer.committed}
+    assert set(by_group) == {
+        (config().group_id,),
+        ("poller-generation-3",),
+        ("poller-generation-4",),
+    }
+    assert [key for _, key, _, _ in by_group[("poller-generation-3",)].records if key] == [
+        b"t1",
+        b"t1",
+        b"t3",
+        b"t3",
+    ]
+    assert set(by_group[("poller-generation-4",)].offsets) == {
+        TopicPartition(config().tasks_topic, 2)
+    }
+    assert all(
+        tp.topic == config().tasks_topic for tp in by_group[("poller-generation-3",)].offsets
+    )
     await stage.close()
     await runner
 
