@@ -51,24 +51,6 @@ class SlidingWindowLimiter:
         self._granted.append(now)
         return True
 
-    def confirm(self, granted_at: float, later: float) -> None:
-        """Move a slot taken at `granted_at` to `later` (e.g. when the answer came).
-
-        The server counts a request when it arrives, which is after we took its slot, by
-        however long the event loop and the connection took: counting it from the answer
-        (an upper bound of its arrival) keeps the window safe whatever that delay was.
-        """
-        if later <= granted_at:
-            return
-        try:
-            self._granted.remove(granted_at)
-        except ValueError:
-            return  # already expired out of the window
-        position = len(self._granted)
-        while position > 0 and self._granted[position - 1] > later:
-            position -= 1
-        self._granted.insert(position, later)
-
 
 class BreakerState(StrEnum):
     """Circuit-breaker states; the metric exports 0, 1, 2 in this order."""

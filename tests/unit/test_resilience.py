@@ -99,15 +99,3 @@ def test_backoff_grows_exponentially_on_average() -> None:
     means = [sum(backoff.delay(n, rng) for _ in range(2000)) / 2000 for n in range(4)]
     for n, mean in enumerate(means):
         assert mean == pytest.approx(0.1 * 2**n / 2, rel=0.1)
-
-
-def test_confirm_moves_a_slot_to_when_the_answer_came() -> None:
-    limiter = SlidingWindowLimiter(2, 1.0)
-    assert limiter.try_acquire(0.0)
-    assert limiter.try_acquire(0.1)
-    # The first request really left late: its slot counts from 0.5.
-    limiter.confirm(0.0, 0.5)
-    assert limiter.delay(1.05) == pytest.approx(0.05)
-    assert limiter.delay(1.5) == 0.0
-    limiter.confirm(7.0, 8.0)  # unknown slot: ignored
-    assert limiter.try_acquire(1.5)
