@@ -96,13 +96,6 @@ class PartitionOffsets:
             heapq.heappush(self._heap, offset)
         self._in_flight.add(offset)
 
-    def in_flight(self, offset: int) -> None:
-        """The event at `offset` is in an upload that is still under way while the partition
-        is re-read (a rebalance gave it back): when read again, skip it; it is accounted for
-        when its upload ends."""
-        if offset in self._pending:
-            self._in_flight.add(offset)
-
     def received(self, offset: int) -> bool:
         """A record at `offset` was read. True when it is already done or still in flight
         (skip it); otherwise it is unaccounted until `accounted(offset)`."""

@@ -75,16 +75,12 @@ class OffsetBook:
 
     def keep_in_flight(self) -> list[str]:
         """At a rebalance deadline: batches whose intent is in the ledger may be sent, so
-        their offsets are skipped when read again here (and accounted for when their
-        upload ends; another owner holds them behind the intent). Every other batch is
-        forgotten: its intent can no longer be written (`claim_intent`), and its events
-        are read again. Returns the forgotten batch ids."""
+        they stay (`restore` makes their offsets skipped when read again here; they are
+        accounted for when their upload ends; another owner holds them behind the
+        intent). Every other batch is forgotten: its intent can no longer be written
+        (`claim_intent`), and its events are read again. Returns the forgotten ids."""
         forgotten = [b for b in self._in_flight if b not in self._intent_written]
         self.forget(forgotten)
-        for batch in self._in_flight.values():
-            for part in batch.parts:
-                source = part.event.source
-                self._offsets.partition(source.topic, source.partition).in_flight(source.offset)
         return forgotten
 
     @property
