@@ -83,15 +83,32 @@ class TopicFactory:
 
     admin: AIOKafkaAdminClient
     created: list[str] = field(default_factory=list)
+    replicas: int = 1
+    # In a cluster whose nodes are 1..replicas: the node to lead every partition of
+    # every topic created (so that one SIGKILL takes all their leaders).
+    leader: int | None = None
 
     async def create(
         self, prefix: str = "topic", *, partitions: int = 1, config: dict[str, str] | None = None
     ) -> str:
         """Create a fresh topic and return its name once the broker lists it."""
         name = unique_name(prefix)
-        topic = NewTopic(
-            name=name, num_partitions=partitions, replication_factor=1, topic_configs=config or {}
-        )
+        if self.leader is None:
+            topic = NewTopic(
+                name=name,
+                num_partitions=partitions,
+                replication_factor=self.replicas,
+                topic_configs=config or {},
+            )
+        else:
+            followers = [n for n in range(1, self.replicas + 1) if n != self.leader]
+            topic = NewTopic(
+                name=name,
+                num_partitions=-1,
+                replication_factor=-1,
+                replica_assignments={p: [self.leader, *followers] for p in range(partitions)},
+                topic_configs=config or {},
+            )
         response = await asyncio.wait_for(self.admin.create_topics([topic]), timeout=CALL_TIMEOUT_S)
         errors = [(t[0], t[1]) for t in response.topic_errors if t[1] != 0]
         if errors:

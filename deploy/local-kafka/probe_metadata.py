@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Answer whether a Kafka broker serves metadata: exit 0 when it lists a broker.
+"""Answer whether a Kafka broker serves metadata: exit 0 when it lists a broker
+(or at least the number of brokers given as the second argument, for a cluster).
 
 Standard library only, so kafka-local can wait for the broker before any
 virtual environment exists. Sends one Metadata request (API key 3, version 4,
@@ -57,7 +58,11 @@ def main() -> int:
     except (OSError, struct.error) as exc:
         print(f"no metadata from {sys.argv[1]}: {exc}", file=sys.stderr)
         return 1
-    return 0 if count >= 1 else 1
+    wanted = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    if count < wanted:
+        print(f"{sys.argv[1]} lists {count} of {wanted} brokers", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A broker of the chaos run's own (never the test session's), to kill and pause."""
+"""A broker (or a cluster) of the chaos run's own, never the test session's, to
+kill and pause."""
 
 from __future__ import annotations
 
@@ -6,40 +7,68 @@ import os
 import signal
 from pathlib import Path
 
-from tests.kafka_support import kafka_local
+from aiokafka.errors import KafkaError
+
+from tests.kafka_support import admin_client, kafka_local
 
 
 class Broker:
-    """A `kafka-local` broker in `run_dir`: start, SIGKILL, restart on its data, pause."""
+    """`kafka-local` in `run_dir`: one broker, or a KRaft cluster of `nodes` (each
+    node broker and controller; N replicas, N - 1 in sync). Start, SIGKILL, restart
+    on its data, pause. `node` names a cluster's node (1..N); None for one broker."""
 
-    def __init__(self, run_dir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, run_dir: Path, host: str = "127.0.0.1", nodes: int = 1) -> None:
         self.run_dir = run_dir
         self.host = host
+        self.nodes = nodes
         self.bootstrap = ""
 
+    def _run(self, *args: str) -> str:
+        done = kafka_local(
+            self.run_dir,
+            *args,
+            env={"SCM_RELAY_KAFKA_HOST": self.host, "SCM_RELAY_KAFKA_NODES": str(self.nodes)},
+        )
+        assert done.returncode == 0, f"kafka-local {' '.join(args)}: {done.stderr}"
+        return done.stdout.strip()
+
+    @staticmethod
+    def _node(node: int | None) -> tuple[str, ...]:
+        return () if node is None else (str(node),)
+
     def start(self) -> None:
-        started = kafka_local(self.run_dir, "start", env={"SCM_RELAY_KAFKA_HOST": self.host})
-        assert started.returncode == 0, started.stderr
-        self.bootstrap = kafka_local(self.run_dir, "address").stdout.strip()
+        self._run("start")
+        self.bootstrap = self._run("address")
 
     def stop(self) -> None:
         kafka_local(self.run_dir, "stop")
 
-    def _pid(self) -> int:
-        return int((self.run_dir / "broker.pid").read_text())
-
-    def crash(self) -> None:
+    def crash(self, node: int | None = None) -> None:
         """SIGKILL: no shutdown, no flush; the data stays."""
-        crashed = kafka_local(self.run_dir, "crash")
-        assert crashed.returncode == 0, crashed.stderr
+        self._run("crash", *self._node(node))
 
-    def restart(self) -> None:
+    def restart(self, node: int | None = None) -> None:
         """Start again on the same data and port (blocks until it answers)."""
-        restarted = kafka_local(self.run_dir, "restart")
-        assert restarted.returncode == 0, restarted.stderr
+        self._run("restart", *self._node(node))
 
     def pause(self) -> None:
-        os.kill(self._pid(), signal.SIGSTOP)
+        os.kill(int(self._run("pid")), signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.kill(self._pid(), signal.SIGCONT)
+        os.kill(int(self._run("pid")), signal.SIGCONT)
+
+    async def leaders(self, topic: str) -> dict[int, int]:
+        """Partition -> the node leading it."""
+        async with admin_client(self.bootstrap) as admin:
+            (described,) = await admin.describe_topics([topic])
+        return {p["partition"]: p["leader"] for p in described["partitions"]}
+
+    async def committed(self, group: str) -> int | None:
+        """The sum of `group`'s committed offsets (what it has consumed for good), or
+        None while the cluster cannot say (its coordinator just lost)."""
+        try:
+            async with admin_client(self.bootstrap) as admin:
+                offsets = await admin.list_consumer_group_offsets(group)
+        except KafkaError:
+            return None
+        return sum(max(int(meta.offset), 0) for meta in offsets.values())

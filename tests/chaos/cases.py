@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ async def relay_paused(env: Env) -> Row:
         return row
 
 
-async def scale_out_and_in(env: Env) -> Row:
+async def scale_1_3_1(env: Env) -> Row:
     async with running_case(
         "scale_1_3_1",
         "scale 1 -> 3 -> 1 replicas mid-run",
@@ -160,6 +161,49 @@ async def broker_paused(env: Env) -> Row:
             env.broker.resume()
         case.fault_over()
         return await case.finish({"r0": relay})
+
+
+async def cluster_leader_lost(env: Env) -> Row:
+    down = env.seconds(30, 10)
+    fault = (
+        "3-node KRaft cluster (replication 3, min.insync.replicas 2): the node leading "
+        f"every input partition SIGKILLed, restarted {down:g} s later"
+    )
+    cluster = Broker(env.logs / "cluster", nodes=3)
+    await asyncio.to_thread(cluster.start)
+    try:
+        async with running_case(
+            "cluster_leader_lost",
+            fault,
+            cluster.bootstrap,
+            env.size,
+            env.logs,
+            replicas=3,
+            leader=1,
+        ) as case:
+            relay = await case.relay("r0")
+            await case.progress(10)
+            assert set((await cluster.leaders(case.topics.input)).values()) == {1}
+            committed = await cluster.committed(case.topics.group)
+            await asyncio.to_thread(cluster.crash, 1)
+            killed = time.monotonic()
+            # Recovery here is the fail-over: from the kill to the next upload.
+            case.fault_over()
+            while (await cluster.committed(case.topics.group) or 0) <= (committed or 0):
+                assert time.monotonic() - killed < 180, "no offsets committed after the kill"
+                await asyncio.sleep(0.2)
+            commit_s = time.monotonic() - killed
+            moved = await cluster.leaders(case.topics.input)
+            await asyncio.sleep(down)
+            await asyncio.to_thread(cluster.restart, 1)
+            row = await case.finish({"r0": relay})
+            row.notes.append(
+                f"input leaders after the kill: node(s) {sorted(set(moved.values()))}; "
+                f"offsets committed again {commit_s:.1f} s after it"
+            )
+            return row
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 async def network_cut(env: Env) -> Row:
@@ -247,9 +291,10 @@ CASES: list[Callable[[Env], Awaitable[Row]]] = [
     relay_sigkill,
     relay_sigterm,
     relay_paused,
-    scale_out_and_in,
+    scale_1_3_1,
     broker_sigkill,
     broker_paused,
+    cluster_leader_lost,
     network_cut,
     api_storm(
         "api_5xx_storm",

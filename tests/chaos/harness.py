@@ -216,13 +216,18 @@ async def running_case(
     logs: Path,
     faults: Faults = STEADY,
     sim_host: str = "127.0.0.1",
+    replicas: int = 1,
+    leader: int | None = None,
     **settings: Any,
 ) -> AsyncIterator[Case]:
-    """Topics, a simulator and the backlog published; relays are started by the case."""
+    """Topics (`replicas` copies of each, all led by node `leader` when given), a
+    simulator and the backlog published; relays are started by the case."""
     settings = {"batch_max_values": 10, "api_request_timeout_s": 2.0, **settings}
     async with AsyncExitStack() as stack:
         admin = await stack.enter_async_context(admin_client(bootstrap))
-        topics = await make_topics(TopicFactory(admin), partitions=size.partitions)
+        topics = await make_topics(
+            TopicFactory(admin, replicas=replicas, leader=leader), partitions=size.partitions
+        )
         sim = await stack.enter_async_context(
             simulator(faults, codes_per_campaign=size.codes + size.sequences, host=sim_host)
         )

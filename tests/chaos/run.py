@@ -1,6 +1,6 @@
 """`make chaos`: every case at full size on a broker of its own; writes docs/reliability.md.
 
-    python -m tests.chaos.run [--smoke] [--case NAME ...] [--write FILE] [--seed N]
+    python -m tests.chaos.run [--smoke] [--case NAME ...] [--write FILE] [--seed N] [--logs DIR]
 
 Exit status 0 when every case is clean (nothing lost, nothing twice, order kept,
 every task recorded once with one result, every dead letter once), 1 otherwise.
@@ -14,6 +14,7 @@ import datetime
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -49,23 +50,39 @@ def machine() -> str:
     )
 
 
-def write(path: Path, rows: list[Row], seed: int) -> None:
-    kept = ""
-    if path.exists() and KEPT_MARK in (text := path.read_text()):
-        kept = text[text.index(KEPT_MARK) :]
+def write(path: Path, rows: list[Row], seed: int, names: list[str]) -> None:
+    """Write the table of `rows`; the rows of cases not run this time (`names` lists
+    every case, in order) are kept from the file, and the header says from when."""
+    kept, earlier, earlier_date = f"{KEPT_MARK}\n", {}, "an earlier run"
+    if path.exists():
+        text = path.read_text()
+        if KEPT_MARK in text:
+            kept = text[text.index(KEPT_MARK) :]
+            text = text[: text.index(KEPT_MARK)]
+        if dated := re.search(r"on (\d{4}-\d{2}-\d{2})", text):
+            earlier_date = dated.group(1)
+        for line in text.splitlines():
+            name = line.split("|")[1].strip() if line.startswith("| ") else ""
+            if name in names:
+                earlier[name] = line
+    fresh = {row.case: table([row]).splitlines()[-1] for row in rows}
+    old = [name for name in earlier if name not in fresh]
+    lines = [fresh.get(name) or earlier[name] for name in names if name in fresh or name in earlier]
     today = datetime.date.today().isoformat()
     body = (
         "# Reliability: the fault suite's figures\n\n"
-        f"Written by `make chaos` on {today} ({machine()}, seed {seed}); every row is one "
+        f"Written by `make chaos` on {today} ({machine()}, seed {seed})"
+        + (f"; {', '.join(fresh)} run alone, other rows kept from {earlier_date}" if old else "")
+        + "; every row is one "
         "case of `tests/chaos/cases.py`: a backlog published to a real broker of the run's "
         "own, drained by the relay as its own processes against the simulator (10 uploads "
         "per second, 10 values per request), broken as the fault column says. "
         "*Recovery* is the time from the end of the last fault to the next upload the API "
         "accepted; *total* the whole case, backlog included. A case is clean when its "
         "lost, twice, A,B,A, tasks and dead-letter columns are 0.\n\n"
-        + table(rows)
-        + "\n"
-        + (kept or f"{KEPT_MARK}\n")
+        + "\n".join(table([]).splitlines()[:2] + lines)
+        + "\n\n"
+        + kept
     )
     path.write_text(body)
 
@@ -76,16 +93,19 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", action="append", help="run only these cases")
     parser.add_argument("--write", type=Path, help="write the table to this markdown file")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--logs", type=Path, help="keep the relays' and brokers' logs here")
     args = parser.parse_args(argv)
     chosen = [case for case in CASES if not args.case or case.__name__ in args.case]
     with tempfile.TemporaryDirectory(prefix="scm-relay-chaos-") as scratch:
-        broker = Broker(Path(scratch) / "broker")
+        logs = args.logs or Path(scratch)
+        logs.mkdir(parents=True, exist_ok=True)
+        broker = Broker(logs / "broker")
         broker.start()
         try:
             env = Env(
                 broker=broker,
                 size=SMOKE if args.smoke else Size(),
-                logs=Path(scratch),
+                logs=logs,
                 smoke=args.smoke,
                 rng=random.Random(args.seed),
             )
@@ -99,7 +119,7 @@ async def main(argv: list[str] | None = None) -> int:
             broker.stop()
     print(table(rows))
     if args.write:
-        write(args.write, rows, args.seed)
+        write(args.write, rows, args.seed, [case.__name__ for case in CASES])
     return 0 if all(row.clean for row in rows) else 1
 
 

@@ -4,7 +4,8 @@
 relay killed three times, the broker killed and restarted on its data twice (a
 broker of this test's own), the relay cut off the network for 10 s (a network
 namespace; where there is no root to make one, that case says so and is
-skipped), a 5xx storm and a revoked token must each end clean:
+skipped), a 3-node cluster losing the node that leads every input partition, a
+5xx storm and a revoked token must each end clean:
 nothing lost, nothing twice, A, B, A kept, every task recorded once with one
 result, every dead letter once, no 429.
 """
@@ -80,3 +81,12 @@ async def test_smoke_network_cut_ends_clean(tmp_path: Path) -> None:
     # The case starts a broker of its own on the veth address; `broker` is not used.
     unused = Broker(tmp_path / "unused")
     assert_clean(await run_smoke(BY_NAME["network_cut"], unused, tmp_path))
+
+
+@pytest.mark.timeout(600)
+async def test_smoke_cluster_losing_the_input_leader_ends_clean(tmp_path: Path) -> None:
+    # The case starts a 3-node cluster of its own; `broker` is not used.
+    unused = Broker(tmp_path / "unused")
+    row = await run_smoke(BY_NAME["cluster_leader_lost"], unused, tmp_path)
+    assert_clean(row)
+    assert "input leaders after the kill: node(s) [1]" not in row.notes[-1], row
