@@ -33,7 +33,16 @@ $(VENV)/.synced: requirements/dev.lock pyproject.toml | $(UV)
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps --editable .
 	touch $@
 
-demo: setup ## the whole job locally: Kafka, simulator, relay, sample events, a summary
+# The demo needs the runtime packages only (Python and Java, nothing else): the
+# lint and test tools of `setup` (kustomize from Go, promtool from apt) are not used.
+# `uv pip install` adds to the environment and never removes the dev tools.
+$(VENV)/.runtime: requirements/runtime.lock pyproject.toml | $(UV)
+	[ -x $(BIN)/python ] || $(UV) venv --quiet --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(BIN)/python --require-hashes -r requirements/runtime.lock
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps --editable .
+	touch $@
+
+demo: $(VENV)/.runtime ## the whole job locally: Kafka, simulator, relay, sample events, a summary (Python and Java only)
 	$(BIN)/scm-relay demo
 
 # promtool (Debian's prometheus package) checks and tests the alert rules.

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from service import __version__
 from service.settings import SettingsError, load_settings
 from service.simulator.seed import DEFAULT_CODES_PER_CAMPAIGN
+from service.tools import commands as tools
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a fault knob at start, e.g. --fault error_rate=0.1 (repeatable; GET /_sim/faults)",
     )
     simulator.add_argument("--rng-seed", type=int, default=0, help="seed of the fault dice (0)")
+    tools.add_parsers(commands)
     return parser
 
 
@@ -115,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(os.environ, quick=args.quick)
     if args.command == "simulator":
         return _simulator(args)
+    code = tools.run(args)
+    if code is not None:
+        return code
     parser.print_help()
     return EXIT_USAGE
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +35,12 @@ from service.simulator.app import running_simulator
 from service.simulator.seed import default_seed
 from service.simulator.state import Account, Faults
 
-KAFKA_LOCAL: Final = Path(__file__).resolve().parents[1] / "deploy" / "local-kafka" / "kafka-local"
+# The broker script of a source checkout, or the copy an installed wheel carries
+# (pyproject.toml force-includes deploy/local-kafka as service/_kafka_local).
+SOURCE_KAFKA_LOCAL: Final = (
+    Path(__file__).resolve().parents[1] / "deploy" / "local-kafka" / "kafka-local"
+)
+PACKAGED_KAFKA_LOCAL: Final = Path(__file__).resolve().parent / "_kafka_local" / "kafka-local"
 DEMO_TOKEN: Final = "demo-token"  # noqa: S105 - the simulator's token, local only
 FAILING_LINE: Final = "line-9 rework"
 WAIT_LIMIT_S: Final = 240.0
@@ -129,28 +135,53 @@ def sample_events(lines: int, codes_per_line: int) -> tuple[list[bytes], int]:
     return [json.dumps(e).encode() for e in events] + invalid, len(invalid)
 
 
+class DemoUnavailableError(RuntimeError):
+    """What the demo needs and this machine lacks, said so that it can be fixed."""
+
+
+def kafka_local_command(environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The broker script to run and its environment. From an installed wheel its jars and
+    run files go to the user's cache (the package directory may not be writable)."""
+    if shutil.which("java") is None:
+        raise DemoUnavailableError(
+            "the demo's local Kafka broker needs Java 17 or newer (`java` on PATH); or point "
+            "the demo at a running broker with SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"
+        )
+    if shutil.which("bash") is None:
+        raise DemoUnavailableError("the local broker script needs bash")
+    env = dict(environ)
+    if SOURCE_KAFKA_LOCAL.exists():
+        # A run dir of its own: `kafka-local start` replaces the broker of its run dir,
+        # and the default one is the test suite's.
+        env.setdefault("SCM_RELAY_KAFKA_RUN_DIR", str(SOURCE_KAFKA_LOCAL.parent / ".run-demo"))
+        return ["bash", str(SOURCE_KAFKA_LOCAL)], env
+    if PACKAGED_KAFKA_LOCAL.exists():
+        cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scm-relay"
+        env.setdefault("SCM_RELAY_KAFKA_JARS_DIR", str(cache / "kafka-jars"))
+        env.setdefault("SCM_RELAY_KAFKA_RUN_DIR", str(cache / "kafka-run"))
+        return ["bash", str(PACKAGED_KAFKA_LOCAL)], env
+    raise DemoUnavailableError(
+        f"no local broker script in this installation ({PACKAGED_KAFKA_LOCAL} is missing): "
+        "point the demo at a broker with SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"
+    )
+
+
 @asynccontextmanager
-async def local_broker() -> AsyncIterator[str]:
-    """Start the local broker of a source checkout; yields its address."""
-    if not KAFKA_LOCAL.exists():
-        raise RuntimeError(
-            "no local broker script here (an installed package): point the demo at a broker "
-            "with SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"
-        )
-    await asyncio.to_thread(subprocess.run, [str(KAFKA_LOCAL), "start"], check=True, timeout=600)
+async def local_broker(environ: Mapping[str, str]) -> AsyncIterator[str]:
+    """Start the local broker (a source checkout's or the wheel's); yields its address."""
+    command, env = kafka_local_command(environ)
+
+    def kafka_local(action: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*command, action], env=env, text=True, **kwargs)  # noqa: S603
+
+    started = await asyncio.to_thread(kafka_local, "start", check=False, timeout=900)
+    if started.returncode != 0:
+        raise DemoUnavailableError("the local Kafka broker did not start (its messages above)")
     try:
-        address = await asyncio.to_thread(
-            subprocess.run,
-            [str(KAFKA_LOCAL), "address"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+        address = await asyncio.to_thread(kafka_local, "address", check=True, capture_output=True)
         yield address.stdout.strip()
     finally:
-        await asyncio.to_thread(
-            subprocess.run, [str(KAFKA_LOCAL), "stop"], check=False, timeout=120
-        )
+        await asyncio.to_thread(kafka_local, "stop", check=False, timeout=120)
 
 
 async def run_demo(
@@ -162,7 +193,7 @@ async def run_demo(
     async with AsyncExitStack() as stack:
         bootstrap: str = environ.get("SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS", "")
         if not bootstrap:
-            bootstrap = await stack.enter_async_context(local_broker())
+            bootstrap = await stack.enter_async_context(local_broker(environ))
         api_url = environ.get("SCM_RELAY_API_BASE_URL")
         token = environ.get("SCM_RELAY_API_TOKEN", DEMO_TOKEN)
         if not api_url:
@@ -307,6 +338,10 @@ def main(environ: Mapping[str, str], *, quick: bool = False) -> int:
     """Entry point of `scm-relay demo`."""
     configure_logging("console", environ.get("SCM_RELAY_LOG_LEVEL", "WARNING").upper())
     sizes = {"lines": 2, "codes_per_line": 100} if quick else {}
-    summary = asyncio.run(run_demo(environ, **sizes))
+    try:
+        summary = asyncio.run(run_demo(environ, **sizes))
+    except DemoUnavailableError as exc:
+        print(f"scm-relay demo: {exc}", file=sys.stderr)
+        return 1
     print(summary.table())
     return 0

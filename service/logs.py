@@ -76,12 +76,14 @@ class Redactor:
         # Longest first, so a form containing another is replaced whole.
         self._forms = sorted(forms, key=len, reverse=True)
 
+    def redact(self, text: str) -> str:
+        for form in self._forms:
+            text = text.replace(form, REDACTED)
+        return text
+
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
         line = self._renderer(logger, method_name, event_dict)
-        if isinstance(line, str):
-            for form in self._forms:
-                line = line.replace(form, REDACTED)
-        return line
+        return self.redact(line) if isinstance(line, str) else line
 
 
 _redactor: Redactor | None = None

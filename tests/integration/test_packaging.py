@@ -90,3 +90,58 @@ def test_simulator_starts_from_the_installed_package(installed: Path, tmp_path: 
         assert url.startswith("http://127.0.0.1:")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+def maven_mirror(root: Path) -> str:
+    """A file:// Maven repository of the jars the session's broker already fetched
+    (deploy/local-kafka/.jars), laid out as jars.lock names them: the wheel's demo fetches
+    from it as it would from Maven Central, offline."""
+    local = ROOT / "deploy" / "local-kafka"
+    for line in (local / "jars.lock").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        group, artifact, version = line.split()[0].split(":")
+        folder = root / group.replace(".", "/") / artifact / version
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{artifact}-{version}.jar"
+        (folder / name).symlink_to(local / ".jars" / name)
+    return root.as_uri()
+
+
+def quick_demo(
+    installed: Path, env: dict[str, str], cwd: Path, timeout_s: float
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(installed / "scm-relay"), "demo", "--quick"],
+        capture_output=True,
+        timeout=timeout_s,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(900)
+def test_the_demo_runs_from_the_installed_wheel(installed: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCM_RELAY_")}
+    env |= {
+        "HOME": str(tmp_path / "home"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "SCM_RELAY_MAVEN_REPO": maven_mirror(tmp_path / "maven"),
+    }
+    demo = quick_demo(installed, env, tmp_path, timeout_s=800)
+    assert demo.returncode == 0, demo.stderr.decode()[-3000:]
+    assert b"scm-relay demo: summary" in demo.stdout, demo.stdout.decode()
+    assert b"codes affected" in demo.stdout
+    jars = tmp_path / "cache" / "scm-relay" / "kafka-jars"
+    assert len(list(jars.glob("*.jar"))) > 40, "the broker's jars were not fetched to the cache"
+
+
+def test_the_demo_says_what_is_missing_without_java(installed: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCM_RELAY_")}
+    env["PATH"] = str(installed)  # the wheel's scm-relay, and no java
+    demo = quick_demo(installed, env, tmp_path, timeout_s=120)
+    assert demo.returncode == 1
+    assert b"needs Java 17" in demo.stderr
+    assert b"SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS" in demo.stderr

@@ -1,0 +1,79 @@
+"""How the tools print: a rich table on a terminal (or when asked), JSON for scripts.
+
+rich draws the tables: it measures wide cells and wraps them, which hand-padded
+columns do not. Every string printed passes `redact`, so no secret of the settings
+reaches the screen even when an error message quotes one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from service.logs import Redactor, configure_logging
+
+
+def quiet_logs(log_level: str, secrets: Iterable[str]) -> None:
+    """A tool reports what went wrong itself: the relay's log lines (and aiokafka's) would
+    repeat it on stderr. They show only with SCM_RELAY_LOG_LEVEL=DEBUG."""
+    level = "DEBUG" if log_level.upper() == "DEBUG" else "CRITICAL"
+    configure_logging("console", level, secrets)
+    logging.getLogger("aiokafka").setLevel(logging.getLevelName(level))
+
+
+class Printer:
+    """Prints rows as a table (`--json`: one JSON document) with secrets removed."""
+
+    def __init__(
+        self, *, as_json: bool, secrets: Iterable[str] = (), stream: TextIO | None = None
+    ) -> None:
+        self.as_json = as_json
+        self._redactor = Redactor(str, secrets)  # the log lines' rule: the same forms
+        self._stream = stream or sys.stdout
+        self._console = Console(file=self._stream, soft_wrap=False, highlight=False)
+
+    def redact(self, text: str) -> str:
+        return self._redactor.redact(text)
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, Mapping):
+            return {key: self._clean(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(item) for item in value]
+        return value
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+        """`rows` keyed by column name; JSON prints them all, whole."""
+        if self.as_json:
+            self.json(list(rows))
+            return
+        table = Table(title=title, title_justify="left", show_lines=False)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*(self._cell(row.get(column)) for column in columns))
+        self._console.print(table)
+
+    def _cell(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, dict | list):
+            return self.redact(json.dumps(value, ensure_ascii=False))
+        return self.redact(str(value))
+
+    def json(self, document: Any) -> None:
+        self._stream.write(json.dumps(self._clean(document), ensure_ascii=False, default=str))
+        self._stream.write("\n")
+
+    def line(self, text: str) -> None:
+        """A line of prose (ignored with --json, whose document says it all)."""
+        if not self.as_json:
+            self._console.print(self.redact(text), markup=False)
