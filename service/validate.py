@@ -42,7 +42,7 @@ class ValidationSummary:
         return text
 
 
-def _read_line(stream: BinaryIO, limit: int) -> tuple[bytes, bool] | None:
+def read_line(stream: BinaryIO, limit: int) -> tuple[bytes, bool] | None:
     """The next line without its line ending, and whether it was over `limit` bytes.
 
     An over-long line is read to its end in chunks and dropped, never held whole.
@@ -79,7 +79,7 @@ def validate_stream(source: BinaryIO, out: TextIO, limits: ContractLimits) -> Va
     """Write one verdict per non-blank line of `source` to `out`; return the counts."""
     summary = ValidationSummary()
     line_number = 0
-    while (read := _read_line(source, limits.max_record_bytes)) is not None:
+    while (read := read_line(source, limits.max_record_bytes)) is not None:
         line_number += 1
         raw, too_long = read
         result: ParsedEvent | Rejection

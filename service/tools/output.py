@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from service.logs import Redactor, configure_logging
@@ -72,6 +73,23 @@ class Printer:
     def json(self, document: Any) -> None:
         self._stream.write(json.dumps(self._clean(document), ensure_ascii=False, default=str))
         self._stream.write("\n")
+
+    def progress(self, what: str, total: int) -> Callable[[int | None], None]:
+        """A progress bar on a terminal's stderr (none for --json or a pipe): call the
+        returned function with the steps done, and with None to end it."""
+        if self.as_json or not sys.stderr.isatty():
+            return lambda _steps: None
+        bar = Progress(console=Console(file=sys.stderr), transient=True)
+        task = bar.add_task(what, total=total)
+        bar.start()
+
+        def advance(steps: int | None) -> None:
+            if steps is None:
+                bar.stop()
+            else:
+                bar.advance(task, steps)
+
+        return advance
 
     def line(self, text: str) -> None:
         """A line of prose (ignored with --json, whose document says it all)."""
