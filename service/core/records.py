@@ -212,6 +212,7 @@ class TaskProgress(_Record):
 HEADER_STAGE: Final = "scm_relay.error.stage"
 HEADER_REASON: Final = "scm_relay.error.reason"
 HEADER_MESSAGE: Final = "scm_relay.error.message"
+HEADER_FIELD: Final = "scm_relay.error.field"
 HEADER_SOURCE_TOPIC: Final = "scm_relay.source.topic"
 HEADER_SOURCE_PARTITION: Final = "scm_relay.source.partition"
 HEADER_SOURCE_OFFSET: Final = "scm_relay.source.offset"
@@ -249,6 +250,8 @@ class DeadLetterHeaders(_Record):
     source_topic: str
     source_partition: NonNegativeInt
     source_offset: NonNegativeInt
+    # The field the rule concerns (`scm_data.lot`), when the contract named one.
+    field: str | None = None
     api_status: int | None = None
     api_body: str | None = None
     source_size: NonNegativeInt | None = None
@@ -274,6 +277,8 @@ class DeadLetterHeaders(_Record):
             (HEADER_SOURCE_PARTITION, str(self.source_partition)),
             (HEADER_SOURCE_OFFSET, str(self.source_offset)),
         ]
+        if self.field is not None:
+            headers.append((HEADER_FIELD, self.field))
         if self.api_status is not None:
             headers.append((HEADER_API_STATUS, str(self.api_status)))
         if self.api_body is not None:
@@ -310,6 +315,7 @@ class DeadLetterHeaders(_Record):
             source_topic=values[HEADER_SOURCE_TOPIC],
             source_partition=int(values[HEADER_SOURCE_PARTITION]),
             source_offset=int(values[HEADER_SOURCE_OFFSET]),
+            field=values.get(HEADER_FIELD),
             api_status=None if api_status is None else int(api_status),
             api_body=values.get(HEADER_API_BODY),
             source_size=int(values[HEADER_SOURCE_SIZE]) if HEADER_SOURCE_SIZE in values else None,

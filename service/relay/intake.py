@@ -514,6 +514,7 @@ def dead_letter(record: FetchedRecord, raw: bytes, refused: Rejection) -> DeadLe
         source_topic=record.topic,
         source_partition=record.partition,
         source_offset=record.offset,
+        field=refused.field,
     )
     return DeadLetter(
         Source(record.topic, record.partition, record.offset), raw, record.key, headers

@@ -24,6 +24,8 @@ def add_parsers(commands: Any) -> None:
     )
     check.add_argument("--json", action="store_true", help=JSON_HELP)
     add_publish(commands)
+    add_dlq(commands)
+    add_tasks(commands)
 
 
 def add_publish(commands: Any) -> None:
@@ -61,6 +63,70 @@ def add_publish(commands: Any) -> None:
     publish.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
+def add_dlq(commands: Any) -> None:
+    dlq = commands.add_parser(
+        "dlq",
+        help="list dead letters; replay them (originals or fixed records) to the input topic",
+        description="Inspect the dead-letter topic (SCM_RELAY_DLQ_TOPIC) and replay from it.",
+    )
+    actions = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    listing = actions.add_parser(
+        "list",
+        help="the dead letters: offset, time, reason, field, message, source, replayed",
+        description="List dead letters (the newest --limit), with when each was replayed.",
+    )
+    replay = actions.add_parser(
+        "replay",
+        help="republish dead letters (or fixed records) to the input topic, once",
+        description=(
+            "Republish the selected dead letters' originals, or the corrected records of "
+            "--fixed, to the input topic with provenance headers, in one transaction that also "
+            "marks each as replayed (so it is not replayed twice unless --force). Each record "
+            "is judged by the contract first: one that would be refused again refuses the "
+            "whole replay. Exit 0 replayed, 1 refused (nothing published), 2 usage, 3 Kafka."
+        ),
+    )
+    for parser in (listing, replay):
+        parser.add_argument("--reason", help="only this reason code (e.g. scm_data_key_status)")
+        parser.add_argument("--since", help="only since: 30m, 2h, 7d, or an ISO date or time")
+        parser.add_argument("--json", action="store_true", help=JSON_HELP)
+    listing.add_argument("--limit", type=int, default=50, help="show the newest N (50)")
+    replay.add_argument(
+        "--offsets", metavar="A-B", help="dead-letter offsets A to B (P:A-B for partition P)"
+    )
+    replay.add_argument(
+        "--fixed",
+        metavar="FILE",
+        help='JSON lines {"offset": N, "event": {...}}: the corrected record of dead letter N',
+    )
+    replay.add_argument("--dry-run", action="store_true", help="judge and list; publish nothing")
+    replay.add_argument("--force", action="store_true", help="replay what was replayed before")
+
+
+def add_tasks(commands: Any) -> None:
+    tasks = commands.add_parser(
+        "tasks",
+        help="tasks as the ledger, the API and the results topic see them",
+        description=(
+            "Read the ledger (SCM_RELAY_TASKS_TOPIC) and the results topic to their end, and "
+            "ask the API (show, group). Exit 0 found, 1 not found, 2 usage, 3 Kafka failed."
+        ),
+    )
+    actions = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="tasks: open (followed), complete, failed")
+    listing.add_argument("--state", choices=["open", "complete", "failed", "short"])
+    listing.add_argument("--reference", help="only tasks with this reference")
+    listing.add_argument("--limit", type=int, default=50, help="show the newest N (50)")
+    show = actions.add_parser(
+        "show", help="one task: ledger record, API detail and result side by side, its events"
+    )
+    show.add_argument("task_id")
+    group = actions.add_parser("group", help="a reference: the API's task group and its tasks")
+    group.add_argument("reference")
+    for parser in (listing, show, group):
+        parser.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
 def run(args: argparse.Namespace) -> int | None:
     """Run the tool `args` names; None when it names none."""
     if args.command == "check":
@@ -71,4 +137,12 @@ def run(args: argparse.Namespace) -> int | None:
         from service.tools import publish
 
         return publish.run(args)
+    if args.command == "dlq":
+        from service.tools import dlq
+
+        return dlq.run(args)
+    if args.command == "tasks":
+        from service.tools import tasks
+
+        return tasks.run(args)
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
@@ -18,6 +19,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from service.logs import Redactor, configure_logging
+from service.settings import Settings, SettingsError, load_settings
 
 
 def quiet_logs(log_level: str, secrets: Iterable[str]) -> None:
@@ -26,6 +28,20 @@ def quiet_logs(log_level: str, secrets: Iterable[str]) -> None:
     level = "DEBUG" if log_level.upper() == "DEBUG" else "CRITICAL"
     configure_logging("console", level, secrets)
     logging.getLogger("aiokafka").setLevel(logging.getLevelName(level))
+
+
+def tool_start(command: str, as_json: bool) -> tuple[Settings, Printer] | None:
+    """A tool's settings (as the relay reads them) and its printer, its logs quieted; None
+    when the settings are invalid (said on stderr: the tool exits 2)."""
+    from service.app import secrets
+
+    try:
+        settings = load_settings(os.environ)
+    except SettingsError as exc:
+        print(f"scm-relay {command}: {exc}", file=sys.stderr)
+        return None
+    quiet_logs(settings.log_level, secrets(settings))
+    return settings, Printer(as_json=as_json, secrets=secrets(settings))
 
 
 class Printer:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
@@ -34,8 +33,8 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, Final
 
 from service.core.contract import ContractLimits
-from service.settings import Settings, SettingsError, load_settings
-from service.tools.output import Printer, quiet_logs
+from service.settings import Settings
+from service.tools.output import Printer, tool_start
 from service.tools.sources import (
     CsvEvents,
     Draft,
@@ -55,8 +54,6 @@ PROBLEMS_SHOWN: Final = 50
 # step holds (the drafts, their JSON, the producer's batches) is bounded whatever the
 # file's length, about 10 MB.
 SEND_STEP_VALUES: Final = 20_000
-# Kafka's default transaction.max.timeout.ms: a file must be sent within it.
-TRANSACTION_TIMEOUT_MS: Final = 900_000
 HEADER_SOURCE: Final = "scm_relay.publish.source"
 HEADER_DIGEST: Final = "scm_relay.publish.sha256"
 HEADER_LINES: Final = "scm_relay.publish.lines"
@@ -129,16 +126,12 @@ class Request:
 
 
 def run(args: argparse.Namespace) -> int:
-    printer = Printer(as_json=args.json)
-    try:
-        settings = load_settings(os.environ)
-    except SettingsError as exc:
-        print(f"scm-relay publish: {exc}", file=sys.stderr)
+    tool = tool_start("publish", args.json)
+    if tool is None:
         return EXIT_USAGE
-    from service.app import contract_limits, secrets
+    settings, printer = tool
+    from service.app import contract_limits
 
-    quiet_logs(settings.log_level, secrets(settings))
-    printer = Printer(as_json=args.json, secrets=secrets(settings))
     with ExitStack() as stack:
         try:
             path = stack.enter_context(_readable(args.file))
@@ -283,36 +276,23 @@ def _publish(request: Request, settings: Settings, report: Report, printer: Prin
 
 
 async def _send(request: Request, settings: Settings, report: Report, printer: Printer) -> int:
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
+    from aiokafka.errors import KafkaError
 
-    from service.app import kafka_config
-    from service.kafka import client_options
+    from service.tools.kafka_io import MissingTopicError, require_topic, transactional_producer
 
     report.transactional_id = f"{settings.kafka_group_id}-publish-{report.sha256[:16]}"
-    producer = AIOKafkaProducer(
-        **client_options(kafka_config(settings)),
-        transactional_id=report.transactional_id,
-        enable_idempotence=True,
-        acks="all",
-        transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
-    )
     progress = printer.progress("publishing", total=report.events)
     try:
-        async with asyncio.timeout(60):
-            await producer.start()
-        try:
-            await producer.partitions_for(request.topic)
-        except UnknownTopicOrPartitionError as exc:
-            raise UsageError(
-                f"the topic {request.topic} does not exist (--topic, SCM_RELAY_INPUT_TOPIC)"
-            ) from exc
-        judged = _Reading(request, report.sha256).judged()
-        async with producer.transaction():
-            while chunk := await asyncio.to_thread(_take, judged, SEND_STEP_VALUES):
-                sent = [await _send_one(producer, request, report, *item) for item in chunk]
-                await asyncio.gather(*(future for future in sent if future is not None))
-                progress(len(chunk))
+        async with transactional_producer(settings, report.transactional_id) as producer:
+            await require_topic(producer, request.topic, "--topic, SCM_RELAY_INPUT_TOPIC")
+            judged = _Reading(request, report.sha256).judged()
+            async with producer.transaction():
+                while chunk := await asyncio.to_thread(_take, judged, SEND_STEP_VALUES):
+                    sent = [await _send_one(producer, request, report, *item) for item in chunk]
+                    await asyncio.gather(*(future for future in sent if future is not None))
+                    progress(len(chunk))
+    except MissingTopicError as exc:
+        raise UsageError(str(exc)) from exc
     except (KafkaError, TimeoutError) as exc:
         print(
             f"scm-relay publish: Kafka failed ({type(exc).__name__}: {printer.redact(str(exc))}); "
@@ -323,7 +303,6 @@ async def _send(request: Request, settings: Settings, report: Report, printer: P
         return EXIT_KAFKA
     finally:
         progress(None)
-        await producer.stop()
     return EXIT_PUBLISHED
 
 

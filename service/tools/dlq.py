@@ -1,0 +1,472 @@
+"""`scm-relay dlq list` and `scm-relay dlq replay`: the dead letters, and sending them back.
+
+A replay republishes each selected dead letter's original (or a corrected record from
+`--fixed`, a JSON-lines file keyed by dead-letter offset) to the input topic, with its
+key and provenance headers, in one transaction with a *replay marker* per dead letter:
+a record in the dead-letter topic itself, in the dead letter's partition, keyed
+`replayed:<partition>:<offset>` and carrying the header `scm_relay.replay.of`. The
+marker is what makes a replay idempotent: a dead letter with a marker is not replayed
+again unless `--force`, and `dlq list` shows when it was replayed. The markers are
+looked for after the producer has started, so that a replay still open under the same
+transactional id (`<group>-dlq-replay`) is fenced off or visible first.
+
+Every record to replay is judged by the relay's contract first; one that would be
+refused again (an original that was never valid, a fix that is still wrong) refuses
+the whole replay: nothing is published. A dead letter written without its value (an
+API rejection the relay no longer had in memory) or truncated (over 512 KiB) is
+replayed from its source position, which must still be retained.
+Exit codes: 0 replayed (or nothing selected); 1 refused, nothing published; 2 usage;
+3 Kafka failed, nothing published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import re
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from service.core.contract import ContractLimits, ParsedEvent, parse_event
+from service.core.records import DeadLetterHeaders
+from service.settings import Settings
+from service.tools.output import Printer, tool_start
+
+EXIT_OK: Final = 0
+EXIT_REFUSED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_KAFKA: Final = 3
+HEADER_REPLAY_OF: Final = "scm_relay.replay.of"  # on a marker: "<partition>:<offset>"
+HEADER_REPLAY_TOPIC: Final = "scm_relay.replay.dlq_topic"
+HEADER_REPLAY_PARTITION: Final = "scm_relay.replay.dlq_partition"
+HEADER_REPLAY_OFFSET: Final = "scm_relay.replay.dlq_offset"
+HEADER_REPLAY_REASON: Final = "scm_relay.replay.reason"
+HEADER_REPLAY_FIXED: Final = "scm_relay.replay.fixed"
+DEFAULT_LIMIT: Final = 50
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class UsageError(Exception):
+    """The command cannot run as given (exit 2)."""
+
+
+@dataclass
+class DeadLetter:
+    """One dead letter as read back, with its replay marker when it has one."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes
+    headers: DeadLetterHeaders
+    replayed: dict[str, Any] | None = None
+
+    @property
+    def position(self) -> str:
+        return f"{self.partition}:{self.offset}"
+
+    def row(self) -> dict[str, Any]:
+        when = dt.datetime.fromtimestamp(self.timestamp_ms / 1000, dt.UTC)
+        h = self.headers
+        return {
+            "offset": self.position,
+            "time": when.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "reason": h.reason.value,
+            "field": h.field,
+            "message": h.message,
+            "source": f"{h.source_topic}/{h.source_partition}/{h.source_offset}",
+            "replayed": (self.replayed or {}).get("replayed_at"),
+        }
+
+
+@dataclass
+class Selection:
+    """Which dead letters a command takes."""
+
+    reason: str | None = None
+    since_ms: int | None = None
+    offsets: tuple[int | None, int, int] | None = None  # partition (None: all), first, last
+
+    def takes(self, letter: DeadLetter) -> bool:
+        if self.reason is not None and letter.headers.reason.value != self.reason:
+            return False
+        if self.since_ms is not None and letter.timestamp_ms < self.since_ms:
+            return False
+        if self.offsets is not None:
+            partition, first, last = self.offsets
+            if partition is not None and letter.partition != partition:
+                return False
+            if not first <= letter.offset <= last:
+                return False
+        return True
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> int:
+    """`30m`, `2h`, `7d` ago, or an ISO 8601 date or time (UTC unless it says): epoch ms."""
+    now = now or dt.datetime.now(dt.UTC)
+    if match := _DURATION.match(text.strip()):
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+        return int((now - dt.timedelta(seconds=seconds)).timestamp() * 1000)
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise UsageError(
+            f"--since {text!r}: give a duration (30m, 2h, 7d) or an ISO date or time"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def parse_offsets(text: str) -> tuple[int | None, int, int]:
+    """`A-B`, `A`, `P:A-B` or `P:A`: dead-letter offsets (in partition P)."""
+    match = re.fullmatch(r"(?:(\d+):)?(\d+)(?:-(\d+))?", text.strip())
+    if match is None:
+        raise UsageError(f"--offsets {text!r}: give A-B, A, P:A-B or P:A")
+    partition = None if match.group(1) is None else int(match.group(1))
+    first = int(match.group(2))
+    last = int(match.group(3)) if match.group(3) is not None else first
+    if last < first:
+        raise UsageError(f"--offsets {text!r}: {last} is before {first}")
+    return partition, first, last
+
+
+async def read_dead_letters(
+    settings: Settings, topic: str, since_ms: int | None = None
+) -> AsyncIterator[DeadLetter]:
+    """The dead letters of `topic` in offset order per partition, each with its replay
+    marker (markers are read first: they follow their dead letters in the log)."""
+    from service.tools.kafka_io import read_to_end
+
+    markers: dict[str, dict[str, Any]] = {}
+    letters: list[DeadLetter] = []
+    # Markers come later in the log than their dead letters: one read takes both, keeping
+    # the dead letters that pass the time filter (bounded by the caller's limit below).
+    async for record in read_to_end(settings, topic, since_ms=since_ms):
+        headers = {name: value for name, value in record.headers or ()}
+        if HEADER_REPLAY_OF in headers:
+            try:
+                markers[headers[HEADER_REPLAY_OF].decode()] = json.loads(record.value or b"{}")
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                markers[headers[HEADER_REPLAY_OF].decode(errors="replace")] = {}
+            continue
+        try:
+            parsed = DeadLetterHeaders.from_kafka(record.headers or ())
+        except (KeyError, ValueError, ValidationError):
+            continue  # not a dead letter the relay wrote
+        letters.append(
+            DeadLetter(
+                record.partition,
+                record.offset,
+                record.timestamp,
+                record.key,
+                record.value or b"",
+                parsed,
+            )
+        )
+    for letter in letters:
+        letter.replayed = markers.get(letter.position)
+        yield letter
+
+
+def run(args: argparse.Namespace) -> int:
+    started = tool_start("dlq", args.json)
+    if started is None:
+        return EXIT_USAGE
+    settings, printer = started
+    from service.app import contract_limits
+
+    try:
+        selection = Selection(
+            reason=args.reason,
+            since_ms=parse_since(args.since) if args.since else None,
+            offsets=parse_offsets(args.offsets) if getattr(args, "offsets", None) else None,
+        )
+        if args.dlq_command == "list":
+            return asyncio.run(_list(settings, selection, args.limit, printer))
+        fixed = read_fixed(Path(args.fixed)) if args.fixed else {}
+        replay = Replay(
+            settings=settings,
+            selection=selection,
+            fixed=fixed,
+            limits=contract_limits(settings),
+            dry_run=args.dry_run,
+            force=args.force,
+        )
+        return asyncio.run(replay.run(printer))
+    except UsageError as exc:
+        print(f"scm-relay dlq: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+async def _list(settings: Settings, selection: Selection, limit: int, printer: Printer) -> int:
+    from aiokafka.errors import KafkaError
+
+    from service.tools.kafka_io import MissingTopicError
+
+    shown: deque[DeadLetter] = deque(maxlen=limit)  # the newest `limit`
+    matched = 0
+    try:
+        async for letter in read_dead_letters(settings, settings.dlq_topic, selection.since_ms):
+            if selection.takes(letter):
+                matched += 1
+                shown.append(letter)
+    except MissingTopicError as exc:
+        raise UsageError(f"{exc} (SCM_RELAY_DLQ_TOPIC)") from exc
+    except (KafkaError, TimeoutError) as exc:
+        print(f"scm-relay dlq: Kafka failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EXIT_KAFKA
+    rows = [letter.row() for letter in shown]
+    if printer.as_json:
+        printer.json({"topic": settings.dlq_topic, "matched": matched, "dead_letters": rows})
+        return EXIT_OK
+    printer.table(
+        f"dead letters in {settings.dlq_topic}",
+        ["offset", "time", "reason", "field", "message", "source", "replayed"],
+        rows,
+    )
+    more = f" (the newest {len(rows)} shown; --limit)" if matched > len(rows) else ""
+    printer.line(f"{matched} dead letter(s) matched{more}")
+    return EXIT_OK
+
+
+def read_fixed(path: Path) -> dict[tuple[int, int], bytes]:
+    """`--fixed`: JSON lines of `{"offset": N, "partition": P (default 0), "event": {...}}`,
+    the corrected record for the dead letter at P:N."""
+    fixed: dict[tuple[int, int], bytes] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --fixed {path}: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            position = (int(entry.get("partition", 0)), int(entry["offset"]))
+            event = entry["event"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UsageError(
+                f'--fixed {path}:{number}: not {{"offset": N, "event": {{...}}}}: {exc}'
+            ) from exc
+        if position in fixed:
+            raise UsageError(f"--fixed {path}:{number}: dead letter {position} is fixed twice")
+        fixed[position] = json.dumps(event, ensure_ascii=False).encode()
+    return fixed
+
+
+@dataclass
+class Planned:
+    """One dead letter to replay: the bytes to republish, or why it cannot be."""
+
+    letter: DeadLetter
+    value: bytes | None = None
+    fixed: bool = False
+    problem: str | None = None
+
+
+@dataclass
+class Replay:
+    settings: Settings
+    selection: Selection
+    fixed: dict[tuple[int, int], bytes]
+    limits: ContractLimits
+    dry_run: bool = False
+    force: bool = False
+    skipped_replayed: list[str] = field(default_factory=list)
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.settings.kafka_group_id}-dlq-replay"
+
+    async def run(self, printer: Printer) -> int:
+        from aiokafka.errors import KafkaError
+
+        from service.tools.kafka_io import MissingTopicError, require_topic, transactional_producer
+
+        try:
+            if self.dry_run:
+                plan = await self._plan()
+                return self._report(plan, printer, published=False)
+            async with transactional_producer(self.settings, self.transactional_id) as producer:
+                await require_topic(producer, self.settings.input_topic, "SCM_RELAY_INPUT_TOPIC")
+                plan = await self._plan()  # after start: an earlier replay is fenced or done
+                if any(item.problem for item in plan) or not plan:
+                    return self._report(plan, printer, published=False)
+                async with producer.transaction():
+                    sent = [await self._send(producer, item) for item in plan]
+                    await asyncio.gather(*sent)
+                return self._report(plan, printer, published=True)
+        except MissingTopicError as exc:
+            raise UsageError(str(exc)) from exc
+        except (KafkaError, TimeoutError) as exc:
+            print(
+                f"scm-relay dlq replay: Kafka failed ({type(exc).__name__}: "
+                f"{printer.redact(str(exc))}); nothing published",
+                file=sys.stderr,
+            )
+            return EXIT_KAFKA
+
+    async def _plan(self) -> list[Planned]:
+        from service.tools.kafka_io import MissingTopicError
+
+        plan: list[Planned] = []
+        try:
+            letters = read_dead_letters(self.settings, self.settings.dlq_topic)
+            async for letter in letters:
+                if not self.selection.takes(letter):
+                    continue
+                if letter.replayed is not None and not self.force:
+                    self.skipped_replayed.append(letter.position)
+                    continue
+                plan.append(await self._judge(letter))
+        except MissingTopicError as exc:
+            raise UsageError(f"{exc} (SCM_RELAY_DLQ_TOPIC)") from exc
+        unknown = set(self.fixed) - {(p.letter.partition, p.letter.offset) for p in plan}
+        if unknown:
+            listed = ", ".join(f"{p}:{o}" for p, o in sorted(unknown))
+            raise UsageError(f"--fixed names dead letters not selected (or not found): {listed}")
+        return plan
+
+    async def _judge(self, letter: DeadLetter) -> Planned:
+        fix = self.fixed.get((letter.partition, letter.offset))
+        if fix is not None:
+            value, fixed = fix, True
+        elif letter.value and not letter.headers.value_truncated:
+            value, fixed = letter.value, False
+        else:
+            original = await self._original(letter)
+            if original is None:
+                return Planned(
+                    letter,
+                    problem="its original is gone from its source position: give a --fixed record",
+                )
+            value, fixed = original, False
+        verdict = parse_event(value, self.limits)
+        if isinstance(verdict, ParsedEvent):
+            return Planned(letter, value, fixed)
+        what = "the fix" if fixed else "the original"
+        return Planned(
+            letter,
+            value,
+            fixed,
+            problem=f"{what} would be refused again: {verdict.reason.value}: {verdict.message}",
+        )
+
+    async def _original(self, letter: DeadLetter) -> bytes | None:
+        """The whole source record of a dead letter written without (all of) its value."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from service.tools.kafka_io import options
+
+        h = letter.headers
+        tp = TopicPartition(h.source_topic, h.source_partition)
+        consumer = AIOKafkaConsumer(
+            **options(self.settings), enable_auto_commit=False, isolation_level="read_committed"
+        )
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            first = (await consumer.beginning_offsets([tp]))[tp]
+            if h.source_offset < first:
+                return None
+            consumer.seek(tp, h.source_offset)
+            async with asyncio.timeout(30):
+                while True:
+                    batch = await consumer.getmany(tp, timeout_ms=1000)
+                    for record in batch.get(tp, []):
+                        if record.offset == h.source_offset:
+                            return bytes(record.value or b"")
+                        if record.offset > h.source_offset:
+                            return None
+        except TimeoutError:
+            return None
+        finally:
+            await consumer.stop()
+
+    async def _send(self, producer: Any, item: Planned) -> Any:
+        letter, settings = item.letter, self.settings
+        assert item.value is not None  # noqa: S101 - only planned items without a problem are sent
+        headers = [
+            (HEADER_REPLAY_TOPIC, settings.dlq_topic.encode()),
+            (HEADER_REPLAY_PARTITION, str(letter.partition).encode()),
+            (HEADER_REPLAY_OFFSET, str(letter.offset).encode()),
+            (HEADER_REPLAY_REASON, letter.headers.reason.value.encode()),
+        ]
+        if item.fixed:
+            headers.append((HEADER_REPLAY_FIXED, b"true"))
+        sent = await producer.send(
+            settings.input_topic, item.value, key=letter.key, headers=headers
+        )
+        marker = {
+            "replayed_at": dt.datetime.now(dt.UTC)
+            .isoformat(timespec="seconds")
+            .replace("+00:00", "Z"),
+            "input_topic": settings.input_topic,
+            "fixed": item.fixed,
+        }
+        await producer.send(
+            settings.dlq_topic,
+            json.dumps(marker).encode(),
+            key=f"replayed:{letter.position}".encode(),
+            partition=letter.partition,
+            headers=[(HEADER_REPLAY_OF, letter.position.encode())],
+        )
+        return sent
+
+    def _report(self, plan: list[Planned], printer: Printer, *, published: bool) -> int:
+        refused = [item for item in plan if item.problem]
+        rows = [
+            {
+                **item.letter.row(),
+                "replay": "fixed" if item.fixed else "original",
+                "problem": item.problem,
+            }
+            for item in plan
+        ]
+        code = EXIT_REFUSED if refused else EXIT_OK
+        if printer.as_json:
+            printer.json(
+                {
+                    "exit_code": code,
+                    "dry_run": self.dry_run,
+                    "published": published,
+                    "replayed": len(plan) if published else 0,
+                    "already_replayed": self.skipped_replayed,
+                    "dead_letters": rows,
+                }
+            )
+            return code
+        if rows:
+            printer.table(
+                "dead letters to replay" if not published else "dead letters replayed",
+                ["offset", "reason", "replay", "problem", "source"],
+                rows,
+            )
+        if self.skipped_replayed:
+            printer.line(
+                f"already replayed, left alone (--force replays again): "
+                f"{', '.join(self.skipped_replayed)}"
+            )
+        if refused:
+            printer.line(f"{len(refused)} would be refused again: nothing published")
+        elif published:
+            printer.line(
+                f"replayed {len(plan)} dead letter(s) to {self.settings.input_topic} in one "
+                f"transaction ({self.transactional_id})"
+            )
+        elif self.dry_run:
+            printer.line(f"--dry-run: {len(plan)} dead letter(s) would be replayed")
+        else:
+            printer.line("no dead letter selected: nothing published")
+        return code
