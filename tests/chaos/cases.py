@@ -169,6 +169,14 @@ async def cluster_leader_lost(env: Env) -> Row:
         "3-node KRaft cluster (replication 3, min.insync.replicas 2): the node leading "
         f"every input partition SIGKILLed, restarted {down:g} s later"
     )
+    # A backlog long enough (over 10 s of uploads at smoke size) that a busy machine cannot
+    # drain it between the 10th upload and the kill: the kill must land mid-drain.
+    size = Size(
+        codes=env.size.codes * env.times(2, 4),
+        sequences=env.size.sequences,
+        invalid=env.size.invalid,
+        partitions=env.size.partitions,
+    )
     cluster = Broker(env.logs / "cluster", nodes=3)
     await asyncio.to_thread(cluster.start)
     try:
@@ -176,7 +184,7 @@ async def cluster_leader_lost(env: Env) -> Row:
             "cluster_leader_lost",
             fault,
             cluster.bootstrap,
-            env.size,
+            size,
             env.logs,
             replicas=3,
             leader=1,
@@ -187,10 +195,17 @@ async def cluster_leader_lost(env: Env) -> Row:
             committed = await cluster.committed(case.topics.group)
             await asyncio.to_thread(cluster.crash, 1)
             killed = time.monotonic()
+            accepted = case.sim.account.stats.uploads_accepted
+            assert accepted < size.uploads, "the backlog was drained before the kill"
             # Recovery here is the fail-over: from the kill to the next upload.
             case.fault_over()
             while (await cluster.committed(case.topics.group) or 0) <= (committed or 0):
-                assert time.monotonic() - killed < 180, "no offsets committed after the kill"
+                if time.monotonic() - killed > 180:
+                    tail = case.log_path("r0").read_text().splitlines()[-60:]
+                    raise AssertionError(
+                        "no offsets committed in 180 s after the kill; the relay's log ends:\n"
+                        + "\n".join(tail)
+                    )
                 await asyncio.sleep(0.2)
             commit_s = time.monotonic() - killed
             moved = await cluster.leaders(case.topics.input)
