@@ -233,11 +233,19 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
     printer.table(
         f"dead letters in {settings.dlq_topic}",
         ["offset", "time", "reason", "field", "message", "source", "replayed"],
-        rows,
+        [
+            {**row, "time": _minute(row["time"]), "replayed": _minute(row["replayed"])}
+            for row in rows
+        ],
     )
     more = f" (the newest {len(rows)} shown; --limit)" if matched > len(rows) else ""
     printer.line(f"{matched} dead letter(s) matched{more}")
     return EXIT_OK
+
+
+def _minute(stamp: str | None) -> str | None:
+    """`2026-11-29 06:41` (UTC) for a table; --json has the full time."""
+    return None if stamp is None else stamp[:16].replace("T", " ")
 
 
 def read_fixed(path: Path) -> dict[tuple[int, int], bytes]:
@@ -332,7 +340,8 @@ class Replay:
                 plan.append(await self._judge(letter))
         except MissingTopicError as exc:
             raise UsageError(f"{exc} (SCM_RELAY_DLQ_TOPIC)") from exc
-        unknown = set(self.fixed) - {(p.letter.partition, p.letter.offset) for p in plan}
+        replayed = {tuple(map(int, position.split(":"))) for position in self.skipped_replayed}
+        unknown = set(self.fixed) - {(p.letter.partition, p.letter.offset) for p in plan} - replayed
         if unknown:
             listed = ", ".join(f"{p}:{o}" for p, o in sorted(unknown))
             raise UsageError(f"--fixed names dead letters not selected (or not found): {listed}")

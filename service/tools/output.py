@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from rich.console import Console
 from rich.progress import Progress
@@ -42,6 +42,10 @@ def tool_start(command: str, as_json: bool) -> tuple[Settings, Printer] | None:
         return None
     quiet_logs(settings.log_level, secrets(settings))
     return settings, Printer(as_json=as_json, secrets=secrets(settings))
+
+
+PROSE_COLUMNS: Final = frozenset({"message", "problem", "found", "fix", "reference"})
+IDENTIFIER_COLUMNS: Final = frozenset({"task_id", "event_id", "offset", "check"})
 
 
 class Printer:
@@ -74,7 +78,13 @@ class Printer:
             return
         table = Table(title=title, title_justify="left", show_lines=False)
         for column in columns:
-            table.add_column(column, overflow="fold")
+            # Prose wraps first; identifiers keep their line (they are copied and pasted).
+            if column in PROSE_COLUMNS:
+                table.add_column(column, overflow="fold", ratio=1, min_width=16)
+            elif column in IDENTIFIER_COLUMNS:
+                table.add_column(column, no_wrap=True)
+            else:
+                table.add_column(column, overflow="fold")
         for row in rows:
             table.add_row(*(self._cell(row.get(column)) for column in columns))
         self._console.print(table)

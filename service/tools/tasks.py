@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 from collections import deque
@@ -28,6 +29,17 @@ EXIT_NOT_FOUND: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNAVAILABLE: Final = 3
 STATES: Final = ("open", "complete", "failed", "short")
+
+
+def seconds(stamp: Any) -> str | None:
+    """An ISO time to the second, in UTC (`2026-11-29T06:41:30Z`), for a table."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(dt.UTC)
+    except ValueError:
+        return stamp
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -62,8 +74,8 @@ class TaskView:
             "values": values,
             "codes": f"{'-' if affected is None else affected} of "
             f"{'-' if expected is None else expected}",
-            "submitted": record.get("submitted_at"),
-            "completed": (self.result or {}).get("completed_at"),
+            "submitted": seconds(record.get("submitted_at")),
+            "completed": seconds((self.result or {}).get("completed_at")),
             "events": len(record.get("events") or []),
         }
 
@@ -135,16 +147,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
 
 
-LIST_COLUMNS: Final = [
-    "task_id",
-    "state",
-    "reference",
-    "campaign",
-    "values",
-    "codes",
-    "submitted",
-    "completed",
-]
+# What fits a terminal; --json and `tasks show` have every field.
+LIST_COLUMNS: Final = ["task_id", "state", "reference", "values", "codes", "submitted"]
 
 
 async def _list(settings: Settings, args: argparse.Namespace, printer: Printer) -> int:
@@ -202,6 +206,11 @@ SIDE_BY_SIDE: Final = [
 ]
 
 
+def _cell(record: dict[str, Any] | None, name: str) -> Any:
+    value = (record or {}).get(name)
+    return seconds(value) if name.endswith("_at") else value
+
+
 async def _show(settings: Settings, task_id: str, printer: Printer) -> int:
     views, (api, api_problem) = await asyncio.gather(
         read_views(settings, wanted=task_id), _api(settings, "task", task_id)
@@ -225,9 +234,9 @@ async def _show(settings: Settings, task_id: str, printer: Printer) -> int:
         rows.append(
             {
                 "field": name,
-                "ledger": ledger_state if name == "state" else (view.ledger or {}).get(name),
-                "api": (api or {}).get(name),
-                "result": (view.result or {}).get(name),
+                "ledger": ledger_state if name == "state" else _cell(view.ledger, name),
+                "api": _cell(api, name),
+                "result": _cell(view.result, name),
             }
         )
     printer.table(f"task {task_id}", ["field", "ledger", "api", "result"], rows)
@@ -266,17 +275,20 @@ async def _group(settings: Settings, reference: str, printer: Printer) -> int:
         )
         return EXIT_OK if (tasks or api) else EXIT_NOT_FOUND
     if api is not None:
+        stats = api.get("state_stats") or {}
         printer.table(
             f"task group {reference!r} at the API",
+            ["tasks", "codes_affected", "completed", "states", "started", "finished"],
             [
-                "tasks_count",
-                "codes_affected",
-                "completed",
-                "state_stats",
-                "started_at",
-                "completed_at",
+                {
+                    "tasks": api.get("tasks_count"),
+                    "codes_affected": api.get("codes_affected"),
+                    "completed": api.get("completed"),
+                    "states": ", ".join(f"{k} {v}" for k, v in stats.items() if v),
+                    "started": seconds(api.get("started_at")),
+                    "finished": seconds(api.get("completed_at")),
+                }
             ],
-            [api],
         )
     else:
         printer.line(f"the API's task group: none ({api_problem})")
