@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import run_relay
+from service.core.contract import Reason
 from service.core.records import HEADER_REASON, INTENT_KEY_PREFIX
 from service.http import free_port
 from service.logs import configure_logging
@@ -59,6 +60,7 @@ class DemoSummary:
     dead_letters: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     metrics_url: str | None = None
+    replayed: dict[str, Any] | None = None  # the result of the dead letter fixed and replayed
 
     def table(self) -> str:
         """A readable summary."""
@@ -81,6 +83,11 @@ class DemoSummary:
             "dead letters          "
             + (", ".join(f"{r} {n}" for r, n in sorted(self.dead_letters.items())) or "none")
         )
+        if self.replayed is not None:
+            lines.append(
+                f"replayed              1 dead letter fixed, its task "
+                f"{self.replayed['task_id']} {self.replayed['state']}"
+            )
         lines.append(f"time taken            {self.seconds:.1f} s")
         if self.metrics_url:
             lines.append(f"metrics               {self.metrics_url} (while the demo ran)")
@@ -231,6 +238,7 @@ async def run_demo(
         try:
             await _publish(bootstrap, topics["changes"], records)
             await _wait_for_results(bootstrap, topics, summary, relay)
+            await _fix_and_replay(settings, summary)
         finally:
             stop.set()
             await asyncio.wait_for(relay, timeout=60)
@@ -312,6 +320,70 @@ async def _wait_for_results(
     finally:
         for reader in readers.values():
             await reader.stop()
+
+
+FIXED_EVENT_ID: Final = "mes-2-status-fixed"
+
+
+async def _fix_and_replay(settings: Settings, summary: DemoSummary) -> None:
+    """What an operator does with the `status` dead letter: fix it (the key is
+    `activation_status`), replay it (`scm-relay dlq replay --fixed`), and follow its
+    task (`scm-relay tasks show`). The tools' own code runs, printing what they print."""
+    from service.app import contract_limits
+    from service.tools.dlq import Replay, Selection, read_dead_letters
+    from service.tools.output import Printer
+    from service.tools.tasks import show
+
+    letter = None
+    async for candidate in read_dead_letters(settings, settings.dlq_topic):
+        if candidate.headers.reason is Reason.SCM_DATA_KEY_STATUS:
+            letter = candidate
+    if letter is None:
+        return
+    event = json.loads(letter.value)
+    event["scm_data"] = {"activation_status": event["scm_data"]["status"]}
+    event["event_id"] = FIXED_EVENT_ID
+    position = (letter.partition, letter.offset)
+    print(f"\n$ cat fix.jsonl\n{json.dumps({'offset': letter.offset, 'event': event})}")
+    print("$ scm-relay dlq replay --fixed fix.jsonl")
+    printer = Printer(as_json=False)
+    replay = Replay(
+        settings=settings,
+        selection=Selection(offsets=(letter.partition, letter.offset, letter.offset)),
+        fixed={position: json.dumps(event).encode()},
+        limits=contract_limits(settings),
+    )
+    await replay.run(printer)
+    result = await _result_carrying(settings, FIXED_EVENT_ID)
+    summary.replayed = result
+    summary.tasks[result["state"]] += 1
+    summary.codes_affected += result["codes_affected"] or 0
+    summary.codes_expected += result["expected_codes"] or 0
+    print(f"\n$ scm-relay tasks show {result['task_id']}")
+    await show(settings, result["task_id"], printer)
+
+
+async def _result_carrying(settings: Settings, event_id: str) -> dict[str, Any]:
+    """The result of the task that carried `event_id` (waits up to WAIT_LIMIT_S)."""
+    reader = AIOKafkaConsumer(
+        settings.results_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await reader.start()
+    try:
+        async with asyncio.timeout(WAIT_LIMIT_S):
+            while True:
+                for records in (await reader.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        value = json.loads(record.value)
+                        carried = {e.get("event_id") for e in value.get("events", [])}
+                        if value.get("kind") == "result" and event_id in carried:
+                            return dict(value)
+    finally:
+        await reader.stop()
 
 
 def _take(

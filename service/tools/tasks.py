@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tasks_command == "list":
             return asyncio.run(_list(settings, args, printer))
         if args.tasks_command == "show":
-            return asyncio.run(_show(settings, args.task_id, printer))
+            return asyncio.run(show(settings, args.task_id, printer))
         return asyncio.run(_group(settings, args.reference, printer))
     except MissingTopicError as exc:
         print(f"scm-relay tasks: {exc}", file=sys.stderr)
@@ -211,7 +211,7 @@ def _cell(record: dict[str, Any] | None, name: str) -> Any:
     return seconds(value) if name.endswith("_at") else value
 
 
-async def _show(settings: Settings, task_id: str, printer: Printer) -> int:
+async def show(settings: Settings, task_id: str, printer: Printer) -> int:
     views, (api, api_problem) = await asyncio.gather(
         read_views(settings, wanted=task_id), _api(settings, "task", task_id)
     )

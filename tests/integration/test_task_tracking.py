@@ -201,13 +201,17 @@ async def test_the_demo_summarises_what_happened(kafka_bootstrap: str) -> None:
     summary = await run_demo(
         {"SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}, lines=2, codes_per_line=100
     )
-    assert summary.tasks == {"complete": 3, "failed": 1}
+    # The `status` dead letter, fixed and replayed, makes a fourth complete task.
+    assert summary.tasks == {"complete": 4, "failed": 1}
     assert summary.dead_letters == {"campaign_type": 1, "invalid_json": 1, "scm_data_key_status": 1}
     ((short,),) = [summary.short_tasks]
     assert (short["reference"], short["shortfall"]) == ("line-7 relabel", 2)
-    assert summary.codes_affected == 202
+    assert summary.codes_affected == 203
+    assert summary.replayed is not None
+    assert summary.replayed["codes_affected"] == 1
     table = summary.table()
-    assert "tasks                 4: complete 3, failed 1" in table
+    assert "tasks                 5: complete 4, failed 1" in table
+    assert f"its task {summary.replayed['task_id']} complete" in table
     assert "line-7 relabel: 2 of 4 codes, 2 missing" in table
     assert summary.metrics_url is not None
     assert f"metrics               {summary.metrics_url}" in table
