@@ -108,6 +108,21 @@ class PartitionOffsets:
             heapq.heappush(self._heap, offset)
         return False
 
+    def read_to(self, position: int) -> bool:
+        """The consumer stands at `position` having handed out every record below it,
+        and each was `received`. Offsets between the last record and `position` hold no
+        event: transaction markers, or records of aborted transactions, which a
+        read_committed consumer skips. The commit point may pass them (else a partition
+        a transactional publisher writes to shows a lag of one for ever). True when the
+        commit point moved: nothing is pending."""
+        floor = self._next_after_last
+        if floor is None and self.committed is not None:
+            floor = self.committed[0]
+        if floor is None or position <= floor:
+            return False
+        self._next_after_last = position
+        return not self._pending
+
     def is_done(self, offset: int) -> bool:
         """Accounted for, or below the commit point."""
         if offset in self._done_above:
@@ -191,6 +206,11 @@ class OffsetTracker:
             return False
         tracker.done(offset)
         return True
+
+    def read_to(self, topic: str, partition: int, position: int) -> bool:
+        """See `PartitionOffsets.read_to`; False for a partition not tracked."""
+        tracker = self._partitions.get((topic, partition))
+        return tracker is not None and tracker.read_to(position)
 
     def is_done(self, topic: str, partition: int, offset: int) -> bool:
         """See `PartitionOffsets.is_done`; False for a partition not tracked."""

@@ -48,6 +48,11 @@ class OffsetBook:
                 if (source.topic, source.partition) == (topic, partition):
                     tracker.hold_in_flight(source.offset)
 
+    def read_to(self, topic: str, partition: int, position: int) -> bool:
+        """The consumer's position past transaction markers (see PartitionOffsets.read_to);
+        True when the partition's commit point moved."""
+        return self._offsets.read_to(topic, partition, position)
+
     def is_done(self, source: Source) -> bool:
         """Whether the event at `source` is accounted for (or to be skipped)."""
         return self._offsets.is_done(source.topic, source.partition, source.offset)

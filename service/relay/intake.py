@@ -46,6 +46,8 @@ log = structlog.get_logger(__name__)
 
 POLL_MS: Final = 100
 MAX_RECORDS: Final = 2000
+# How often, at most, a commit is asked for only to pass transaction markers.
+MARKER_COMMIT_EVERY_S: Final = 1.0
 # How often intake looks again at a due batch that waits for a free uploader.
 LINGER_RECHECK_MS: Final = 20
 # While the upload queue is full, intake polls Kafka (partitions paused) this often, well
@@ -130,6 +132,8 @@ class Intake:
         self._metrics = metrics
         self._clock = clock
         self._inbox = inbox
+        self._markers_passed = False  # a commit point moved past markers, not yet committed
+        self._markers_committed_at = float("-inf")
         self._ledger_read = False
         self._ledger_tasks = LedgerTasks()
         self._paused = False
@@ -163,13 +167,17 @@ class Intake:
             self._last_poll = self._clock()
             epoch = self._rebalances
             consumed = 0
+            every_record_taken = True
             for record in (r for records in batches.values() for r in records):
                 if stop.is_set() or epoch != self._rebalances:
                     # Records not processed are not tracked: read again from the commit.
+                    every_record_taken = False
                     break
                 consumed += 1
                 await self._on_record(record, stop)
             self._metrics.events_consumed.inc(consumed)
+            if every_record_taken and consumed < MAX_RECORDS:
+                await self._pass_markers(epoch)
             # Linger-due batches go only when an uploader is free to take them at once;
             # until then they keep filling (full ones are queued regardless).
             if self._uploaders.idle:
@@ -177,6 +185,25 @@ class Intake:
                     await self._send(batch, stop)
         log.info("relay_stopping", open_batches=self._admission.open_batches)
         return [*self._unsent, *self._admission.drain()]
+
+    async def _pass_markers(self, epoch: int) -> None:
+        """Caught up (the last poll was not full, and every record it returned is taken):
+        let the commit points pass the transaction markers after the last records, and
+        have them committed at most every MARKER_COMMIT_EVERY_S (a busy relay's own
+        transactions carry them sooner)."""
+        for tp in self._consumer.assignment():
+            if epoch != self._rebalances:
+                return
+            try:
+                position = await self._consumer.position(tp)
+            except KafkaError:
+                continue  # revoked meanwhile, or not yet positioned
+            self._markers_passed |= self._book.read_to(tp.topic, tp.partition, position)
+        now = self._clock()
+        if self._markers_passed and now - self._markers_committed_at >= MARKER_COMMIT_EVERY_S:
+            self._markers_passed = False
+            self._markers_committed_at = now
+            await self._committer.submit(Flush())
 
     def _poll_timeout_ms(self) -> int:
         deadline = self._admission.next_deadline()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.api_support import simulator
+from tests.integration.test_exactly_once import everything_settled
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     make_topics,
@@ -60,9 +61,9 @@ async def test_publish_relay_dlq_replay_and_tasks(
         await publish(kafka_bootstrap, topics.input, [bad])
 
         async with relay_process(settings, tmp_path / "relay.log"):
-            # (Not "input committed to its end": a transactional publish leaves its commit
-            # marker after the last record, which the relay's commit point stops before.)
-            await results(kafka_bootstrap, topics.results, expected=1, timeout_s=120)
+            # The input committed to its end: past the commit marker of the transactional
+            # publish too (no lag of one left on its partition).
+            await everything_settled(kafka_bootstrap, topics, sim, timeout_s=120)
             await dead_letters(kafka_bootstrap, topics.dlq, expected=1)
             listed = await tool("dlq", "list", "--json")
             (letter,) = listed.json()["dead_letters"]
@@ -78,7 +79,8 @@ async def test_publish_relay_dlq_replay_and_tasks(
             replayed = await tool("dlq", "replay", "--fixed", str(fix), "--json")
             assert replayed.code == 0, replayed.out + replayed.err
             assert replayed.json()["replayed"] == 1
-            finished = await results(kafka_bootstrap, topics.results, expected=2, timeout_s=120)
+            await results(kafka_bootstrap, topics.results, expected=2, timeout_s=120)
+            finished = await everything_settled(kafka_bootstrap, topics, sim, timeout_s=120)
 
         assert len(finished) == 2
         tasks = await tool("tasks", "list", "--json")

@@ -159,3 +159,33 @@ def test_committed_offset_never_passes_an_unaccounted_event(
         unaccounted_then = [o for o in range(received) if o not in accounted]
         assert set(unaccounted_then) <= set(redelivered) | set(range(offset))
         assert not set(unaccounted_then) & set(range(offset))
+
+
+def test_the_commit_point_passes_transaction_markers_after_the_last_record() -> None:
+    offsets = PartitionOffsets()
+    for offset in (0, 1, 2):
+        offsets.received(offset)
+    offsets.accounted(0)
+    offsets.accounted(2)
+    # Offset 3 is a transaction's commit marker: the consumer stands at 4.
+    assert not offsets.read_to(4), "an event still pending must hold the commit point"
+    assert offsets.checkpoint() == (1, "scm-relay:1:2")
+    offsets.accounted(1)
+    assert offsets.checkpoint() == (4, "")
+    assert not offsets.read_to(4)
+    assert not offsets.read_to(3), "a position below the last one read moves nothing"
+
+
+def test_markers_pass_from_the_restored_commit_point_and_never_without_one() -> None:
+    fresh = PartitionOffsets()
+    assert not fresh.read_to(5)
+    assert fresh.checkpoint() is None
+    restored = PartitionOffsets()
+    restored.restore(10, None)
+    assert not restored.read_to(10)
+    assert restored.read_to(12)
+    assert restored.checkpoint() == (12, "")
+    restored.received(12)
+    assert restored.checkpoint() is None  # 12 pending: nothing new to commit
+    restored.accounted(12)
+    assert restored.checkpoint() == (13, "")

@@ -280,3 +280,28 @@ async def test_offsets_done_above_the_commit_are_skipped_after_an_assignment() -
         await eventually(lambda: len(subject.queue.batches) == 2)
         await asyncio.sleep(0.1)
     assert values(subject.queue.batches) == [["a"], ["c"]]
+
+
+async def test_the_commit_point_passes_a_transaction_marker_and_a_commit_is_asked_for() -> None:
+    subject = rig()
+    subject.consumer.append(b"{not json")
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    async with running(subject):
+        await eventually(lambda: subject.committer.items)
+        subject.book.dead_lettered("in", 0, 0)  # the committer wrote it
+        # A transactional publisher's commit marker at offset 1: the consumer skips it.
+        subject.consumer.positions[0] = 2
+        await eventually(lambda: any(isinstance(i, Flush) for i in subject.committer.items))
+    assert subject.book.checkpoints() == {("in", 0): (2, "")}
+
+
+async def test_no_marker_is_passed_while_an_event_is_unaccounted() -> None:
+    subject = rig()
+    subject.consumer.append(b"{not json")
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    async with running(subject):
+        await eventually(lambda: subject.committer.items)
+        subject.consumer.positions[0] = 2
+        await asyncio.sleep(0.3)
+    assert not any(isinstance(i, Flush) for i in subject.committer.items)
+    assert subject.book.checkpoints() == {("in", 0): (0, "")}
