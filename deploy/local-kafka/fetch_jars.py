@@ -48,11 +48,8 @@ def read_lock(lock: Path) -> list[tuple[str, str, str, str]]:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def fetch(url: str, target: Path, digest: str) -> None:

@@ -4,9 +4,21 @@ quick), and the dispatch to the module that runs each, imported when it runs."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import importlib
+from typing import Any, Final
 
 JSON_HELP = "print one JSON document (for scripts) instead of a table"
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def add_parsers(commands: Any) -> None:
@@ -90,7 +102,7 @@ def add_dlq(commands: Any) -> None:
         parser.add_argument("--reason", help="only this reason code (e.g. scm_data_key_status)")
         parser.add_argument("--since", help="only since: 30m, 2h, 7d, or an ISO date or time")
         parser.add_argument("--json", action="store_true", help=JSON_HELP)
-    listing.add_argument("--limit", type=int, default=50, help="show the newest N (50)")
+    listing.add_argument("--limit", type=positive, default=50, help="show the newest N (50)")
     replay.add_argument(
         "--offsets", metavar="A-B", help="dead-letter offsets A to B (P:A-B for partition P)"
     )
@@ -116,7 +128,7 @@ def add_tasks(commands: Any) -> None:
     listing = actions.add_parser("list", help="tasks: open (followed), complete, failed")
     listing.add_argument("--state", choices=["open", "complete", "failed", "short"])
     listing.add_argument("--reference", help="only tasks with this reference")
-    listing.add_argument("--limit", type=int, default=50, help="show the newest N (50)")
+    listing.add_argument("--limit", type=positive, default=50, help="show the newest N (50)")
     show = actions.add_parser(
         "show", help="one task: ledger record, API detail and result side by side, its events"
     )
@@ -127,22 +139,13 @@ def add_tasks(commands: Any) -> None:
         parser.add_argument("--json", action="store_true", help=JSON_HELP)
 
 
+TOOLS: Final = ("check", "publish", "dlq", "tasks")
+
+
 def run(args: argparse.Namespace) -> int | None:
-    """Run the tool `args` names; None when it names none."""
-    if args.command == "check":
-        from service.tools import check
-
-        return check.run(args)
-    if args.command == "publish":
-        from service.tools import publish
-
-        return publish.run(args)
-    if args.command == "dlq":
-        from service.tools import dlq
-
-        return dlq.run(args)
-    if args.command == "tasks":
-        from service.tools import tasks
-
-        return tasks.run(args)
-    return None
+    """Run the tool `args` names (its module, imported now); None when it names none."""
+    if args.command not in TOOLS:
+        return None
+    tool = importlib.import_module(f"service.tools.{args.command}")
+    code: int = tool.run(args)
+    return code

@@ -142,41 +142,39 @@ def parse_offsets(text: str) -> tuple[int | None, int, int]:
 
 
 async def read_dead_letters(
-    settings: Settings, topic: str, since_ms: int | None = None
+    settings: Settings,
+    topic: str,
+    since_ms: int | None = None,
+    markers: dict[str, dict[str, Any]] | None = None,
 ) -> AsyncIterator[DeadLetter]:
-    """The dead letters of `topic` in offset order per partition, each with its replay
-    marker (markers are read first: they follow their dead letters in the log)."""
+    """The dead letters of `topic` in offset order per partition, as they are read (none
+    is held here: the caller keeps what it needs). Replay markers come later in the log
+    than their dead letters; they are put in `markers` (position -> marker), complete
+    once the read has ended, for the caller to apply to what it kept."""
     from service.tools.kafka_io import read_to_end
 
-    markers: dict[str, dict[str, Any]] = {}
-    letters: list[DeadLetter] = []
-    # Markers come later in the log than their dead letters: one read takes both, keeping
-    # the dead letters that pass the time filter (bounded by the caller's limit below).
     async for record in read_to_end(settings, topic, since_ms=since_ms):
         headers = {name: value for name, value in record.headers or ()}
         if HEADER_REPLAY_OF in headers:
-            try:
-                markers[headers[HEADER_REPLAY_OF].decode()] = json.loads(record.value or b"{}")
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                markers[headers[HEADER_REPLAY_OF].decode(errors="replace")] = {}
+            if markers is not None:
+                position = headers[HEADER_REPLAY_OF].decode(errors="replace")
+                try:
+                    markers[position] = json.loads(record.value or b"{}")
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    markers[position] = {}
             continue
         try:
             parsed = DeadLetterHeaders.from_kafka(record.headers or ())
         except (KeyError, ValueError, ValidationError):
             continue  # not a dead letter the relay wrote
-        letters.append(
-            DeadLetter(
-                record.partition,
-                record.offset,
-                record.timestamp,
-                record.key,
-                record.value or b"",
-                parsed,
-            )
+        yield DeadLetter(
+            record.partition,
+            record.offset,
+            record.timestamp,
+            record.key,
+            record.value or b"",
+            parsed,
         )
-    for letter in letters:
-        letter.replayed = markers.get(letter.position)
-        yield letter
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,9 +213,11 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
     from service.tools.kafka_io import MissingTopicError
 
     shown: deque[DeadLetter] = deque(maxlen=limit)  # the newest `limit`
+    markers: dict[str, dict[str, Any]] = {}
     matched = 0
     try:
-        async for letter in read_dead_letters(settings, settings.dlq_topic, selection.since_ms):
+        letters = read_dead_letters(settings, settings.dlq_topic, selection.since_ms, markers)
+        async for letter in letters:
             if selection.takes(letter):
                 matched += 1
                 shown.append(letter)
@@ -226,6 +226,8 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
     except (KafkaError, TimeoutError) as exc:
         print(f"scm-relay dlq: Kafka failed ({type(exc).__name__}: {exc})", file=sys.stderr)
         return EXIT_KAFKA
+    for letter in shown:
+        letter.replayed = markers.get(letter.position)
     rows = [letter.row() for letter in shown]
     if printer.as_json:
         printer.json({"topic": settings.dlq_topic, "matched": matched, "dead_letters": rows})
@@ -328,20 +330,20 @@ class Replay:
     async def _plan(self) -> list[Planned]:
         from service.tools.kafka_io import MissingTopicError
 
-        plan: list[Planned] = []
+        markers: dict[str, dict[str, Any]] = {}
         try:
-            letters = read_dead_letters(self.settings, self.settings.dlq_topic)
-            async for letter in letters:
-                if not self.selection.takes(letter):
-                    continue
-                if letter.replayed is not None and not self.force:
-                    self.skipped_replayed.append(letter.position)
-                    continue
-                plan.append(await self._judge(letter))
+            letters = read_dead_letters(self.settings, self.settings.dlq_topic, markers=markers)
+            selected = [letter async for letter in letters if self.selection.takes(letter)]
         except MissingTopicError as exc:
             raise UsageError(f"{exc} (SCM_RELAY_DLQ_TOPIC)") from exc
-        replayed = {tuple(map(int, position.split(":"))) for position in self.skipped_replayed}
-        unknown = set(self.fixed) - {(p.letter.partition, p.letter.offset) for p in plan} - replayed
+        plan: list[Planned] = []
+        for letter in selected:
+            letter.replayed = markers.get(letter.position)
+            if letter.replayed is not None and not self.force:
+                self.skipped_replayed.append(letter.position)
+            else:
+                plan.append(await self._judge(letter))
+        unknown = set(self.fixed) - {(letter.partition, letter.offset) for letter in selected}
         if unknown:
             listed = ", ".join(f"{p}:{o}" for p, o in sorted(unknown))
             raise UsageError(f"--fixed names dead letters not selected (or not found): {listed}")

@@ -173,6 +173,9 @@ async def test_usage_errors(kafka_bootstrap: str, letters: Topics, tmp_path: Pat
     bad_since = await dlq(kafka_bootstrap, letters, "list", "--since", "yesterday")
     assert bad_since.code == 2
     assert "--since" in bad_since.err
+    no_rows = await dlq(kafka_bootstrap, letters, "list", "--limit", "0")
+    assert no_rows.code == 2
+    assert "'0' is not a whole number of at least 1" in no_rows.err
     bad_offsets = await dlq(kafka_bootstrap, letters, "replay", "--offsets", "5-2")
     assert bad_offsets.code == 2
     fix = tmp_path / "fix.jsonl"
