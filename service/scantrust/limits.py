@@ -2,15 +2,8 @@
 
 Scantrust's limits are per account (section 2.3 of docs/scantrust-scm-api.md):
 10 uploads per second and 3 000 requests per minute, whatever the number of
-replicas. While the group shares the input partitions, uploads take slots on the
-wall clock that belong to the partitions this replica owns (`service/core/slots.py`,
-which says why). A replica that owns every input partition holds the whole limit:
-it keeps an exact sliding window of its own instead, so that uploads falling due
-together leave at once and a busy event loop forfeits nothing (slots paced a lone
-replica's uploads one slot apart: docs/benchmarks.md). After its input partitions
-change, a replica sends no upload for one window (1 s + margin): whatever the
-previous owners sent under the old assignment, in their slots or their own
-window, has left the server's window by then. All requests
+replicas. Uploads take slots on the wall clock that belong to the input partitions
+this replica owns (`service/core/slots.py`, which says why). All requests
 (uploads, status polls, look-ups) share a sliding minute whose size is the
 account's limit times this replica's part of the partitions it works on (input
 and ledger): it has no rounding to speak of at 3 000 a minute. A client that
@@ -53,14 +46,6 @@ class RateLimits:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._slots = UploadSlots(upload_rate_per_s, SLOT_MARGIN_S, SLOT_LATE_S)
-        # This replica's own uploads in the last second (+ margin): the whole limit's
-        # window when it owns every input partition; kept in both modes.
-        uploads = max(1, math.floor(upload_rate_per_s))
-        self._uploads = SlidingWindowLimiter(
-            uploads, uploads / upload_rate_per_s, SLOT_MARGIN_S * uploads / upload_rate_per_s
-        )
-        self._input: frozenset[int] | None = None  # None: no group told (whole account)
-        self._hold_until = 0.0
         self._overall_limit = overall_rate_per_min
         self._overall = SlidingWindowLimiter(
             overall_rate_per_min, OVERALL_PERIOD_S, OVERALL_MARGIN_S
@@ -84,10 +69,6 @@ class RateLimits:
         (INPUT: the input topic, whose owners upload; LEDGER: the ledger, whose owners
         poll task status)."""
         if role == INPUT:
-            inputs = frozenset(owned)
-            if inputs != self._input:
-                self._hold_until = self._wall() + self._uploads.period_s
-            self._input = inputs
             self._slots.share(owned, partitions)
         self._parts[role] = (len(owned), partitions)
         mine = sum(part for part, _ in self._parts.values())
@@ -102,15 +83,7 @@ class RateLimits:
         """Wait until a request may be written; returns the wall-clock time it may."""
         while True:
             now = self._wall()
-            if is_upload and now < self._hold_until:
-                await asyncio.sleep(self._hold_until - now)
-                continue
-            if is_upload and self._slots.fraction >= 1.0:
-                wait = self._uploads.delay(now)
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue
-            elif is_upload:
+            if is_upload:
                 slot = self._slots.reserve(now)
                 if slot is None:  # no input partition: wait for an assignment
                     await self._changed.wait()
@@ -123,7 +96,5 @@ class RateLimits:
             wait = self._overall.delay(now)
             if wait <= 0:
                 self._overall.try_acquire(now)
-                if is_upload:
-                    self._uploads.try_acquire(now)
                 return now
             await asyncio.sleep(wait)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from bisect import bisect_left
 
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.core.slots import UploadSlots
-from service.scantrust.limits import INPUT, LEDGER, SLOT_LATE_S, SLOT_MARGIN_S, RateLimits
+from service.scantrust.limits import INPUT, LEDGER, RateLimits
 
 RATE, MARGIN, LATE = 10.0, 0.03, 0.01
 
@@ -117,34 +116,3 @@ def test_the_minute_limit_is_divided_over_input_and_ledger_partitions() -> None:
     limits.assigned(INPUT, [], 6)
     limits.assigned(LEDGER, [], 6)
     assert limits.overall_limit == 1, "one request is always allowed (the token check)"
-
-
-async def test_a_replica_owning_every_partition_sends_a_burst_then_waits_for_its_window() -> None:
-    limits = RateLimits(RATE, 3000)  # no group told: the whole account
-    times = [await limits.acquire(is_upload=True) for _ in range(int(RATE))]
-    # Due together, they leave together (slots would space them (1 s + 30 ms) / 10 apart).
-    assert times[-1] - times[0] < 0.5
-    eleventh = await limits.acquire(is_upload=True)
-    assert eleventh - times[0] >= 1.0, "an eleventh upload inside the second"
-
-
-async def test_after_its_partitions_change_a_replica_waits_one_window() -> None:
-    limits = RateLimits(RATE, 3000)
-    before = time.time()
-    limits.assigned(INPUT, [0, 1, 2], 3)  # every partition, but new: others may have sent
-    first = await limits.acquire(is_upload=True)
-    assert first - before >= 1.0
-    limits.assigned(INPUT, [0, 1, 2], 3)  # the same partitions again: no wait
-    assert await limits.acquire(is_upload=True) - first < 0.5
-
-
-async def test_a_replica_sharing_the_group_keeps_to_its_slots() -> None:
-    limits = RateLimits(RATE, 3000)
-    limits.assigned(INPUT, [0], 2)
-    first = await limits.acquire(is_upload=True)
-    second = await limits.acquire(is_upload=True)
-    third = await limits.acquire(is_upload=True)
-    slot = (1 + SLOT_MARGIN_S) / RATE
-    # One slot in two is this replica's: no burst, whatever is due.
-    assert second - first >= 2 * slot - SLOT_LATE_S * 2
-    assert third - second >= 2 * slot - SLOT_LATE_S * 2
