@@ -79,7 +79,11 @@ async def run(rate_per_s: float, seconds: float, linger_ms: int) -> dict[str, An
                 # The relay has joined its group and read the empty ledger before the clock runs.
                 async def reading() -> bool:
                     relay.check_alive()
-                    return (await relay.metrics()).get("scm_relay_intake_paused", 1) == 0
+                    # Ready first: since the relay serves its metrics while it starts (waiting
+                    # for Kafka), intake_paused reads 0 before intake has even begun.
+                    metrics = await relay.metrics()
+                    ready = metrics.get("scm_relay_ready", 0) == 1
+                    return ready and metrics.get("scm_relay_intake_paused", 1) == 0
 
                 await wait_for(reading, timeout_s=60, what="the relay to read")
                 say(f"latency: {rate_per_s} events/s for {seconds} s, linger {linger_ms} ms")
