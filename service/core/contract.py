@@ -14,6 +14,7 @@ the API matches constraint values exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -32,7 +33,9 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, SchemaValidator
+
+from service.core.compiled_contract import compile_contract
 
 
 class Stage(StrEnum):
@@ -193,7 +196,7 @@ def _warn(info: ValidationInfo, warning: str) -> None:
 
 
 def _check_key(key: str, field: str, limits: ContractLimits, reason: Reason) -> None:
-    if not _KEY_RE.match(key):
+    if not _KEY_RE.fullmatch(key):
         raise _problem(
             reason,
             field,
@@ -403,6 +406,13 @@ def is_iso_date(text: str) -> bool:
     return True
 
 
+def _date_warning(key: str, text: str) -> str:
+    return (
+        f"scm_data.{key}: {_show(text)} is not a YYYY-MM-DD date; "
+        "the API saves it as-is and the portal may show it badly"
+    )
+
+
 def _scm_data(value: Any, info: ValidationInfo) -> dict[str, str]:
     limits = _limits(info)
     if not isinstance(value, dict):
@@ -426,11 +436,7 @@ def _scm_data(value: Any, info: ValidationInfo) -> dict[str, str]:
         _scm_key(key, limits)
         text = _scm_value(key, value[key], limits)
         if is_date_key(key) and not is_iso_date(text):
-            _warn(
-                info,
-                f"scm_data.{key}: {_show(text)} is not a YYYY-MM-DD date; "
-                "the API saves it as-is and the portal may show it badly",
-            )
+            _warn(info, _date_warning(key, text))
         normalised[key] = text
     return normalised
 
@@ -702,13 +708,22 @@ class ParsedEvent:
 def parse_event(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> ParsedEvent | Rejection:
     """Judge the value bytes of one record: an accepted event, or why not.
 
-    Never raises for any input: every failure is a classified `Rejection`.
+    Never raises for any input: every failure is a classified `Rejection`. The
+    compiled contract accepts the common valid event; whatever it leaves is judged
+    by `ChangeEvent`'s validators, which name the reason.
     """
     if len(raw) > limits.max_record_bytes:
         return Rejection(
             Reason.RECORD_TOO_LARGE,
             f"the record is {len(raw)} bytes; the limit is {limits.max_record_bytes}",
         )
+    accepted = _accept_compiled(raw, limits)
+    if accepted is not None:
+        return accepted
+    return _judge(raw, limits)
+
+
+def _judge(raw: bytes, limits: ContractLimits) -> ParsedEvent | Rejection:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -723,17 +738,110 @@ def parse_event(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> ParsedEv
         )
     except ValidationError as exc:
         return rejection_from(exc)
-    # Every key of the document ends in `":`; more of those than the event has keys means
-    # a key came twice (or a string holds `":`): only then is the document parsed again.
-    keys = len(event.model_fields_set) + len(event.constraints) + len(event.scm_data)
-    if len(_KEY_END.findall(text)) > keys:
+    if _may_repeat_a_key(raw, event):
         duplicate = _duplicate_key(text)
         if duplicate is not None:
             return duplicate
     return ParsedEvent(event, tuple(warnings))
 
 
-_KEY_END: Final = re.compile(r'"\s*:')
+@functools.cache
+def _compile(limits: ContractLimits) -> SchemaValidator:
+    return compile_contract(ChangeEvent, limits, KEY_PATTERN)
+
+
+# The limits of the last call and their validator: a relay passes the same limits
+# object every time, and hashing the limits to find theirs costs as much as a check.
+_last_compiled: list[tuple[ContractLimits, SchemaValidator]] = []
+
+
+def _compiled(limits: ContractLimits) -> SchemaValidator:
+    if _last_compiled and _last_compiled[0][0] is limits:
+        return _last_compiled[0][1]
+    validator = _compile(limits)
+    _last_compiled[:] = [(limits, validator)]
+    return validator
+
+
+_NOT_A_CONSTRAINT_KEY: Final = frozenset({"message", *_FORBIDDEN_CONSTRAINT_KEYS})
+_NOT_AN_SCM_KEY: Final = frozenset({*_IMMUTABLE_SCM_KEYS, "product_id", "status"})
+_CHECKED_SCM_VALUES: Final = {
+    "activation_status": frozenset(ACTIVATION_STATUSES),
+    "blacklist_reason": frozenset(BLACKLIST_REASONS),
+}
+# scm_data repeats from event to event (it is what batches are made of), so what the
+# compiled contract leaves to check in it is remembered per distinct scm_data. Bound:
+# when full the memory is dropped and refilled (a few hundred bytes an entry).
+SCM_DATA_VERDICTS_MAX: Final = 4096
+_ScmVerdict = tuple[tuple[str, ...], bool] | None  # (warnings, needs ordering), or judge
+_scm_data_verdicts: dict[tuple[tuple[str, str], ...], _ScmVerdict] = {}
+
+
+def _accept_compiled(raw: bytes, limits: ContractLimits) -> ParsedEvent | None:
+    """The event, when the compiled contract and the checks it cannot express accept
+    it with the same result `ChangeEvent`'s validators give; else None (judge it)."""
+    try:
+        event = _compiled(limits).validate_json(raw)
+    except ValidationError:
+        return None
+    constraints = event.constraints
+    ((key, values),) = constraints.items()
+    if key in _NOT_A_CONSTRAINT_KEY:
+        return None
+    if type(values) is str:
+        constraints[key] = (values,)
+    elif len(values) > 1 and len(set(values)) != len(values):
+        return None
+    scm_data = event.scm_data
+    if _may_repeat_a_key(raw, event):
+        return None
+    items = tuple(scm_data.items())
+    try:
+        verdict = _scm_data_verdicts[items]
+    except KeyError:
+        verdict = _scm_data_verdict(scm_data)
+        if len(_scm_data_verdicts) >= SCM_DATA_VERDICTS_MAX:
+            _scm_data_verdicts.clear()
+        _scm_data_verdicts[items] = verdict
+    if verdict is None:
+        return None
+    warnings, needs_ordering = verdict
+    if needs_ordering:
+        # The contract's scm_data is ordered by key, as its validator builds it.
+        scm_data.clear()
+        scm_data.update(sorted(items))
+    return ParsedEvent(event, warnings)
+
+
+def _scm_data_verdict(scm_data: dict[str, str]) -> _ScmVerdict:
+    """What the compiled contract cannot check in one scm_data (all strings with valid
+    keys): forbidden keys and checked values (None: let the validators say why), and
+    the warnings it raises."""
+    if not _NOT_AN_SCM_KEY.isdisjoint(scm_data):
+        return None
+    for checked, allowed in _CHECKED_SCM_VALUES.items():
+        if checked in scm_data and scm_data[checked] not in allowed:
+            return None
+    warnings = tuple(
+        _date_warning(key, text)
+        for key, text in sorted(scm_data.items())
+        if is_date_key(key) and not is_iso_date(text)
+    )
+    keys = list(scm_data)
+    return warnings, keys != sorted(keys)
+
+
+def _may_repeat_a_key(raw: bytes, event: ChangeEvent) -> bool:
+    """False when the document cannot name a key twice: every key it holds is followed
+    by a colon, so no more colons than the event has keys means none came twice.
+    True asks for the slower look (a colon inside a string, or a real repeat)."""
+    keys = len(event.model_fields_set) + len(event.constraints) + len(event.scm_data)
+    if raw.count(b":") <= keys:
+        return False
+    return len(_KEY_END.findall(raw)) > keys
+
+
+_KEY_END: Final = re.compile(rb'"\s*:')
 
 
 class _DuplicateKeyError(ValueError):
