@@ -14,6 +14,8 @@ done. A new owner of the partition restores them and skips those records.
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 METADATA_PREFIX: Final = "scm-relay:1:"
@@ -22,19 +24,32 @@ METADATA_PREFIX: Final = "scm-relay:1:"
 MAX_METADATA_CHARS: Final = 3500
 
 
-def _ranges(offsets: list[int]) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
-    for offset in offsets:
-        if ranges and offset == ranges[-1][1] + 1:
-            ranges[-1] = (ranges[-1][0], offset)
-        else:
-            ranges.append((offset, offset))
-    return ranges
+def _ranges(offsets: list[int]) -> Iterator[tuple[int, int]]:
+    """The (low, high) runs of consecutive numbers in sorted, distinct `offsets`, lowest
+    first. A run's end is found by galloping (offsets[j] - offsets[i] == j - i holds
+    exactly inside a run), so a long run costs a few steps, not one per offset."""
+    start, count = 0, len(offsets)
+    while start < count:
+        low = offsets[start]
+        inside, step = start, 1  # offsets[start..inside] are consecutive
+        while inside + step < count and offsets[inside + step] - low == inside + step - start:
+            inside += step
+            step *= 2
+        outside = min(inside + step, count)  # the first index known not to be inside
+        while outside - inside > 1:
+            middle = (inside + outside) // 2
+            if offsets[middle] - low == middle - start:
+                inside = middle
+            else:
+                outside = middle
+        yield low, offsets[inside]
+        start = inside + 1
 
 
 def encode_done(offsets: list[int]) -> str:
     """`scm-relay:1:` and the sorted offsets as ranges (`10-19,25`), bounded in length;
-    the lowest ranges are kept, as they are the next to be re-read."""
+    the lowest ranges are kept, as they are the next to be re-read. Reads only as many
+    offsets as the ranges that fit cover."""
     parts: list[str] = []
     length = len(METADATA_PREFIX)
     for low, high in _ranges(offsets):
@@ -60,6 +75,47 @@ def decode_done(metadata: str | None) -> set[int]:
     return done
 
 
+class DoneOffsets:
+    """Offsets above the commit point that are done: a set for the per-record lookup,
+    and the same offsets in order for the commit's metadata, sorted only when asked
+    (new ones are appended and merged in then: Timsort merges the two runs in one pass)."""
+
+    def __init__(self) -> None:
+        self._members: set[int] = set()
+        self._ordered: list[int] = []
+        self._unordered: list[int] = []
+
+    def __contains__(self, offset: int) -> bool:
+        return offset in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, offset: int) -> None:
+        """`offset` is done."""
+        if offset not in self._members:
+            self._members.add(offset)
+            self._unordered.append(offset)
+
+    def update(self, offsets: Iterable[int]) -> None:
+        """Each of `offsets` is done."""
+        for offset in offsets:
+            self.add(offset)
+
+    def from_(self, offset: int) -> list[int]:
+        """The done offsets at or above `offset`, ascending; those below are forgotten
+        (the commit point passed them). The list is this object's own: do not modify."""
+        if self._unordered:
+            self._ordered += self._unordered
+            self._unordered.clear()
+            self._ordered.sort()
+        below = bisect_left(self._ordered, offset)
+        if below:
+            self._members.difference_update(self._ordered[:below])
+            del self._ordered[:below]
+        return self._ordered
+
+
 class PartitionOffsets:
     """Received and accounted offsets of one partition."""
 
@@ -67,13 +123,13 @@ class PartitionOffsets:
         self._pending: set[int] = set()
         self._heap: list[int] = []
         self._next_after_last: int | None = None
-        self._done_above: set[int] = set()
+        self._done_above = DoneOffsets()
         self._in_flight: set[int] = set()
         self.committed: tuple[int, str] | None = None
 
     def restore(self, offset: int, metadata: str | None) -> None:
         """Take over the commit point a previous owner committed, with its done offsets."""
-        self._done_above |= decode_done(metadata)
+        self._done_above.update(decode_done(metadata))
         if self.committed is None:
             self.committed = (offset, metadata or "")
 
@@ -162,8 +218,7 @@ class PartitionOffsets:
         offset = self.committable()
         if offset is None:
             return None
-        self._done_above = {done for done in self._done_above if done >= offset}
-        point = (offset, encode_done(sorted(self._done_above)))
+        point = (offset, encode_done(self._done_above.from_(offset)))
         if self.committed is not None and (point == self.committed or offset < self.committed[0]):
             return None
         self.committed = point

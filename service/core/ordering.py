@@ -20,15 +20,13 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 Item = TypeVar("Item")
 CodeKey = tuple[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """What an event writes: scm_data to every value of one constraint key."""
 
     constraint_key: str
@@ -57,11 +55,12 @@ class OrderGuard(Generic[Item]):
 
     def claim(self, owner: str, change: Change) -> None:
         """Record that `owner` (a batch) writes `change`. Claiming again is harmless."""
-        owned = self._owned.setdefault(owner, [])
-        by_value = self._claims.setdefault(change.constraint_key, {})
-        data = change.scm_data
+        key, values, data = change
+        by_value = self._claims.get(key)
+        if by_value is None:
+            by_value = self._claims[key] = {}
         fresh: list[str] = []
-        for value in change.values:
+        for value in values:
             holders = by_value.get(value)
             if holders is None:
                 by_value[value] = [(owner, data)]
@@ -70,8 +69,11 @@ class OrderGuard(Generic[Item]):
             else:
                 continue
             fresh.append(value)
+        owned = self._owned.get(owner)
+        if owned is None:
+            owned = self._owned[owner] = []
         if fresh:
-            owned.append((change.constraint_key, fresh))
+            owned.append((key, fresh))
 
     def owns(self, owner: str) -> bool:
         """Whether `owner` holds any claim."""

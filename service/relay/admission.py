@@ -10,14 +10,13 @@ Pure: no Kafka, no HTTP, no awaiting.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from service.core.batching import Batch, Batcher, FlushReason, PendingEvent
 from service.core.ordering import Change, OrderGuard
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(NamedTuple):
     """What became of one event: held back, or batched (and which batches are full)."""
 
     held: bool
@@ -37,7 +36,8 @@ class Admission:
 
         `released`: the guard just let it out of the held queue (it passed the check)."""
         event = pending.event
-        change = Change(event.constraint_key, event.constraint_values, event.scm_data)
+        ((key, values),) = event.constraints.items()
+        change = Change(key, values, event.scm_data)
         if not released and self._guard.conflicts(change):
             self._guard.hold(pending, change)
             return Admitted(held=True, ready=[], deduplicated=0)
@@ -45,9 +45,7 @@ class Admission:
         ready, placed = self._batcher.add(pending, now)
         for batch, part in placed:
             if part.values:
-                self._guard.claim(
-                    batch.batch_id, Change(part.constraint_key, part.values, batch.scm_data)
-                )
+                self._guard.claim(batch.batch_id, Change(key, part.values, batch.scm_data))
         return Admitted(False, ready, self._batcher.deduplicated - duplicates_before)
 
     def claim_task(

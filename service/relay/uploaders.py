@@ -28,12 +28,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
+from pydantic import TypeAdapter
 
 from service.core.batching import Batch, FlushReason, Source
-from service.core.records import IntentRecord, TaskLedgerRecord
+from service.core.records import EventSource, IntentRecord, TaskLedgerRecord
 from service.core.resilience import Backoff
 from service.metrics import RelayMetrics
 from service.relay.config import RelayConfig, utcnow
@@ -357,6 +358,9 @@ class Uploaders:
         return round(retry_wait(failure, attempt, self._backoff, self._rng), 2)
 
 
+_EVENT_SOURCES: Final = TypeAdapter(list[EventSource])
+
+
 class _Job:
     """One batch's upload: its request, intent and ledger record, built once."""
 
@@ -376,22 +380,21 @@ class _Job:
             reference=api_reference(batch),
         )
         self.sources: list[Source] | None = None
-        self.events: list[dict[str, Any]]
+        self.events: list[EventSource]
         if resolving is None:
             self.first_sent = utcnow()
-            self.events = [
-                {
-                    "topic": pending.source.topic,
-                    "partition": pending.source.partition,
-                    "offset": pending.source.offset,
-                    "event_id": pending.source.event_id,
-                }
-                for pending in batch.events()
-            ]
-            self.expected_codes = batch.expected_codes(config.limits.one_code_per_value_keys)
+            events = batch.events()
+            # Validated once here, then passed as they are into the intent and the ledger
+            # record (pydantic takes model instances without checking them again).
+            self.events = _EVENT_SOURCES.validate_python(
+                [pending.source._asdict() for pending in events]
+            )
+            self.expected_codes = batch.expected_codes(
+                config.limits.one_code_per_value_keys, events
+            )
         else:
             self.first_sent = resolving.written_at
-            self.events = [source.model_dump() for source in resolving.events]
+            self.events = list(resolving.events)
             self.expected_codes = resolving.expected_codes
             self.sources = sources
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from service.core.offsets import (
     MAX_METADATA_CHARS,
+    DoneOffsets,
     OffsetTracker,
     PartitionOffsets,
     decode_done,
@@ -113,6 +114,25 @@ def test_metadata_round_trips_or_keeps_the_lowest_ranges(done: set[int]) -> None
     assert decoded <= done
     if decoded != done:
         assert max(decoded, default=-1) < min(done - decoded)
+
+
+@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 300)), max_size=40))
+def test_runs_of_any_length_round_trip(runs: list[tuple[int, int]]) -> None:
+    done = {offset for start, length in runs for offset in range(start, start + length)}
+    metadata = encode_done(sorted(done))
+    assert decode_done(metadata) == done  # at most 40 ranges: they always fit
+    assert metadata.count(",") + 1 == (len([o for o in done if o - 1 not in done]) if done else 1)
+
+
+def test_done_offsets_come_in_order_and_forget_what_the_commit_point_passed() -> None:
+    done = DoneOffsets()
+    done.update([30, 10, 20])
+    assert done.from_(0) == [10, 20, 30]
+    done.add(15)
+    done.add(5)
+    assert done.from_(12) == [15, 20, 30]
+    assert [offset in done for offset in (5, 10, 15)] == [False, False, True]
+    assert len(done) == 3
 
 
 def test_unreadable_metadata_means_nothing_done() -> None:
