@@ -174,7 +174,14 @@ class Intake:
                     every_record_taken = False
                     break
                 consumed += 1
-                await self._on_record(record, stop)
+                # Taking a record never waits; only what it leads to may (a full batch to
+                # queue, a dead letter to hand the committer).
+                taken = self._take(record)
+                if isinstance(taken, DeadLetter):
+                    await self._committer.submit(taken)
+                else:
+                    for batch in taken:
+                        await self._send(batch, stop)
             self._metrics.events_consumed.inc(consumed)
             if every_record_taken and consumed < MAX_RECORDS:
                 await self._pass_markers(epoch)
@@ -310,56 +317,63 @@ class Intake:
             return "too many unfinished tasks"
         return None
 
-    async def _on_record(self, record: FetchedRecord, stop: asyncio.Event) -> None:
+    def _take(self, record: FetchedRecord) -> DeadLetter | list[Batch]:
+        """Judge one record and batch it: the batches it filled, or its dead letter."""
         if self._book.received(record.topic, record.partition, record.offset):
             # Recorded before a restart or takeover (commit metadata): already done.
             self._metrics.events_skipped.inc()
-            return
+            return []
         raw: bytes = record.value if record.value is not None else b""
         parsed = parse_event(raw, self._config.limits)
-        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         if not isinstance(parsed, ParsedEvent):
             self._metrics.events_invalid.labels(parsed.reason.value).inc()
             log.warning(
                 "event_invalid",
-                **where,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
                 reason=parsed.reason.value,
                 field=parsed.field,
                 message=parsed.message,
             )
-            await self._committer.submit(dead_letter(record, raw, parsed))
-            return
+            return dead_letter(record, raw, parsed)
+        event = parsed.event
         if parsed.warnings:
             self._metrics.date_warnings.inc(len(parsed.warnings))
             log.warning(
                 "event_warning",
-                event_id=parsed.event.event_id,
+                event_id=event.event_id,
                 partition=record.partition,
                 offset=record.offset,
                 warnings=list(parsed.warnings),
             )
         pending = PendingEvent(
-            source=Source(record.topic, record.partition, record.offset, parsed.event.event_id),
-            event=parsed.event,
-            raw=raw,
-            key=record.key,
-            received_at=self._clock(),
+            Source(record.topic, record.partition, record.offset, event.event_id),
+            event,
+            raw,
+            record.key,
+            self._clock(),
         )
         if self._intents and self._intents.hold(pending):
             # In an upload another process may still send: held until its intent closes.
             self._metrics.events_held_back.inc()
             log.info(
                 "event_held_by_intent",
-                event_id=pending.event.event_id,
+                event_id=event.event_id,
                 partition=record.partition,
                 offset=record.offset,
             )
-            return
-        await self._admit(pending, stop)
+            return []
+        return self._batch(pending)
 
     async def _admit(
         self, pending: PendingEvent, stop: asyncio.Event, *, released: bool = False
     ) -> None:
+        for batch in self._batch(pending, released=released):
+            await self._send(batch, stop)
+
+    def _batch(self, pending: PendingEvent, *, released: bool = False) -> list[Batch]:
+        """Offer `pending` to admission: the batches it filled (none when held back)."""
         admitted = self._admission.offer(pending, self._clock(), released=released)
         if admitted.held:
             self._metrics.events_held_back.inc()
@@ -369,11 +383,10 @@ class Intake:
                 partition=pending.source.partition,
                 offset=pending.source.offset,
             )
-            return
+            return []
         if admitted.deduplicated:
             self._metrics.events_deduplicated.inc(admitted.deduplicated)
-        for batch in admitted.ready:
-            await self._send(batch, stop)
+        return admitted.ready
 
     async def _send(self, job: Batch | Resolution, stop: asyncio.Event) -> None:
         """Queue a batch for the uploaders; when stopping, keep it for the shutdown flush.
