@@ -46,6 +46,10 @@ log = structlog.get_logger(__name__)
 
 POLL_MS: Final = 100
 MAX_RECORDS: Final = 2000
+# A full poll is tens of milliseconds of judging and batching: intake lets the other
+# stages run every this many records, so an upload's slot (used only within 10 ms of
+# its start, service/core/slots.py) and the committer are not kept waiting behind it.
+YIELD_EVERY_RECORDS: Final = 64
 # How often, at most, a commit is asked for only to pass transaction markers.
 MARKER_COMMIT_EVERY_S: Final = 1.0
 # How often intake looks again at a due batch that waits for a free uploader.
@@ -169,6 +173,8 @@ class Intake:
             consumed = 0
             every_record_taken = True
             for record in (r for records in batches.values() for r in records):
+                if consumed and consumed % YIELD_EVERY_RECORDS == 0:
+                    await asyncio.sleep(0)
                 if stop.is_set() or epoch != self._rebalances:
                     # Records not processed are not tracked: read again from the commit.
                     every_record_taken = False

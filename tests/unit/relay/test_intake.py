@@ -18,7 +18,7 @@ from service.metrics import RelayMetrics
 from service.relay.admission import Admission
 from service.relay.book import OffsetBook
 from service.relay.health import ApiHealth
-from service.relay.intake import Intake
+from service.relay.intake import YIELD_EVERY_RECORDS, Intake
 from service.relay.messages import (
     BatchRejected,
     DeadLetter,
@@ -305,3 +305,29 @@ async def test_no_marker_is_passed_while_an_event_is_unaccounted() -> None:
         await asyncio.sleep(0.3)
     assert not any(isinstance(i, Flush) for i in subject.committer.items)
     assert subject.book.checkpoints() == {("in", 0): (0, "")}
+
+
+async def test_a_long_poll_lets_the_other_stages_run_while_it_is_taken() -> None:
+    # A full poll is tens of milliseconds of work; an upload's slot is usable for 10 ms.
+    subject = rig(batch_max_values=1000)
+    records = 20 * YIELD_EVERY_RECORDS
+    for number in range(records):
+        subject.consumer.append(change([f"code-{number}"]))
+    seen_midway: set[int] = set()
+
+    async def another_stage() -> None:
+        while True:
+            buffered = subject.intake.buffered_values
+            if 0 < buffered < records:
+                seen_midway.add(buffered)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(another_stage())
+    try:
+        async with running(subject):
+            await subject.inbox.tell(LedgerCaughtUp(0))
+            await eventually(lambda: subject.intake.buffered_values == records)
+    finally:
+        watcher.cancel()
+    assert subject.consumer.polls >= 1
+    assert len(seen_midway) >= 10, sorted(seen_midway)
