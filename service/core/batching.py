@@ -118,10 +118,8 @@ class Batch:
 
     def events(self) -> list[PendingEvent]:
         """The distinct events with a part in this batch, in arrival order."""
-        seen: dict[int, PendingEvent] = {}
-        for part in self.parts:
-            seen.setdefault(id(part.event), part.event)
-        return list(seen.values())
+        # Pending events compare by identity: the dictionary keeps each once, in order.
+        return list(dict.fromkeys(part.event for part in self.parts))
 
     def expected_codes(
         self,
