@@ -245,8 +245,11 @@ class OffsetTracker:
         return tracker
 
     def received(self, topic: str, partition: int, offset: int) -> bool:
-        """See `PartitionOffsets.received`."""
-        return self.partition(topic, partition).received(offset)
+        """See `PartitionOffsets.received` (called for every record: one lookup)."""
+        tracker = self._partitions.get((topic, partition))
+        if tracker is None:
+            tracker = self.partition(topic, partition)
+        return tracker.received(offset)
 
     def accounted(self, topic: str, partition: int, offset: int) -> None:
         """See `PartitionOffsets.accounted`; unknown partitions (revoked) are ignored."""
