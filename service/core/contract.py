@@ -432,13 +432,15 @@ def _scm_data(value: Any, info: ValidationInfo) -> dict[str, str]:
             f"scm_data has {len(value)} keys; the limit is {limits.max_scm_data_keys}",
         )
     normalised: dict[str, str] = {}
-    for key in sorted(value):
+    for key in sorted(value):  # problems and warnings reported in key order
         _scm_key(key, limits)
         text = _scm_value(key, value[key], limits)
         if is_date_key(key) and not is_iso_date(text):
             _warn(info, _date_warning(key, text))
         normalised[key] = text
-    return normalised
+    # In the publisher's key order, as the compiled contract builds it: batches and
+    # requests order scm_data themselves (service/core/batching.py).
+    return {key: normalised[key] for key in value}
 
 
 def _bounded_text(
@@ -718,10 +720,7 @@ def parse_event(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> ParsedEv
             Reason.RECORD_TOO_LARGE,
             f"the record is {len(raw)} bytes; the limit is {limits.max_record_bytes}",
         )
-    accepted = _accept_compiled(raw, limits)
-    if accepted is not None:
-        return accepted
-    return _judge(raw, limits)
+    return _accept_compiled(raw, limits) or _judge(raw, limits)
 
 
 def _judge(raw: bytes, limits: ContractLimits) -> ParsedEvent | Rejection:
@@ -774,7 +773,7 @@ _CHECKED_SCM_VALUES: Final = {
 # compiled contract leaves to check in it is remembered per distinct scm_data. Bound:
 # when full the memory is dropped and refilled (a few hundred bytes an entry).
 SCM_DATA_VERDICTS_MAX: Final = 4096
-_ScmVerdict = tuple[tuple[str, ...], bool] | None  # (warnings, needs ordering), or judge
+_ScmVerdict = tuple[str, ...] | None  # the warnings it raises, or None: judge it
 _scm_data_verdicts: dict[tuple[tuple[str, str], ...], _ScmVerdict] = {}
 
 
@@ -795,7 +794,7 @@ def _accept_compiled(raw: bytes, limits: ContractLimits) -> ParsedEvent | None:
         return None
     scm_data = event.scm_data
     # As in _may_repeat_a_key, with the one constraint key counted without a call.
-    keys = len(event.model_fields_set) + 1 + len(scm_data)
+    keys = len(event.__pydantic_fields_set__) + 1 + len(scm_data)
     if raw.count(b":") > keys and len(_KEY_END.findall(raw)) > keys:
         return None
     items = tuple(scm_data.items())
@@ -808,12 +807,7 @@ def _accept_compiled(raw: bytes, limits: ContractLimits) -> ParsedEvent | None:
         _scm_data_verdicts[items] = verdict
     if verdict is None:
         return None
-    warnings, needs_ordering = verdict
-    if needs_ordering:
-        # The contract's scm_data is ordered by key, as its validator builds it.
-        scm_data.clear()
-        scm_data.update(sorted(items))
-    return ParsedEvent(event, warnings)
+    return ParsedEvent(event, verdict)
 
 
 def _scm_data_verdict(scm_data: dict[str, str]) -> _ScmVerdict:
@@ -825,13 +819,11 @@ def _scm_data_verdict(scm_data: dict[str, str]) -> _ScmVerdict:
     for checked, allowed in _CHECKED_SCM_VALUES.items():
         if checked in scm_data and scm_data[checked] not in allowed:
             return None
-    warnings = tuple(
+    return tuple(
         _date_warning(key, text)
         for key, text in sorted(scm_data.items())
         if is_date_key(key) and not is_iso_date(text)
     )
-    keys = list(scm_data)
-    return warnings, keys != sorted(keys)
 
 
 def _may_repeat_a_key(raw: bytes, event: ChangeEvent) -> bool:
