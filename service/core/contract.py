@@ -738,14 +738,15 @@ def _judge(raw: bytes, limits: ContractLimits) -> ParsedEvent | Rejection:
         )
     except ValidationError as exc:
         return rejection_from(exc)
-    if _may_repeat_a_key(raw, event):
+    keys = len(event.model_fields_set) + len(event.constraints) + len(event.scm_data)
+    if _may_repeat_a_key(raw, keys):
         duplicate = _duplicate_key(text)
         if duplicate is not None:
             return duplicate
     return ParsedEvent(event, tuple(warnings))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=8)  # a relay has one set of limits; tests a few
 def _compile(limits: ContractLimits) -> SchemaValidator:
     return compile_contract(ChangeEvent, limits, KEY_PATTERN)
 
@@ -793,9 +794,7 @@ def _accept_compiled(raw: bytes, limits: ContractLimits) -> ParsedEvent | None:
     elif len(values) > 1 and len(set(values)) != len(values):
         return None
     scm_data = event.scm_data
-    # As in _may_repeat_a_key, with the one constraint key counted without a call.
-    keys = len(event.__pydantic_fields_set__) + 1 + len(scm_data)
-    if raw.count(b":") > keys and len(_KEY_END.findall(raw)) > keys:
+    if _may_repeat_a_key(raw, len(event.__pydantic_fields_set__) + 1 + len(scm_data)):
         return None
     items = tuple(scm_data.items())
     try:
@@ -826,14 +825,12 @@ def _scm_data_verdict(scm_data: dict[str, str]) -> _ScmVerdict:
     )
 
 
-def _may_repeat_a_key(raw: bytes, event: ChangeEvent) -> bool:
+def _may_repeat_a_key(raw: bytes, keys: int) -> bool:
     """False when the document cannot name a key twice: every key it holds is followed
-    by a colon, so no more colons than the event has keys means none came twice.
-    True asks for the slower look (a colon inside a string, or a real repeat)."""
-    keys = len(event.model_fields_set) + len(event.constraints) + len(event.scm_data)
-    if raw.count(b":") <= keys:
-        return False
-    return len(_KEY_END.findall(raw)) > keys
+    by a colon, so no more colons than the event's `keys` (top-level fields given, plus
+    the keys of constraints and scm_data) means none came twice. True asks for the
+    slower look (a colon inside a string, or a real repeat)."""
+    return raw.count(b":") > keys and len(_KEY_END.findall(raw)) > keys
 
 
 _KEY_END: Final = re.compile(rb'"\s*:')
