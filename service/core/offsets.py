@@ -88,9 +88,6 @@ class DoneOffsets:
     def __contains__(self, offset: int) -> bool:
         return offset in self._members
 
-    def __len__(self) -> int:
-        return len(self._members)
-
     def add(self, offset: int) -> None:
         """`offset` is done."""
         if offset not in self._members:
