@@ -6,8 +6,8 @@ per event, some pallets of up to 20 codes):
   (a) a bare aiokafka consumer reads the topic;
   (j) the same, plus `json.loads` of each record: the floor of any consumer that
       reads the events at all;
-  (b) the same, plus `parse_event` (pydantic `model_validate_json` of the event
-      contract) of each record;
+  (b) the same, plus `parse_event` (the event contract: its compiled pydantic-core
+      schema, and its validators for what that leaves) of each record;
   (c) the relay end to end, as its own process, against the simulator answering at
       once with its rate limits lifted: events per second from its first fetch to
       its last offset committed.
