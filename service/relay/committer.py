@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Final, Protocol
 
 import structlog
@@ -191,7 +192,10 @@ class Committer:
             await self._producer.commit_transaction()
         except (GroupFencedError, ProducerFenced) as exc:
             if isinstance(exc, GroupFencedError):
-                await self._producer.abort_transaction()
+                # Cut off past transaction.timeout.ms, the broker has fenced the producer
+                # as well and aborted the transaction itself: aborting again says so.
+                with suppress(ProducerFenced):
+                    await self._producer.abort_transaction()
             # (ProducerFenced: the broker already aborted it: this transaction outlived
             # transaction.timeout.ms, the replica was stopped, or a newer incarnation with
             # the same transactional id started.)

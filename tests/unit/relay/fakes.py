@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import ProducerFenced
 
 from service.core.batching import Batch, Source
 from service.core.contract import DEFAULT_LIMITS
@@ -167,6 +168,8 @@ class FakeProducer:
         self._open: Transaction | None = None
         self.fail_commit = False
         self.fence_commit = False
+        # The broker fenced the producer meanwhile: aborting raises (it aborted already).
+        self.fence_abort = False
         self.aborted: list[Transaction] = []
         self.hold_commit: asyncio.Event | None = None
 
@@ -195,6 +198,9 @@ class FakeProducer:
 
     async def abort_transaction(self) -> None:
         assert self._open is not None
+        if self.fence_abort:
+            self._open = None
+            raise ProducerFenced()
         self.aborted.append(self._open)
         self._open = None
 

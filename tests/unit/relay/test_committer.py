@@ -14,7 +14,7 @@ from service.core.batching import Source
 from service.core.contract import Reason, Stage
 from service.core.records import DeadLetterHeaders
 from service.metrics import RelayMetrics
-from service.relay.committer import Committer
+from service.relay.committer import Committer, ReplicaFencedError
 from service.relay.ledger import WrittenRecords
 from service.relay.messages import (
     ApiRejection,
@@ -182,6 +182,26 @@ async def test_a_refused_transaction_stops_the_committer_and_resolves_nothing() 
     append = LedgerAppend(ledger_record("t1", ["a"]), batch(["a"]))
     await stage.submit(append)
     with pytest.raises(RuntimeError, match="refused"):
+        await asyncio.wait_for(runner, 1)
+    assert not append.recorded.done()
+    assert producer.committed == []
+
+
+@pytest.mark.parametrize("producer_fenced_too", [False, True])
+async def test_a_fenced_transaction_stops_the_incarnation_as_fenced(
+    producer_fenced_too: bool,
+) -> None:
+    # Cut off past the transaction timeout: the group refuses the commit, and the broker
+    # has fenced the producer too, so aborting fails. Either way the replica is fenced
+    # (restarted in-process), never crashed.
+    producer, accounting = FakeProducer(), FakeAccounting()
+    producer.fence_commit = True
+    producer.fence_abort = producer_fenced_too
+    stage, _ = committer(producer, accounting)
+    runner = asyncio.create_task(stage.run())
+    append = LedgerAppend(ledger_record("t1", ["a"]), batch(["a"]))
+    await stage.submit(append)
+    with pytest.raises(ReplicaFencedError, match="GroupFencedError"):
         await asyncio.wait_for(runner, 1)
     assert not append.recorded.done()
     assert producer.committed == []
