@@ -28,6 +28,7 @@ from service.core.contract import ContractLimits
 from service.core.resilience import Backoff
 from service.http import build_http_app, serving
 from service.kafka import (
+    DecodingConsumer,
     KafkaConfig,
     KafkaSetupError,
     KafkaUnreachableError,
@@ -366,7 +367,9 @@ async def _build_relay(
     # Offset commits carry the group generation: a replica whose partitions moved while
     # it was paused can commit nothing (service/fencing.py).
     fencing.install(producer)
-    consumer = AIOKafkaConsumer(
+    # The input and the ledger are read by consumers that turn a record batch they cannot
+    # decode into UndecodableRecordsError: its partition stops, never the process.
+    consumer = DecodingConsumer(
         group_id=settings.kafka_group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -374,7 +377,7 @@ async def _build_relay(
         max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
         **options,
     )
-    ledger_reader = AIOKafkaConsumer(
+    ledger_reader = DecodingConsumer(
         settings.tasks_topic,
         group_id=None,
         enable_auto_commit=False,

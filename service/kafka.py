@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
@@ -84,6 +86,84 @@ class KafkaSetupError(Exception):
 
 class KafkaUnreachableError(Exception):
     """No bootstrap server answered; the relay exits and its supervisor retries."""
+
+
+# Every compression codec Kafka defines, and whether this process can decode it (aiokafka
+# decodes gzip itself, the other three only with cramjam).
+CODECS: Final = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
+
+
+def readable_codecs() -> dict[str, bool]:
+    """Each codec Kafka defines and whether records compressed with it can be read here."""
+    return {name: available() for name, available in CODECS.items()}
+
+
+class UndecodableRecordsError(KafkaError):  # type: ignore[misc]
+    """A record batch of one partition could not be decoded (an unknown or unavailable
+    codec, a CRC mismatch, a corrupt compressed payload): nothing at or after `offset`
+    can be read from that partition. `partition` is None when aiokafka did not say which
+    one failed (then every partition read in that call is suspect)."""
+
+    def __init__(self, partition: TopicPartition | None, offset: int | None, cause: str) -> None:
+        where = f"{partition.topic}:{partition.partition}" if partition else "unknown partition"
+        at = f" at offset {offset}" if offset is not None else ""
+        super().__init__(f"undecodable record batch in {where}{at}: {cause}")
+        self.partition = partition
+        self.offset = offset
+        self.cause = cause
+
+
+# The generator in aiokafka's fetcher that decodes a fetched partition's record batches
+# (aiokafka.consumer.fetcher.PartitionRecords._unpack_records): whatever it raises, of any
+# type, is a batch that cannot be decoded. Its locals name the partition (`tp`) and the
+# batch (`next_batch`). Pinned by tests/integration/test_codecs.py, which fails if a new
+# aiokafka renames them.
+_DECODING_FRAME: Final = "_unpack_records"
+
+
+def undecodable_batch(error: BaseException) -> UndecodableRecordsError | None:
+    """The partition and offset of the record batch `error` was raised decoding, or None
+    when `error` did not come from decoding a record batch (a real Kafka error)."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code.co_name == _DECODING_FRAME and "aiokafka" in frame.f_code.co_filename:
+            partition = frame.f_locals.get("tp")
+            batch = frame.f_locals.get("next_batch")
+            offset = getattr(batch, "base_offset", None)
+            return UndecodableRecordsError(
+                partition if isinstance(partition, TopicPartition) else None,
+                offset if isinstance(offset, int) else None,
+                f"{type(error).__name__}: {error}",
+            )
+        traceback = traceback.tb_next
+    return None
+
+
+class DecodingConsumer(AIOKafkaConsumer):  # type: ignore[misc]
+    """aiokafka's consumer, with a record batch it cannot decode raised as
+    `UndecodableRecordsError` (which partition, which offset) instead of whatever the
+    decoder raised, so that the caller can stop that partition and read the others.
+
+    Why the caller must also seek: when one partition fails to decode, aiokafka has
+    already advanced the positions of the partitions it drained earlier in the same call,
+    and their records are lost with the exception. Whoever catches this error must seek
+    every partition back to the offset after the last record it took.
+    """
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Any]]:
+        try:
+            fetched: dict[TopicPartition, list[Any]] = await super().getmany(
+                *partitions, timeout_ms=timeout_ms, max_records=max_records
+            )
+        except Exception as exc:  # classified here, where it enters: decoding or not
+            undecodable = undecodable_batch(exc)
+            if undecodable is None:
+                raise
+            raise undecodable from exc
+        return fetched
 
 
 def client_options(config: KafkaConfig) -> dict[str, Any]:

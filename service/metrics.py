@@ -156,6 +156,12 @@ class RelayMetrics:
         self.consumer_lag = gauge(
             "consumer_lag", "Records not yet read, per assigned input partition.", ("partition",)
         )
+        self.partition_stopped = gauge(
+            "partition_stopped",
+            "1 while a partition (input or ledger) is stopped at a record batch that cannot be "
+            "decoded: nothing at or after it is read or committed.",
+            ("topic", "partition"),
+        )
         self.intake_paused = gauge(
             "intake_paused", "1 while the input partitions are paused (backpressure or outage)."
         )

@@ -201,17 +201,18 @@ def relay_environment(settings: Settings) -> dict[str, str]:
 
 @asynccontextmanager
 async def relay_process(
-    settings: Settings, log_path: Path, prefix: tuple[str, ...] = ()
+    settings: Settings,
+    log_path: Path,
+    prefix: tuple[str, ...] = (),
+    command: tuple[str, ...] = (sys.executable, "-m", "service", "run"),
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`python -m service run` as a child process, its log in `log_path`; killed on exit.
-    `prefix` runs it through another command (a network namespace's `ip netns exec`)."""
+    """`python -m service run` (or `command`) as a child process, its log in `log_path`;
+    killed on exit. `prefix` runs it through another command (a network namespace's
+    `ip netns exec`)."""
     with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
             *prefix,
-            sys.executable,
-            "-m",
-            "service",
-            "run",
+            *command,
             env=relay_environment(settings),
             stdout=log_file,
             stderr=log_file,

@@ -11,7 +11,7 @@ ended, the uploaders report rejected batches.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Protocol
 
 import structlog
@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 from service.core.batching import Batch, PendingEvent, Source
 from service.core.contract import ParsedEvent, Rejection, parse_event
 from service.core.records import DeadLetterHeaders
+from service.kafka import UndecodableRecordsError
 from service.metrics import RelayMetrics
 from service.relay.admission import Admission
 from service.relay.book import OffsetBook
@@ -41,6 +42,7 @@ from service.relay.messages import (
     TaskRecorded,
 )
 from service.relay.ports import FetchedRecord, GroupOffsets, InputConsumer
+from service.relay.stopped import STEP_RECORDS, StoppedPartitions
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +83,9 @@ class LedgerSync(Protocol):
 
     def reached(self, ends: dict[int, int]) -> bool:
         """Whether the view has read and told every partition up to `ends`."""
+
+    def stopped(self) -> bool:
+        """Whether a ledger partition is stopped at a record batch it cannot decode."""
 
 
 class CommitQueue(Protocol):
@@ -144,6 +149,10 @@ class Intake:
         self._last_poll = 0.0
         self._rebalances = 0
         self._unsent: list[Batch] = []  # not queued when the stop came: flushed at shutdown
+        # The offset after the last record taken (or the commit point), per partition: where
+        # a partition is read again after an undecodable batch (service/relay/stopped.py).
+        self._next_offset: dict[TopicPartition, int] = {}
+        self._stopped = StoppedPartitions("input", metrics.partition_stopped, clock)
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
         """The listener to subscribe the input consumer with."""
@@ -153,6 +162,10 @@ class Intake:
     def paused(self) -> bool:
         """Whether the input partitions are paused."""
         return self._paused
+
+    def stopped_reasons(self) -> list[str]:
+        """Input partitions stopped at a record batch that cannot be decoded (readiness)."""
+        return self._stopped.reasons()
 
     @property
     def buffered_values(self) -> int:
@@ -165,9 +178,12 @@ class Intake:
         while not stop.is_set():
             await self._read_inbox(stop)
             self._update_pause()
-            batches = await self._consumer.getmany(
-                timeout_ms=self._poll_timeout_ms(), max_records=MAX_RECORDS
-            )
+            try:
+                batches = await self._poll(stop)
+            except UndecodableRecordsError as error:
+                self._last_poll = self._clock()
+                self._undecodable(error)
+                continue
             self._last_poll = self._clock()
             epoch = self._rebalances
             consumed = 0
@@ -189,8 +205,10 @@ class Intake:
                     for batch in taken:
                         await self._send(batch, stop)
             self._metrics.events_consumed.inc(consumed)
-            if every_record_taken and consumed < MAX_RECORDS:
-                await self._pass_markers(epoch)
+            if every_record_taken:
+                self._taken_to(batches)
+                if consumed < MAX_RECORDS:
+                    await self._pass_markers(epoch)
             # Linger-due batches go only when an uploader is free to take them at once;
             # until then they keep filling (full ones are queued regardless).
             if self._uploaders.idle:
@@ -198,6 +216,89 @@ class Intake:
                     await self._send(batch, stop)
         log.info("relay_stopping", open_batches=self._admission.open_batches)
         return [*self._unsent, *self._admission.drain()]
+
+    def _taken_to(self, batches: Mapping[TopicPartition, Sequence[FetchedRecord]]) -> None:
+        """Every record of a poll was taken: each partition is read up to its last one."""
+        for tp, records in batches.items():
+            if records:
+                read_to = records[-1].offset + 1
+                self._next_offset[tp] = read_to
+                self._stopped.read_past(tp, read_to)
+
+    async def _poll(self, stop: asyncio.Event) -> Mapping[TopicPartition, Sequence[FetchedRecord]]:
+        """The next records of every readable partition. Partitions that met a record batch
+        they cannot decode are read one record per call first (see `_step`) and left out."""
+        stepping = self._stopped.stepping() if self._stopped and not self._paused else []
+        if not stepping:
+            return await self._consumer.getmany(
+                timeout_ms=self._poll_timeout_ms(), max_records=MAX_RECORDS
+            )
+        readable = [tp for tp in self._consumer.assignment() if tp not in self._stopped]
+        await self._step(stepping, stop, 0 if readable else self._poll_timeout_ms())
+        if not readable:
+            return {}
+        return await self._consumer.getmany(
+            *readable, timeout_ms=self._poll_timeout_ms(), max_records=MAX_RECORDS
+        )
+
+    async def _step(
+        self, stepping: list[TopicPartition], stop: asyncio.Event, wait_ms: int
+    ) -> None:
+        """Read these partitions one record per call, up to the batch they cannot decode:
+        aiokafka decodes a batch only when asked for its first record, so every record
+        before it is taken (and may be committed), and the partition then pauses exactly
+        at the batch (service/relay/stopped.py)."""
+        epoch = self._rebalances
+        for tp in stepping:
+            for _ in range(STEP_RECORDS):
+                if stop.is_set() or epoch != self._rebalances:
+                    return
+                try:
+                    fetched = await self._consumer.getmany(tp, timeout_ms=wait_ms, max_records=1)
+                except UndecodableRecordsError as error:
+                    if error.partition is None:  # asked for this partition alone
+                        error = UndecodableRecordsError(tp, error.offset, error.cause)
+                    self._undecodable(error)
+                    break
+                finally:
+                    self._last_poll = self._clock()
+                wait_ms = 0
+                records = fetched.get(tp)
+                if not records or epoch != self._rebalances:
+                    break
+                (record,) = records
+                self._metrics.events_consumed.inc()
+                self._next_offset[tp] = record.offset + 1
+                self._stopped.read_past(tp, record.offset + 1)
+                taken = self._take(record)
+                if isinstance(taken, DeadLetter):
+                    await self._committer.submit(taken)
+                else:
+                    for batch in taken:
+                        await self._send(batch, stop)
+                if tp not in self._stopped:
+                    break  # read past the batch: it decodes now
+
+    def _undecodable(self, error: UndecodableRecordsError) -> None:
+        """A record batch could not be decoded: its partition (every partition, if aiokafka
+        did not say which) steps up to it or pauses, and every partition is read again
+        from the last record taken: aiokafka lost the records it drained in the failed
+        call, and moved their positions past them."""
+        assigned = set(self._consumer.assignment())
+        if error.partition is None:
+            failed = sorted(assigned)
+        else:
+            failed = [error.partition] if error.partition in assigned else []
+        for tp in failed:
+            offset = error.offset if error.partition is not None else None
+            self._stopped.failed(tp, offset, error.cause, self._next_offset.get(tp))
+        for tp in assigned:
+            read_to = self._next_offset.get(tp)
+            if read_to is not None:
+                self._consumer.seek(tp, read_to)
+        paused = [tp for tp in failed if tp in self._stopped.paused()]
+        if paused:
+            self._consumer.pause(*paused)
 
     async def _pass_markers(self, epoch: int) -> None:
         """Caught up (the last poll was not full, and every record it returned is taken):
@@ -207,6 +308,8 @@ class Intake:
         for tp in self._consumer.assignment():
             if epoch != self._rebalances:
                 return
+            if tp in self._stopped:
+                continue
             try:
                 position = await self._consumer.position(tp)
             except KafkaError:
@@ -297,8 +400,14 @@ class Intake:
         assignment = self._consumer.assignment()
         if self._paused:
             self._consumer.pause(*assignment)
-        else:
+            return
+        if not self._stopped:
             self._consumer.resume(*assignment)
+            return
+        self._stopped.due()  # their retry time came: read again from where they stopped
+        paused = set(self._stopped.paused())
+        self._consumer.resume(*(tp for tp in assignment if tp not in paused))
+        self._consumer.pause(*(tp for tp in assignment if tp in paused))
 
     def _pause_reason(self) -> str | None:
         if not self._ledger_read:
@@ -309,6 +418,9 @@ class Intake:
             if self._ledger is not None and not self._ledger.reached(self._ledger_target):
                 return "reading the ledger to where it ended at the assignment"
             self._ledger_target = None
+        if self._ledger is not None and self._ledger.stopped():
+            # Intents and tasks past the batch are unknown: events they hold could go twice.
+            return "a ledger partition is stopped at a record batch it cannot decode"
         if not self._health.checked:
             return "checking the API"
         if self._health.auth_failed is not None:
@@ -415,7 +527,10 @@ class Intake:
             else:
                 return
             self._hold("uploads queued behind a busy API")
-            await self._consumer.getmany(timeout_ms=0)
+            try:
+                await self._consumer.getmany(timeout_ms=0)  # every partition paused: no records
+            except UndecodableRecordsError as error:
+                self._undecodable(error)
             self._last_poll = self._clock()
             if epoch != self._rebalances:
                 # Revoked while this batch waited: like every unsent batch, it is forgotten
@@ -486,12 +601,14 @@ class Intake:
             if point is not None and point.offset >= 0:
                 self._book.restore(tp.topic, tp.partition, point.offset, point.metadata)
                 self._consumer.seek(tp, point.offset)
+                self._next_offset[tp] = point.offset
             else:
                 # Never committed: where reading starts is the commit point, so that every
                 # transaction can carry a (fencing) offset commit from now on.
                 await self._consumer.seek_to_beginning(tp)
                 start = await self._consumer.position(tp)
                 self._book.restore(tp.topic, tp.partition, start, None)
+                self._next_offset[tp] = start
 
     async def _ledger_end(self) -> dict[int, int] | None:
         """Where every ledger partition ends now (None: unknown, not waited for)."""
@@ -525,6 +642,8 @@ class Intake:
         try:
             self._committer.resume()
             self._book.keep_only({(tp.topic, tp.partition) for tp in assigned})
+            self._stopped.keep_only(assigned)
+            self._next_offset = {}
             self._metrics.consumer_lag.clear()
             if assigned:
                 await self._restore(assigned)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Final, Protocol
 
 import structlog
@@ -20,6 +20,8 @@ from aiokafka import TopicPartition
 from pydantic import Field, TypeAdapter, ValidationError
 
 from service.core.records import INTENT_KEY_PREFIX, IntentClosure, IntentRecord, TaskLedgerRecord
+from service.kafka import UndecodableRecordsError
+from service.metrics import RelayMetrics
 from service.relay.messages import (
     IntentClosed,
     IntentOpened,
@@ -29,6 +31,7 @@ from service.relay.messages import (
     TaskRecorded,
 )
 from service.relay.ports import FetchedRecord, LedgerConsumer
+from service.relay.stopped import StoppedPartitions
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +96,8 @@ class LedgerView:
         written: WrittenRecords,
         intake: IntakeInbox,
         poller: PollerInbox,
+        metrics: RelayMetrics,
+        clock: Callable[[], float],
     ) -> None:
         self._reader = reader
         self._written = written
@@ -102,6 +107,7 @@ class LedgerView:
         self._positions: dict[int, int] = {}
         self._moved = asyncio.Condition()  # notified whenever positions were updated
         self.caught_up = asyncio.Event()
+        self.stopped = StoppedPartitions("ledger", metrics.partition_stopped, clock)
 
     def position(self, partition: int) -> int:
         """The offset up to which ledger partition `partition` has been read and told."""
@@ -127,10 +133,19 @@ class LedgerView:
         partitions = sorted(reader.assignment())
         await reader.seek_to_beginning(*partitions)
         while True:
-            batches = await reader.getmany(timeout_ms=200, max_records=5000)
+            due = self.stopped.due()  # read again where they stopped; a failure pauses again
+            if due:
+                reader.resume(*due)
+            try:
+                batches = await reader.getmany(timeout_ms=200, max_records=5000)
+            except UndecodableRecordsError as error:
+                await self._undecodable(error, partitions)
+                continue
             for tp, records in batches.items():
                 for record in records:
                     await self._apply(tp, record)
+                if records:
+                    self.stopped.read_past(tp, records[-1].offset + 1)
             behind = False
             for tp in partitions:
                 position = await reader.position(tp)
@@ -144,6 +159,28 @@ class LedgerView:
                 log.info("ledger_read", unfinished_tasks=len(self._unfinished))
                 await self._intake.tell(LedgerCaughtUp(len(self._unfinished)))
                 self.caught_up.set()
+
+    async def _undecodable(
+        self, error: UndecodableRecordsError, partitions: list[TopicPartition]
+    ) -> None:
+        """Stop the partition whose record batch cannot be decoded (every partition, if
+        aiokafka did not say which) and read every partition again from where this view
+        had told it: aiokafka lost the records it drained in the failed call. While a
+        ledger partition is stopped, intake reads nothing (it cannot know the intents and
+        tasks past the batch); readiness and `scm_relay_partition_stopped` say which."""
+        failed = partitions if error.partition is None else [error.partition]
+        offset = error.offset if error.partition is not None else None
+        for tp in failed:
+            # No stepping here (read_to None): the ledger is the relay's own, written
+            # uncompressed; a batch it cannot decode is a broken log, and intake waits.
+            self.stopped.failed(tp, offset, error.cause, read_to=None)
+        unread = [tp for tp in partitions if tp.partition not in self._positions]
+        for tp in partitions:
+            if tp.partition in self._positions:
+                self._reader.seek(tp, self._positions[tp.partition])
+        if unread:
+            await self._reader.seek_to_beginning(*unread)
+        self._reader.pause(*failed)
 
     async def _apply(self, tp: TopicPartition, record: FetchedRecord) -> None:
         task_id = record.key.decode() if record.key else ""

@@ -69,6 +69,15 @@ class LedgerConsumer(PartitionReader, Protocol):
     async def seek_to_beginning(self, *partitions: TopicPartition) -> bool:
         """Read these partitions again from their first record."""
 
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        """Read `partition` from `offset` next."""
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        """Stop fetching these partitions (a record batch there cannot be decoded)."""
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        """Fetch these partitions again."""
+
 
 class GroupMember(Protocol):
     """The poller's place in its consumer group: which ledger partitions it follows."""

@@ -130,7 +130,12 @@ class Relay:
             ledger=_LedgerSync(self),
         )
         self._ledger = LedgerView(
-            reader=ledger_reader, written=written, intake=intake_inbox, poller=poller_inbox
+            reader=ledger_reader,
+            written=written,
+            intake=intake_inbox,
+            poller=poller_inbox,
+            metrics=metrics,
+            clock=self._clock,
         )
         self._poller = TaskPoller(
             config,
@@ -194,6 +199,10 @@ class Relay:
         """Whether the ledger view has read every partition up to `ends`."""
         return all(self._ledger.position(p) >= end for p, end in ends.items())
 
+    def ledger_stopped(self) -> bool:
+        """Whether a ledger partition is stopped at a record batch it cannot decode."""
+        return bool(self._ledger.stopped)
+
     # -- health and readiness ---------------------------------------------------------
 
     def readiness(self) -> list[str]:
@@ -212,6 +221,8 @@ class Relay:
             reasons.append(f"API refuses the relay's requests ({status}): check the base URL")
         if self._client.breaker_state is not BreakerState.CLOSED:
             reasons.append("API circuit breaker open")
+        reasons.extend(self._intake.stopped_reasons())
+        reasons.extend(self._ledger.stopped.reasons())
         return reasons
 
     async def _heartbeat(self) -> None:
@@ -303,3 +314,6 @@ class _LedgerSync:
 
     def reached(self, ends: dict[int, int]) -> bool:
         return self._relay.ledger_reached(ends)
+
+    def stopped(self) -> bool:
+        return self._relay.ledger_stopped()

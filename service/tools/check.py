@@ -28,6 +28,7 @@ from service.kafka import (
     KafkaUnreachableError,
     client_options,
     probe_connection,
+    readable_codecs,
 )
 from service.scantrust.client import ScantrustClient
 from service.scantrust.outcomes import AuthFailed, Misconfigured, Rejected, Throttled, Unavailable
@@ -94,7 +95,10 @@ async def run_checks(settings: Settings) -> list[Check]:
     """Every check, in order; Kafka's later checks are skipped when it is unreachable."""
     from service.app import client_config, kafka_config
 
-    checks = [Check("settings", Status.PASS, "every SCM_RELAY_* setting is valid")]
+    checks = [
+        Check("settings", Status.PASS, "every SCM_RELAY_* setting is valid"),
+        _check_codecs(),
+    ]
     config = kafka_config(settings)
     kafka = await _check_kafka(config)
     checks.append(kafka)
@@ -118,6 +122,23 @@ async def run_checks(settings: Settings) -> list[Check]:
         return checks
     checks.append(await _check_api(api))
     return checks
+
+
+def _check_codecs() -> Check:
+    """The compression codecs this installation can read: records from any producer, or
+    from a topic with `compression.type` set, may use any of the four Kafka defines."""
+    codecs = readable_codecs()
+    missing = [name for name, readable in codecs.items() if not readable]
+    found = "reads " + ", ".join(name for name, readable in codecs.items() if readable)
+    if missing:
+        return Check(
+            "codecs",
+            Status.FAIL,
+            f"{found}; cannot read {', '.join(missing)}",
+            "install the relay with its locked dependencies (aiokafka's lz4, snappy and zstd "
+            "extras: cramjam); a partition holding such records stops",
+        )
+    return Check("codecs", Status.PASS, found)
 
 
 async def _check_kafka(config: KafkaConfig) -> Check:
@@ -177,7 +198,8 @@ async def _check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> list[
         max_bytes = int(config.get("max.message.bytes") or PRODUCER_MAX_REQUEST_BYTES)
         found = (
             f"{name}: {partitions} partitions, replication {replicas}, "
-            f"min.insync.replicas {min_isr}, max.message.bytes {max_bytes}"
+            f"min.insync.replicas {min_isr}, max.message.bytes {max_bytes}, "
+            f"compression.type {config.get('compression.type') or 'producer'}"
         )
         problems, warnings = [], []
         if role == "ledger topic" and "compact" not in (config.get("cleanup.policy") or ""):

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import UnknownTopicOrPartitionError
 
 from service.settings import Settings
@@ -33,8 +33,13 @@ async def read_to_end(
     settings: Settings, topic: str, *, since_ms: int | None = None
 ) -> AsyncIterator[Any]:
     """Every committed record of `topic` (all partitions, from `since_ms` when given) up to
-    the end each partition had when the read began; no consumer group, nothing committed."""
-    consumer = AIOKafkaConsumer(
+    the end each partition had when the read began; no consumer group, nothing committed.
+
+    A record batch that cannot be decoded raises `UndecodableRecordsError` (a KafkaError
+    naming the partition and offset), which the tools report as a Kafka failure."""
+    from service.kafka import DecodingConsumer
+
+    consumer = DecodingConsumer(
         **options(settings),
         isolation_level="read_committed",
         enable_auto_commit=False,

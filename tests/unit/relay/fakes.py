@@ -18,6 +18,7 @@ from service.core.batching import Batch, Source
 from service.core.contract import DEFAULT_LIMITS
 from service.core.resilience import BreakerState
 from service.fencing import GroupFencedError
+from service.kafka import UndecodableRecordsError
 from service.relay.config import RelayConfig
 from service.scantrust.client import UploadRequest
 from service.scantrust.outcomes import (
@@ -84,6 +85,8 @@ class FakeConsumer:
         self.assigned: set[TopicPartition] = {TopicPartition(topic, p) for p in self.logs}
         self.paused: set[TopicPartition] = set()
         self.polls = 0
+        # partition -> offset of a record batch that cannot be decoded (see getmany)
+        self.undecodable: dict[int, int] = {}
 
     def append(self, value: bytes | None, partition: int = 0, key: bytes | None = None) -> int:
         """Add a record; returns its offset."""
@@ -96,11 +99,24 @@ class FakeConsumer:
     ) -> Mapping[TopicPartition, Sequence[Record]]:
         self.polls += 1
         fetched: dict[TopicPartition, list[Record]] = {}
-        for tp in sorted(self.assigned - self.paused):
-            records = self.logs[tp.partition][self.positions[tp.partition] :]
+        left = max_records
+        for tp in sorted((set(partitions) or self.assigned) & self.assigned - self.paused):
+            start = self.positions[tp.partition]
+            records = self.logs[tp.partition][start:]
+            if left is not None:
+                records = records[:left]
+            bad = self.undecodable.get(tp.partition)
+            if bad is not None and start <= bad < start + len(records):
+                # As aiokafka does: partitions drained before in this call have moved on,
+                # and their records are lost with the error, as are this one's before it.
+                raise UndecodableRecordsError(tp, bad, "CorruptRecordException: Invalid CRC")
             if records:
                 fetched[tp] = records
                 self.positions[tp.partition] += len(records)
+                if left is not None:
+                    left -= len(records)
+                    if not left:
+                        break
         if not fetched:
             await asyncio.sleep(timeout_ms / 1000)
         return fetched

@@ -13,7 +13,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
-from service.core.batching import Batch, Batcher
+from service.core.batching import Batch, Batcher, Source
 from service.metrics import RelayMetrics
 from service.relay.admission import Admission
 from service.relay.book import OffsetBook
@@ -102,10 +102,10 @@ class Rig:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def rig(room: int = 100, **settings: Any) -> Rig:
+def rig(room: int = 100, partitions: int = 1, clock: Any = None, **settings: Any) -> Rig:
     cfg = config(**settings)
     consumer, inbox, queue, committer = (
-        FakeConsumer("in"),
+        FakeConsumer("in", partitions),
         Mailbox[IntakeMessage](100),
         Queue(room),
         Committer(),
@@ -129,7 +129,7 @@ def rig(room: int = 100, **settings: Any) -> Rig:
         committer=committer,
         health=health,
         metrics=RelayMetrics(CollectorRegistry()),
-        clock=lambda: asyncio.get_running_loop().time(),
+        clock=clock or (lambda: asyncio.get_running_loop().time()),
     )
     return Rig(intake, consumer, inbox, queue, committer, book, health, admin)
 
@@ -331,3 +331,51 @@ async def test_a_long_poll_lets_the_other_stages_run_while_it_is_taken() -> None
         watcher.cancel()
     assert subject.consumer.polls >= 1
     assert len(seen_midway) >= 10, sorted(seen_midway)
+
+
+async def test_an_undecodable_batch_stops_its_partition_only_and_loses_nothing() -> None:
+    """aiokafka raises the decoding error of one partition after it moved the positions of
+    the partitions it drained before in the same call (their records lost with the error):
+    intake stops the one partition, reads the others again from the last record it took,
+    and tries the stopped one again after the retry wait; nothing is read past the batch
+    until it decodes."""
+    skew = [0.0]
+    subject = rig(
+        partitions=2,
+        clock=lambda: asyncio.get_running_loop().time() + skew[0],
+        batch_max_values=1,
+    )
+    consumer = subject.consumer
+    for n in range(6):
+        consumer.append(change([f"a{n}"]), partition=0)
+        consumer.append(change([f"b{n}"]), partition=1)
+    consumer.undecodable[1] = 3  # sorted after partition 0: drained first, then lost
+    await subject.intake.partitions_assigned(set(consumer.assigned))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    registry = subject.intake._metrics.registry
+
+    def sent() -> list[str]:
+        return sorted(v for batch in subject.queue.batches for v in values([batch])[0])
+
+    def stopped() -> float | None:
+        labels = {"topic": "in", "partition": "1"}
+        return registry.get_sample_value("scm_relay_partition_stopped", labels)
+
+    async with running(subject) as task:
+        await eventually(lambda: sent() == sorted([f"a{n}" for n in range(6)] + ["b0", "b1", "b2"]))
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        assert consumer.positions[1] == 3, "read past the batch that cannot be decoded"
+        assert subject.intake.stopped_reasons() == [
+            "input partition in:1 stopped at offset 3: undecodable record batch "
+            "(CorruptRecordException: Invalid CRC)"
+        ]
+        assert stopped() == 1
+        # Not one offset of partition 1 at or past the batch is accounted for.
+        assert not any(subject.book.is_done(Source("in", 1, offset)) for offset in range(3, 6))
+        del consumer.undecodable[1]  # the batch decodes now (a fixed log, a new codec)
+        skew[0] = 61.0  # past the first retry wait
+        await eventually(lambda: len(sent()) == 12)
+        await eventually(lambda: stopped() == 0)
+    assert subject.intake.stopped_reasons() == []
+    assert sorted(sent()) == sorted([f"a{n}" for n in range(6)] + [f"b{n}" for n in range(6)])

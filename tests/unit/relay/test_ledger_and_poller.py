@@ -36,13 +36,30 @@ async def eventually(condition: Any, timeout_s: float = 2.0) -> None:
             await asyncio.sleep(0.01)
 
 
+def ledger_view(
+    reader: FakeConsumer,
+    written: WrittenRecords,
+    intake: Inbox,
+    poller: Inbox,
+    clock: Any = lambda: 0.0,
+) -> LedgerView:
+    return LedgerView(
+        reader=reader,
+        written=written,
+        intake=intake,
+        poller=poller,
+        metrics=RelayMetrics(CollectorRegistry()),
+        clock=clock,
+    )
+
+
 async def test_the_view_tells_intake_and_poller_each_record_once_then_caught_up() -> None:
     reader = FakeConsumer("tasks", partitions=2)
     reader.append(ledger_record("t1", ["a"]).model_dump_json().encode(), 0, b"t1")
     reader.append(b"{broken", 1, b"t2")
     reader.append(None, 0, b"t1")
     intake, poller = Inbox(), Inbox()
-    view = LedgerView(reader=reader, written=WrittenRecords(), intake=intake, poller=poller)
+    view = ledger_view(reader, WrittenRecords(), intake, poller)
     task = asyncio.create_task(view.run())
     await asyncio.wait_for(view.caught_up.wait(), 2)
     task.cancel()
@@ -66,11 +83,43 @@ async def test_records_this_process_wrote_are_not_parsed_again() -> None:
     written.remember(own)
     reader.append(b"not even json: the view must not parse it", 0, b"t1")
     poller = Inbox()
-    view = LedgerView(reader=reader, written=written, intake=Inbox(), poller=poller)
+    view = ledger_view(reader, written, Inbox(), poller)
     task = asyncio.create_task(view.run())
     await asyncio.wait_for(view.caught_up.wait(), 2)
     task.cancel()
     assert poller.messages[0].record is own
+
+
+async def test_an_undecodable_ledger_batch_stops_its_partition_and_holds_the_catch_up() -> None:
+    """A ledger partition the view cannot decode stops where the view had told it; the
+    other partition is read whole (the records aiokafka drained from it in the failed call
+    are read again), and the view does not say it caught up, so intake reads nothing."""
+    reader = FakeConsumer("tasks", partitions=2)
+    reader.append(ledger_record("t1", ["a"]).model_dump_json().encode(), 0, b"t1")
+    reader.append(ledger_record("t2", ["b"]).model_dump_json().encode(), 1, b"t2")
+    reader.append(ledger_record("t3", ["c"]).model_dump_json().encode(), 1, b"t3")
+    reader.undecodable[1] = 1
+    intake, poller = Inbox(), Inbox()
+    now = [0.0]
+    view = ledger_view(reader, WrittenRecords(), intake, poller, clock=lambda: now[0])
+    task = asyncio.create_task(view.run())
+    try:
+        await eventually(lambda: len(poller.messages) == 1 and bool(view.stopped))
+        await asyncio.sleep(0.3)
+        assert not view.caught_up.is_set()
+        # t2 came in the same fetch as the bad batch: not told until the batch decodes.
+        assert [c.task_id for c in poller.messages] == ["t1"]
+        assert view.stopped.reasons() == [
+            "ledger partition tasks:1 stopped at offset 1: undecodable record batch "
+            "(CorruptRecordException: Invalid CRC)"
+        ]
+        del reader.undecodable[1]
+        now[0] = 61.0
+        await asyncio.wait_for(view.caught_up.wait(), 2)
+    finally:
+        task.cancel()
+    assert sorted(c.task_id for c in poller.messages) == ["t1", "t2", "t3"]
+    assert not view.stopped
 
 
 class Positions:
