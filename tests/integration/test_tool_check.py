@@ -37,6 +37,7 @@ async def test_a_sound_setup_passes_every_check(
     assert [name for name, c in found.items() if c["status"] == "fail"] == []
     assert set(found) >= {
         "settings",
+        "codecs",
         "kafka",
         "input topic",
         "results topic",
@@ -46,6 +47,8 @@ async def test_a_sound_setup_passes_every_check(
         "transactions",
         "api",
     }
+    assert found["codecs"]["found"] == "reads gzip, snappy, lz4, zstd"
+    assert "compression.type producer" in found["input topic"]["found"]
     assert "absent: the relay creates it compacted" in found["ledger topic"]["found"]
     # One broker: replication 1 is named as a warning, not a failure.
     assert found["input topic"]["status"] == "warn"
