@@ -16,7 +16,6 @@ Such a transaction is aborted and the relay stops with `ReplicaFencedError`.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import Final, Protocol
@@ -37,7 +36,7 @@ from service.core.records import (
 )
 from service.fencing import GroupFencedError
 from service.metrics import RelayMetrics
-from service.relay.config import RelayConfig
+from service.relay.config import RelayConfig, wall_time
 from service.relay.messages import (
     ApiRejection,
     BatchRevokedError,
@@ -212,7 +211,7 @@ class Committer:
             # a restart re-reads from the last committed offsets (docs/guarantees.md).
             log.exception("transaction_failed", items=len(items))
             raise
-        self._metrics.last_commit.set(time.time())
+        self._metrics.last_commit.set(wall_time())
         if any(isinstance(item, Flush) and item.then_hold for item in items):
             self._free.clear()
         for done in finished:

@@ -5,10 +5,21 @@ Built from the settings in one place, the composition root (service/app.py).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
 from service.core.contract import ContractLimits
+
+# The wall clock the relay reads: the system's, or in the deterministic simulation
+# (tests/sim) each replica's own, drifting one. A context variable, so that several
+# replicas in one process each read their own.
+WALL_CLOCK: Final[ContextVar[Callable[[], float]]] = ContextVar(
+    "scm_relay_wall_clock", default=time.time
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,11 @@ class RelayConfig:
         return 2 * self.reconcile_after_s + self.intent_clock_margin_s
 
 
+def wall_time() -> float:
+    """The wall-clock time in seconds since the epoch (see WALL_CLOCK)."""
+    return WALL_CLOCK.get()()
+
+
 def utcnow() -> datetime:
     """The wall-clock time, timezone-aware (the times in ledger and result records)."""
-    return datetime.now(UTC)
+    return datetime.fromtimestamp(wall_time(), UTC)

@@ -74,6 +74,7 @@ class Relay:
         result_membership: Membership | None = None,
         rate_share: RateShare | None = None,
         partitions_of: Callable[[str], Collection[int] | None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._config = config
         self._rate_share = rate_share
@@ -87,7 +88,7 @@ class Relay:
         self.kafka_reachable = True
         self.health = ApiHealth(metrics)
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
-        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         book = OffsetBook()
         written = WrittenRecords()
         intake_inbox: Mailbox[IntakeMessage] = Mailbox(INBOX_SIZE)
@@ -107,6 +108,7 @@ class Relay:
             intake=intake_inbox,
             health=self.health,
             metrics=metrics,
+            rng=self._rng,
         )
         batcher = Batcher(
             max_values=config.batch_max_values,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -37,7 +36,7 @@ from service.core.batching import Batch, FlushReason, Source
 from service.core.records import EventSource, IntentRecord, TaskLedgerRecord
 from service.core.resilience import Backoff
 from service.metrics import RelayMetrics
-from service.relay.config import RelayConfig, utcnow
+from service.relay.config import RelayConfig, utcnow, wall_time
 from service.relay.health import ApiHealth
 from service.relay.messages import (
     ApiRejection,
@@ -232,7 +231,7 @@ class Uploaders:
         while not self._deadline_passed:
             if self._stopping.is_set() and self._health.refusal is not None:
                 return
-            if intent is None or time.time() >= intent.send_by.timestamp():
+            if intent is None or wall_time() >= intent.send_by.timestamp():
                 intent = job.intent(attempt)
                 try:
                     await self._committer.write_intent(IntentWrite(intent))
