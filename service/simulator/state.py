@@ -8,7 +8,6 @@ and docs/scantrust-api.md says so.
 
 from __future__ import annotations
 
-import math
 import random
 import uuid
 from collections import Counter, deque
@@ -19,8 +18,8 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.core.resilience import SlidingWindowLimiter
 from service.simulator.seed import Seed
+from service.simulator.throttling import RateThrottle, check_throttles
 
 MAX_CONSTRAINT_KEYS: Final = 5
 MAX_CONSTRAINT_VALUES: Final = 1000
@@ -209,8 +208,8 @@ class Account:
         self.tasks: dict[str, Task] = {}
         self._task_order: deque[str] = deque()
         self._apply_sequence = 0
-        self._upload_windows: dict[str, SlidingWindowLimiter] = {}
-        self._overall_windows: dict[str, SlidingWindowLimiter] = {}
+        # (scope, token) -> arrival times of the allowed requests, newest first (DRF's cache).
+        self._throttle_histories: dict[tuple[str, str], deque[float]] = {}
         self.throttle_storm_until = 0.0
         # Tests' crash points: called with "received" before an upload creates its task
         # and "created" after, before the answer is written (an in-process simulator only).
@@ -427,33 +426,33 @@ class Account:
 
     # -- throttling --------------------------------------------------------------
 
-    def throttle_wait(self, token: str, *, is_upload: bool, now: float) -> float:
-        """Seconds the caller must wait (0: allowed, and the request is counted)."""
+    def throttle_wait(self, token: str, *, is_upload: bool, now: float) -> float | None:
+        """0.0 when a request arriving at `now` passes every throttle (and is counted by
+        each); else the wait the 429 names, in seconds (None: DRF names none)."""
         if now < self.throttle_storm_until:
             return self.throttle_storm_until - now
-        overall = self._overall_windows.setdefault(
-            token, SlidingWindowLimiter(self.faults.overall_rate_per_min, 60.0)
-        )
-        windows = [overall]
+        # The user scope counts every authenticated request, the scm_update scope uploads.
+        throttles = [self._throttle(USER_SCOPE, token, self.faults.overall_rate_per_min, 60.0)]
         if is_upload:
-            windows.append(
-                self._upload_windows.setdefault(
-                    token, SlidingWindowLimiter(self.faults.upload_rate_per_s, 1.0)
-                )
+            throttles.append(
+                self._throttle(UPLOAD_SCOPE, token, self.faults.upload_rate_per_s, 1.0)
             )
-        wait = max(window.delay(now) for window in windows)
-        if wait > 0:
-            return wait
-        for window in windows:
-            window.try_acquire(now)
-        return 0.0
+        return check_throttles(throttles, now)
 
-    def reset_throttles(self) -> None:
-        """Forget the windows, e.g. after the rate knobs changed."""
-        self._upload_windows.clear()
-        self._overall_windows.clear()
+    def counted_arrivals(self, scope: str, token: str) -> list[float]:
+        """When the requests a throttle scope counts for `token` arrived, oldest first
+        (inspection: only those still in its window)."""
+        return list(reversed(self._throttle_histories.get((scope, token), ())))
+
+    def _throttle(self, scope: str, token: str, num_requests: int, duration: float) -> RateThrottle:
+        # Built per request with the rate of the moment over a history that stays, as DRF
+        # does: a rate changed at run time applies to the history already there.
+        history = self._throttle_histories.setdefault((scope, token), deque())
+        return RateThrottle(num_requests, duration, history)
 
 
+USER_SCOPE: Final = "user"
+UPLOAD_SCOPE: Final = "scm_update"
 MAX_TASKS_KEPT: Final = 200_000
 _BLACKLIST: Final = frozenset(str(n) for n in range(11))
 
@@ -489,12 +488,3 @@ def _scm_key_problem(key: str) -> str | None:
     if key == "status":
         return "Invalid key name, use 'activation_status' instead"
     return None
-
-
-def throttled_body(wait_s: float) -> dict[str, str]:
-    """The documented 429 body (Django REST framework rounds the wait up to whole seconds)."""
-    seconds = max(1, math.ceil(wait_s))
-    return {
-        "detail": f"Request was throttled. Expected available in {seconds} seconds.",
-        "code": "throttled",
-    }
