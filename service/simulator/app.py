@@ -65,6 +65,11 @@ async def api_gate(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 async def _gate(request: web.Request, account: Account, faults: Faults) -> web.Response | None:
+    # The request is still on its way: it arrives (and is throttled) only after this, so
+    # requests sent in order may arrive closer together, or out of order.
+    travel = account.one_way_delay()
+    if travel:
+        await asyncio.sleep(travel)
     if faults.latency_s:
         await asyncio.sleep(faults.latency_s)
     if account.rng.random() < faults.error_rate:

@@ -38,6 +38,12 @@ class Faults(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     latency_s: float = Field(default=0.0, ge=0, le=600, description="added to every API request")
+    one_way_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        description="each API request arrives after a random delay up to this (throttled then)",
+    )
     error_rate: float = Field(default=0.0, ge=0, le=1, description="share of 503 answers")
     throttle_storm_s: float = Field(
         default=0.0, ge=0, le=3600, description="answer 429 to every request for this long"
@@ -425,6 +431,13 @@ class Account:
         return True
 
     # -- throttling --------------------------------------------------------------
+
+    def one_way_delay(self) -> float:
+        """How long the next API request travels before it arrives (the
+        `one_way_delay_s` knob; no draw from the dice when it is 0)."""
+        if not self.faults.one_way_delay_s:
+            return 0.0
+        return self.rng.uniform(0.0, self.faults.one_way_delay_s)
 
     def throttle_wait(self, token: str, *, is_upload: bool, now: float) -> float | None:
         """0.0 when a request arriving at `now` passes every throttle (and is counted by

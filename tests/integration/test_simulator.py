@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ import aiohttp
 import pytest
 
 from service.simulator.seed import Seed, SeedCampaign, SeedCode
-from service.simulator.state import Faults
+from service.simulator.state import USER_SCOPE, Faults
 from tests.api_support import TOKEN, Simulator, simulator
 
 AUTH = {"Authorization": f"UAT {TOKEN}"}
@@ -312,6 +314,27 @@ async def test_uploads_over_ten_per_second_get_the_documented_429() -> None:
         assert (await get(session, "/api/v2/me/"))[0] == 200
 
 
+async def test_a_one_way_delay_is_spent_before_the_request_arrives_and_is_counted() -> None:
+    """Set at run time; the throttle counts the request when it arrives, after its delay."""
+    async with simulator() as sim, session_on(sim) as session:
+        knobs = await sim.set_faults(one_way_delay_s=0.4)
+        assert knobs["one_way_delay_s"] == 0.4
+        # The delay is the request's first draw from the account's seeded dice: read it
+        # from a copy of them.
+        dice = random.Random()
+        dice.setstate(sim.account.rng.getstate())
+        travel = dice.uniform(0.0, 0.4)
+        assert travel > 0.1, "this seed draws too short a delay to see"
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        assert (await get(session, "/api/v2/me/"))[0] == 200
+        answered = loop.time()
+        (arrived,) = sim.account.counted_arrivals(USER_SCOPE, TOKEN)
+        # (The event loop may wake a timer up to its clock resolution, 1 ns, early.)
+        assert sent + travel - 1e-6 <= arrived <= answered
+        assert answered - sent >= travel - 1e-6
+
+
 async def test_list_pages_carry_next_and_previous_links() -> None:
     async with simulator(Faults(page_size=2)) as sim, session_on(sim) as session:
         for _ in range(5):
@@ -364,7 +387,7 @@ def test_seed_file_is_checked(tmp_path: Path) -> None:
     assert failed.returncode == 2
     assert "campaign 5 does not define" in failed.stderr
     with subprocess.Popen(
-        [*run, "--seed", str(good), "--fault", "error_rate=0.5"],
+        [*run, "--seed", str(good), "--fault", "error_rate=0.5", "--fault", "one_way_delay_s=0.03"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -374,11 +397,14 @@ def test_seed_file_is_checked(tmp_path: Path) -> None:
         assert process.stderr is not None
         base_url = process.stdout.readline().strip()
         assert base_url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{base_url}/_sim/faults", timeout=30) as answer:  # noqa: S310 - the loopback URL it printed
+            knobs = json.load(answer)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         banner = process.stderr.read()
     assert "LOCAL SIMULATION of the documented Scantrust SCM upload API" in banner
     assert "1 codes in campaigns 5" in banner
+    assert (knobs["error_rate"], knobs["one_way_delay_s"]) == (0.5, 0.03)
 
 
 def test_help_says_it_is_a_simulation() -> None:

@@ -16,6 +16,7 @@ Times are multiples of 1/16 s (exact in binary), so no comparison is decided by 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -138,3 +139,50 @@ def test_reads_are_not_counted_by_the_upload_scope() -> None:
         assert sim.throttle_wait(TOKEN, is_upload=False, now=k / 16) == 0.0
     assert sim.counted_arrivals(UPLOAD_SCOPE, TOKEN) == []
     assert sim.throttle_wait(TOKEN, is_upload=True, now=2.0) == 0.0
+
+
+# -- the one-way delay: arrival spacing is what the throttle sees ---------------------
+
+
+def refused(sent: Sequence[float], delays: Sequence[float], judge: RateThrottle | Account) -> int:
+    """How many of the requests sent at `sent` the throttle refuses when each arrives
+    its delay later, judged in the order they arrive."""
+    arrivals = sorted(s + d for s, d in zip(sent, delays, strict=True))
+    if isinstance(judge, Account):
+        return sum(judge.throttle_wait(TOKEN, is_upload=True, now=a) != 0.0 for a in arrivals)
+    return sum(not judge.allow_request(a) for a in arrivals)
+
+
+def test_sent_100_ms_apart_they_pass_and_a_one_way_delay_makes_them_draw_429s() -> None:
+    """10 uploads a second, sent exactly 100 ms apart: each arrives exactly one second
+    after the tenth before it, which DRF's rule still allows. With a random one-way delay
+    of up to 30 ms, a request that travels less than the tenth before it arrives within
+    that second, and is refused.
+
+    In exact arithmetic only: in float seconds, 1.2 - 1.0 < 0.2, and rounding would decide
+    these ties. So the clock counts whole microseconds (the rule is the same)."""
+    sent = [k * 100_000 for k in range(100)]
+    still = account()
+    assert refused(sent, [still.one_way_delay() for _ in sent], RateThrottle(10, 1e6, deque())) == 0
+    delayed = account(one_way_delay_s=0.03)
+    delays = [round(delayed.one_way_delay() * 1e6) for _ in sent]
+    assert 0 < max(delays) <= 30_000
+    assert refused(sent, delays, RateThrottle(10, 1e6, deque())) > 0
+
+
+def test_the_account_judges_arrivals_not_sending_times() -> None:
+    """The same through the account's own throttles, at 8 uploads a second (125 ms apart,
+    exact in float seconds)."""
+    sent = [k / 8 for k in range(80)]
+    still = account(upload_rate_per_s=8)
+    assert refused(sent, [still.one_way_delay() for _ in sent], still) == 0
+    delayed = account(upload_rate_per_s=8, one_way_delay_s=0.03)
+    assert refused(sent, [delayed.one_way_delay() for _ in sent], delayed) > 0
+
+
+def test_a_one_way_delay_longer_than_the_spacing_reorders_requests() -> None:
+    delayed = account(one_way_delay_s=0.3)
+    sent = [k / 10 for k in range(50)]
+    arrivals = [s + delayed.one_way_delay() for s in sent]
+    assert arrivals != sorted(arrivals)
+    assert all(0 <= a - s <= 0.3 for s, a in zip(sent, arrivals, strict=True))
