@@ -264,7 +264,7 @@ class Account:
         errors: dict[str, Any] = {}
         campaign = self._check_campaign(body.get("campaign"), errors)
         constraints = self._check_constraints(body.get("constraints"), campaign, errors)
-        scm_data = self._check_scm_data(body.get("scm_data"), errors)
+        scm_data = self._check_scm_data(body.get("scm_data"), campaign, errors)
         reference = body.get("reference", "")
         if reference is None:
             reference = ""
@@ -339,7 +339,9 @@ class Account:
             return f"Invalid constraint name, '{key}' is not a field of campaign {campaign}"
         return None
 
-    def _check_scm_data(self, scm_data: Any, errors: dict[str, Any]) -> dict[str, str] | None:
+    def _check_scm_data(
+        self, scm_data: Any, campaign: int | None, errors: dict[str, Any]
+    ) -> dict[str, str] | None:
         problem = _object_problem(scm_data, "At least one field is required.")
         if problem is not None:
             errors["scm_data"] = [problem]
@@ -347,6 +349,15 @@ class Account:
         by_key: dict[str, str] = {}
         for key, value in scm_data.items():
             problem = _scm_key_problem(key)
+            if (
+                problem is None
+                and campaign is not None
+                and key not in SPECIAL_SCM_KEYS
+                and key not in self.campaign_fields[campaign]
+            ):
+                # The vendor: with `campaign` given, "the server checks that
+                # client_custom_field is a field of campaign 11" (the wording is ours).
+                problem = f"Invalid key name, '{key}' is not a field of campaign {campaign}"
             if problem is None and not isinstance(value, str):
                 problem = "Values must be strings."
             if problem is None and key == "activation_status" and value not in ("0", "1", "2"):

@@ -168,6 +168,30 @@ async def wait_complete(session: aiohttp.ClientSession, task_id: str) -> dict[st
             {"constraints": ["This field is required."], "scm_data": ["This field is required."]},
         ),
         (upload_body(scm_data={}), 400, {"scm_data": ["At least one field is required."]}),
+        (
+            # The vendor's own example: "the server checks that client_custom_field is a
+            # field of campaign 11" (it is not one in the simulator's campaign 11).
+            {
+                "constraints": {"rfid": ["rfid1", "rfid2", "rfid3"]},
+                "scm_data": {"client_custom_field": "some_val"},
+                "campaign": 11,
+                "reference": "SCM upload 11202020-10",
+            },
+            400,
+            {"scm_data": {
+                "client_custom_field":
+                    "Invalid key name, 'client_custom_field' is not a field of campaign 11"
+            }},
+        ),
+        (
+            upload_body(campaign=11, scm_data={"lot": "L1", "batch_number": "B1",
+                                               "status": "1", "product": "SKU-Z"}),
+            400,
+            {"scm_data": {
+                "lot": "Invalid key name, 'lot' is not a field of campaign 11",
+                "status": "Invalid key name, use 'activation_status' instead",
+            }},
+        ),
     ],
     ids=[
         "documented example",
@@ -184,6 +208,8 @@ async def wait_complete(session: aiohttp.ClientSession, task_id: str) -> dict[st
         "constraint key not in campaign",
         "missing fields",
         "empty scm_data",
+        "vendor example: scm_data key not in campaign",
+        "scm_data keys not in campaign",
     ],
 )  # fmt: skip
 async def test_upload_validation_answers_the_documented_400(
