@@ -144,7 +144,13 @@ class Task:
         if self.error is not None:
             body["error"] = self.error
         if details:
-            body["details"] = {"constraints": self.constraints, "scm_data": self.scm_data}
+            # The vendor's example shows one value as a string ("rfid": "test_rfid");
+            # several are shown as a list (an assumption: the vendor shows no such task).
+            shown = {
+                key: values[0] if len(values) == 1 else list(values)
+                for key, values in self.constraints.items()
+            }
+            body["details"] = {"constraints": shown, "scm_data": dict(self.scm_data)}
         return body
 
 

@@ -240,6 +240,26 @@ async def test_codes_affected_counts_real_matches_and_fields_outside_the_campaig
         assert in_11["history"] == []
 
 
+async def test_details_show_one_value_as_a_string_and_several_as_a_list() -> None:
+    """As the vendor's task example shows `"constraints": {"rfid": "test_rfid"}`; the list
+    form for several values is the simulator's assumption."""
+    async with simulator() as sim, session_on(sim) as session:
+        body = upload_body(
+            constraints={"extended_id": ["11X000001"], "serial_number": ["SN11-000002", "SN11-3"]}
+        )
+        status, answer = await post(session, UPLOAD, body)
+        assert status == 200
+        for path in (f"/api/v2/scm/tasks/{answer['task_id']}/", f"/_sim/tasks/{answer['task_id']}"):
+            _, task = await get(session, path)
+            assert task["details"] == {
+                "constraints": {
+                    "extended_id": "11X000001",
+                    "serial_number": ["SN11-000002", "SN11-3"],
+                },
+                "scm_data": {"intended_market": "DE"},
+            }, path
+
+
 async def test_scm_field_constraints_select_by_value_and_special_keys_apply() -> None:
     async with simulator() as sim, session_on(sim) as session:
         body = upload_body(
