@@ -9,6 +9,7 @@ and docs/scantrust-api.md says so.
 from __future__ import annotations
 
 import random
+import unicodedata
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -276,6 +277,8 @@ class Account:
             reference = ""
         if not isinstance(reference, str):
             errors["reference"] = ["Not a valid string."]
+        elif (problem := _not_text_problem(reference)) is not None:
+            errors["reference"] = [problem]
         if errors:
             raise UploadInvalid(errors)
         if constraints is None or scm_data is None:  # pragma: no cover - errors said so
@@ -315,7 +318,7 @@ class Account:
         normalised: dict[str, list[str]] = {}
         total = 0
         for key, raw in constraints.items():
-            problem = self._constraint_key_problem(key, campaign)
+            problem = _not_text_problem(key) or self._constraint_key_problem(key, campaign)
             values = raw if isinstance(raw, list) else [raw]
             total += len(values)
             if problem is None:
@@ -354,7 +357,7 @@ class Account:
             return None
         by_key: dict[str, str] = {}
         for key, value in scm_data.items():
-            problem = _scm_key_problem(key)
+            problem = _not_text_problem(key) or _scm_key_problem(key)
             if (
                 problem is None
                 and campaign is not None
@@ -366,6 +369,8 @@ class Account:
                 problem = f"Invalid key name, '{key}' is not a field of campaign {campaign}"
             if problem is None and not isinstance(value, str):
                 problem = "Values must be strings."
+            if problem is None:
+                problem = _not_text_problem(value)
             if problem is None and key == "activation_status" and value not in ("0", "1", "2"):
                 problem = "Invalid value, use 0 (inactive), 1 (active) or 2 (blacklisted)"
             if problem is None and key == "blacklist_reason" and value not in _BLACKLIST:
@@ -503,10 +508,32 @@ def _values_problem(values: list[Any]) -> str | None:
         return "At least one value is required."
     if not all(isinstance(value, str) for value in values):
         return "Values must be strings."
+    for value in values:
+        if (problem := _not_text_problem(value)) is not None:
+            return problem
     if any(not value.strip() for value in values):
         return "Blank values are not allowed."
     if len(set(values)) != len(values):
         return "Duplicate values are not allowed."
+    return None
+
+
+# Control (Cc: NUL, ESC, line breaks), format (Cf: zero-width space, bidi overrides) and
+# lone surrogates (Cs): the vendor says nothing of them, so the simulator refuses them.
+_NOT_TEXT: Final = frozenset({"Cc", "Cf", "Cs"})
+
+
+def _not_text_problem(text: str) -> str | None:
+    """Why `text` holds a character that is not text (the first one), or None."""
+    if text.isprintable():  # then none of them (the common case, checked in C)
+        return None
+    # isprintable() also refuses what is text here (no-break space, Zl, Zp, Co, Cn).
+    for position, char in enumerate(text):
+        if unicodedata.category(char) in _NOT_TEXT:
+            return (
+                f"Control and format characters are not allowed: U+{ord(char):04X} "
+                f"({unicodedata.category(char)}) at position {position}."
+            )
     return None
 
 

@@ -192,6 +192,41 @@ async def wait_complete(session: aiohttp.ClientSession, task_id: str) -> dict[st
                 "status": "Invalid key name, use 'activation_status' instead",
             }},
         ),
+        (
+            upload_body(constraints={"extended_id": ["11X000001", "11X\u0000000002"]}),
+            400,
+            {"constraints": {"extended_id": "Control and format characters are not allowed: "
+                                            "U+0000 (Cc) at position 3."}},
+        ),
+        (
+            upload_body(constraints={"rfid": ["E28\u200b01160000001"], "extended_id": ["a\n"]},
+                        scm_data={"lot": "L\u202e1", "intended_market": "\u001b[31mDE"}),
+            400,
+            {
+                "constraints": {
+                    "rfid": "Control and format characters are not allowed: "
+                            "U+200B (Cf) at position 3.",
+                    "extended_id": "Control and format characters are not allowed: "
+                                   "U+000A (Cc) at position 1.",
+                },
+                "scm_data": {
+                    "lot": "Control and format characters are not allowed: "
+                           "U+202E (Cf) at position 1.",
+                    "intended_market": "Control and format characters are not allowed: "
+                                       "U+001B (Cc) at position 0.",
+                },
+            },
+        ),
+        (
+            upload_body(reference="line 7\r\n", scm_data={"lot\t": "L1"}),
+            400,
+            {
+                "scm_data": {"lot\t": "Control and format characters are not allowed: "
+                                      "U+0009 (Cc) at position 3."},
+                "reference": ["Control and format characters are not allowed: "
+                              "U+000D (Cc) at position 6."],
+            },
+        ),
     ],
     ids=[
         "documented example",
@@ -210,6 +245,9 @@ async def wait_complete(session: aiohttp.ClientSession, task_id: str) -> dict[st
         "empty scm_data",
         "vendor example: scm_data key not in campaign",
         "scm_data keys not in campaign",
+        "NUL in a constraint value",
+        "format and control characters in values",
+        "control characters in the reference and a key",
     ],
 )  # fmt: skip
 async def test_upload_validation_answers_the_documented_400(
