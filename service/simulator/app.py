@@ -18,13 +18,8 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from service.simulator.state import (
-    Account,
-    Faults,
-    Task,
-    UploadInvalid,
-    throttled_body,
-)
+from service.simulator.state import Account, Faults, Task, UploadInvalid
+from service.simulator.throttling import retry_after, throttled_body
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +65,11 @@ async def api_gate(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 async def _gate(request: web.Request, account: Account, faults: Faults) -> web.Response | None:
+    # The request is still on its way: it arrives (and is throttled) only after this, so
+    # requests sent in order may arrive closer together, or out of order.
+    travel = account.one_way_delay()
+    if travel:
+        await asyncio.sleep(travel)
     if faults.latency_s:
         await asyncio.sleep(faults.latency_s)
     if account.rng.random() < faults.error_rate:
@@ -84,9 +84,10 @@ async def _gate(request: web.Request, account: Account, faults: Faults) -> web.R
         return _json({"detail": "You do not have permission to perform this action."}, 403)
     is_upload = request.match_info.route.name == "upload"
     wait = account.throttle_wait(token, is_upload=is_upload, now=asyncio.get_running_loop().time())
-    if wait > 0:
+    if wait is None or wait > 0:
         account.stats.throttled += 1
-        headers = {"Retry-After": str(max(1, round(wait)))} if faults.retry_after_header else None
+        seconds = retry_after(wait) if faults.retry_after_header else None
+        headers = {"Retry-After": seconds} if seconds is not None else None
         return web.json_response(throttled_body(wait), status=429, headers=headers)
     return None
 
@@ -261,17 +262,12 @@ async def set_faults(request: web.Request) -> web.Response:
 
 
 def apply_faults(account: Account, faults: Faults) -> None:
-    """Install new fault knobs (at start or at run time)."""
-    rates_changed = (faults.upload_rate_per_s, faults.overall_rate_per_min) != (
-        account.faults.upload_rate_per_s,
-        account.faults.overall_rate_per_min,
-    )
+    """Install new fault knobs (at start or at run time). Changed rates apply to the
+    throttle histories already there, as a changed DRF setting applies to its cache."""
     account.faults = faults
     if faults.throttle_storm_s:
         account.throttle_storm_until = asyncio.get_running_loop().time() + faults.throttle_storm_s
         account.faults = faults.model_copy(update={"throttle_storm_s": 0.0})
-    if rates_changed:
-        account.reset_throttles()
 
 
 async def stats(request: web.Request) -> web.Response:

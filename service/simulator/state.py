@@ -8,8 +8,8 @@ and docs/scantrust-api.md says so.
 
 from __future__ import annotations
 
-import math
 import random
+import unicodedata
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -19,8 +19,8 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.core.resilience import SlidingWindowLimiter
 from service.simulator.seed import Seed
+from service.simulator.throttling import RateThrottle, check_throttles
 
 MAX_CONSTRAINT_KEYS: Final = 5
 MAX_CONSTRAINT_VALUES: Final = 1000
@@ -39,6 +39,12 @@ class Faults(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     latency_s: float = Field(default=0.0, ge=0, le=600, description="added to every API request")
+    one_way_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        description="each API request arrives after a random delay up to this (throttled then)",
+    )
     error_rate: float = Field(default=0.0, ge=0, le=1, description="share of 503 answers")
     throttle_storm_s: float = Field(
         default=0.0, ge=0, le=3600, description="answer 429 to every request for this long"
@@ -139,7 +145,13 @@ class Task:
         if self.error is not None:
             body["error"] = self.error
         if details:
-            body["details"] = {"constraints": self.constraints, "scm_data": self.scm_data}
+            # The vendor's example shows one value as a string ("rfid": "test_rfid");
+            # several are shown as a list (an assumption: the vendor shows no such task).
+            shown = {
+                key: values[0] if len(values) == 1 else list(values)
+                for key, values in self.constraints.items()
+            }
+            body["details"] = {"constraints": shown, "scm_data": dict(self.scm_data)}
         return body
 
 
@@ -209,8 +221,8 @@ class Account:
         self.tasks: dict[str, Task] = {}
         self._task_order: deque[str] = deque()
         self._apply_sequence = 0
-        self._upload_windows: dict[str, SlidingWindowLimiter] = {}
-        self._overall_windows: dict[str, SlidingWindowLimiter] = {}
+        # (scope, token) -> arrival times of the allowed requests, newest first (DRF's cache).
+        self._throttle_histories: dict[tuple[str, str], deque[float]] = {}
         self.throttle_storm_until = 0.0
         # Tests' crash points: called with "received" before an upload creates its task
         # and "created" after, before the answer is written (an in-process simulator only).
@@ -259,12 +271,14 @@ class Account:
         errors: dict[str, Any] = {}
         campaign = self._check_campaign(body.get("campaign"), errors)
         constraints = self._check_constraints(body.get("constraints"), campaign, errors)
-        scm_data = self._check_scm_data(body.get("scm_data"), errors)
+        scm_data = self._check_scm_data(body.get("scm_data"), campaign, errors)
         reference = body.get("reference", "")
         if reference is None:
             reference = ""
         if not isinstance(reference, str):
             errors["reference"] = ["Not a valid string."]
+        elif (problem := _not_text_problem(reference)) is not None:
+            errors["reference"] = [problem]
         if errors:
             raise UploadInvalid(errors)
         if constraints is None or scm_data is None:  # pragma: no cover - errors said so
@@ -304,7 +318,7 @@ class Account:
         normalised: dict[str, list[str]] = {}
         total = 0
         for key, raw in constraints.items():
-            problem = self._constraint_key_problem(key, campaign)
+            problem = _not_text_problem(key) or self._constraint_key_problem(key, campaign)
             values = raw if isinstance(raw, list) else [raw]
             total += len(values)
             if problem is None:
@@ -334,16 +348,29 @@ class Account:
             return f"Invalid constraint name, '{key}' is not a field of campaign {campaign}"
         return None
 
-    def _check_scm_data(self, scm_data: Any, errors: dict[str, Any]) -> dict[str, str] | None:
+    def _check_scm_data(
+        self, scm_data: Any, campaign: int | None, errors: dict[str, Any]
+    ) -> dict[str, str] | None:
         problem = _object_problem(scm_data, "At least one field is required.")
         if problem is not None:
             errors["scm_data"] = [problem]
             return None
         by_key: dict[str, str] = {}
         for key, value in scm_data.items():
-            problem = _scm_key_problem(key)
+            problem = _not_text_problem(key) or _scm_key_problem(key)
+            if (
+                problem is None
+                and campaign is not None
+                and key not in SPECIAL_SCM_KEYS
+                and key not in self.campaign_fields[campaign]
+            ):
+                # The vendor: with `campaign` given, "the server checks that
+                # client_custom_field is a field of campaign 11" (the wording is ours).
+                problem = f"Invalid key name, '{key}' is not a field of campaign {campaign}"
             if problem is None and not isinstance(value, str):
                 problem = "Values must be strings."
+            if problem is None:
+                problem = _not_text_problem(value)
             if problem is None and key == "activation_status" and value not in ("0", "1", "2"):
                 problem = "Invalid value, use 0 (inactive), 1 (active) or 2 (blacklisted)"
             if problem is None and key == "blacklist_reason" and value not in _BLACKLIST:
@@ -427,33 +454,40 @@ class Account:
 
     # -- throttling --------------------------------------------------------------
 
-    def throttle_wait(self, token: str, *, is_upload: bool, now: float) -> float:
-        """Seconds the caller must wait (0: allowed, and the request is counted)."""
+    def one_way_delay(self) -> float:
+        """How long the next API request travels before it arrives (the
+        `one_way_delay_s` knob; no draw from the dice when it is 0)."""
+        if not self.faults.one_way_delay_s:
+            return 0.0
+        return self.rng.uniform(0.0, self.faults.one_way_delay_s)
+
+    def throttle_wait(self, token: str, *, is_upload: bool, now: float) -> float | None:
+        """0.0 when a request arriving at `now` passes every throttle (and is counted by
+        each); else the wait the 429 names, in seconds (None: DRF names none)."""
         if now < self.throttle_storm_until:
             return self.throttle_storm_until - now
-        overall = self._overall_windows.setdefault(
-            token, SlidingWindowLimiter(self.faults.overall_rate_per_min, 60.0)
-        )
-        windows = [overall]
+        # The user scope counts every authenticated request, the scm_update scope uploads.
+        throttles = [self._throttle(USER_SCOPE, token, self.faults.overall_rate_per_min, 60.0)]
         if is_upload:
-            windows.append(
-                self._upload_windows.setdefault(
-                    token, SlidingWindowLimiter(self.faults.upload_rate_per_s, 1.0)
-                )
+            throttles.append(
+                self._throttle(UPLOAD_SCOPE, token, self.faults.upload_rate_per_s, 1.0)
             )
-        wait = max(window.delay(now) for window in windows)
-        if wait > 0:
-            return wait
-        for window in windows:
-            window.try_acquire(now)
-        return 0.0
+        return check_throttles(throttles, now)
 
-    def reset_throttles(self) -> None:
-        """Forget the windows, e.g. after the rate knobs changed."""
-        self._upload_windows.clear()
-        self._overall_windows.clear()
+    def counted_arrivals(self, scope: str, token: str) -> list[float]:
+        """When the requests a throttle scope counts for `token` arrived, oldest first
+        (inspection: only those still in its window)."""
+        return list(reversed(self._throttle_histories.get((scope, token), ())))
+
+    def _throttle(self, scope: str, token: str, num_requests: int, duration: float) -> RateThrottle:
+        # Built per request with the rate of the moment over a history that stays, as DRF
+        # does: a rate changed at run time applies to the history already there.
+        history = self._throttle_histories.setdefault((scope, token), deque())
+        return RateThrottle(num_requests, duration, history)
 
 
+USER_SCOPE: Final = "user"
+UPLOAD_SCOPE: Final = "scm_update"
 MAX_TASKS_KEPT: Final = 200_000
 _BLACKLIST: Final = frozenset(str(n) for n in range(11))
 
@@ -474,10 +508,32 @@ def _values_problem(values: list[Any]) -> str | None:
         return "At least one value is required."
     if not all(isinstance(value, str) for value in values):
         return "Values must be strings."
+    for value in values:
+        if (problem := _not_text_problem(value)) is not None:
+            return problem
     if any(not value.strip() for value in values):
         return "Blank values are not allowed."
     if len(set(values)) != len(values):
         return "Duplicate values are not allowed."
+    return None
+
+
+# Control (Cc: NUL, ESC, line breaks), format (Cf: zero-width space, bidi overrides) and
+# lone surrogates (Cs): the vendor says nothing of them, so the simulator refuses them.
+_NOT_TEXT: Final = frozenset({"Cc", "Cf", "Cs"})
+
+
+def _not_text_problem(text: str) -> str | None:
+    """Why `text` holds a character that is not text (the first one), or None."""
+    if text.isprintable():  # then none of them (the common case, checked in C)
+        return None
+    # isprintable() also refuses what is text here (no-break space, Zl, Zp, Co, Cn).
+    for position, char in enumerate(text):
+        if unicodedata.category(char) in _NOT_TEXT:
+            return (
+                f"Control and format characters are not allowed: U+{ord(char):04X} "
+                f"({unicodedata.category(char)}) at position {position}."
+            )
     return None
 
 
@@ -489,12 +545,3 @@ def _scm_key_problem(key: str) -> str | None:
     if key == "status":
         return "Invalid key name, use 'activation_status' instead"
     return None
-
-
-def throttled_body(wait_s: float) -> dict[str, str]:
-    """The documented 429 body (Django REST framework rounds the wait up to whole seconds)."""
-    seconds = max(1, math.ceil(wait_s))
-    return {
-        "detail": f"Request was throttled. Expected available in {seconds} seconds.",
-        "code": "throttled",
-    }

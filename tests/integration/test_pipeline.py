@@ -144,6 +144,71 @@ async def test_api_rejection_dead_letters_the_batch_with_the_api_body(
     assert outcome["constraints"] == {"extended_id": ["12X000001"]}
 
 
+async def test_a_400_to_a_merged_request_dead_letters_each_of_its_events_and_nothing_else(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    """The vendor's own example: with `campaign` 11 the API checks that
+    `client_custom_field` is a field of campaign 11; it is not, so the request is refused
+    with a 400. The four events that merged into that request are all dead-lettered with
+    the API's status and body; the events around them, in other batches, are applied."""
+    topics = await make_topics(topic_factory, partitions=1)
+    custom = {"client_custom_field": "some_val"}
+    bad = [
+        event([f"E2801160{n:06d}"], key="rfid", scm_data=custom, campaign=11, event_id=f"bad{n}")
+        for n in range(4)
+    ]
+    market = [
+        event([f"11X{n:06d}"], scm_data={"intended_market": "DE"}, campaign=11, event_id=f"ok{n}")
+        for n in range(10, 13)
+    ]
+    # The same data without a campaign: accepted, and the field outside the code's
+    # campaign discarded (as the vendor says), so the task touches no code.
+    unchecked = event(["11X000020"], scm_data=custom, event_id="unchecked")
+    ordered = [market[0], bad[0], bad[1], market[1], bad[2], unchecked, bad[3], market[2]]
+    async with simulator(FAST) as sim:
+        settings = relay_settings(kafka_bootstrap, sim.base_url, topics, batch_linger_ms=1000)
+        await publish(kafka_bootstrap, topics.input, ordered)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            outcomes = await results(kafka_bootstrap, topics.results, expected=2)
+            dead = await read_topic(kafka_bootstrap, topics.dlq, expected=5, timeout_s=3)
+        stats = sim.account.stats
+        # One request carried the four events, and it alone was refused.
+        assert (stats.requests["upload"], stats.uploads_accepted, stats.statuses["4xx"]) == (
+            3,
+            2,
+            1,
+        )
+        for n in range(10, 13):
+            assert [h["set"] for h in await history(sim, f"11X{n:06d}")] == [
+                {"intended_market": "DE"}
+            ]
+        assert await history(sim, "11X000020") == []
+    assert sorted(json.loads(record.value)["event_id"] for record in dead) == [
+        "bad0",
+        "bad1",
+        "bad2",
+        "bad3",
+    ]
+    offsets = {str(ordered.index(item)).encode() for item in bad}
+    assert {dict(record.headers)["scm_relay.source.offset"] for record in dead} == offsets
+    for record in dead:
+        headers = dict(record.headers)
+        assert (headers["scm_relay.error.stage"], headers["scm_relay.error.reason"]) == (
+            b"api",
+            b"api_rejected",
+        )
+        assert headers["scm_relay.error.api_status"] == b"400"
+        assert json.loads(headers["scm_relay.error.api_body"]) == {
+            "scm_data": {
+                "client_custom_field": (
+                    "Invalid key name, 'client_custom_field' is not a field of campaign 11"
+                )
+            }
+        }
+    assert sorted(o["codes_affected"] for o in outcomes) == [0, 3]
+
+
 async def test_outage_then_recovery_and_a_throttle_storm_lose_nothing(
     kafka_bootstrap: str, topic_factory: TopicFactory
 ) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ import aiohttp
 import pytest
 
 from service.simulator.seed import Seed, SeedCampaign, SeedCode
-from service.simulator.state import Faults
+from service.simulator.state import USER_SCOPE, Faults
 from tests.api_support import TOKEN, Simulator, simulator
 
 AUTH = {"Authorization": f"UAT {TOKEN}"}
@@ -166,6 +168,65 @@ async def wait_complete(session: aiohttp.ClientSession, task_id: str) -> dict[st
             {"constraints": ["This field is required."], "scm_data": ["This field is required."]},
         ),
         (upload_body(scm_data={}), 400, {"scm_data": ["At least one field is required."]}),
+        (
+            # The vendor's own example: "the server checks that client_custom_field is a
+            # field of campaign 11" (it is not one in the simulator's campaign 11).
+            {
+                "constraints": {"rfid": ["rfid1", "rfid2", "rfid3"]},
+                "scm_data": {"client_custom_field": "some_val"},
+                "campaign": 11,
+                "reference": "SCM upload 11202020-10",
+            },
+            400,
+            {"scm_data": {
+                "client_custom_field":
+                    "Invalid key name, 'client_custom_field' is not a field of campaign 11"
+            }},
+        ),
+        (
+            upload_body(campaign=11, scm_data={"lot": "L1", "batch_number": "B1",
+                                               "status": "1", "product": "SKU-Z"}),
+            400,
+            {"scm_data": {
+                "lot": "Invalid key name, 'lot' is not a field of campaign 11",
+                "status": "Invalid key name, use 'activation_status' instead",
+            }},
+        ),
+        (
+            upload_body(constraints={"extended_id": ["11X000001", "11X\u0000000002"]}),
+            400,
+            {"constraints": {"extended_id": "Control and format characters are not allowed: "
+                                            "U+0000 (Cc) at position 3."}},
+        ),
+        (
+            upload_body(constraints={"rfid": ["E28\u200b01160000001"], "extended_id": ["a\n"]},
+                        scm_data={"lot": "L\u202e1", "intended_market": "\u001b[31mDE"}),
+            400,
+            {
+                "constraints": {
+                    "rfid": "Control and format characters are not allowed: "
+                            "U+200B (Cf) at position 3.",
+                    "extended_id": "Control and format characters are not allowed: "
+                                   "U+000A (Cc) at position 1.",
+                },
+                "scm_data": {
+                    "lot": "Control and format characters are not allowed: "
+                           "U+202E (Cf) at position 1.",
+                    "intended_market": "Control and format characters are not allowed: "
+                                       "U+001B (Cc) at position 0.",
+                },
+            },
+        ),
+        (
+            upload_body(reference="line 7\r\n", scm_data={"lot\t": "L1"}),
+            400,
+            {
+                "scm_data": {"lot\t": "Control and format characters are not allowed: "
+                                      "U+0009 (Cc) at position 3."},
+                "reference": ["Control and format characters are not allowed: "
+                              "U+000D (Cc) at position 6."],
+            },
+        ),
     ],
     ids=[
         "documented example",
@@ -182,6 +243,11 @@ async def wait_complete(session: aiohttp.ClientSession, task_id: str) -> dict[st
         "constraint key not in campaign",
         "missing fields",
         "empty scm_data",
+        "vendor example: scm_data key not in campaign",
+        "scm_data keys not in campaign",
+        "NUL in a constraint value",
+        "format and control characters in values",
+        "control characters in the reference and a key",
     ],
 )  # fmt: skip
 async def test_upload_validation_answers_the_documented_400(
@@ -210,6 +276,26 @@ async def test_codes_affected_counts_real_matches_and_fields_outside_the_campaig
         assert in_12["scm_data"]["lot"] == "L-1"
         assert "lot" not in in_11["scm_data"]
         assert in_11["history"] == []
+
+
+async def test_details_show_one_value_as_a_string_and_several_as_a_list() -> None:
+    """As the vendor's task example shows `"constraints": {"rfid": "test_rfid"}`; the list
+    form for several values is the simulator's assumption."""
+    async with simulator() as sim, session_on(sim) as session:
+        body = upload_body(
+            constraints={"extended_id": ["11X000001"], "serial_number": ["SN11-000002", "SN11-3"]}
+        )
+        status, answer = await post(session, UPLOAD, body)
+        assert status == 200
+        for path in (f"/api/v2/scm/tasks/{answer['task_id']}/", f"/_sim/tasks/{answer['task_id']}"):
+            _, task = await get(session, path)
+            assert task["details"] == {
+                "constraints": {
+                    "extended_id": "11X000001",
+                    "serial_number": ["SN11-000002", "SN11-3"],
+                },
+                "scm_data": {"intended_market": "DE"},
+            }, path
 
 
 async def test_scm_field_constraints_select_by_value_and_special_keys_apply() -> None:
@@ -306,9 +392,31 @@ async def test_uploads_over_ten_per_second_get_the_documented_429() -> None:
         status, body = await post(session, UPLOAD, upload_body())
         assert status == 429
         assert body["code"] == "throttled"
-        assert body["detail"] == "Request was throttled. Expected available in 1 seconds."
+        # DRF's Throttled: the wait rounded up to whole seconds, "second" for one.
+        assert body["detail"] == "Request was throttled. Expected available in 1 second."
         # Reads are not uploads: the scm_update limit does not apply to them.
         assert (await get(session, "/api/v2/me/"))[0] == 200
+
+
+async def test_a_one_way_delay_is_spent_before_the_request_arrives_and_is_counted() -> None:
+    """Set at run time; the throttle counts the request when it arrives, after its delay."""
+    async with simulator() as sim, session_on(sim) as session:
+        knobs = await sim.set_faults(one_way_delay_s=0.4)
+        assert knobs["one_way_delay_s"] == 0.4
+        # The delay is the request's first draw from the account's seeded dice: read it
+        # from a copy of them.
+        dice = random.Random()
+        dice.setstate(sim.account.rng.getstate())
+        travel = dice.uniform(0.0, 0.4)
+        assert travel > 0.1, "this seed draws too short a delay to see"
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        assert (await get(session, "/api/v2/me/"))[0] == 200
+        answered = loop.time()
+        (arrived,) = sim.account.counted_arrivals(USER_SCOPE, TOKEN)
+        # (The event loop may wake a timer up to its clock resolution, 1 ns, early.)
+        assert sent + travel - 1e-6 <= arrived <= answered
+        assert answered - sent >= travel - 1e-6
 
 
 async def test_list_pages_carry_next_and_previous_links() -> None:
@@ -363,7 +471,7 @@ def test_seed_file_is_checked(tmp_path: Path) -> None:
     assert failed.returncode == 2
     assert "campaign 5 does not define" in failed.stderr
     with subprocess.Popen(
-        [*run, "--seed", str(good), "--fault", "error_rate=0.5"],
+        [*run, "--seed", str(good), "--fault", "error_rate=0.5", "--fault", "one_way_delay_s=0.03"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -373,11 +481,14 @@ def test_seed_file_is_checked(tmp_path: Path) -> None:
         assert process.stderr is not None
         base_url = process.stdout.readline().strip()
         assert base_url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{base_url}/_sim/faults", timeout=30) as answer:  # noqa: S310 - the loopback URL it printed
+            knobs = json.load(answer)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         banner = process.stderr.read()
     assert "LOCAL SIMULATION of the documented Scantrust SCM upload API" in banner
     assert "1 codes in campaigns 5" in banner
+    assert (knobs["error_rate"], knobs["one_way_delay_s"]) == (0.5, 0.03)
 
 
 def test_help_says_it_is_a_simulation() -> None:

@@ -79,7 +79,8 @@ async def test_short_and_failed_tasks_get_the_right_outcome(
     assert (failed["state"], failed["short"], failed["shortfall"]) == ("failed", False, None)
     # "failed: the errors can be interpreted": the API's own view travels with the result.
     assert failed["api_details"]["error"] == "Simulated failure (fail_rate)"
-    assert failed["api_details"]["details"]["constraints"] == {"extended_id": ["11X000003"]}
+    # One value, shown as a string, as in the vendor's task example.
+    assert failed["api_details"]["details"]["constraints"] == {"extended_id": "11X000003"}
     assert by_reference["fine"]["api_details"] is None
     fine = by_reference["fine"]
     assert (fine["state"], fine["shortfall"], fine["short"]) == ("complete", 0, False)
