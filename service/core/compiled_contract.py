@@ -23,16 +23,29 @@ from typing import TYPE_CHECKING, Final
 from pydantic import BaseModel
 from pydantic_core import SchemaValidator, core_schema
 
+from service.core.control_chars import RUST_CLASS_BODY
+
 if TYPE_CHECKING:
     from service.core.contract import ContractLimits
 
-# Python's str.strip() removes what str.isspace() calls white space: Unicode's
-# White_Space (the regex crate's \s) plus the four separators U+001C..U+001F.
-NOT_SPACE: Final = r"[^\s\x1c-\x1f]"
-# A value with no white space at either end (and at least one character).
-NO_SPACE_AROUND: Final = rf"^{NOT_SPACE}(?:[\s\S]*{NOT_SPACE})?$"
+# Neither white space nor a control or format character (service/core/control_chars.py):
+# what a value may start and end with. Python's str.strip() removes what str.isspace()
+# calls white space: Unicode's White_Space (the regex crate's \s) plus the four
+# separators U+001C..U+001F, which are control characters (Cc) and so in the class.
+NOT_SPACE_OR_CONTROL: Final = rf"[^\s{RUST_CLASS_BODY}]"
+# Anything but a control or format character: what a value may hold inside.
+NOT_CONTROL: Final = rf"[^{RUST_CLASS_BODY}]"
+# A value with neither white space at either end nor a control character (and at least
+# one character).
+NO_SPACE_AROUND: Final = rf"^{NOT_SPACE_OR_CONTROL}(?:{NOT_CONTROL}*{NOT_SPACE_OR_CONTROL})?$"
 # The same, or empty (an scm_data value may be empty: it clears the field).
-EMPTY_OR_NO_SPACE_AROUND: Final = rf"^(?:{NOT_SPACE}(?:[\s\S]*{NOT_SPACE})?)?$"
+EMPTY_OR_NO_SPACE_AROUND: Final = (
+    rf"^(?:{NOT_SPACE_OR_CONTROL}(?:{NOT_CONTROL}*{NOT_SPACE_OR_CONTROL})?)?$"
+)
+# Not blank, no control character anywhere (an event id).
+NOT_BLANK: Final = rf"^{NOT_CONTROL}*{NOT_SPACE_OR_CONTROL}{NOT_CONTROL}*$"
+# No control character, empty allowed (a reference).
+NO_CONTROL: Final = rf"^{NOT_CONTROL}*$"
 
 
 def compile_contract(
@@ -67,7 +80,7 @@ def compile_contract(
         mode="left_to_right",
     )
     fields = {
-        "event_id": optional(text(NOT_SPACE, limits.max_event_id_length)),
+        "event_id": optional(text(NOT_BLANK, limits.max_event_id_length)),
         "constraints": core_schema.dict_schema(
             key, values, min_length=1, max_length=1, strict=True
         ),
@@ -79,7 +92,7 @@ def compile_contract(
             strict=True,
         ),
         "campaign": optional(core_schema.int_schema(ge=1, strict=True)),
-        "reference": optional(text(None, limits.max_reference_length)),
+        "reference": optional(text(NO_CONTROL, limits.max_reference_length)),
         "expected_codes": optional(core_schema.int_schema(ge=0, strict=True)),
     }
     schema = core_schema.model_schema(

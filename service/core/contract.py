@@ -36,6 +36,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, SchemaValidator
 
 from service.core.compiled_contract import compile_contract
+from service.core.control_chars import SCHEMA_CLASS, describe, first_control
 
 
 class Stage(StrEnum):
@@ -63,6 +64,7 @@ class Reason(StrEnum):
     MISSING_FIELD = "missing_field"
     EVENT_ID_INVALID = "event_id_invalid"
     EVENT_ID_TOO_LONG = "event_id_too_long"
+    EVENT_ID_CONTROL_CHARACTER = "event_id_control_character"
     CONSTRAINTS_NOT_OBJECT = "constraints_not_object"
     CONSTRAINTS_KEY_COUNT = "constraints_key_count"
     CONSTRAINT_KEY_MESSAGE = "constraint_key_message"
@@ -74,6 +76,7 @@ class Reason(StrEnum):
     CONSTRAINT_VALUE_TOO_LONG = "constraint_value_too_long"
     CONSTRAINT_VALUE_WHITESPACE = "constraint_value_whitespace"
     CONSTRAINT_VALUE_DUPLICATE = "constraint_value_duplicate"
+    CONSTRAINT_VALUE_CONTROL_CHARACTER = "constraint_value_control_character"
     TOO_MANY_VALUES = "too_many_values"
     SCM_DATA_NOT_OBJECT = "scm_data_not_object"
     SCM_DATA_EMPTY = "scm_data_empty"
@@ -85,12 +88,14 @@ class Reason(StrEnum):
     SCM_DATA_VALUE_INVALID = "scm_data_value_invalid"
     SCM_DATA_VALUE_TOO_LONG = "scm_data_value_too_long"
     SCM_DATA_VALUE_WHITESPACE = "scm_data_value_whitespace"
+    SCM_DATA_VALUE_CONTROL_CHARACTER = "scm_data_value_control_character"
     ACTIVATION_STATUS_INVALID = "activation_status_invalid"
     BLACKLIST_REASON_INVALID = "blacklist_reason_invalid"
     CAMPAIGN_TYPE = "campaign_type"
     CAMPAIGN_NOT_POSITIVE = "campaign_not_positive"
     REFERENCE_INVALID = "reference_invalid"
     REFERENCE_TOO_LONG = "reference_too_long"
+    REFERENCE_CONTROL_CHARACTER = "reference_control_character"
     EXPECTED_CODES_INVALID = "expected_codes_invalid"
     DUPLICATE_KEY = "duplicate_key"
     # api: the API refused the batch the event was in
@@ -197,11 +202,13 @@ def _warn(info: ValidationInfo, warning: str) -> None:
 
 def _check_key(key: str, field: str, limits: ContractLimits, reason: Reason) -> None:
     if not _KEY_RE.fullmatch(key):
+        index = first_control(key)
+        holds = "" if index is None else f" (it holds {describe(key[index])} at index {index})"
         raise _problem(
             reason,
             field,
-            f"key {_show(key)} is not a valid field key: use only letters, digits, '_' and '-' "
-            "(as in the campaign's template.csv)",
+            f"key {_show(key)} is not a valid field key{holds}: use only letters, digits, "
+            "'_' and '-' (as in the campaign's template.csv)",
         )
     if len(key) > limits.max_key_length:
         raise _problem(
@@ -234,6 +241,23 @@ def _constraint_key(key: str, limits: ContractLimits) -> None:
     _check_key(key, "constraints", limits, Reason.CONSTRAINT_KEY_INVALID)
 
 
+_INVISIBLE: Final = (
+    "control and format characters (line breaks, tabs, escape sequences, zero-width "
+    "spaces, direction marks) are invisible and would be sent as they are"
+)
+
+
+def _no_control(text: str, reason: Reason, field: str, what: str) -> None:
+    index = first_control(text)
+    if index is not None:
+        raise _problem(
+            reason,
+            field,
+            f"{what} {_show(text)} holds {describe(text[index])} at index {index}: "
+            f"publish it without that character; {_INVISIBLE}",
+        )
+
+
 def _constraint_value(value: Any, field: str, limits: ContractLimits) -> str:
     # bool is an int in Python, but `true` is no code; floats lose digits.
     if isinstance(value, str):
@@ -263,6 +287,7 @@ def _constraint_value(value: Any, field: str, limits: ContractLimits) -> str:
             field,
             "constraint value is blank: remove it or fill it in",
         )
+    _no_control(text, Reason.CONSTRAINT_VALUE_CONTROL_CHARACTER, field, "constraint value")
     if len(text) > limits.max_value_length:
         raise _problem(
             Reason.CONSTRAINT_VALUE_TOO_LONG,
@@ -359,6 +384,7 @@ def _scm_value(key: str, value: Any, limits: ContractLimits) -> str:
                 f"value {_show(value)} has white space around it; it would be saved as it "
                 "is: publish the value without it",
             )
+        _no_control(text, Reason.SCM_DATA_VALUE_CONTROL_CHARACTER, field, "value")
     elif isinstance(value, int) and not isinstance(value, bool):
         text = str(value)
     elif isinstance(value, float) and math.isfinite(value):
@@ -450,12 +476,14 @@ def _bounded_text(
     limit: int,
     invalid: Reason,
     too_long: Reason,
+    control: Reason,
     allow_blank: bool,
 ) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or (not allow_blank and not value.strip()):
         raise _problem(invalid, field, f"{field} must be a non-blank string or be left out")
+    _no_control(value, control, field, field)
     if len(value) > limit:
         raise _problem(
             too_long, field, f"{field} is {len(value)} characters long; the limit is {limit}"
@@ -470,6 +498,7 @@ def _event_id(value: Any, info: ValidationInfo) -> str | None:
         limit=_limits(info).max_event_id_length,
         invalid=Reason.EVENT_ID_INVALID,
         too_long=Reason.EVENT_ID_TOO_LONG,
+        control=Reason.EVENT_ID_CONTROL_CHARACTER,
         allow_blank=False,
     )
 
@@ -481,6 +510,7 @@ def _reference(value: Any, info: ValidationInfo) -> str | None:
         limit=_limits(info).max_reference_length,
         invalid=Reason.REFERENCE_INVALID,
         too_long=Reason.REFERENCE_TOO_LONG,
+        control=Reason.REFERENCE_CONTROL_CHARACTER,
         allow_blank=True,
     )
 
@@ -530,10 +560,18 @@ def _expected_codes(value: Any) -> int | None:
 # value has something else in it; an scm_data value may be empty.
 NO_SURROUNDING_SPACE: Final = r"^\S(?:[\s\S]*\S)?$"
 NO_SPACE_AROUND: Final = r"^(?:\S(?:[\s\S]*\S)?)?$"
+# No string holds a control or format character (service/core/control_chars.py). Said as
+# "does not contain one" rather than an anchored "[^...]*$": in Python's `re` (the
+# `jsonschema` library) `$` also matches before a final line break, so the anchored form
+# would pass "a\n". The `type` keeps the rule off the null of optional fields.
+# (service/schemas.py writes it once, under $defs, and refers to it.)
+CONTROL_CHARACTER_SCHEMA: Final = {"type": "string", "pattern": SCHEMA_CLASS}
+_NO_CONTROL: Final = {"not": CONTROL_CHARACTER_SCHEMA}
 _KEY_SCHEMA: Final = {
     "type": "string",
     "pattern": KEY_PATTERN,
     "maxLength": DEFAULT_LIMITS.max_key_length,
+    **_NO_CONTROL,
 }
 _CONSTRAINT_VALUE_SCHEMA: Final = {
     "oneOf": [
@@ -541,6 +579,7 @@ _CONSTRAINT_VALUE_SCHEMA: Final = {
             "type": "string",
             "pattern": NO_SURROUNDING_SPACE,
             "maxLength": DEFAULT_LIMITS.max_value_length,
+            **_NO_CONTROL,
         },
         {"type": "integer"},
     ]
@@ -550,13 +589,16 @@ _CONSTRAINTS_SCHEMA: Final = {
     "description": (
         "Selects the codes to change: exactly one key (extended_id, serial_number or an "
         "SCM field key such as rfid) with one value or a list of distinct values. "
-        "Values are matched exactly (case sensitive)."
+        "Values are matched exactly (case sensitive) and hold no control or format "
+        "character (Unicode Cc, Cf)."
     ),
     "minProperties": 1,
     "maxProperties": 1,
     "propertyNames": {
-        **_KEY_SCHEMA,
-        "not": {"enum": ["message", "product", "product_id", "campaign", "campaign_id"]},
+        "allOf": [
+            _KEY_SCHEMA,
+            {"not": {"enum": ["message", "product", "product_id", "campaign", "campaign_id"]}},
+        ]
     },
     "additionalProperties": {
         "oneOf": [
@@ -578,6 +620,7 @@ _SCM_VALUE_SCHEMA: Final = {
             "type": "string",
             "pattern": NO_SPACE_AROUND,
             "maxLength": DEFAULT_LIMITS.max_value_length,
+            **_NO_CONTROL,
         },
         {"type": "number"},
     ],
@@ -591,22 +634,24 @@ _SCM_DATA_SCHEMA: Final = {
     "minProperties": 1,
     "maxProperties": DEFAULT_LIMITS.max_scm_data_keys,
     "propertyNames": {
-        **_KEY_SCHEMA,
-        "not": {"enum": sorted([*_IMMUTABLE_SCM_KEYS, "product_id", "status"])},
+        "allOf": [
+            _KEY_SCHEMA,
+            {"not": {"enum": sorted([*_IMMUTABLE_SCM_KEYS, "product_id", "status"])}},
+        ]
     },
     "properties": {
         "activation_status": {
             "description": "0 inactive, 1 active, 2 blacklisted",
             "oneOf": [
                 {"type": "integer", "enum": [0, 1, 2]},
-                {"type": "string", "pattern": r"^[0-2]$"},
+                {"type": "string", "pattern": r"^[0-2]$", **_NO_CONTROL},
             ],
         },
         "blacklist_reason": {
             "description": "0 to 10, see docs/event-contract.md",
             "oneOf": [
                 {"type": "integer", "minimum": 0, "maximum": 10},
-                {"type": "string", "pattern": r"^([0-9]|10)$"},
+                {"type": "string", "pattern": r"^([0-9]|10)$", **_NO_CONTROL},
             ],
         },
     },
@@ -634,6 +679,7 @@ EventId = Annotated[
             "type": ["string", "null"],
             "pattern": r"\S",
             "maxLength": DEFAULT_LIMITS.max_event_id_length,
+            **_NO_CONTROL,
             "description": "The publisher's id of this event; carried into results and logs.",
         }
     ),
@@ -652,6 +698,7 @@ Reference = Annotated[
         {
             "type": ["string", "null"],
             "maxLength": DEFAULT_LIMITS.max_reference_length,
+            **_NO_CONTROL,
             "description": "Human-readable name; tasks can be grouped by it at the API.",
         }
     ),
