@@ -11,8 +11,9 @@ It is only ever a shortcut: it accepts a subset of what the contract accepts,
 with exactly the contract's result, and anything it does not accept (an int
 constraint value, a float in scm_data, any mistake) is judged again by
 `ChangeEvent`'s validators, which give the reason. `contract.parse_event` runs
-the few checks a schema cannot express (forbidden keys, duplicate values,
-warnings) on what this returns. `tests/unit/test_compiled_contract.py` holds the
+the few checks a schema cannot express (forbidden keys, duplicate values, the
+request bounds of an event with several constraint keys, warnings) on what this
+returns. `tests/unit/test_compiled_contract.py` holds the
 two to the same verdicts.
 """
 
@@ -49,13 +50,14 @@ NO_CONTROL: Final = rf"^{NOT_CONTROL}*$"
 
 
 def compile_contract(
-    model: type[BaseModel], limits: ContractLimits, key_pattern: str
+    model: type[BaseModel], limits: ContractLimits, key_pattern: str, max_keys: int
 ) -> SchemaValidator:
     """A validator of JSON bytes that builds `model` instances for events it is sure of.
 
-    Constraint values may be one string or a list of strings (a lone string stays a
-    string: the caller wraps it); scm_data values are strings. Numbers are left to
-    the contract's own validators, which render them as the API is sent them.
+    Constraints have one to `max_keys` keys, each with one string or a list of strings
+    (a lone string stays a string: the caller wraps it); scm_data values are strings.
+    Numbers are left to the contract's own validators, which render them as the API is
+    sent them.
     """
 
     def text(pattern: str | None = None, max_length: int | None = None) -> core_schema.CoreSchema:
@@ -82,7 +84,7 @@ def compile_contract(
     fields = {
         "event_id": optional(text(NOT_BLANK, limits.max_event_id_length)),
         "constraints": core_schema.dict_schema(
-            key, values, min_length=1, max_length=1, strict=True
+            key, values, min_length=1, max_length=max_keys, strict=True
         ),
         "scm_data": core_schema.dict_schema(
             key,

@@ -58,7 +58,7 @@ def test_a_plain_valid_event_takes_the_shortcut_with_the_validators_result() -> 
     assert_same_verdict(raw)
     result = parse_event(raw)
     assert isinstance(result, ParsedEvent)
-    assert result.event.constraint_values == ("0A70X1", "0A70X2")
+    assert result.event.constraints == {"extended_id": ("0A70X1", "0A70X2")}
 
 
 def test_the_shortcut_is_the_compiled_schema_not_the_models_own_validators() -> None:
@@ -69,7 +69,7 @@ def test_the_shortcut_is_the_compiled_schema_not_the_models_own_validators() -> 
         contract._compiled(DEFAULT_LIMITS).validate_json(raw)
     result = parse_event(raw)
     assert isinstance(result, ParsedEvent)
-    assert result.event.constraint_values == ("7",)
+    assert result.event.constraints == {"extended_id": ("7",)}
 
 
 CORNER_CASES: list[tuple[str, bytes]] = [
@@ -123,6 +123,19 @@ CORNER_CASES: list[tuple[str, bytes]] = [
     ),
     ("unknown field", encode({**VALID, "campain": 11})),
     ("two constraint keys", encode({**VALID, "constraints": {"a": ["1"], "b": ["2"]}})),
+    ("five constraint keys", encode({**VALID, "constraints": {k: k for k in "abcde"}})),
+    ("six constraint keys", encode({**VALID, "constraints": {k: k for k in "abcdef"}})),
+    ("same value, two keys", encode({**VALID, "constraints": {"a": ["1"], "b": "1"}})),
+    ("duplicate in a second key", encode({**VALID, "constraints": {"a": "1", "b": ["2", "2"]}})),
+    ("forbidden second key", encode({**VALID, "constraints": {"a": "1", "product": "2"}})),
+    (
+        "several keys over a request",
+        encode({**VALID, "constraints": {"a": list(map(str, range(501))), "b": ["x"] * 1}}),
+    ),
+    (
+        "several keys, 1000 values in all",
+        encode({**VALID, "constraints": {"a": list(map(str, range(999))), "b": ["x"]}}),
+    ),
     ("empty list", encode({**VALID, "constraints": {"extended_id": []}})),
     ("too long value", encode({**VALID, "constraints": {"extended_id": ["x" * 1025]}})),
     ("longest value", encode({**VALID, "constraints": {"extended_id": ["x" * 1024]}})),
@@ -163,6 +176,24 @@ def test_a_key_with_a_trailing_newline_is_refused() -> None:
     assert result.reason is Reason.CONSTRAINT_KEY_INVALID
 
 
+def test_an_event_with_several_keys_takes_the_shortcut_within_a_requests_bounds() -> None:
+    raw = encode({**VALID, "constraints": {"extended_id": ["a", "b"], "rfid": "r"}})
+    fast = shortcut(raw)
+    assert fast is not None
+    assert fast.event.constraints == {"extended_id": ("a", "b"), "rfid": ("r",)}
+    assert_same_verdict(raw)
+    tight = ContractLimits(batch_max_values=2)
+    assert shortcut(raw, tight) is None
+    result = parse_event(raw, tight)
+    assert isinstance(result, Rejection)
+    assert result.reason is Reason.MULTI_KEY_TOO_MANY_VALUES
+    small = ContractLimits(batch_max_bytes=2)
+    assert shortcut(raw, small) is None
+    result = parse_event(raw, small)
+    assert isinstance(result, Rejection)
+    assert result.reason is Reason.MULTI_KEY_TOO_MANY_BYTES
+
+
 def test_settable_limits_are_compiled_in() -> None:
     limits = ContractLimits(max_value_length=3, max_scm_data_keys=1)
     assert shortcut(encode({**VALID, "constraints": {"extended_id": ["abcd"]}}), limits) is None
@@ -192,7 +223,7 @@ scalars = awkward_text | st.integers(-3, 12) | st.floats(allow_nan=False) | st.n
 documents = st.fixed_dictionaries(
     {
         "constraints": st.dictionaries(
-            keys, scalars | st.lists(scalars, max_size=4), min_size=0, max_size=2
+            keys, scalars | st.lists(scalars, max_size=4), min_size=0, max_size=6
         ),
         "scm_data": st.dictionaries(keys, scalars, min_size=0, max_size=4),
     },
