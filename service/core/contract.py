@@ -330,8 +330,8 @@ def _constraints(value: Any, info: ValidationInfo) -> dict[str, tuple[str, ...]]
         raise _problem(
             Reason.CONSTRAINTS_KEY_COUNT,
             "constraints",
-            f"constraints must have one to {MAX_CONSTRAINT_KEYS} keys, found {len(value)} "
-            f"({found}): {fix}",
+            f"constraints must have 1 to {MAX_CONSTRAINT_KEYS} keys, found {len(value)} "
+            f"({found}); {fix}",
         )
     constraints = {key: _constraint_values(key, raw, limits) for key, raw in value.items()}
     if len(constraints) > 1:

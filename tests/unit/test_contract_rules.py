@@ -65,7 +65,7 @@ RULES: list[tuple[str, bytes, Reason, str | None, str]] = [
     ("constraints list", encode(event(constraints=["0A70X1"])), Reason.CONSTRAINTS_NOT_OBJECT,
      "constraints", "one to five keys"),
     ("six keys", encode(event(constraints={k: "a" for k in ("k1", "k2", "k3", "k4", "k5", "k6")})),
-     Reason.CONSTRAINTS_KEY_COUNT, "constraints", "one to 5 keys, found 6"),
+     Reason.CONSTRAINTS_KEY_COUNT, "constraints", "1 to 5 keys, found 6 ('k1'"),
     ("several keys, over a request's values",
      encode(event(constraints={"extended_id": [f"a{n}" for n in range(600)],
                                "serial_number": [f"s{n}" for n in range(401)]})),
