@@ -75,6 +75,8 @@ def contract_limits(settings: Settings) -> ContractLimits:
         max_reference_length=settings.max_reference_length,
         max_event_id_length=settings.max_event_id_length,
         one_code_per_value_keys=settings.one_code_per_value_keys,
+        batch_max_values=settings.batch_max_values,
+        batch_max_bytes=settings.batch_max_bytes,
     )
 
 
@@ -143,6 +145,9 @@ def fitted_to_record_limits(config: RelayConfig, limits: Mapping[str, int]) -> R
     return replace(
         config,
         batch_max_bytes=batch_bytes,
+        # The contract refuses an event with several constraint keys over this bound: it
+        # is one request, never split.
+        limits=replace(config.limits, batch_max_bytes=batch_bytes),
         dead_letter_max_bytes=dead_letter_max,
         dead_letter_prefix_bytes=min(config.dead_letter_prefix_bytes, dead_letter_max // 2),
     )

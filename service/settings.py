@@ -277,25 +277,30 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
 
     # Batching
     batch_max_values: int = Field(
-        default=1000,
+        default=DEFAULT_LIMITS.batch_max_values,
         ge=1,
         le=1000,
-        description="values per upload request, 1 to 1000 (the API's limit)",
+        description=(
+            "values per upload request, 1 to 1000 (the API's limit); an event with several "
+            "constraint keys, one request never split, must fit (`multi_key_too_many_values`)"
+        ),
     )
     batch_max_bytes: int = Field(
-        default=256 * 1024,
+        default=DEFAULT_LIMITS.batch_max_bytes,
         ge=1024,
         le=768 * 1024,
         description="constraint value bytes per upload request; keeps each request and its "
-        "ledger record under Kafka's 1 MiB record limit",
+        "ledger record under Kafka's 1 MiB record limit; an event with several constraint "
+        "keys must fit (`multi_key_too_many_bytes`)",
     )
     batch_max_keys: int = Field(
         default=1,
         ge=1,
         le=5,
         description=(
-            "constraint keys per request, 1 to 5; above 1 only if your account confirms union "
-            "semantics"
+            "constraint keys per request merged from events with one key, 1 to 5; above 1 "
+            "only if your account confirms union semantics (an event with several keys is a "
+            "request of its own whatever this says)"
         ),
     )
     batch_linger_ms: int = Field(

@@ -1,12 +1,17 @@
 """Merging accepted events into upload requests (docs/design.md section 4).
 
-Events with the same (campaign, scm_data, reference, constraint key) merge:
-their values are unioned (a value already in the open batch is dropped and
-counted) up to `max_values`; an event with more values than fit is split
-across batches. With `max_keys` > 1, batches of the same campaign, scm_data and
-reference share a request across constraint keys. A batch is ready when full,
-when its oldest event has waited `linger_s`, when too many batches are open
-(the oldest goes first), or on shutdown.
+Events with one constraint key and the same (campaign, scm_data, reference,
+constraint key) merge: their values are unioned (a value already in the open
+batch is dropped and counted) up to `max_values`; an event with more values
+than fit is split across batches. With `max_keys` > 1, batches of the same
+campaign, scm_data and reference share a request across constraint keys. A
+batch is ready when full, when its oldest event has waited `linger_s`, when too
+many batches are open (the oldest goes first), or on shutdown.
+
+An event with several constraint keys is a request of its own, ready at once:
+never merged with another (the API does not document whether keys combine with
+AND or OR, so its values mean what they mean only together) and never split
+(the contract refuses one that does not fit a request).
 
 Pure: it takes events and the time, and returns batches.
 """
@@ -21,7 +26,12 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Final, NamedTuple
 
-from service.core.contract import IDENTIFIER_KEYS, ChangeEvent
+from service.core.contract import (
+    DEFAULT_BATCH_MAX_BYTES,
+    IDENTIFIER_KEYS,
+    ChangeEvent,
+    value_bytes,
+)
 
 
 class Source(NamedTuple):
@@ -67,13 +77,12 @@ class FlushReason(StrEnum):
     OPEN_BATCHES = "open_batches"
     SHUTDOWN = "shutdown"
     BYTES = "bytes"
+    MULTI_KEY = "multi_key"  # an event with several constraint keys, sent on its own
 
 
 GroupKey = tuple[int | None, tuple[tuple[str, str], ...], str, str | None]
-# Constraint value bytes per request: with scm_data and the events' sources, a request
-# and its ledger record stay well under Kafka's 1 MiB record limit (1000 values of the
-# longest allowed 1024 characters would be 1 MiB of values alone).
-DEFAULT_MAX_BATCH_BYTES: Final = 256 * 1024
+# Constraint value bytes per request (see the contract's DEFAULT_BATCH_MAX_BYTES).
+DEFAULT_MAX_BATCH_BYTES: Final = DEFAULT_BATCH_MAX_BYTES
 _NEXT_BATCH: Final = itertools.count(1)
 
 
@@ -128,22 +137,27 @@ class Batch:
     ) -> int | None:
         """How many codes the request should touch, or None when that is unknown.
 
-        Events without `expected_codes` on an identifier key count one code per distinct
-        value; events with it count what they say, if wholly inside this batch. Any other
-        event makes the expectation unknown. `events`: `self.events()`, if the caller
-        has it already.
+        Events without `expected_codes` whose every key is an identifier key count one
+        code per distinct value; events with it count what they say, if wholly inside
+        this batch. Any other event makes the expectation unknown. An event with several
+        keys counts all its values: the reading where keys combine as a union of
+        distinct codes (an account where they combine as AND sees short tasks).
+        `events`: `self.events()`, if the caller has it already.
         """
         per_value_keys = IDENTIFIER_KEYS | set(one_code_per_value_keys)
         explicit = 0
         declaring = False
         for pending in self.events() if events is None else events:
-            declared = pending.event.expected_codes
+            event = pending.event
+            declared = event.expected_codes
             if declared is not None:
-                if pending.parts != 1:
-                    return None  # split across requests: its share of each is unknown
+                # One part per key when wholly in this batch (an event with several keys
+                # always is); more: split across requests, its share of each unknown.
+                if pending.parts != len(event.constraints):
+                    return None
                 explicit += declared
                 declaring = True
-            elif pending.event.constraint_key not in per_value_keys:
+            elif not per_value_keys.issuperset(event.constraints):
                 return None
         if not declaring:
             # The batcher puts each (key, value) into a batch once: its size is the count.
@@ -180,10 +194,13 @@ class Batcher:
         self.deduplicated = 0
 
     def group_of(self, event: ChangeEvent) -> GroupKey:
-        """The key of the batch an event joins."""
-        return self._group(event, event.constraint_key)
+        """The key of the batch an event with one constraint key joins (an event with
+        several joins none: the key of its own batch)."""
+        if len(event.constraints) > 1:
+            return self._group(event, None)
+        return self._group(event, next(iter(event.constraints)))
 
-    def _group(self, event: ChangeEvent, key: str) -> GroupKey:
+    def _group(self, event: ChangeEvent, key: str | None) -> GroupKey:
         return (
             event.campaign,
             tuple(sorted(event.scm_data.items())),
@@ -199,9 +216,11 @@ class Batcher:
 
         Called for every event: the constraint key and values are read once, and the
         bytes of a chunk are counted value by value only when it may not fit."""
+        event = pending.event
+        if len(event.constraints) > 1:
+            return self._alone(pending, now)
         ready: list[Batch] = []
         placed: list[tuple[Batch, Part]] = []
-        event = pending.event
         ((key, values),) = event.constraints.items()
         group = self._group(event, key)
         batch = self._open.get(group)
@@ -218,8 +237,7 @@ class Batcher:
                 placed.append((batch, self._attach(batch, pending, key, ())))
         while remaining:
             chunk = remaining[: self.max_values - batch.size]
-            joined = "".join(chunk)
-            chunk_bytes = len(joined) if joined.isascii() else len(joined.encode())
+            chunk_bytes = value_bytes(chunk)
             if batch.value_bytes + chunk_bytes > self.max_bytes:
                 sizes = [len(value.encode()) for value in chunk]
                 chunk = chunk[: self._fitting(sizes, self.max_bytes - batch.value_bytes)]
@@ -242,6 +260,23 @@ class Batcher:
                 oldest = next(iter(self._open.values()))
                 ready.append(self._close(oldest, FlushReason.OPEN_BATCHES))
         return ready, placed
+
+    def _alone(
+        self, pending: PendingEvent, now: float
+    ) -> tuple[list[Batch], list[tuple[Batch, Part]]]:
+        """An event with several constraint keys: a batch of its own, ready at once, with
+        one part per key. Never split: the contract refused it unless it fits a request."""
+        event = pending.event
+        batch = Batch(group=self._group(event, None), opened_at=now)
+        placed = [
+            (batch, self._attach(batch, pending, key, values))
+            for key, values in event.constraints.items()
+        ]
+        batch.value_bytes = value_bytes(
+            value for values in event.constraints.values() for value in values
+        )
+        batch.flush_reason = FlushReason.MULTI_KEY
+        return [batch], placed
 
     def due(self, now: float, limit: int | None = None) -> list[Batch]:
         """Batches whose oldest event has waited `linger_s` (oldest first), at most `limit`.

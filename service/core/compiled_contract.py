@@ -11,8 +11,9 @@ It is only ever a shortcut: it accepts a subset of what the contract accepts,
 with exactly the contract's result, and anything it does not accept (an int
 constraint value, a float in scm_data, any mistake) is judged again by
 `ChangeEvent`'s validators, which give the reason. `contract.parse_event` runs
-the few checks a schema cannot express (forbidden keys, duplicate values,
-warnings) on what this returns. `tests/unit/test_compiled_contract.py` holds the
+the few checks a schema cannot express (forbidden keys, duplicate values, the
+request bounds of an event with several constraint keys, warnings) on what this
+returns. `tests/unit/test_compiled_contract.py` holds the
 two to the same verdicts.
 """
 
@@ -23,26 +24,40 @@ from typing import TYPE_CHECKING, Final
 from pydantic import BaseModel
 from pydantic_core import SchemaValidator, core_schema
 
+from service.core.control_chars import RUST_CLASS_BODY
+
 if TYPE_CHECKING:
     from service.core.contract import ContractLimits
 
-# Python's str.strip() removes what str.isspace() calls white space: Unicode's
-# White_Space (the regex crate's \s) plus the four separators U+001C..U+001F.
-NOT_SPACE: Final = r"[^\s\x1c-\x1f]"
-# A value with no white space at either end (and at least one character).
-NO_SPACE_AROUND: Final = rf"^{NOT_SPACE}(?:[\s\S]*{NOT_SPACE})?$"
+# Neither white space nor a control or format character (service/core/control_chars.py):
+# what a value may start and end with. Python's str.strip() removes what str.isspace()
+# calls white space: Unicode's White_Space (the regex crate's \s) plus the four
+# separators U+001C..U+001F, which are control characters (Cc) and so in the class.
+NOT_SPACE_OR_CONTROL: Final = rf"[^\s{RUST_CLASS_BODY}]"
+# Anything but a control or format character: what a value may hold inside.
+NOT_CONTROL: Final = rf"[^{RUST_CLASS_BODY}]"
+# A value with neither white space at either end nor a control character (and at least
+# one character).
+NO_SPACE_AROUND: Final = rf"^{NOT_SPACE_OR_CONTROL}(?:{NOT_CONTROL}*{NOT_SPACE_OR_CONTROL})?$"
 # The same, or empty (an scm_data value may be empty: it clears the field).
-EMPTY_OR_NO_SPACE_AROUND: Final = rf"^(?:{NOT_SPACE}(?:[\s\S]*{NOT_SPACE})?)?$"
+EMPTY_OR_NO_SPACE_AROUND: Final = (
+    rf"^(?:{NOT_SPACE_OR_CONTROL}(?:{NOT_CONTROL}*{NOT_SPACE_OR_CONTROL})?)?$"
+)
+# Not blank, no control character anywhere (an event id).
+NOT_BLANK: Final = rf"^{NOT_CONTROL}*{NOT_SPACE_OR_CONTROL}{NOT_CONTROL}*$"
+# No control character, empty allowed (a reference).
+NO_CONTROL: Final = rf"^{NOT_CONTROL}*$"
 
 
 def compile_contract(
-    model: type[BaseModel], limits: ContractLimits, key_pattern: str
+    model: type[BaseModel], limits: ContractLimits, key_pattern: str, max_keys: int
 ) -> SchemaValidator:
     """A validator of JSON bytes that builds `model` instances for events it is sure of.
 
-    Constraint values may be one string or a list of strings (a lone string stays a
-    string: the caller wraps it); scm_data values are strings. Numbers are left to
-    the contract's own validators, which render them as the API is sent them.
+    Constraints have one to `max_keys` keys, each with one string or a list of strings
+    (a lone string stays a string: the caller wraps it); scm_data values are strings.
+    Numbers are left to the contract's own validators, which render them as the API is
+    sent them.
     """
 
     def text(pattern: str | None = None, max_length: int | None = None) -> core_schema.CoreSchema:
@@ -67,9 +82,9 @@ def compile_contract(
         mode="left_to_right",
     )
     fields = {
-        "event_id": optional(text(NOT_SPACE, limits.max_event_id_length)),
+        "event_id": optional(text(NOT_BLANK, limits.max_event_id_length)),
         "constraints": core_schema.dict_schema(
-            key, values, min_length=1, max_length=1, strict=True
+            key, values, min_length=1, max_length=max_keys, strict=True
         ),
         "scm_data": core_schema.dict_schema(
             key,
@@ -79,7 +94,7 @@ def compile_contract(
             strict=True,
         ),
         "campaign": optional(core_schema.int_schema(ge=1, strict=True)),
-        "reference": optional(text(None, limits.max_reference_length)),
+        "reference": optional(text(NO_CONTROL, limits.max_reference_length)),
         "expected_codes": optional(core_schema.int_schema(ge=0, strict=True)),
     }
     schema = core_schema.model_schema(

@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
@@ -36,6 +37,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, SchemaValidator
 
 from service.core.compiled_contract import compile_contract
+from service.core.control_chars import SCHEMA_CLASS, describe, first_control
 
 
 class Stage(StrEnum):
@@ -63,6 +65,7 @@ class Reason(StrEnum):
     MISSING_FIELD = "missing_field"
     EVENT_ID_INVALID = "event_id_invalid"
     EVENT_ID_TOO_LONG = "event_id_too_long"
+    EVENT_ID_CONTROL_CHARACTER = "event_id_control_character"
     CONSTRAINTS_NOT_OBJECT = "constraints_not_object"
     CONSTRAINTS_KEY_COUNT = "constraints_key_count"
     CONSTRAINT_KEY_MESSAGE = "constraint_key_message"
@@ -74,7 +77,10 @@ class Reason(StrEnum):
     CONSTRAINT_VALUE_TOO_LONG = "constraint_value_too_long"
     CONSTRAINT_VALUE_WHITESPACE = "constraint_value_whitespace"
     CONSTRAINT_VALUE_DUPLICATE = "constraint_value_duplicate"
+    CONSTRAINT_VALUE_CONTROL_CHARACTER = "constraint_value_control_character"
     TOO_MANY_VALUES = "too_many_values"
+    MULTI_KEY_TOO_MANY_VALUES = "multi_key_too_many_values"
+    MULTI_KEY_TOO_MANY_BYTES = "multi_key_too_many_bytes"
     SCM_DATA_NOT_OBJECT = "scm_data_not_object"
     SCM_DATA_EMPTY = "scm_data_empty"
     SCM_DATA_TOO_MANY_KEYS = "scm_data_too_many_keys"
@@ -85,12 +91,14 @@ class Reason(StrEnum):
     SCM_DATA_VALUE_INVALID = "scm_data_value_invalid"
     SCM_DATA_VALUE_TOO_LONG = "scm_data_value_too_long"
     SCM_DATA_VALUE_WHITESPACE = "scm_data_value_whitespace"
+    SCM_DATA_VALUE_CONTROL_CHARACTER = "scm_data_value_control_character"
     ACTIVATION_STATUS_INVALID = "activation_status_invalid"
     BLACKLIST_REASON_INVALID = "blacklist_reason_invalid"
     CAMPAIGN_TYPE = "campaign_type"
     CAMPAIGN_NOT_POSITIVE = "campaign_not_positive"
     REFERENCE_INVALID = "reference_invalid"
     REFERENCE_TOO_LONG = "reference_too_long"
+    REFERENCE_CONTROL_CHARACTER = "reference_control_character"
     EXPECTED_CODES_INVALID = "expected_codes_invalid"
     DUPLICATE_KEY = "duplicate_key"
     # api: the API refused the batch the event was in
@@ -110,6 +118,12 @@ _DECODE_REASONS: Final = frozenset(
     {Reason.NOT_UTF8, Reason.INVALID_JSON, Reason.NOT_AN_OBJECT, Reason.TOO_DEEPLY_NESTED}
 )
 
+# The API's limit of constraint keys in one request, and so in one event.
+MAX_CONSTRAINT_KEYS: Final = 5
+# Constraint value bytes per request: with scm_data and the events' sources, a request
+# and its ledger record stay well under Kafka's 1 MiB record limit (1000 values of the
+# longest allowed 1024 characters would be 1 MiB of values alone).
+DEFAULT_BATCH_MAX_BYTES: Final = 256 * 1024
 # Keys that select exactly one code per value: without `expected_codes`, each value
 # of such a key is expected to touch one code.
 IDENTIFIER_KEYS: Final = frozenset({"extended_id", "serial_number"})
@@ -143,6 +157,10 @@ class ContractLimits:
     max_reference_length: int = 255
     max_event_id_length: int = 256
     one_code_per_value_keys: frozenset[str] = DEFAULT_ONE_CODE_PER_VALUE_KEYS
+    # A request's bounds (the settings batch_max_values and batch_max_bytes): an event
+    # with several constraint keys is one request of its own, never split, so must fit.
+    batch_max_values: int = 1000
+    batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
 
 
 DEFAULT_LIMITS: Final = ContractLimits()
@@ -197,11 +215,13 @@ def _warn(info: ValidationInfo, warning: str) -> None:
 
 def _check_key(key: str, field: str, limits: ContractLimits, reason: Reason) -> None:
     if not _KEY_RE.fullmatch(key):
+        index = first_control(key)
+        holds = "" if index is None else f" (it holds {describe(key[index])} at index {index})"
         raise _problem(
             reason,
             field,
-            f"key {_show(key)} is not a valid field key: use only letters, digits, '_' and '-' "
-            "(as in the campaign's template.csv)",
+            f"key {_show(key)} is not a valid field key{holds}: use only letters, digits, "
+            "'_' and '-' (as in the campaign's template.csv)",
         )
     if len(key) > limits.max_key_length:
         raise _problem(
@@ -234,6 +254,23 @@ def _constraint_key(key: str, limits: ContractLimits) -> None:
     _check_key(key, "constraints", limits, Reason.CONSTRAINT_KEY_INVALID)
 
 
+_INVISIBLE: Final = (
+    "control and format characters (line breaks, tabs, escape sequences, zero-width "
+    "spaces, direction marks) are invisible and would be sent as they are"
+)
+
+
+def _no_control(text: str, reason: Reason, field: str, what: str) -> None:
+    index = first_control(text)
+    if index is not None:
+        raise _problem(
+            reason,
+            field,
+            f"{what} {_show(text)} holds {describe(text[index])} at index {index}: "
+            f"publish it without that character; {_INVISIBLE}",
+        )
+
+
 def _constraint_value(value: Any, field: str, limits: ContractLimits) -> str:
     # bool is an int in Python, but `true` is no code; floats lose digits.
     if isinstance(value, str):
@@ -263,6 +300,7 @@ def _constraint_value(value: Any, field: str, limits: ContractLimits) -> str:
             field,
             "constraint value is blank: remove it or fill it in",
         )
+    _no_control(text, Reason.CONSTRAINT_VALUE_CONTROL_CHARACTER, field, "constraint value")
     if len(text) > limits.max_value_length:
         raise _problem(
             Reason.CONSTRAINT_VALUE_TOO_LONG,
@@ -279,46 +317,96 @@ def _constraints(value: Any, info: ValidationInfo) -> dict[str, tuple[str, ...]]
         raise _problem(
             Reason.CONSTRAINTS_NOT_OBJECT,
             "constraints",
-            'constraints must be an object with one key, e.g. {"extended_id": ["0A70X1"]}',
+            'constraints must be an object of one to five keys, e.g. {"extended_id": ["0A70X1"]}',
         )
-    if len(value) != 1:
+    if not 1 <= len(value) <= MAX_CONSTRAINT_KEYS:
         found = ", ".join(_show(k) for k in value) or "none"
+        fix = (
+            'select the codes, e.g. {"extended_id": ["0A70X1"]}'
+            if not value
+            else f"the API takes at most {MAX_CONSTRAINT_KEYS} constraints in a request: "
+            "publish several events"
+        )
         raise _problem(
             Reason.CONSTRAINTS_KEY_COUNT,
             "constraints",
-            f"constraints must have exactly one key, found {len(value)} ({found}); "
-            "publish one event per constraint key",
+            f"constraints must have 1 to {MAX_CONSTRAINT_KEYS} keys, found {len(value)} "
+            f"({found}); {fix}",
         )
-    ((key, raw_values),) = value.items()
+    constraints = {key: _constraint_values(key, raw, limits) for key, raw in value.items()}
+    if len(constraints) > 1:
+        _one_request(constraints, limits)
+    return constraints
+
+
+def _constraint_values(key: str, raw_values: Any, limits: ContractLimits) -> tuple[str, ...]:
     _constraint_key(key, limits)
     field = f"constraints.{key}"
-    if isinstance(raw_values, list):
-        if not raw_values:
+    if not isinstance(raw_values, list):
+        return (_constraint_value(raw_values, field, limits),)
+    if not raw_values:
+        raise _problem(
+            Reason.CONSTRAINT_VALUES_EMPTY,
+            field,
+            "the list of constraint values is empty: list at least one code",
+        )
+    if len(raw_values) > limits.max_values_per_event:
+        raise _problem(
+            Reason.TOO_MANY_VALUES,
+            field,
+            f"{len(raw_values)} values exceed the limit of {limits.max_values_per_event} "
+            "per event: split the event",
+        )
+    first_index: dict[str, int] = {}
+    for index, raw in enumerate(raw_values):
+        text = _constraint_value(raw, f"{field}[{index}]", limits)
+        earlier = first_index.setdefault(text, index)
+        if earlier != index:
             raise _problem(
-                Reason.CONSTRAINT_VALUES_EMPTY,
-                field,
-                "the list of constraint values is empty: list at least one code",
+                Reason.CONSTRAINT_VALUE_DUPLICATE,
+                f"{field}[{index}]",
+                f"value {_show(text)} at index {index} duplicates index {earlier}: "
+                "list each value once",
             )
-        if len(raw_values) > limits.max_values_per_event:
-            raise _problem(
-                Reason.TOO_MANY_VALUES,
-                field,
-                f"{len(raw_values)} values exceed the limit of {limits.max_values_per_event} "
-                "per event: split the event",
-            )
-        first_index: dict[str, int] = {}
-        for index, raw in enumerate(raw_values):
-            text = _constraint_value(raw, f"{field}[{index}]", limits)
-            earlier = first_index.setdefault(text, index)
-            if earlier != index:
-                raise _problem(
-                    Reason.CONSTRAINT_VALUE_DUPLICATE,
-                    f"{field}[{index}]",
-                    f"value {_show(text)} at index {index} duplicates index {earlier}: "
-                    "list each value once",
-                )
-        return {key: tuple(first_index)}
-    return {key: (_constraint_value(raw_values, field, limits),)}
+    return tuple(first_index)
+
+
+def _one_request(constraints: dict[str, tuple[str, ...]], limits: ContractLimits) -> None:
+    """An event with several keys is sent as a request of its own, never split (whether
+    the API combines keys with AND or OR is not documented): it must fit one request."""
+    values = sum(len(values) for values in constraints.values())
+    if values > limits.max_values_per_event:
+        raise _problem(
+            Reason.TOO_MANY_VALUES,
+            "constraints",
+            f"{values} values exceed the limit of {limits.max_values_per_event} per event: "
+            "split the event",
+        )
+    keys = len(constraints)
+    if values > limits.batch_max_values:
+        raise _problem(
+            Reason.MULTI_KEY_TOO_MANY_VALUES,
+            "constraints",
+            f"an event with {keys} constraint keys is sent as one request, never split, and "
+            f"its {values} values exceed the {limits.batch_max_values} a request carries: "
+            "publish fewer values, or one event per key (those are merged and split freely)",
+        )
+    size = value_bytes(value for values in constraints.values() for value in values)
+    if size > limits.batch_max_bytes:
+        raise _problem(
+            Reason.MULTI_KEY_TOO_MANY_BYTES,
+            "constraints",
+            f"an event with {keys} constraint keys is sent as one request, never split, and "
+            f"its values are {size} bytes (UTF-8), over the {limits.batch_max_bytes} a "
+            "request carries: publish fewer values, or one event per key (those are merged "
+            "and split freely)",
+        )
+
+
+def value_bytes(values: Iterable[str]) -> int:
+    """The UTF-8 bytes of `values` together (one join: most codes are ASCII)."""
+    joined = "".join(values)
+    return len(joined) if joined.isascii() else len(joined.encode())
 
 
 _IMMUTABLE_SCM_KEYS: Final = frozenset({"extended_id", "serial_number", "message"})
@@ -359,6 +447,7 @@ def _scm_value(key: str, value: Any, limits: ContractLimits) -> str:
                 f"value {_show(value)} has white space around it; it would be saved as it "
                 "is: publish the value without it",
             )
+        _no_control(text, Reason.SCM_DATA_VALUE_CONTROL_CHARACTER, field, "value")
     elif isinstance(value, int) and not isinstance(value, bool):
         text = str(value)
     elif isinstance(value, float) and math.isfinite(value):
@@ -450,12 +539,14 @@ def _bounded_text(
     limit: int,
     invalid: Reason,
     too_long: Reason,
+    control: Reason,
     allow_blank: bool,
 ) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or (not allow_blank and not value.strip()):
         raise _problem(invalid, field, f"{field} must be a non-blank string or be left out")
+    _no_control(value, control, field, field)
     if len(value) > limit:
         raise _problem(
             too_long, field, f"{field} is {len(value)} characters long; the limit is {limit}"
@@ -470,6 +561,7 @@ def _event_id(value: Any, info: ValidationInfo) -> str | None:
         limit=_limits(info).max_event_id_length,
         invalid=Reason.EVENT_ID_INVALID,
         too_long=Reason.EVENT_ID_TOO_LONG,
+        control=Reason.EVENT_ID_CONTROL_CHARACTER,
         allow_blank=False,
     )
 
@@ -481,6 +573,7 @@ def _reference(value: Any, info: ValidationInfo) -> str | None:
         limit=_limits(info).max_reference_length,
         invalid=Reason.REFERENCE_INVALID,
         too_long=Reason.REFERENCE_TOO_LONG,
+        control=Reason.REFERENCE_CONTROL_CHARACTER,
         allow_blank=True,
     )
 
@@ -530,10 +623,18 @@ def _expected_codes(value: Any) -> int | None:
 # value has something else in it; an scm_data value may be empty.
 NO_SURROUNDING_SPACE: Final = r"^\S(?:[\s\S]*\S)?$"
 NO_SPACE_AROUND: Final = r"^(?:\S(?:[\s\S]*\S)?)?$"
+# No string holds a control or format character (service/core/control_chars.py). Said as
+# "does not contain one" rather than an anchored "[^...]*$": in Python's `re` (the
+# `jsonschema` library) `$` also matches before a final line break, so the anchored form
+# would pass "a\n". The `type` keeps the rule off the null of optional fields.
+# (service/schemas.py writes it once, under $defs, and refers to it.)
+CONTROL_CHARACTER_SCHEMA: Final = {"type": "string", "pattern": SCHEMA_CLASS}
+_NO_CONTROL: Final = {"not": CONTROL_CHARACTER_SCHEMA}
 _KEY_SCHEMA: Final = {
     "type": "string",
     "pattern": KEY_PATTERN,
     "maxLength": DEFAULT_LIMITS.max_key_length,
+    **_NO_CONTROL,
 }
 _CONSTRAINT_VALUE_SCHEMA: Final = {
     "oneOf": [
@@ -541,6 +642,7 @@ _CONSTRAINT_VALUE_SCHEMA: Final = {
             "type": "string",
             "pattern": NO_SURROUNDING_SPACE,
             "maxLength": DEFAULT_LIMITS.max_value_length,
+            **_NO_CONTROL,
         },
         {"type": "integer"},
     ]
@@ -548,15 +650,19 @@ _CONSTRAINT_VALUE_SCHEMA: Final = {
 _CONSTRAINTS_SCHEMA: Final = {
     "type": "object",
     "description": (
-        "Selects the codes to change: exactly one key (extended_id, serial_number or an "
-        "SCM field key such as rfid) with one value or a list of distinct values. "
-        "Values are matched exactly (case sensitive)."
+        "Selects the codes to change: one to five keys (extended_id, serial_number or an "
+        "SCM field key such as rfid), each with one value or a list of distinct values. "
+        "Values are matched exactly (case sensitive) and hold no control or format "
+        "character (Unicode Cc, Cf). An event with several keys is sent as a request of "
+        "its own, so its values must fit one request (1000 values by default)."
     ),
     "minProperties": 1,
-    "maxProperties": 1,
+    "maxProperties": MAX_CONSTRAINT_KEYS,
     "propertyNames": {
-        **_KEY_SCHEMA,
-        "not": {"enum": ["message", "product", "product_id", "campaign", "campaign_id"]},
+        "allOf": [
+            _KEY_SCHEMA,
+            {"not": {"enum": ["message", "product", "product_id", "campaign", "campaign_id"]}},
+        ]
     },
     "additionalProperties": {
         "oneOf": [
@@ -570,7 +676,11 @@ _CONSTRAINTS_SCHEMA: Final = {
             },
         ]
     },
-    "examples": [{"extended_id": ["0A70X1", "0A70X2"]}, {"rfid": "E2801160600002"}],
+    "examples": [
+        {"extended_id": ["0A70X1", "0A70X2"]},
+        {"rfid": "E2801160600002"},
+        {"serial_number": ["SN-1", "SN-2"], "lot_case_id": "C-7"},
+    ],
 }
 _SCM_VALUE_SCHEMA: Final = {
     "oneOf": [
@@ -578,6 +688,7 @@ _SCM_VALUE_SCHEMA: Final = {
             "type": "string",
             "pattern": NO_SPACE_AROUND,
             "maxLength": DEFAULT_LIMITS.max_value_length,
+            **_NO_CONTROL,
         },
         {"type": "number"},
     ],
@@ -591,22 +702,24 @@ _SCM_DATA_SCHEMA: Final = {
     "minProperties": 1,
     "maxProperties": DEFAULT_LIMITS.max_scm_data_keys,
     "propertyNames": {
-        **_KEY_SCHEMA,
-        "not": {"enum": sorted([*_IMMUTABLE_SCM_KEYS, "product_id", "status"])},
+        "allOf": [
+            _KEY_SCHEMA,
+            {"not": {"enum": sorted([*_IMMUTABLE_SCM_KEYS, "product_id", "status"])}},
+        ]
     },
     "properties": {
         "activation_status": {
             "description": "0 inactive, 1 active, 2 blacklisted",
             "oneOf": [
                 {"type": "integer", "enum": [0, 1, 2]},
-                {"type": "string", "pattern": r"^[0-2]$"},
+                {"type": "string", "pattern": r"^[0-2]$", **_NO_CONTROL},
             ],
         },
         "blacklist_reason": {
             "description": "0 to 10, see docs/event-contract.md",
             "oneOf": [
                 {"type": "integer", "minimum": 0, "maximum": 10},
-                {"type": "string", "pattern": r"^([0-9]|10)$"},
+                {"type": "string", "pattern": r"^([0-9]|10)$", **_NO_CONTROL},
             ],
         },
     },
@@ -634,6 +747,7 @@ EventId = Annotated[
             "type": ["string", "null"],
             "pattern": r"\S",
             "maxLength": DEFAULT_LIMITS.max_event_id_length,
+            **_NO_CONTROL,
             "description": "The publisher's id of this event; carried into results and logs.",
         }
     ),
@@ -652,6 +766,7 @@ Reference = Annotated[
         {
             "type": ["string", "null"],
             "maxLength": DEFAULT_LIMITS.max_reference_length,
+            **_NO_CONTROL,
             "description": "Human-readable name; tasks can be grouped by it at the API.",
         }
     ),
@@ -688,15 +803,14 @@ class ChangeEvent(BaseModel):
     reference: Reference = Field(default=None)
     expected_codes: ExpectedCodes = Field(default=None)
 
-    @property
-    def constraint_key(self) -> str:
-        """The one constraint key (`extended_id`, `serial_number` or an SCM field)."""
-        return next(iter(self.constraints))
+    # `constraints`: each key (`extended_id`, `serial_number` or an SCM field) with its
+    # values, normalised, in the order given, without duplicates. One key for most events;
+    # an event with several is sent as a request of its own (docs/design.md section 4).
 
     @property
-    def constraint_values(self) -> tuple[str, ...]:
-        """The constraint values, normalised, in the order given, without duplicates."""
-        return self.constraints[self.constraint_key]
+    def value_count(self) -> int:
+        """The constraint values of all keys."""
+        return sum(len(values) for values in self.constraints.values())
 
 
 class ParsedEvent(NamedTuple):
@@ -748,7 +862,7 @@ def _judge(raw: bytes, limits: ContractLimits) -> ParsedEvent | Rejection:
 
 @functools.lru_cache(maxsize=8)  # a relay has one set of limits; tests a few
 def _compile(limits: ContractLimits) -> SchemaValidator:
-    return compile_contract(ChangeEvent, limits, KEY_PATTERN)
+    return compile_contract(ChangeEvent, limits, KEY_PATTERN, MAX_CONSTRAINT_KEYS)
 
 
 # The limits of the last call and their validator: a relay passes the same limits
@@ -786,15 +900,19 @@ def _accept_compiled(raw: bytes, limits: ContractLimits) -> ParsedEvent | None:
     except ValidationError:
         return None
     constraints = event.constraints
-    ((key, values),) = constraints.items()
-    if key in _NOT_A_CONSTRAINT_KEY:
-        return None
-    if type(values) is str:
-        constraints[key] = (values,)
-    elif len(values) > 1 and len(set(values)) != len(values):
+    if len(constraints) == 1:
+        ((key, values),) = constraints.items()
+        if key in _NOT_A_CONSTRAINT_KEY:
+            return None
+        if type(values) is str:
+            constraints[key] = (values,)
+        elif len(values) > 1 and len(set(values)) != len(values):
+            return None
+    elif not _fits_one_request(constraints, limits):
         return None
     scm_data = event.scm_data
-    if _may_repeat_a_key(raw, len(event.__pydantic_fields_set__) + 1 + len(scm_data)):
+    keys = len(event.__pydantic_fields_set__) + len(constraints) + len(scm_data)
+    if _may_repeat_a_key(raw, keys):
         return None
     items = tuple(scm_data.items())
     try:
@@ -807,6 +925,26 @@ def _accept_compiled(raw: bytes, limits: ContractLimits) -> ParsedEvent | None:
     if verdict is None:
         return None
     return ParsedEvent(event, verdict)
+
+
+def _fits_one_request(constraints: dict[str, Any], limits: ContractLimits) -> bool:
+    """Whether the compiled contract's constraints of several keys (each a string or a
+    tuple of strings) are what the validators accept: allowed keys, no value twice under
+    a key, all of them within one request's bounds. Lone strings become 1-tuples."""
+    for key, values in constraints.items():
+        if key in _NOT_A_CONSTRAINT_KEY:
+            return False
+        if type(values) is str:
+            constraints[key] = (values,)
+        elif len(set(values)) != len(values):
+            return False
+    count = sum(len(values) for values in constraints.values())
+    return (
+        count <= limits.max_values_per_event
+        and count <= limits.batch_max_values
+        and value_bytes(value for values in constraints.values() for value in values)
+        <= limits.batch_max_bytes
+    )
 
 
 def _scm_data_verdict(scm_data: dict[str, str]) -> _ScmVerdict:

@@ -10,7 +10,9 @@ code with an event already held back queue behind it, first in, first out.
 Writing the same value again is no conflict.
 
 Order is kept per (constraint key, value): the guard cannot know that an
-extended_id and a serial number name the same code.
+extended_id and a serial number name the same code. An event with several
+constraint keys claims and checks the values of every key: a later change to
+any of them waits behind it, and it waits behind an earlier change to any.
 
 Pure: owners are batch ids; the pipeline claims when it batches an event and
 releases when the batch's task ends (or the batch is rejected or dropped).
@@ -19,7 +21,7 @@ releases when the batch's task ends (or the batch is rejected or dropped).
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
 Item = TypeVar("Item")
@@ -27,15 +29,15 @@ CodeKey = tuple[str, str]
 
 
 class Change(NamedTuple):
-    """What an event writes: scm_data to every value of one constraint key."""
+    """What an event (or its part of a batch) writes: scm_data to every value of each
+    constraint key."""
 
-    constraint_key: str
-    values: tuple[str, ...]
+    constraints: Mapping[str, Sequence[str]]
     scm_data: Mapping[str, str]
 
     def codes(self) -> Iterable[CodeKey]:
         """The (constraint key, value) pairs it touches."""
-        return ((self.constraint_key, value) for value in self.values)
+        return ((key, value) for key, values in self.constraints.items() for value in values)
 
 
 class OrderGuard(Generic[Item]):
@@ -55,25 +57,26 @@ class OrderGuard(Generic[Item]):
 
     def claim(self, owner: str, change: Change) -> None:
         """Record that `owner` (a batch) writes `change`. Claiming again is harmless."""
-        key, values, data = change
-        by_value = self._claims.get(key)
-        if by_value is None:
-            by_value = self._claims[key] = {}
-        fresh: list[str] = []
-        for value in values:
-            holders = by_value.get(value)
-            if holders is None:
-                by_value[value] = [(owner, data)]
-            elif all(holder != owner for holder, _ in holders):
-                holders.append((owner, data))
-            else:
-                continue
-            fresh.append(value)
+        constraints, data = change
         owned = self._owned.get(owner)
         if owned is None:
             owned = self._owned[owner] = []
-        if fresh:
-            owned.append((key, fresh))
+        for key, values in constraints.items():
+            by_value = self._claims.get(key)
+            if by_value is None:
+                by_value = self._claims[key] = {}
+            fresh: list[str] = []
+            for value in values:
+                holders = by_value.get(value)
+                if holders is None:
+                    by_value[value] = [(owner, data)]
+                elif all(holder != owner for holder, _ in holders):
+                    holders.append((owner, data))
+                else:
+                    continue
+                fresh.append(value)
+            if fresh:
+                owned.append((key, fresh))
 
     def owns(self, owner: str) -> bool:
         """Whether `owner` holds any claim."""
@@ -107,18 +110,20 @@ class OrderGuard(Generic[Item]):
         return bool(held) and any(code in held for code in change.codes())
 
     def _conflicts_with_claims(self, change: Change) -> bool:
-        by_value = self._claims.get(change.constraint_key)
-        if not by_value:
-            return False
-        for value in change.values:
-            holders = by_value.get(value)
-            if holders is None:
+        constraints, scm_data = change
+        for key, values in constraints.items():
+            by_value = self._claims.get(key)
+            if not by_value:
                 continue
-            for _, written in holders:
-                for field, new in change.scm_data.items():
-                    earlier = written.get(field)
-                    if earlier is not None and earlier != new:
-                        return True
+            for value in values:
+                holders = by_value.get(value)
+                if holders is None:
+                    continue
+                for _, written in holders:
+                    for field, new in scm_data.items():
+                        earlier = written.get(field)
+                        if earlier is not None and earlier != new:
+                            return True
         return False
 
     # -- held events -----------------------------------------------------------------

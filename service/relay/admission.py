@@ -36,8 +36,8 @@ class Admission:
 
         `released`: the guard just let it out of the held queue (it passed the check)."""
         event = pending.event
-        ((key, values),) = event.constraints.items()
-        change = Change(key, values, event.scm_data)
+        # Every key of the event: a later change to any of its codes waits behind it.
+        change = Change(event.constraints, event.scm_data)
         if not released and self._guard.conflicts(change):
             self._guard.hold(pending, change)
             return Admitted(held=True, ready=[], deduplicated=0)
@@ -45,7 +45,9 @@ class Admission:
         ready, placed = self._batcher.add(pending, now)
         for batch, part in placed:
             if part.values:
-                self._guard.claim(batch.batch_id, Change(key, part.values, batch.scm_data))
+                self._guard.claim(
+                    batch.batch_id, Change({part.constraint_key: part.values}, batch.scm_data)
+                )
         return Admitted(False, ready, self._batcher.deduplicated - duplicates_before)
 
     def claim_task(
@@ -55,8 +57,7 @@ class Admission:
         claims its codes; batches of this intake already hold their claims."""
         if self._guard.owns(batch_id):
             return
-        for key, values in constraints.items():
-            self._guard.claim(batch_id, Change(key, tuple(values), scm_data))
+        self._guard.claim(batch_id, Change(constraints, scm_data))
 
     def release(self, batch_id: str) -> None:
         """The batch's task ended, or the batch was rejected or dropped."""

@@ -180,19 +180,19 @@ def resolution_batch(record: IntentRecord, held: list[PendingEvent]) -> Batch:
     # Copies: the parts only lend their bytes to dead letters; the held events keep their
     # own part counts for when they are read in again.
     batch.parts = [
-        Part(replace(p, parts=0, parts_done=0), p.event.constraint_key, ()) for p in held
+        Part(replace(p, parts=0, parts_done=0), next(iter(p.event.constraints)), ()) for p in held
     ]
     return batch
 
 
 def _wholly_inside(pending: PendingEvent, record: IntentRecord) -> bool:
-    """Whether every value of the event is among the intent's constraint values."""
-    event = pending.event
-    values = record.constraints.get(event.constraint_key)
-    if values is None:
-        return False
-    carried = set(values)
-    return all(value in carried for value in event.constraint_values)
+    """Whether every value of the event, under each of its keys, is among the intent's
+    constraint values of that key (an event with several keys is always carried whole)."""
+    for key, values in pending.event.constraints.items():
+        carried = record.constraints.get(key)
+        if carried is None or not set(values).issubset(carried):
+            return False
+    return True
 
 
 class LedgerTasks:

@@ -290,11 +290,11 @@ class JsonLinesEvents:
                 [
                     event.campaign,
                     event.reference,
-                    event.constraint_key,
+                    sorted(event.constraints),
                     sorted(event.scm_data.items()),
                 ]
             )
-            yield Draft(line, line, document, len(event.constraint_values), key)
+            yield Draft(line, line, document, event.value_count, key)
 
 
 def problem_of(line: int, rejection: Rejection) -> Problem:

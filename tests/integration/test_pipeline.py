@@ -358,3 +358,61 @@ async def test_dead_letters_fit_a_dead_letter_topic_with_a_small_record_limit(
     assert headers["scm_relay.source.size"] == b"300001"
     assert dead.value == broken[: len(dead.value)]
     assert len(dead.value) < 200_000
+
+
+async def test_an_event_with_several_keys_is_a_request_of_its_own(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    """Events with one key merge among themselves, across keys as batch_max_keys allows;
+    each event with several keys is sent alone, exactly as published, and counts one
+    expected code per value."""
+    topics = await make_topics(topic_factory, partitions=1)
+    market = {"intended_market": "DE"}
+    multi = {
+        "extended_id": ["11X000003"],
+        "serial_number": ["SN11-000004"],
+        "rfid": ["E2801160000005"],
+    }
+    other_multi = {"extended_id": ["11X000008"], "serial_number": "SN11-000009"}
+    events = [
+        event(["11X000001", "11X000002"], scm_data=market, campaign=11, event_id="s1"),
+        {"constraints": multi, "scm_data": market, "campaign": 11, "event_id": "m1"},
+        event(["11X000006"], scm_data=market, campaign=11, event_id="s2"),
+        {"constraints": other_multi, "scm_data": market, "campaign": 11, "event_id": "m2"},
+        event("SN11-000007", key="serial_number", scm_data=market, campaign=11, event_id="s3"),
+    ]
+    async with simulator() as sim:
+        settings = relay_settings(
+            kafka_bootstrap, sim.base_url, topics, batch_max_keys=5, batch_linger_ms=1000
+        )
+        await publish(kafka_bootstrap, topics.input, events)
+        async with running_relay(settings) as relay:
+            await wait_for_commit(kafka_bootstrap, topics, relay)
+            outcomes = await results(kafka_bootstrap, topics.results, expected=3)
+            assert sim.account.stats.uploads_accepted == 3
+            sent: dict[tuple[str, ...], dict[str, Any]] = {}
+            for outcome in outcomes:
+                status, task = await sim.get(f"/_sim/tasks/{outcome['task_id']}")
+                assert status == 200
+                event_ids = tuple(sorted(e["event_id"] for e in outcome["events"]))
+                sent[event_ids] = {"task": task, "outcome": outcome}
+    assert set(sent) == {("m1",), ("m2",), ("s1", "s2", "s3")}
+    # The simulator's view of each request: exactly the event's constraints, every key.
+    assert sent[("m1",)]["task"]["details"]["constraints"] == multi
+    assert sent[("m2",)]["task"]["details"]["constraints"] == {
+        "extended_id": ["11X000008"],
+        "serial_number": ["SN11-000009"],
+    }
+    assert sent[("s1", "s2", "s3")]["task"]["details"]["constraints"] == {
+        "extended_id": ["11X000001", "11X000002", "11X000006"],
+        "serial_number": ["SN11-000007"],
+    }
+    for entry in sent.values():
+        assert entry["task"]["details"]["scm_data"] == market
+        outcome = entry["outcome"]
+        assert outcome["state"] == "complete"
+        # Identifier keys only: one expected code per value (the simulator reads several
+        # keys as a union, so each is met in full).
+        assert outcome["expected_codes"] == sum(len(v) for v in outcome["constraints"].values())
+        assert outcome["codes_affected"] == outcome["expected_codes"]
+        assert outcome["short"] is False

@@ -189,3 +189,74 @@ def test_a_request_is_bounded_in_bytes_as_well_as_values() -> None:
     ready, _ = big.add(pending(["é" * 6, "a"]), 0.0)
     assert [batch.constraints()["extended_id"] for batch in ready] == [["é" * 6]]
     assert ready[0].value_bytes == 12
+
+
+def several(constraints: dict[str, Any], **fields: Any) -> PendingEvent:
+    """An event with several constraint keys."""
+    scm_data = fields.pop("scm_data", {"intended_market": "DE"})
+    event = ChangeEvent.model_validate({"constraints": constraints, "scm_data": scm_data, **fields})
+    offset = next(_offsets)
+    return PendingEvent(Source("in", 0, offset, f"e{offset}"), event, b"{}", None, 0)
+
+
+@pytest.mark.parametrize("max_keys", [1, 5])
+def test_an_event_with_several_keys_is_a_request_of_its_own_at_once(max_keys: int) -> None:
+    b = batcher(max_keys=max_keys)
+    b.add(pending(["a"]), 0.0)
+    b.add(pending(["r9"], key="rfid"), 0.0)
+    multi = several({"extended_id": ["a", "b"], "rfid": "r1"})
+    ready, placed = b.add(multi, 0.0)
+    (alone,) = ready
+    # Exactly the event's constraints: "a" is in an open batch with the same scm_data, yet
+    # neither merged into it nor dropped as a duplicate.
+    assert alone.constraints() == {"extended_id": ["a", "b"], "rfid": ["r1"]}
+    assert alone.flush_reason is FlushReason.MULTI_KEY
+    assert alone.events() == [multi]
+    assert (alone.size, alone.value_bytes) == (3, 4)
+    assert [(batch, part.constraint_key, part.values) for batch, part in placed] == [
+        (alone, "extended_id", ("a", "b")),
+        (alone, "rfid", ("r1",)),
+    ]
+    assert multi.parts == 2
+    assert b.deduplicated == 0
+    # The single-key events around it merge among themselves only, as before.
+    b.add(pending(["c"]), 0.0)
+    rest = b.drain()
+    merged = (
+        [{"extended_id": ["a", "c"]}, {"rfid": ["r9"]}]
+        if max_keys == 1
+        else [{"extended_id": ["a", "c"], "rfid": ["r9"]}]
+    )
+    assert [batch.constraints() for batch in rest] == merged
+    assert all(multi not in batch.events() for batch in rest)
+
+
+def test_an_event_with_several_keys_is_never_split() -> None:
+    # The contract keeps out an event that would not fit the relay's requests; the
+    # batcher never cuts one, whatever its own bounds.
+    b = batcher(max_values=2, max_bytes=1024)
+    ready, _ = b.add(several({"extended_id": ["a", "b"], "rfid": ["r1", "r2"]}), 0.0)
+    assert [batch.size for batch in ready] == [4]
+    assert b.open_batches == 0
+
+
+def test_two_events_with_the_same_keys_are_two_requests() -> None:
+    b = batcher(max_keys=5)
+    first, _ = b.add(several({"extended_id": "a", "rfid": "r"}), 0.0)
+    second, _ = b.add(several({"extended_id": "b", "rfid": "s"}), 0.0)
+    assert [batch.constraints() for batch in first + second] == [
+        {"extended_id": ["a"], "rfid": ["r"]},
+        {"extended_id": ["b"], "rfid": ["s"]},
+    ]
+    assert first[0].batch_id != second[0].batch_id
+
+
+def test_expected_codes_of_an_event_with_several_keys() -> None:
+    b = batcher()
+    (identifiers,), _ = b.add(several({"extended_id": ["a", "b"], "serial_number": "a"}), 0.0)
+    assert identifiers.expected_codes(()) == 3
+    (mixed,), _ = b.add(several({"extended_id": ["a", "b"], "pallet": "p"}), 0.0)
+    assert mixed.expected_codes(()) is None
+    assert mixed.expected_codes(("pallet",)) == 3
+    (declared,), _ = b.add(several({"extended_id": "a", "pallet": "p"}, expected_codes=240), 0.0)
+    assert declared.expected_codes(()) == 240

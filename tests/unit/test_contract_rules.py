@@ -63,9 +63,25 @@ RULES: list[tuple[str, bytes, Reason, str | None, str]] = [
     ("event_id long", encode(event(event_id="e" * 257)), Reason.EVENT_ID_TOO_LONG, "event_id",
      "limit is 256"),
     ("constraints list", encode(event(constraints=["0A70X1"])), Reason.CONSTRAINTS_NOT_OBJECT,
-     "constraints", "one key"),
-    ("two keys", encode(event(constraints={"extended_id": "a", "rfid": "b"})),
-     Reason.CONSTRAINTS_KEY_COUNT, "constraints", "found 2"),
+     "constraints", "one to five keys"),
+    ("six keys", encode(event(constraints={k: "a" for k in ("k1", "k2", "k3", "k4", "k5", "k6")})),
+     Reason.CONSTRAINTS_KEY_COUNT, "constraints", "1 to 5 keys, found 6 ('k1'"),
+    ("several keys, over a request's values",
+     encode(event(constraints={"extended_id": [f"a{n}" for n in range(600)],
+                               "serial_number": [f"s{n}" for n in range(401)]})),
+     Reason.MULTI_KEY_TOO_MANY_VALUES, "constraints", "its 1001 values exceed the 1000"),
+    ("several keys, over a request's bytes",
+     encode(event(constraints={"extended_id": [f"{n:04}" + "x" * 996 for n in range(150)],
+                               "serial_number": [f"{n:04}" + "s" * 996 for n in range(150)]})),
+     Reason.MULTI_KEY_TOO_MANY_BYTES, "constraints", "300000 bytes (UTF-8), over the 262144"),
+    ("several keys, one forbidden", encode(event(constraints={"extended_id": "a", "product": "p"})),
+     Reason.CONSTRAINT_KEY_FORBIDDEN, "constraints.product", "not allowed"),
+    ("several keys, a duplicate in one",
+     encode(event(constraints={"extended_id": "a", "rfid": ["r1", "r1"]})),
+     Reason.CONSTRAINT_VALUE_DUPLICATE, "constraints.rfid[1]", "duplicates index 0"),
+    ("several keys, a blank value in one",
+     encode(event(constraints={"extended_id": "a", "rfid": ["r1", ""]})),
+     Reason.CONSTRAINT_VALUE_BLANK, "constraints.rfid[1]", "blank"),
     ("no keys", encode(event(constraints={})), Reason.CONSTRAINTS_KEY_COUNT, "constraints",
      "found 0"),
     ("message key", encode(event(constraints={"message": "a"})), Reason.CONSTRAINT_KEY_MESSAGE,
@@ -159,6 +175,23 @@ RULES: list[tuple[str, bytes, Reason, str | None, str]] = [
      "string"),
     ("reference long", encode(event(reference="r" * 256)), Reason.REFERENCE_TOO_LONG,
      "reference", "limit is 255"),
+    ("NUL in a code", encode(event(constraints={"extended_id": ["a", "0A\x0070"]})),
+     Reason.CONSTRAINT_VALUE_CONTROL_CHARACTER, "constraints.extended_id[1]",
+     "the control character U+0000 at index 2"),
+    ("zero-width space in a code", encode(event(constraints={"rfid": "E28\u200b01"})),
+     Reason.CONSTRAINT_VALUE_CONTROL_CHARACTER, "constraints.rfid",
+     "U+200B ZERO WIDTH SPACE at index 3"),
+    ("bidi override in scm value", encode(event(scm_data={"market": "D\u202eE"})),
+     Reason.SCM_DATA_VALUE_CONTROL_CHARACTER, "scm_data.market",
+     "U+202E RIGHT-TO-LEFT OVERRIDE at index 1"),
+    ("escape sequence in scm value", encode(event(scm_data={"market": "\x1b[1mDE"})),
+     Reason.SCM_DATA_VALUE_CONTROL_CHARACTER, "scm_data.market", "U+001B at index 0"),
+    ("newline in reference", encode(event(reference="line 7\nshift B")),
+     Reason.REFERENCE_CONTROL_CHARACTER, "reference", "U+000A at index 6"),
+    ("tab in event_id", encode(event(event_id="mes\t7")), Reason.EVENT_ID_CONTROL_CHARACTER,
+     "event_id", "U+0009 at index 3"),
+    ("NUL in a key", encode(event(constraints={"extended_id\x00": "a"})),
+     Reason.CONSTRAINT_KEY_INVALID, "constraints", "U+0000 at index 11"),
     ("expected negative", encode(event(expected_codes=-1)), Reason.EXPECTED_CODES_INVALID,
      "expected_codes", "0 or more"),
     ("expected string", encode(event(expected_codes="2")), Reason.EXPECTED_CODES_INVALID,
@@ -237,8 +270,9 @@ def test_values_are_sent_as_published_as_strings_keeping_case_and_inner_spaces()
             }
         )
     )
-    assert parsed.event.constraint_key == "extended_id"
-    assert parsed.event.constraint_values == ("0a70X1", "Code With  Spaces", "12345678901")
+    assert parsed.event.constraints == {
+        "extended_id": ("0a70X1", "Code With  Spaces", "12345678901")
+    }
     assert parsed.event.scm_data == {
         "activation_status": "1",
         "lot": "42",
@@ -318,5 +352,77 @@ def test_one_code_per_value_keys_is_settable() -> None:
 def test_a_value_holding_a_quote_and_colon_is_no_duplicate_key() -> None:
     raw = b'{"constraints": {"extended_id": ["a\\":b"]}, "scm_data": {"note": "x\\" : y"}}'
     parsed = accepted(raw)
-    assert parsed.event.constraint_values == ('a":b',)
+    assert parsed.event.constraints == {"extended_id": ('a":b',)}
     assert parsed.event.scm_data == {"note": 'x" : y'}
+
+
+MULTI_KEY_EVENTS = [
+    {"extended_id": ["0A70X1", "0A70X2"], "rfid": "E2801"},
+    {"extended_id": "a", "serial_number": "s", "rfid": "r", "lot": "l"},
+    {"extended_id": "a", "serial_number": "s", "rfid": "r", "lot": "l", "pallet_sscc": 7},
+]
+
+
+@pytest.mark.parametrize("constraints", MULTI_KEY_EVENTS, ids=["2 keys", "4 keys", "5 keys"])
+def test_an_event_may_have_up_to_five_constraint_keys_each_kept_as_published(
+    constraints: dict[str, Any],
+) -> None:
+    parsed = accepted(encode(event(constraints=constraints)))
+    assert parsed.event.constraints == {
+        key: tuple(str(v) for v in (values if isinstance(values, list) else [values]))
+        for key, values in constraints.items()
+    }
+    assert list(parsed.event.constraints) == list(constraints)  # the publisher's key order
+
+
+def test_the_same_value_under_two_keys_is_no_duplicate() -> None:
+    # A different field: serial number "7" and rfid "7" may be two codes.
+    parsed = accepted(encode(event(constraints={"serial_number": "7", "rfid": ["7", "8"]})))
+    assert parsed.event.constraints == {"serial_number": ("7",), "rfid": ("7", "8")}
+    assert parsed.event.value_count == 3
+
+
+def test_several_keys_must_fit_one_request_of_the_relays_bounds() -> None:
+    limits = ContractLimits(batch_max_values=3, batch_max_bytes=8)
+    fits = event(constraints={"extended_id": ["ab", "cd"], "rfid": "ef"})
+    accepted(encode(fits), limits)
+    over = refused(encode(event(constraints={"extended_id": ["ab", "cd"], "rfid": ["ef", "g"]})),
+                   limits)  # fmt: skip
+    assert over.reason is Reason.MULTI_KEY_TOO_MANY_VALUES
+    assert "2 constraint keys is sent as one request" in over.message
+    assert "4 values exceed the 3" in over.message
+    # Counted in UTF-8 bytes: "ab" "cd" "ef" are 6, "ab" "cd" "éfé" 9.
+    too_big = refused(encode(event(constraints={"extended_id": ["ab", "cd"], "rfid": "éfé"})),
+                      limits)  # fmt: skip
+    assert too_big.reason is Reason.MULTI_KEY_TOO_MANY_BYTES
+    assert "its values are 9 bytes (UTF-8), over the 8" in too_big.message
+    # A single key is merged and split freely: the request bounds do not apply.
+    accepted(encode(event(constraints={"extended_id": ["ab", "cd", "ef", "gh", "ij"]})), limits)
+
+
+def test_the_values_per_event_limit_counts_every_key() -> None:
+    limits = ContractLimits(max_values_per_event=3)
+    rejection = refused(
+        encode(event(constraints={"extended_id": ["a", "b"], "rfid": ["c", "d"]})), limits
+    )
+    assert (rejection.reason, rejection.field) == (Reason.TOO_MANY_VALUES, "constraints")
+    assert "4 values exceed the limit of 3" in rejection.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # Every key one code per value: all values (keys read as a union of codes).
+        ({"constraints": {"extended_id": ["a", "b"], "serial_number": "s"}}, 3),
+        ({"constraints": {"rfid": ["a", "b"], "serial_number": ["a", "s"]}}, 4),
+        # One key that is not: unknown.
+        ({"constraints": {"extended_id": ["a", "b"], "pallet_sscc": "0034"}}, None),
+        # Declared: what it says.
+        ({"constraints": {"extended_id": "a", "pallet_sscc": "0034"}, "expected_codes": 40}, 40),
+        ({"constraints": {"extended_id": ["a", "b"], "rfid": "r"}, "expected_codes": 1}, 1),
+    ],
+)
+def test_expected_codes_of_an_event_with_several_keys(
+    fields: dict[str, Any], expected: int | None
+) -> None:
+    assert expected_codes(accepted(encode(event(**fields))).event) == expected

@@ -6,7 +6,7 @@ from service.core.ordering import Change, OrderGuard
 
 
 def change(market: str, *values: str, key: str = "extended_id") -> Change:
-    return Change(key, values or ("c1",), {"intended_market": market})
+    return Change({key: values or ("c1",)}, {"intended_market": market})
 
 
 def test_a_different_value_for_a_claimed_field_conflicts_the_same_value_does_not() -> None:
@@ -15,7 +15,7 @@ def test_a_different_value_for_a_claimed_field_conflicts_the_same_value_does_not
     assert guard.conflicts(change("B"))
     assert not guard.conflicts(change("A"))
     assert not guard.conflicts(change("B", "c2"))
-    assert not guard.conflicts(Change("extended_id", ("c1",), {"lot": "7"}))
+    assert not guard.conflicts(Change({"extended_id": ("c1",)}, {"lot": "7"}))
     assert not guard.conflicts(change("B", key="serial_number"))
 
 
@@ -69,3 +69,23 @@ def test_drop_held_returns_everything() -> None:
     assert guard.drop_held() == ["x"]
     assert not guard.conflicts(change("A", "c9"))
     assert guard.held == 0
+
+
+def test_a_change_with_several_keys_claims_and_checks_every_key() -> None:
+    guard: OrderGuard[str] = OrderGuard()
+    both = Change({"extended_id": ("c1",), "rfid": ("r1", "r2")}, {"intended_market": "A"})
+    guard.claim("multi", both)
+    assert guard.claimed_codes == 3
+    # A later change to any of its codes, under any of its keys, waits behind it.
+    assert guard.conflicts(change("B", "c1"))
+    assert guard.conflicts(change("B", "r2", key="rfid"))
+    assert not guard.conflicts(change("B", "c2"))
+    # ... and a change with several keys waits behind an earlier change to any one.
+    guard.release("multi")
+    guard.claim("single", change("A", "r2", key="rfid"))
+    later = Change({"extended_id": ("c9",), "rfid": ("r2",)}, {"intended_market": "B"})
+    assert guard.conflicts(later)
+    guard.hold("later", later)
+    assert guard.conflicts(change("C", "c9")), "a held change's other key let a later pass"
+    guard.release("single")
+    assert guard.next_admissible() == "later"

@@ -149,3 +149,15 @@ def test_json_lines_keep_their_own_ids_and_report_bad_lines() -> None:
     assert first["event_id"] == "mine"
     assert second["event_id"] == "jsonl-x-4"
     assert second["campaign"] == 11
+
+
+def test_a_json_line_with_several_constraint_keys_counts_all_its_values() -> None:
+    lines = (
+        b'{"constraints": {"serial_number": ["S1", "S2"], "rfid": "R"}, "scm_data": {"lot": "1"}}\n'
+        b'{"constraints": {"serial_number": ["S3"]}, "scm_data": {"lot": "1"}}\n'
+        b'{"constraints": {"serial_number": "S4", "rfid": ["R4"]}, "scm_data": {"lot": "1"}}\n'
+    )
+    drafts = list(JsonLinesEvents(io.BytesIO(lines), DEFAULT_LIMITS).events())
+    assert [draft.values for draft in drafts] == [3, 1, 2]
+    # The publish key names every constraint key: the same keys, the same key.
+    assert drafts[0].group == drafts[2].group != drafts[1].group

@@ -39,12 +39,15 @@ def test_environment_variables_set_values(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("SCM_RELAY_LOG_LEVEL", "debug")
     monkeypatch.setenv("SCM_RELAY_ONE_CODE_PER_VALUE_KEYS", "rfid, case_id,")
     monkeypatch.setenv("SCM_RELAY_MAX_VALUES_PER_EVENT", "7")
+    monkeypatch.setenv("SCM_RELAY_BATCH_MAX_BYTES", "100000")
     settings = load_settings({})
     assert settings.batch_max_values == 500
     assert settings.log_level == "DEBUG"
     limits = contract_limits(settings)
     assert limits.one_code_per_value_keys == frozenset({"rfid", "case_id"})
     assert limits.max_values_per_event == 7
+    # An event with several constraint keys must fit one request of these bounds.
+    assert (limits.batch_max_values, limits.batch_max_bytes) == (500, 100_000)
 
 
 @pytest.mark.parametrize(
@@ -217,5 +220,7 @@ def test_record_bounds_are_cut_to_the_topics_limits() -> None:
     assert small.dead_letter_max_bytes == 200_000 - 16 * 1024
     assert small.dead_letter_prefix_bytes <= small.dead_letter_max_bytes // 2
     assert small.batch_max_bytes == 400_000 - 256 * 1024
+    # The contract refuses an event with several keys (never split) over the cut bound.
+    assert small.limits.batch_max_bytes == small.batch_max_bytes
     large = fitted_to_record_limits(config, {"dlq": 8 << 20, "tasks": 8 << 20, "out": 8 << 20})
     assert large == config, "the producer's 1 MiB bounds what larger topics allow"

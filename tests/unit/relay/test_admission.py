@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from service.core.batching import Batcher
+import itertools
+import json
+from typing import Any
+
+from service.core.batching import Batcher, PendingEvent, Source
+from service.core.contract import ParsedEvent, parse_event
 from service.relay.admission import Admission
 from tests.unit.relay.support import pending
+
+_offsets = itertools.count(10_000)
 
 
 def admission(max_values: int = 10) -> Admission:
@@ -60,3 +67,41 @@ def test_dropping_unsent_work_forgets_open_held_and_queued_batches() -> None:
     assert dropped == 3
     assert subject.buffered_values == 0
     assert not subject.offer(pending(["q"], "FR"), 0.0).held, "the dropped batch still claims"
+
+
+def several(constraints: dict[str, Any], market: str = "DE") -> PendingEvent:
+    """An event with (usually) several constraint keys."""
+    raw = json.dumps({"constraints": constraints, "scm_data": {"intended_market": market}})
+    parsed = parse_event(raw.encode())
+    assert isinstance(parsed, ParsedEvent)
+    return PendingEvent(Source("in", 0, next(_offsets)), parsed.event, raw.encode(), None, 0.0)
+
+
+def test_an_event_with_several_keys_claims_every_key_for_its_own_batch() -> None:
+    subject = admission()
+    offered = subject.offer(several({"extended_id": ["a", "b"], "rfid": "r"}, "DE"), 0.0)
+    (alone,) = offered.ready
+    assert not offered.held
+    # A later change to any of its codes waits until its task ends.
+    rfid_later = several({"rfid": "r"}, "FR")
+    assert subject.offer(rfid_later, 0.0).held
+    assert subject.offer(pending(["b"], "FR"), 0.0).held
+    assert not subject.offer(pending(["c"], "FR"), 0.0).held
+    subject.release(alone.batch_id)
+    assert subject.next_released() is rfid_later
+
+
+def test_an_event_with_several_keys_waits_behind_an_earlier_change_to_any_key() -> None:
+    subject = admission()
+    subject.claim_task("elsewhere", {"rfid": ["r"]}, {"intended_market": "DE"})
+    later = several({"extended_id": ["a"], "rfid": "r"}, "FR")
+    assert subject.offer(later, 0.0).held
+    # Held, it also holds back a later change to its other key (first in, first out).
+    assert subject.offer(pending(["a"], "IT"), 0.0).held
+    subject.release("elsewhere")
+    assert subject.next_released() is later
+    assert subject.offer(later, 0.0, released=True).ready[0].constraints() == {
+        "extended_id": ["a"],
+        "rfid": ["r"],
+    }
+    assert subject.next_released() is None, "the change to 'a' overtook the event before it"

@@ -17,6 +17,7 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from service.core.batching import PendingEvent, Source
+from service.core.contract import ParsedEvent, parse_event
 from service.core.records import IntentOutcome, IntentRecord
 from service.metrics import RelayMetrics
 from service.relay.committer import Committer, ReplicaFencedError
@@ -55,8 +56,10 @@ def intent(
     batch_id: str = "b-orphan",
     resolve_in_s: float = -1.0,
     market: str = "DE",
+    constraints: dict[str, list[str]] | None = None,
 ) -> IntentRecord:
-    """An intent for `values` covering the events at (partition, offset) of topic "in"."""
+    """An intent for `values` (or `constraints`) covering the events at (partition, offset)
+    of topic "in"."""
     now = datetime.now(UTC)
     return IntentRecord.model_validate(
         {
@@ -68,7 +71,7 @@ def intent(
             "campaign": None,
             "reference": "",
             "scm_data": {"intended_market": market},
-            "constraints": {"extended_id": values},
+            "constraints": constraints or {"extended_id": values},
             "expected_codes": len(values),
             "events": [{"topic": "in", "partition": p, "offset": o} for p, o in events],
         }
@@ -116,6 +119,36 @@ def test_an_orphan_is_due_only_after_resolve_after_for_the_owner_of_its_first_ev
     assert resolution.constraints() == {"extended_id": ["a", "b"]}
     assert [(s.partition, s.offset) for s in sources] == [(1, 3), (0, 9)]
     assert watch.due(later, mine, lambda _: False) == [], "handed out twice"
+
+
+def held_several(constraints: dict[str, list[str]], partition: int, offset: int) -> PendingEvent:
+    raw = json.dumps({"constraints": constraints, "scm_data": {"intended_market": "DE"}})
+    parsed = parse_event(raw.encode())
+    assert isinstance(parsed, ParsedEvent)
+    return PendingEvent(Source("in", partition, offset), parsed.event, raw.encode(), None, 0.0)
+
+
+def test_an_intent_carries_an_event_with_several_keys_whole() -> None:
+    both = {"extended_id": ["a", "b"], "rfid": ["r"]}
+    watch = IntentWatch()
+    watch.opened(intent([], [(0, 5)], constraints=both))
+    multi = held_several(both, 0, 5)
+    assert watch.hold(multi)
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    ((resolution, _, sources),) = watch.due(later, {("in", 0)}, lambda _: False)
+    # Resolved, it is sent again exactly: the event's constraints, every key.
+    assert resolution.constraints() == both
+    assert [(s.partition, s.offset) for s in sources] == [(0, 5)]
+    assert watch.closed("b-orphan").done == [multi.source]
+
+
+def test_an_event_with_several_keys_is_done_only_when_every_key_was_carried() -> None:
+    watch = IntentWatch()
+    watch.opened(intent(["a", "b"], [(0, 5)]))  # its extended_id values, not its rfid
+    multi = held_several({"extended_id": ["a", "b"], "rfid": ["r"]}, 0, 5)
+    assert watch.hold(multi)
+    closed = watch.closed("b-orphan")
+    assert (closed.done, closed.readmit) == ([], [multi])
 
 
 # -- intake ------------------------------------------------------------------------------

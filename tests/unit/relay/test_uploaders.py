@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.core.batching import Batch
+from service.core.batching import Batch, Batcher, PendingEvent, Source
+from service.core.contract import ParsedEvent, parse_event
 from service.core.records import IntentRecord
 from service.metrics import RelayMetrics
 from service.relay.health import ApiHealth
@@ -262,3 +263,28 @@ async def test_every_task_found_is_recorded_and_the_first_accounts_for_the_event
     # One record for the batch, closing its intent: both tasks, the first accounting.
     assert isinstance(append, LedgerAppend)
     assert [append.record.task_id, *(r.task_id for r in append.more)] == ["late", "task-1"]
+
+
+async def test_an_event_with_several_keys_is_sent_as_published_intent_and_ledger_alike() -> None:
+    raw = (
+        b'{"constraints": {"serial_number": ["SN-1", "SN-2"], "rfid": "E28"}, '
+        b'"scm_data": {"intended_market": "DE"}, "event_id": "multi"}'
+    )
+    parsed = parse_event(raw)
+    assert isinstance(parsed, ParsedEvent)
+    pending = PendingEvent(Source("in", 0, 3, "multi"), parsed.event, raw, None, 0.0)
+    ready, _ = Batcher(max_values=1000, max_keys=1, linger_s=1, max_open_batches=1).add(
+        pending, 0.0
+    )
+    api, recorder = FakeApi(), Recorder()
+    await run_until_drained(uploaders(api, recorder, Inbox()), ready)
+    sent = {"serial_number": ["SN-1", "SN-2"], "rfid": ["E28"]}
+    (request,) = api.uploads
+    assert request.constraints == sent
+    (intent,) = recorder.intents
+    assert intent.constraints == sent
+    assert intent.expected_codes == 3
+    (append,) = recorder.items
+    assert isinstance(append, LedgerAppend)
+    assert append.record.constraints == sent
+    assert [source.event_id for source in append.record.events] == ["multi"]
