@@ -17,7 +17,7 @@ KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help demo setup lint fmt test test-unit bench chaos schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
+.PHONY: help demo setup lint fmt test test-unit sim bench chaos schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -96,6 +96,17 @@ test: lint ## lint + every test against a freshly started local Kafka broker
 	trap '$(KAFKA_LOCAL) stop' EXIT; \
 	  SCM_RELAY_TEST_KAFKA=$$($(KAFKA_LOCAL) address) $(BIN)/pytest || { \
 	    rc=$$?; echo "--- tail of the Kafka broker log ---"; $(KAFKA_LOCAL) logs 60; exit $$rc; }
+
+# The deterministic simulation (tests/sim): SEEDS histories from START, or one SEED with its
+# history when HISTORY is set. No broker: Kafka and the API are in memory.
+SEEDS ?= 200
+START ?= 0
+sim: setup ## the deterministic simulation: make sim SEEDS=N [START=S], or make sim SEED=S [HISTORY=1]
+	@if [ -n "$(SEED)" ]; then \
+	  $(BIN)/python -m tests.sim --seed $(SEED) $(if $(HISTORY),--history,); \
+	else \
+	  $(BIN)/python -m tests.sim --seeds $(SEEDS) --start $(START); \
+	fi
 
 # The benchmarks start a broker of their own (bench/.run) and write docs/benchmarks.md.
 chaos: setup ## the fault suite at full size on a broker of its own (about 30 minutes); writes docs/reliability.md

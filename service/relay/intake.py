@@ -11,6 +11,7 @@ ended, the uploaders report rejected batches.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Protocol
 
@@ -325,7 +326,9 @@ class Intake:
         deadline = self._admission.next_deadline()
         if deadline is None:
             return POLL_MS
-        until_due_ms = int((deadline - self._clock()) * 1000)
+        # Rounded up: a batch due in under a millisecond must not make a poll that waits
+        # for nothing, round after round, until it is due (a busy loop).
+        until_due_ms = math.ceil((deadline - self._clock()) * 1000)
         # A due batch waits (and fills) while the uploaders are busy: look again soon.
         if until_due_ms <= 0 and not self._uploaders.idle:
             return LINGER_RECHECK_MS
