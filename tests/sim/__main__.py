@@ -13,6 +13,7 @@ the failing seeds found) in the generated section of FILE.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import subprocess
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--history", action="store_true", help="print the seed's history")
     parser.add_argument("--write", type=Path, help="record the run in this file's section")
+    parser.add_argument("--json", action="store_true", help="one JSON summary on stdout")
     args = parser.parse_args(argv)
     if args.seed is not None:
         return _one(args.seed, history=args.history)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = []
         for outcome in pool.imap_unordered(run_seed, seeds, chunksize=4):
             outcomes.append(outcome)
-            if not outcome.clean:
+            if not outcome.clean and not args.json:
                 print(
                     f"seed {outcome.seed}: {len(outcome.violations)} violation(s) "
                     f"[{', '.join(outcome.kinds)}]: {outcome.violations[0][:300]}\n"
@@ -95,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     outcomes.sort(key=lambda o: o.seed)
     failed = [o for o in outcomes if not o.clean]
     rate = len(outcomes) / elapsed if elapsed else 0.0
+    if args.json:
+        summary = {
+            "seeds": len(outcomes),
+            "seconds": round(elapsed, 1),
+            "failed": {
+                str(o.seed): {"kinds": list(o.kinds), "violations": list(o.violations[:5])}
+                for o in failed
+            },
+        }
+        print(json.dumps(summary))
+        return 1 if failed else 0
     print(
         f"{len(outcomes)} seeds ({args.start}..{args.start + args.seeds - 1}) in {elapsed:.1f} s: "
         f"{rate:.1f} seeds/s with {args.jobs} processes; {len(failed)} failed"

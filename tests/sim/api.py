@@ -150,6 +150,15 @@ class VendorApi:
         self._ctx = contextvars.copy_context()
         self._ctx.run(REPLICA.set, None)
 
+    def heal(self) -> None:
+        """No more faults from now on (latency and the list's lag stay)."""
+        self.faults = ApiFaults(
+            list_lag_s=self.faults.list_lag_s,
+            latency_s=self.faults.latency_s,
+            pending_s=self.faults.pending_s,
+            running_s=self.faults.running_s,
+        )
+
     def spawn(self, work: Any) -> None:
         """Run server-side work that belongs to no replica."""
         self._loop.create_task(work, context=self._ctx)

@@ -60,7 +60,7 @@ from aiokafka.structs import OffsetAndMetadata
 from service.fencing import GroupFencedError
 
 MAX_METADATA_BYTES: Final = 4096  # offset.metadata.max.bytes
-BROKER_TICK_S: Final = 0.1
+BROKER_TICK_S: Final = 0.25
 
 
 class TxnState(Enum):

@@ -6,7 +6,8 @@ ready, its clock jumps to the next timer. Every callback is gated by the replica
 belongs to (the `REPLICA` context variable of the task or timer that scheduled it):
 a paused replica's callbacks are set aside until it resumes, while the clock runs on
 for everyone else; a killed replica's are dropped and never run again, as after a
-SIGKILL (no `finally`, no cleanup). Callbacks run in the order they were scheduled,
+SIGKILL (no `finally`, no cleanup; they are only kept, never run, so that the tasks can be
+wound down once the history is over). Callbacks run in the order they were scheduled,
 timers in the order of their times (ties: scheduling order), so a seed gives one
 history.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import selectors
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -69,6 +71,24 @@ def _fd(fileobj: Any) -> int:
     return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
 
 
+class _NumberedTask(asyncio.Task):  # type: ignore[type-arg]
+    """A task hashed by its creation number, not its memory address: asyncio keeps tasks in
+    sets (a TaskGroup cancels its children in set order), whose iteration order would
+    otherwise follow where the allocator put them, from one run to the next."""
+
+    _numbers = itertools.count()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._number = next(_NumberedTask._numbers)  # before: creating it hashes it
+        super().__init__(*args, **kwargs)
+
+    def __hash__(self) -> int:
+        return self._number
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
 class VirtualLoop(asyncio.SelectorEventLoop):
     """The simulation's event loop (see the module's docstring)."""
 
@@ -83,6 +103,11 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self._still = 0
         self.stalled: str | None = None
         super().__init__(_NoIOSelector(self))
+        _NumberedTask._numbers = itertools.count()  # numbered from 0 in every history
+        self.set_task_factory(self._task)
+
+    def _task(self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        return _NumberedTask(coro, loop=loop, **kwargs)
 
     def time(self) -> float:
         return self._now
@@ -138,18 +163,14 @@ class VirtualLoop(asyncio.SelectorEventLoop):
             return
         replica = REPLICA.get()
         if replica is not None:
-            if replica in self.killed:
-                return
-            if replica in self.paused:
+            if replica in self.paused or replica in self.killed:
                 self._set_aside.setdefault(replica, []).append((holder, callback, args, ctx))
                 return
             self.steps[replica] += 1
             action = self.at_step.pop((replica, self.steps[replica]), None)
             if action is not None:
                 action()
-                if replica in self.killed:
-                    return
-                if replica in self.paused:
+                if replica in self.paused or replica in self.killed:
                     self._set_aside.setdefault(replica, []).append((holder, callback, args, ctx))
                     return
         callback(*args)
@@ -165,7 +186,15 @@ class VirtualLoop(asyncio.SelectorEventLoop):
             super().call_soon(self._gate, holder, callback, args, ctx, context=ctx)
 
     def kill(self, replica: str) -> None:
-        """`replica` runs no code ever again (its memory is gone)."""
+        """`replica` runs no code ever again (its memory is gone). Its callbacks are kept
+        aside, never run, only so that `wind_down` can end its tasks cleanly."""
         self.killed.add(replica)
         self.paused.discard(replica)
-        self._set_aside.pop(replica, None)
+
+    def wind_down(self) -> None:
+        """After the history: every replica runs again (killed ones too), so that their
+        tasks can be cancelled and end before the loop closes."""
+        self.killed.clear()
+        self.paused.clear()
+        for replica in list(self._set_aside):
+            self.resume(replica)
