@@ -23,10 +23,14 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
 
-MARKER_BEGIN: Final = "<!-- simulation:begin (written by python -m tests.sim) -->"
-MARKER_END: Final = "<!-- simulation:end -->"
+
+def markers(section: str) -> tuple[str, str]:
+    """The comments around a section `--write` replaces."""
+    return (
+        f"<!-- simulation:{section}:begin (written by python -m tests.sim) -->",
+        f"<!-- simulation:{section}:end -->",
+    )
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--history", action="store_true", help="print the seed's history")
     parser.add_argument("--write", type=Path, help="record the run in this file's section")
+    parser.add_argument("--section", default="latest", help="which section --write replaces")
     parser.add_argument("--json", action="store_true", help="one JSON summary on stdout")
     args = parser.parse_args(argv)
     if args.seed is not None:
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         first = [o.seed for o in failed if kind in o.kinds][:5]
         print(f"  {kind}: {count} seed(s), e.g. {first}")
     if args.write is not None:
-        _write(args.write, outcomes, elapsed, args.jobs)
+        _write(args.write, args.section, outcomes, elapsed, args.jobs)
     return 1 if failed else 0
 
 
@@ -139,13 +144,14 @@ def _one(seed: int, *, history: bool) -> int:
     return 1
 
 
-def _write(path: Path, outcomes: list[Outcome], elapsed: float, jobs: int) -> None:
+def _write(path: Path, section: str, outcomes: list[Outcome], elapsed: float, jobs: int) -> None:
+    begin, end = markers(section)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     failed = [o for o in outcomes if not o.clean]
     lines = [
-        MARKER_BEGIN,
+        begin,
         f"{len(outcomes)} seeds ({outcomes[0].seed}..{outcomes[-1].seed}) on commit "
         f"`{commit or 'unknown'}`, {datetime.now(UTC).date().isoformat()}: "
         f"{len(outcomes) / elapsed:.1f} seeds/s with {jobs} processes; "
@@ -157,12 +163,12 @@ def _write(path: Path, outcomes: list[Outcome], elapsed: float, jobs: int) -> No
         for kind, count in kinds.most_common():
             first = ", ".join(str(o.seed) for o in failed if kind in o.kinds)
             lines.append(f"| {kind} | {count} | {first[:120]} |")
-    lines.append(MARKER_END)
+    lines.append(end)
     text = path.read_text()
-    if MARKER_BEGIN not in text:
-        raise SystemExit(f"{path} has no simulation markers")
-    head, rest = text.split(MARKER_BEGIN, 1)
-    _old, tail = rest.split(MARKER_END, 1)
+    if begin not in text:
+        raise SystemExit(f"{path} has no {section!r} simulation markers")
+    head, rest = text.split(begin, 1)
+    _old, tail = rest.split(end, 1)
     path.write_text(head + "\n".join(lines) + tail)
     print(f"wrote the run to {path}")
 
