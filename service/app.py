@@ -96,6 +96,7 @@ def relay_config(settings: Settings) -> RelayConfig:
         max_in_flight_requests=settings.max_in_flight_requests,
         max_open_batches=settings.max_open_batches,
         max_buffered_values=settings.max_buffered_values,
+        max_read_ahead=settings.max_read_ahead,
         max_unfinished_tasks=settings.max_unfinished_tasks,
         shutdown_timeout_s=settings.shutdown_timeout_s,
         upload_grace_s=settings.api_request_timeout_s,
@@ -108,6 +109,7 @@ def relay_config(settings: Settings) -> RelayConfig:
         retry_initial_s=settings.api_retry_initial_s,
         retry_max_backoff_s=settings.api_retry_max_backoff_s,
         reconcile_after_s=settings.api_request_timeout_s,
+        list_lag_s=settings.api_list_lag_s,
     )
 
 
@@ -380,6 +382,7 @@ async def _build_relay(
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+        rebalance_timeout_ms=rebalance_timeout_ms(settings),
         **options,
     )
     ledger_reader = DecodingConsumer(
@@ -395,6 +398,7 @@ async def _build_relay(
     # watermark, past any transaction a killed relay left open).
     poller_member = AIOKafkaConsumer(
         group_id=f"{settings.kafka_group_id}.task-poller",
+        rebalance_timeout_ms=rebalance_timeout_ms(settings),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_uncommitted",
@@ -425,6 +429,19 @@ async def _build_relay(
         # commits before the stack stops the consumers.
         stack.push_async_callback(kafka_consumer.stop)
     return relay
+
+
+# How much longer the group waits for a member to rejoin than the member's own revoke
+# callback may take (SCM_RELAY_REBALANCE_TIMEOUT_S: the uploads and the commit it waits
+# for): a member still in its callback is never dropped from the group while it works.
+REBALANCE_MARGIN_S: Final = 10.0
+
+
+def rebalance_timeout_ms(settings: Settings) -> int:
+    """The group's rebalance timeout for the relay's members (aiokafka's default is the
+    session timeout, 10 s, shorter than the revoke callback's own bound: a member still
+    flushing was dropped, and its uploads raced the partitions' new owner)."""
+    return int((settings.rebalance_timeout_s + REBALANCE_MARGIN_S) * 1000)
 
 
 class _GroupMembership:

@@ -28,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import run_relay
 from service.core.contract import Reason
-from service.core.records import HEADER_REASON, INTENT_KEY_PREFIX
+from service.core.records import HEADER_REASON, INTENT_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from service.http import free_port
 from service.logs import configure_logging
 from service.settings import Settings
@@ -395,7 +395,7 @@ def _take(
 ) -> None:
     if name == "tasks" and record.value is not None:
         key = record.key.decode()
-        if not key.startswith(INTENT_KEY_PREFIX):  # intents are not tasks
+        if not key.startswith((INTENT_KEY_PREFIX, PROGRESS_KEY_PREFIX)):  # not tasks
             recorded.add(key)
     elif name == "results":
         value = json.loads(record.value)

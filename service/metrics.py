@@ -77,6 +77,11 @@ class RelayMetrics:
             "(then the batch is sent again).",
             ("found",),
         )
+        self.batches_abandoned = counter(
+            "batches_abandoned_total",
+            "Batches an uploader gave up because their partitions moved to another replica "
+            "(their new owner resolves the intent).",
+        )
         self.intents_resolved = counter(
             "intents_resolved_total",
             "Open intents another process (or this one before a restart) left, resolved "

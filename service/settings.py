@@ -187,6 +187,16 @@ class _ApiSettings(BaseModel):
             "seconds for a whole request and its answer (a timeout after sending is ambiguous)"
         ),
     )
+    api_list_lag_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description=(
+            "how long a task the API created may take to show in its task list (not "
+            "documented: an assumption); a lookup that finds no task looks once more after "
+            "this before the batch is sent again"
+        ),
+    )
     api_max_connections: int = Field(
         default=10, ge=1, le=1000, description="open connections to the API"
     )
@@ -327,6 +337,16 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         ge=1,
         le=100_000,
         description="batches being filled; past it the oldest is sent early",
+    )
+    max_read_ahead: int = Field(
+        default=50_000,
+        ge=1000,
+        le=10_000_000,
+        description=(
+            "offsets an input partition is read beyond its commit point; past it that "
+            "partition pauses until the commit point moves (it bounds the partition's "
+            "progress record and what the relay holds of it)"
+        ),
     )
     max_buffered_values: int = Field(
         default=200_000,

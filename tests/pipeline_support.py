@@ -234,7 +234,7 @@ async def ledger_task_ids(bootstrap: str, topic: str, timeout_s: float = 60) -> 
     return [
         key.decode()
         for key, value in await ledger_entries(bootstrap, topic, timeout_s)
-        if value is not None and not key.startswith(b"intent:")
+        if value is not None and not key.startswith((b"intent:", b"progress:"))
     ]
 
 

@@ -46,9 +46,27 @@ class Source(NamedTuple):
     event_id: str | None = None
 
 
+class Done(NamedTuple):
+    """An event recorded elsewhere (an intent resolved, or closed by another replica), by
+    position: the indexes of its values that were carried, of how many (None, None:
+    the whole event)."""
+
+    topic: str
+    partition: int
+    offset: int
+    values: tuple[int, ...] | None = None
+    total: int | None = None
+
+
 @dataclass(eq=False, slots=True)
 class PendingEvent:
-    """An accepted event on its way to the API, and what is left to account for."""
+    """An accepted event on its way to the API.
+
+    `event` may carry only some of the published event's values: those not yet done
+    when it was read again (the rest were recorded, or are in an upload under way);
+    `indexes` then maps its values, in order, to their indexes in the published
+    event's values (None: it carries them all), and `total` is how many the published
+    event has (for a single key, its values in order; several keys are never cut)."""
 
     source: Source
     event: ChangeEvent
@@ -56,16 +74,38 @@ class PendingEvent:
     key: bytes | None
     received_at: float
     parts: int = 0
-    parts_done: int = 0
     rejected: bool = False
+    total: int = 0
+    indexes: tuple[int, ...] | None = None
+    published: ChangeEvent | None = None  # the event as published, when `event` is not
+
+
+def unsent_part(
+    event: ChangeEvent, excluded: frozenset[int]
+) -> tuple[ChangeEvent, tuple[int, ...]] | None:
+    """The event without the values at `excluded` (indexes among its values: recorded, or
+    in an upload under way), and the indexes of those it keeps; None when it keeps none.
+    Only an event with one constraint key is ever cut (several keys go whole)."""
+    if len(event.constraints) != 1:
+        return None
+    ((key, values),) = event.constraints.items()
+    kept = [(index, value) for index, value in enumerate(values) if index not in excluded]
+    if not kept:
+        return None
+    reduced = event.model_copy(update={"constraints": {key: tuple(v for _, v in kept)}})
+    return reduced, tuple(index for index, _ in kept)
 
 
 class Part(NamedTuple):
-    """The values one event put into one batch (empty when all were already there)."""
+    """The values one event put into one batch (empty when all were already there), and
+    which of the published event's values the batch covers once recorded: `covered`
+    None means all of them (the event went whole into this one batch), else their
+    indexes (the values it added, and the values already in the batch it shares)."""
 
     event: PendingEvent
     constraint_key: str
     values: tuple[str, ...]
+    covered: tuple[int, ...] | None = None
 
 
 class FlushReason(StrEnum):
@@ -231,8 +271,10 @@ class Batcher:
             batch = self._open_new(group, now)
         known = batch.values.get(key)
         remaining = [value for value in values if value not in known] if known else list(values)
+        shared: list[str] = []  # values already in the first batch (merged, sent once)
         if len(remaining) != len(values):
             self.deduplicated += len(values) - len(remaining)
+            shared = [value for value in values if value in known] if known else []
             if not remaining:
                 placed.append((batch, self._attach(batch, pending, key, ())))
         while remaining:
@@ -255,11 +297,38 @@ class Batcher:
                 ready.append(self._close(batch, FlushReason.FULL))
                 if remaining:
                     batch = self._open_new(group, now)
+        if len(placed) > 1 or pending.indexes is not None:
+            if not pending.total:  # an event read whole (a partly done one has it set)
+                pending.total = len(values)
+            placed = self._covering(pending, values, shared, placed)
         if len(self._open) > self.max_open_batches:
             while len(self._open) > self.max_open_batches:
                 oldest = next(iter(self._open.values()))
                 ready.append(self._close(oldest, FlushReason.OPEN_BATCHES))
         return ready, placed
+
+    @staticmethod
+    def _covering(
+        pending: PendingEvent,
+        values: tuple[str, ...],
+        shared: list[str],
+        placed: list[tuple[Batch, Part]],
+    ) -> list[tuple[Batch, Part]]:
+        """The parts of an event that is not wholly in one batch (cut across batches, or
+        already partly done), each with the indexes of the published event's values it
+        covers (so that what is recorded is never sent again, service/core/offsets.py).
+        Each part is the last one its batch received, so it is replaced in place."""
+        position = {value: index for index, value in enumerate(values)}
+        mapped = pending.indexes
+        covering: list[tuple[Batch, Part]] = []
+        for number, (batch, part) in enumerate(placed):
+            carried = list(part.values) + (shared if number == 0 else [])
+            local = (position[value] for value in carried)
+            indexes = tuple(sorted(mapped[i] for i in local) if mapped else sorted(local))
+            replaced = part._replace(covered=indexes)
+            batch.parts[-1 if batch.parts[-1] is part else batch.parts.index(part)] = replaced
+            covering.append((batch, replaced))
+        return covering
 
     def _alone(
         self, pending: PendingEvent, now: float

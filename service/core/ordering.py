@@ -26,6 +26,7 @@ from typing import Generic, NamedTuple, TypeVar
 
 Item = TypeVar("Item")
 CodeKey = tuple[str, str]
+Position = tuple[str, int, int]
 
 
 class Change(NamedTuple):
@@ -50,7 +51,7 @@ class OrderGuard(Generic[Item]):
         self._claims: dict[str, dict[str, list[tuple[str, Mapping[str, str]]]]] = {}
         # owner -> the (constraint key, values) it claimed, in chunks as claimed.
         self._owned: dict[str, list[tuple[str, list[str]]]] = {}
-        self._held: deque[tuple[Item, Change]] = deque()
+        self._held: deque[tuple[Item, Change, Position | None]] = deque()
         self._held_codes: Counter[CodeKey] = Counter()
 
     # -- claims ------------------------------------------------------------------
@@ -128,10 +129,19 @@ class OrderGuard(Generic[Item]):
 
     # -- held events -----------------------------------------------------------------
 
-    def hold(self, item: Item, change: Change) -> None:
-        """Keep `item` until nothing earlier blocks it."""
-        self._held.append((item, change))
+    def hold(self, item: Item, change: Change, position: Position | None = None) -> None:
+        """Keep `item` until nothing earlier blocks it. Held items of one partition stay
+        in the order they were published (`position`: topic, partition, offset): an
+        event read in again after other events of its partition were held (one held
+        behind an intent until it closed) goes before them, not after."""
         self._held_codes.update(change.codes())
+        if position is not None and self._held:
+            stream = position[:2]
+            for index, (_, _, other) in enumerate(self._held):
+                if other is not None and other[:2] == stream and other[2] > position[2]:
+                    self._held.insert(index, (item, change, position))
+                    return
+        self._held.append((item, change, position))
 
     def next_admissible(self) -> Item | None:
         """The first held item that nothing blocks any more, taken out of the queue.
@@ -140,7 +150,7 @@ class OrderGuard(Generic[Item]):
         touches one of its codes (first in, first out per code).
         """
         blocked: set[CodeKey] = set()
-        for index, (item, change) in enumerate(self._held):
+        for index, (item, change, _) in enumerate(self._held):
             codes = set(change.codes())
             if codes & blocked or self._conflicts_with_claims(change):
                 blocked |= codes
@@ -153,7 +163,7 @@ class OrderGuard(Generic[Item]):
 
     def drop_held(self) -> list[Item]:
         """Forget every held item (their partitions were revoked); returns them."""
-        items = [item for item, _ in self._held]
+        items = [item for item, _, _ in self._held]
         self._held.clear()
         self._held_codes.clear()
         return items

@@ -24,12 +24,16 @@ class _Record(BaseModel):
 
 
 class EventSource(_Record):
-    """Where an event carried by a task came from."""
+    """Where an event carried by a task came from. An event cut across requests names
+    which of its values this one carries: their indexes among the event's `total`
+    values (absent: all of them)."""
 
     topic: str
     partition: NonNegativeInt
     offset: NonNegativeInt
     event_id: str | None = None
+    values: list[NonNegativeInt] | None = None
+    total: NonNegativeInt | None = None
 
 
 class TaskLedgerRecord(_Record):
@@ -59,6 +63,14 @@ class TaskLedgerRecord(_Record):
 
 
 INTENT_KEY_PREFIX: Final = "intent:"
+# A partition's progress record (service/core/offsets.py): what is done above its
+# commit point, written with the offsets; the latest one of each key is what counts.
+PROGRESS_KEY_PREFIX: Final = "progress:"
+
+
+def progress_key(topic: str, partition: int) -> str:
+    """The ledger key of an input partition's progress record."""
+    return f"{PROGRESS_KEY_PREFIX}{topic}:{partition}"
 
 
 def intent_key(batch_id: str) -> str:

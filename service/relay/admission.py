@@ -39,7 +39,8 @@ class Admission:
         # Every key of the event: a later change to any of its codes waits behind it.
         change = Change(event.constraints, event.scm_data)
         if not released and self._guard.conflicts(change):
-            self._guard.hold(pending, change)
+            source = pending.source
+            self._guard.hold(pending, change, (source.topic, source.partition, source.offset))
             return Admitted(held=True, ready=[], deduplicated=0)
         duplicates_before = self._batcher.deduplicated
         ready, placed = self._batcher.add(pending, now)

@@ -1,24 +1,30 @@
 """Intake's offset book: which input records were read, which left intake in a batch
-not yet recorded, and which are accounted for (so their offsets may be committed).
+not yet recorded, which are accounted for (so their offsets may be committed), and
+which partitions this intake owns, since when.
 
 Intake owns it. The committer is the one other caller, through the `Accounting`
 protocol, and only inside its transaction: a batch is accounted for in the same
-transaction that records it, so the offsets it releases travel with its ledger
-record. Both run on the one event loop and these calls never await, so no
-caller sees the book half-changed.
+transaction that records it, so the offsets it releases (and the partition's
+progress record) travel with its ledger record. The uploaders ask it whether a
+batch's partitions are still this intake's before they send. All run on the one
+event loop and these calls never await, so no caller sees the book half-changed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import itertools
+from collections.abc import Collection, Iterable
 
-from service.core.batching import Batch, Source
-from service.core.offsets import OffsetTracker
+from service.core.batching import Batch, Done, Part, Source
+from service.core.offsets import Checkpoint, OffsetTracker, PartitionOffsets, Progress
+
+Ownership = dict[tuple[str, int], int]
 
 
 class OffsetBook:
-    """Offsets per input partition, and the batches handed on but not yet recorded."""
+    """Offsets per input partition, the batches handed on but not yet recorded, and the
+    partitions owned."""
 
     def __init__(self) -> None:
         self._offsets = OffsetTracker()
@@ -26,6 +32,14 @@ class OffsetBook:
         self._intent_written: set[str] = set()  # in-flight batches with an intent in the ledger
         self._settled = asyncio.Event()
         self._settled.set()
+        # Ownership: a token per owned partition, new whenever the partition may have had
+        # another owner since (see `assigned`); the batch remembers the tokens it was
+        # handed on under, and is this intake's only while they are unchanged.
+        self._tokens: Ownership = {}
+        self._batch_tokens: dict[str, Ownership] = {}
+        self._next_token = itertools.count(1)
+        self._generation: int | None = None
+        self._between = False  # partitions revoked, not yet assigned again
 
     # -- intake ------------------------------------------------------------------------
 
@@ -33,20 +47,54 @@ class OffsetBook:
         """A record was read; True when it is already done (skip it)."""
         return self._offsets.received(topic, partition, offset)
 
+    def excluded(self, topic: str, partition: int, offset: int) -> frozenset[int] | None:
+        """The indexes of the values of the event read at this position not to send
+        again (recorded, or in an upload under way), or None when none are."""
+        tracker = self._offsets.tracked(topic, partition)
+        return tracker.excluded(offset) if tracker is not None else None
+
     def restore(self, topic: str, partition: int, offset: int, metadata: str | None) -> None:
-        """Start an assigned partition over from the group's commit point and its done
-        offsets. What this process knew of it before is dropped: another member may have
-        owned it meanwhile (this one was paused past its session) and committed past
-        offsets still pending here, which would have held the commit point for ever.
-        Events of this process's batches still in flight are skipped when read again and
-        hold the commit point until their upload is accounted for."""
+        """Start an assigned partition over from the group's commit point. What this
+        process knew of it before is dropped: another member may have owned it meanwhile
+        (this one was paused past its session) and committed past offsets still pending
+        here, which would have held the commit point for ever. What is done above it
+        comes with the partition's progress record (`apply`). Events of this process's
+        batches still in flight are skipped when read again (their values in flight, for
+        an event cut across batches) and hold the commit point until their upload is
+        accounted for."""
         tracker = self._offsets.reset(topic, partition)
         tracker.restore(offset, metadata)
         for batch in self._in_flight.values():
             for part in batch.parts:
                 source = part.event.source
                 if (source.topic, source.partition) == (topic, partition):
-                    tracker.hold_in_flight(source.offset)
+                    self._hold(tracker, part)
+
+    @staticmethod
+    def _hold(tracker: PartitionOffsets, part: Part) -> None:
+        offset = part.event.source.offset
+        if part.covered is None:
+            tracker.hold_in_flight(offset)
+        else:
+            tracker.values_in_flight(offset, part.event.total, part.covered)
+
+    def apply(self, topic: str, partition: int, progress: Progress | None) -> None:
+        """What the partition's progress record says is done at and above its commit
+        point (None: it has none). Until then nothing is checkpointed for it."""
+        tracker = self._offsets.tracked(topic, partition)
+        if tracker is not None:
+            tracker.apply(progress)
+
+    def committed(self, topic: str, partition: int) -> tuple[int, str] | None:
+        """The commit point (offset, metadata) the partition was restored from or last
+        committed."""
+        tracker = self._offsets.tracked(topic, partition)
+        return tracker.committed if tracker is not None else None
+
+    def read_ahead(self, topic: str, partition: int) -> int:
+        """How far beyond its commit point the partition has been read."""
+        tracker = self._offsets.tracked(topic, partition)
+        return tracker.read_ahead if tracker is not None else 0
 
     def read_to(self, topic: str, partition: int, position: int) -> bool:
         """The consumer's position past transaction markers (see PartitionOffsets.read_to);
@@ -61,21 +109,42 @@ class OffsetBook:
         """Forget every partition but these."""
         self._offsets.keep_only(partitions)
 
+    def in_flight(self, batch_id: str) -> Batch | None:
+        """The batch of this process between intake and the ledger, if `batch_id` is one."""
+        return self._in_flight.get(batch_id)
+
     def is_in_flight(self, batch_id: str) -> bool:
         """Whether `batch_id` is a batch of this process between intake and the ledger."""
         return batch_id in self._in_flight
 
     def handed_on(self, batch: Batch) -> None:
-        """`batch` left intake for the uploaders."""
+        """`batch` left intake for the uploaders, under the partitions' current owners."""
         self._in_flight[batch.batch_id] = batch
+        self._batch_tokens[batch.batch_id] = {
+            key: self._tokens.get(key, 0) for key in _partitions(batch)
+        }
+        for part in batch.parts:
+            if part.covered is not None:
+                source = part.event.source
+                tracker = self._offsets.tracked(source.topic, source.partition)
+                if tracker is not None:
+                    tracker.values_in_flight(source.offset, part.event.total, part.covered)
         self._settled.clear()
 
     def forget(self, batch_ids: Iterable[str]) -> None:
-        """These batches were never sent (dropped at a rebalance): their events are read
-        again, so nothing of them will be accounted for here."""
+        """These batches were never sent (dropped at a rebalance, or abandoned): their
+        events are read again, so nothing of them will be accounted for here."""
         for batch_id in batch_ids:
-            self._in_flight.pop(batch_id, None)
+            batch = self._in_flight.pop(batch_id, None)
             self._intent_written.discard(batch_id)
+            self._batch_tokens.pop(batch_id, None)
+            if batch is not None:
+                for part in batch.parts:
+                    if part.covered is not None:
+                        source = part.event.source
+                        tracker = self._offsets.tracked(source.topic, source.partition)
+                        if tracker is not None:
+                            tracker.values_forgotten(source.offset, part.covered)
         self._note_settled()
 
     def keep_in_flight(self) -> list[str]:
@@ -102,6 +171,41 @@ class OffsetBook:
         """Constraint values in batches queued or being uploaded."""
         return sum(batch.size for batch in self._in_flight.values())
 
+    # -- ownership ---------------------------------------------------------------------
+
+    def revoked(self) -> None:
+        """The group took every partition back (an eager rebalance): until the next
+        assignment nothing is owned."""
+        self._between = True
+
+    def assigned(self, partitions: Collection[tuple[str, int]], generation: int | None) -> None:
+        """The group assigned `partitions` in `generation`. A partition owned in the
+        generation just before keeps its token (nobody else can have owned it between
+        two consecutive generations); any other gets a new one, so that a batch handed
+        on before is no longer this intake's. Without a known generation (a consumer
+        without a group), every partition keeps its token."""
+        continuous = generation is not None and self._generation == generation - 1
+        tokens: Ownership = {}
+        for key in partitions:
+            if key in self._tokens and (continuous or generation is None):
+                tokens[key] = self._tokens[key]
+            else:
+                tokens[key] = next(self._next_token)
+        self._tokens = tokens
+        self._generation = generation
+        self._between = False
+
+    def owns(self, batch: Batch) -> bool:
+        """Whether every partition of `batch`'s events is still this intake's, as it was
+        when the batch was handed on: before every send, renewal, lookup and intent, the
+        uploaders ask (a batch whose partitions moved is the new owner's to resolve)."""
+        if self._between:
+            return False
+        tokens = self._batch_tokens.get(batch.batch_id)
+        if tokens is None:
+            return False
+        return all(self._tokens.get(key) == token for key, token in tokens.items())
+
     # -- the committer (Accounting) -----------------------------------------------------
 
     def dead_lettered(self, topic: str, partition: int, offset: int) -> None:
@@ -110,32 +214,52 @@ class OffsetBook:
 
     def claim_intent(self, batch_id: str) -> bool:
         """The committer is about to write `batch_id`'s intent: allowed only while the batch
-        is this intake's (a rebalance forgets batches without an intent, whose events the
-        partitions' next owner reads again)."""
-        if batch_id not in self._in_flight:
+        is this intake's, its partitions owned as when it was handed on (a rebalance
+        forgets batches without an intent, whose events the partitions' next owner reads
+        again)."""
+        batch = self._in_flight.get(batch_id)
+        if batch is None or not self.owns(batch):
             return False
         self._intent_written.add(batch_id)
         return True
 
     def batch_recorded(self, batch: Batch) -> None:
-        """`batch` is recorded (or dead-lettered): its events' parts are accounted for."""
+        """`batch` is recorded (or dead-lettered): what its parts cover is accounted for:
+        a whole event, or some values of an event cut across batches (the event once all
+        of its values are)."""
         self._in_flight.pop(batch.batch_id, None)
         self._intent_written.discard(batch.batch_id)
+        self._batch_tokens.pop(batch.batch_id, None)
         for part in batch.parts:
-            pending = part.event
-            pending.parts_done += 1
-            if pending.parts_done == pending.parts:
-                source = pending.source
+            source = part.event.source
+            if part.covered is None:
                 self._offsets.accounted(source.topic, source.partition, source.offset)
+            else:
+                tracker = self._offsets.tracked(source.topic, source.partition)
+                if tracker is not None:
+                    tracker.values_done(source.offset, part.event.total, part.covered)
         self._note_settled()
 
-    def sources_done(self, sources: Iterable[Source]) -> int:
-        """Events recorded by position (an intent resolved here, or by another replica):
-        accounted for where this intake tracks their partition. Returns how many were."""
-        return sum(1 for s in sources if self._offsets.done(s.topic, s.partition, s.offset))
+    def sources_done(self, sources: Iterable[Done | Source]) -> int:
+        """Events recorded by position (an intent resolved here, or closed by another
+        replica), whole or some of their values: accounted for where this intake tracks
+        their partition, even if not read yet. Returns how many were."""
+        count = 0
+        for source in sources:
+            values = getattr(source, "values", None)
+            total = getattr(source, "total", None)
+            if values is None or total is None:
+                count += self._offsets.done(source.topic, source.partition, source.offset)
+                continue
+            tracker = self._offsets.tracked(source.topic, source.partition)
+            if tracker is not None:
+                tracker.values_done(source.offset, total, values)
+                count += 1
+        return count
 
-    def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
-        """Partitions whose commit point moved, with (offset, metadata)."""
+    def checkpoints(self) -> dict[tuple[str, int], Checkpoint]:
+        """Partitions whose progress changed: the offset, metadata and progress record to
+        commit."""
         return self._offsets.checkpoints()
 
     def fence_points(self) -> dict[tuple[str, int], tuple[int, str]]:
@@ -145,3 +269,7 @@ class OffsetBook:
     def _note_settled(self) -> None:
         if not self._in_flight:
             self._settled.set()
+
+
+def _partitions(batch: Batch) -> set[tuple[str, int]]:
+    return {(part.event.source.topic, part.event.source.partition) for part in batch.parts}

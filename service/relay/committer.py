@@ -24,8 +24,9 @@ import structlog
 from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
 
-from service.core.batching import Batch, Source
+from service.core.batching import Batch, Done, Source
 from service.core.contract import Reason, Stage
+from service.core.offsets import Checkpoint
 from service.core.records import (
     DeadLetterHeaders,
     IntentClosure,
@@ -33,6 +34,7 @@ from service.core.records import (
     IntentRecord,
     TaskLedgerRecord,
     intent_key,
+    progress_key,
 )
 from service.fencing import GroupFencedError
 from service.metrics import RelayMetrics
@@ -171,7 +173,7 @@ class Committer:
         """One Kafka transaction for `items` and the input offsets they release; results
         under `fence` are committed under the poller group's generation instead."""
         finished: list[Callable[[], None]] = []
-        advanced: dict[tuple[str, int], tuple[int, str]] = {}
+        advanced: dict[tuple[str, int], Checkpoint] = {}
         await self._producer.begin_transaction()
         try:
             for item in items:
@@ -183,7 +185,18 @@ class Committer:
                 await self._producer.send_offsets_to_transaction(marker, fence.group)
             else:
                 advanced = self._accounting.checkpoints()
-                points = advanced or self._fence_points()
+                for (topic, partition), point in advanced.items():
+                    if point.progress is not None:
+                        # The partition's progress, in the transaction that commits its
+                        # offset (whose metadata names this record).
+                        await self._producer.send(
+                            self._config.tasks_topic,
+                            key=progress_key(topic, partition).encode(),
+                            value=point.progress,
+                        )
+                points = {
+                    key: (point.offset, point.metadata) for key, point in advanced.items()
+                } or self._fence_points()
                 if points:
                     offsets = {TopicPartition(t, p): point for (t, p), point in points.items()}
                     group = self._membership.group() if self._membership else self._config.group_id
@@ -295,7 +308,7 @@ class Committer:
                 value=item.progress.model_dump_json().encode(),
             )
 
-    def _account(self, batch: Batch, sources: list[Source] | None) -> None:
+    def _account(self, batch: Batch, sources: list[Done] | None) -> None:
         self._accounting.batch_recorded(batch)
         if sources is not None:
             # A resolved intent: its events are accounted by position (see Resolution).
@@ -325,12 +338,12 @@ class Committer:
             if not pending.rejected:
                 pending.rejected = True
                 await self._dead_letter_rejected(item, source, pending.raw, pending.key)
-        for source in item.sources or []:
-            if (source.topic, source.partition, source.offset) not in held:
-                await self._dead_letter_rejected(item, source, b"", None)
+        for done in item.sources or []:
+            if (done.topic, done.partition, done.offset) not in held:
+                await self._dead_letter_rejected(item, done, b"", None)
 
     async def _dead_letter_rejected(
-        self, item: ApiRejection, source: Source, raw: bytes, key: bytes | None
+        self, item: ApiRejection, source: Source | Done, raw: bytes, key: bytes | None
     ) -> None:
         unread = "" if raw else "; its original is at the source position"
         headers = DeadLetterHeaders(

@@ -39,6 +39,7 @@ class RelayConfig:
     max_in_flight_requests: int = 4
     max_open_batches: int = 1000
     max_buffered_values: int = 200_000
+    max_read_ahead: int = 50_000
     max_unfinished_tasks: int = 200
     shutdown_timeout_s: float = 30.0
     upload_grace_s: float = 30.0
@@ -53,6 +54,9 @@ class RelayConfig:
     # After an ambiguous upload, how long until the original request can no longer
     # create a task: the API request timeout (see service/relay/reconcile.py).
     reconcile_after_s: float = 30.0
+    # How long a new task may take to show in the API's task list (an assumption: the
+    # vendor does not say): a lookup that found none looks again after it.
+    list_lag_s: float = 5.0
     # An intent allows its writer to send the upload this long after it is committed
     # (then it is renewed); another process may resolve it once `send_by` is this far
     # behind: the request timeout, once more for a request the API still processes,

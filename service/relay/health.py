@@ -87,3 +87,9 @@ class ApiHealth:
         """An upload got through."""
         self.degraded = False
         self.accepted("upload")
+
+    def upload_given_up(self) -> None:
+        """An upload that had failed was given up (its partitions moved): it no longer
+        waits on the API, so it holds intake no more; the next upload that fails says
+        again if the API is down."""
+        self.degraded = False

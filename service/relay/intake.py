@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Final, Protocol
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from service.core.batching import Batch, PendingEvent, Source
+from service.core.batching import Batch, PendingEvent, Source, unsent_part
 from service.core.contract import ParsedEvent, Rejection, parse_event
+from service.core.offsets import METADATA_PREFIX, decode_progress, progress_digest
 from service.core.records import DeadLetterHeaders
 from service.kafka import UndecodableRecordsError
 from service.metrics import RelayMetrics
@@ -30,6 +32,7 @@ from service.relay.config import RelayConfig, utcnow
 from service.relay.health import ApiHealth
 from service.relay.intents import IntentWatch, LedgerTasks
 from service.relay.messages import (
+    BatchAbandoned,
     BatchRejected,
     DeadLetter,
     Flush,
@@ -88,6 +91,9 @@ class LedgerSync(Protocol):
     def stopped(self) -> bool:
         """Whether a ledger partition is stopped at a record batch it cannot decode."""
 
+    def progress(self, topic: str, partition: int) -> bytes | None:
+        """The latest progress record of an input partition the view has read."""
+
 
 class CommitQueue(Protocol):
     """The committer, as intake sees it."""
@@ -126,9 +132,14 @@ class Intake:
         metrics: RelayMetrics,
         clock: Callable[[], float],
         ledger: LedgerSync | None = None,
+        generation: Callable[[], int | None] = lambda: None,
     ) -> None:
         self._config = config
         self._ledger = ledger
+        self._generation = generation
+        # Partitions assigned whose progress record is applied once the ledger view has
+        # read to where the ledger ended at the assignment.
+        self._awaiting_progress: set[TopicPartition] = set()
         self._ledger_target: dict[int, int] | None = None
         self._assigning = False
         self._intents = IntentWatch()
@@ -347,6 +358,9 @@ class Intake:
             elif isinstance(message, BatchRejected):
                 self._admission.release(message.batch_id)
                 released = True
+            elif isinstance(message, BatchAbandoned):
+                self._abandoned(message)
+                released = True
             elif isinstance(message, LedgerCaughtUp):
                 self._ledger_read = True
             elif isinstance(message, IntentOpened):
@@ -355,7 +369,7 @@ class Intake:
                     self._intents.opened(record)
                     self._admission.claim_task(record.batch_id, record.constraints, record.scm_data)
             elif isinstance(message, IntentClosed):
-                closed = self._intents.closed(message.batch_id)
+                closed = self._intents.closed(message.batch_id, recorded=bool(message.task_ids))
                 if self._book.sources_done(closed.done):
                     # Their offsets go with the next transaction, asked for now.
                     await self._committer.submit(Flush())
@@ -364,13 +378,39 @@ class Intake:
                 for task_id in message.task_ids:
                     self._ledger_tasks.started(task_id, message.batch_id, named_by_closure=True)
                 released |= self._claim_may_end(message.batch_id)
-        for event in readmit:
-            await self._admit(event, stop)
+        for held in readmit:
+            unsent = self._still_unsent(held)
+            if unsent is not None:
+                await self._admit(unsent, stop)
         if released:
             while (pending := self._admission.next_released()) is not None:
                 await self._admit(pending, stop, released=True)
         if len(self._intents):
             await self._resolve_due(stop)
+
+    def _abandoned(self, message: BatchAbandoned) -> None:
+        """The uploaders gave a batch up. Without an intent its events are read again by
+        their partitions' owners. With one, its upload may still have created a task:
+        the intent is watched as another process's, its events held behind it (those
+        this intake already read: when it took a partition back, it skipped them as in
+        flight), and it is resolved by whoever owns its first partition."""
+        batch = self._book.in_flight(message.batch_id)
+        self._book.forget([message.batch_id])
+        self._admission.release(message.batch_id)
+        intent = message.intent
+        if intent is None:
+            return
+        self._intents.opened(intent)
+        self._admission.claim_task(intent.batch_id, intent.constraints, intent.scm_data)
+        if batch is None:
+            return
+        owned = set(self._consumer.assignment())
+        for pending in batch.events():
+            source = pending.source
+            if TopicPartition(source.topic, source.partition) in owned and not self._book.is_done(
+                source
+            ):
+                self._intents.hold(pending)
 
     def _claim_may_end(self, batch_id: str) -> bool:
         """Release a batch's claim once none of its tasks runs and its intent (if it has one
@@ -393,6 +433,39 @@ class Intake:
             )
             await self._send(Resolution(batch, record, sources), stop)
 
+    def _apply_progress(self) -> None:
+        """The ledger is read to where it ended at the assignment: what the assigned
+        partitions' progress records say is done above their commit points (and what
+        the intents closed lately carried in them) is skipped when read."""
+        partitions = self._awaiting_progress
+        self._awaiting_progress = set()
+        for tp in sorted(partitions):
+            raw = self._ledger.progress(tp.topic, tp.partition) if self._ledger else None
+            committed = self._book.committed(tp.topic, tp.partition)
+            if raw is None:
+                self._book.apply(tp.topic, tp.partition, None)
+                continue
+            try:
+                progress = decode_progress(raw)
+            except ValueError as exc:
+                log.error("progress_record_unreadable", partition=str(tp), error=str(exc))
+                self._book.apply(tp.topic, tp.partition, None)
+                continue
+            metadata = committed[1] if committed else ""
+            if metadata.startswith(METADATA_PREFIX) and metadata != (
+                METADATA_PREFIX + progress_digest(raw)
+            ):
+                # Done never becomes undone: an older record's offsets are done too.
+                log.warning(
+                    "progress_record_not_the_committed_one",
+                    partition=str(tp),
+                    record_commit=progress.commit,
+                    committed=committed[0] if committed else None,
+                )
+            self._book.apply(tp.topic, tp.partition, progress)
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._book.sources_done(self._intents.closed_in(keys))
+
     def _update_pause(self) -> None:
         reason = self._pause_reason()
         if reason and not self._paused:
@@ -404,11 +477,16 @@ class Intake:
         if self._paused:
             self._consumer.pause(*assignment)
             return
-        if not self._stopped:
+        self._stopped.due()  # their retry time came: read again from where they stopped
+        paused = set(self._stopped.paused()) if self._stopped else set()
+        limit = self._config.max_read_ahead
+        for tp in assignment:
+            if self._book.read_ahead(tp.topic, tp.partition) >= limit:
+                # Read far enough beyond its commit point: the partition waits for it.
+                paused.add(tp)
+        if not paused:
             self._consumer.resume(*assignment)
             return
-        self._stopped.due()  # their retry time came: read again from where they stopped
-        paused = set(self._stopped.paused())
         self._consumer.resume(*(tp for tp in assignment if tp not in paused))
         self._consumer.pause(*(tp for tp in assignment if tp in paused))
 
@@ -421,6 +499,8 @@ class Intake:
             if self._ledger is not None and not self._ledger.reached(self._ledger_target):
                 return "reading the ledger to where it ended at the assignment"
             self._ledger_target = None
+        if self._awaiting_progress:
+            self._apply_progress()
         if self._ledger is not None and self._ledger.stopped():
             # Intents and tasks past the batch are unknown: events they hold could go twice.
             return "a ledger partition is stopped at a record batch it cannot decode"
@@ -475,6 +555,15 @@ class Intake:
             record.key,
             self._clock(),
         )
+        excluded = self._book.excluded(record.topic, record.partition, record.offset)
+        if excluded:
+            # Some of its values are recorded already (an event cut across batches), or in
+            # an upload still under way here: only the others are sent.
+            unsent = self._without(pending, excluded)
+            if unsent is None:
+                self._metrics.events_skipped.inc()
+                return []
+            pending = unsent
         if self._intents and self._intents.hold(pending):
             # In an upload another process may still send: held until its intent closes.
             self._metrics.events_held_back.inc()
@@ -486,6 +575,28 @@ class Intake:
             )
             return []
         return self._batch(pending)
+
+    @staticmethod
+    def _without(pending: PendingEvent, excluded: frozenset[int]) -> PendingEvent | None:
+        """`pending` without the values at `excluded` (indexes among the published
+        event's values); None when none is left to send."""
+        published = pending.published or pending.event
+        cut = unsent_part(published, excluded)
+        if cut is None:
+            return None
+        event, indexes = cut
+        total = sum(len(values) for values in published.constraints.values())
+        return replace(
+            pending, event=event, indexes=indexes, total=total, published=published, parts=0
+        )
+
+    def _still_unsent(self, pending: PendingEvent) -> PendingEvent | None:
+        """A held event read in again: without what is recorded meanwhile."""
+        source = pending.source
+        if self._book.is_done(source):
+            return None
+        excluded = self._book.excluded(source.topic, source.partition, source.offset)
+        return self._without(pending, excluded) if excluded else pending
 
     async def _admit(
         self, pending: PendingEvent, stop: asyncio.Event, *, released: bool = False
@@ -570,6 +681,7 @@ class Intake:
         if not revoked:
             return
         self._rebalances += 1
+        self._awaiting_progress = set()
         batch_ids, dropped = self._admission.drop_unsent(self._uploaders.take_queued())
         self._book.forget(batch_ids)
         dropped += self._intents.forget_held()
@@ -584,6 +696,9 @@ class Intake:
             self._committer.hold()
         for batch_id in self._book.keep_in_flight():
             self._admission.release(batch_id)
+        # Nothing is this intake's until the group assigns partitions again: uploads
+        # still under way learn before their next step whether they still are.
+        self._book.revoked()
         late = self._book.in_flight_batches
         if late:
             # Their intents are in the ledger: the next owner holds their events until
@@ -645,11 +760,13 @@ class Intake:
         try:
             self._committer.resume()
             self._book.keep_only({(tp.topic, tp.partition) for tp in assigned})
+            self._book.assigned({(tp.topic, tp.partition) for tp in assigned}, self._generation())
             self._stopped.keep_only(assigned)
             self._next_offset = {}
             self._metrics.consumer_lag.clear()
             if assigned:
                 await self._restore(assigned)
+                self._awaiting_progress = set(assigned)
                 self._ledger_target = await self._ledger_end()
         finally:
             self._assigning = False

@@ -3,12 +3,14 @@
 An intent in the ledger says: "these events are in an upload its writer may still
 send". Until it closes, nobody else may send them: intake holds every event the
 intent covers when it reads it (the order guard holds other changes to the same
-codes). When the intent closes, the held events are done (the writer, or a
-resolver, recorded them) or, for an event only partly inside the intent, read in
-again. An intent whose writer is gone (a crash, a takeover, a fenced replica) is
-resolved, once its `resolve_after` has passed, by the owner of the partition of
-its first event: this module says which intents are due; the uploaders resolve
-them.
+codes). When the intent closes, what it carried is done (the writer, or a
+resolver, recorded it), whether intake has read the event yet or not: an event
+read late is skipped then; an event only partly inside the intent is read in
+again without the values it carried. Closures are remembered a while (bounded), so
+that a partition assigned later skips what they carried too. An intent whose
+writer is gone (a crash, a takeover, a fenced replica) is resolved, once its
+`resolve_after` has passed, by the owner of the partition of its first event: this
+module says which intents are due; the uploaders resolve them.
 
 Pure: no Kafka, no HTTP, no awaiting. Bounded by the open intents in the ledger
 (the uploads in flight across the group, plus orphans until resolved) and the
@@ -17,18 +19,23 @@ events they cover.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Final
 
-from service.core.batching import Batch, Part, PendingEvent, Source
-from service.core.records import IntentRecord
+from service.core.batching import Batch, Done, Part, PendingEvent, Source
+from service.core.records import EventSource, IntentRecord
 
 Position = tuple[str, int, int]
 # Task tombstones remembered (see `LedgerTasks`): far more than the tasks that can end
 # while an intent's closure is on its way through the ledger view.
 RECENTLY_ENDED_KEPT = 10_000
+# Events of closed intents remembered for partitions assigned later (all partitions
+# together): a new owner skips them even when the previous owner died before it
+# committed them; far more than the events of the intents closed during a rebalance.
+CLOSED_EVENTS_KEPT: Final = 100_000
 
 
 def position(source: Source) -> Position:
@@ -45,10 +52,18 @@ class _Open:
 
 @dataclass(frozen=True)
 class Closed:
-    """What an intent's closure means here: events done, and events to read in again."""
+    """What an intent's closure means here: what it carried is done (whole events, or
+    some values of events cut across uploads), and the held events with values left to
+    send are read in again."""
 
-    done: list[Source]
+    done: list[Done]
     readmit: list[PendingEvent]
+
+
+def carried(source: EventSource) -> Done:
+    """What an intent or task carried of one event, by position."""
+    values = tuple(source.values) if source.values is not None else None
+    return Done(source.topic, source.partition, source.offset, values, source.total)
 
 
 class IntentWatch:
@@ -57,6 +72,7 @@ class IntentWatch:
     def __init__(self) -> None:
         self._open: dict[str, _Open] = {}
         self._covering: dict[Position, list[str]] = {}
+        self._closed: deque[Done] = deque(maxlen=CLOSED_EVENTS_KEPT)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -84,36 +100,42 @@ class IntentWatch:
         self._open[covering[0]].held.append(pending)
         return True
 
-    def closed(self, batch_id: str) -> Closed:
-        """An intent closed (recorded or rejected: either way its events are written
-        somewhere): its held events that it wholly carried are done; those it carried in
-        part (an event split across uploads) go to the next intent covering them, or are
-        read in again."""
+    def closed(self, batch_id: str, *, recorded: bool) -> Closed:
+        """An intent closed: `recorded` (its tasks are in the ledger) or rejected (its
+        events are dead letters, by the writer or the resolver). What it carried is done,
+        read yet or not (an event partly inside it: those values, when recorded); held
+        events with values left go to the next intent covering them, or are read in
+        again."""
         entry = self._open.pop(batch_id, None)
         if entry is None:
             return Closed([], [])
-        for source in entry.record.events:
+        record = entry.record
+        for source in record.events:
             key = (source.topic, source.partition, source.offset)
             covering = self._covering.get(key)
             if covering is not None and batch_id in covering:
                 covering.remove(batch_id)
                 if not covering:
                     del self._covering[key]
-        done: list[Source] = []
+        done = [carried(source) for source in record.events if recorded or source.values is None]
+        self._closed.extend(done)
+        whole = {(d.topic, d.partition, d.offset) for d in done if d.values is None}
         readmit: list[PendingEvent] = []
         for pending in entry.held:
-            if _wholly_inside(pending, entry.record):
-                done.append(pending.source)
-            elif not self.hold(pending):
+            if position(pending.source) not in whole and not self.hold(pending):
                 readmit.append(pending)
         return Closed(done, readmit)
+
+    def closed_in(self, partitions: Collection[tuple[str, int]]) -> list[Done]:
+        """What the intents closed lately carried in these partitions (just assigned)."""
+        return [done for done in self._closed if (done.topic, done.partition) in partitions]
 
     def due(
         self,
         now: datetime,
         owned: Collection[tuple[str, int]],
         is_done: Callable[[Source], bool],
-    ) -> list[tuple[Batch, IntentRecord, list[Source]]]:
+    ) -> list[tuple[Batch, IntentRecord, list[Done]]]:
         """Intents past `resolve_after` that this intake resolves: it owns the partition
         of the first event, and holds (or has done) every event of the intent in its
         partitions. Each is handed out once, until `forget_resolving`."""
@@ -134,14 +156,9 @@ class IntentWatch:
             ):
                 continue
             entry.resolving = True
-            # Held events only partly inside the intent are not done by its task: they are
-            # read in again when it closes.
-            partial = {position(p.source) for p in entry.held if not _wholly_inside(p, record)}
-            sources = [
-                Source(s.topic, s.partition, s.offset, s.event_id)
-                for s in record.events
-                if (s.topic, s.partition, s.offset) not in partial
-            ]
+            # What the task (adopted or sent again) carries of each event, by position: an
+            # event partly inside the intent has the rest of its values read in again.
+            sources = [carried(source) for source in record.events]
             ready.append((resolution_batch(record, entry.held), record, sources))
         return ready
 
@@ -177,22 +194,18 @@ def resolution_batch(record: IntentRecord, held: list[PendingEvent]) -> Batch:
     for key, values in record.constraints.items():
         batch.values[key] = dict.fromkeys(values)
         batch.size += len(values)
-    # Copies: the parts only lend their bytes to dead letters; the held events keep their
-    # own part counts for when they are read in again.
-    batch.parts = [
-        Part(replace(p, parts=0, parts_done=0), next(iter(p.event.constraints)), ()) for p in held
-    ]
+    # Copies: the parts lend their bytes to dead letters and say what the intent carried
+    # of each held event; the held events keep their own part counts.
+    sources = {(s.topic, s.partition, s.offset): s for s in record.events}
+    parts = []
+    for pending in held:
+        source = sources.get(position(pending.source))
+        covered = tuple(source.values) if source and source.values is not None else None
+        total = (source.total or 0) if source else 0
+        copy = replace(pending, parts=0, total=total or pending.total)
+        parts.append(Part(copy, next(iter(pending.event.constraints)), (), covered))
+    batch.parts = parts
     return batch
-
-
-def _wholly_inside(pending: PendingEvent, record: IntentRecord) -> bool:
-    """Whether every value of the event, under each of its keys, is among the intent's
-    constraint values of that key (an event with several keys is always carried whole)."""
-    for key, values in pending.event.constraints.items():
-        carried = record.constraints.get(key)
-        if carried is None or not set(values).issubset(carried):
-            return False
-    return True
 
 
 class LedgerTasks:

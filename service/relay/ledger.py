@@ -19,7 +19,14 @@ import structlog
 from aiokafka import TopicPartition
 from pydantic import Field, TypeAdapter, ValidationError
 
-from service.core.records import INTENT_KEY_PREFIX, IntentClosure, IntentRecord, TaskLedgerRecord
+from service.core.records import (
+    INTENT_KEY_PREFIX,
+    PROGRESS_KEY_PREFIX,
+    IntentClosure,
+    IntentRecord,
+    TaskLedgerRecord,
+    progress_key,
+)
 from service.kafka import UndecodableRecordsError
 from service.metrics import RelayMetrics
 from service.relay.messages import (
@@ -107,11 +114,16 @@ class LedgerView:
         self._positions: dict[int, int] = {}
         self._moved = asyncio.Condition()  # notified whenever positions were updated
         self.caught_up = asyncio.Event()
+        self._progress: dict[str, bytes] = {}  # the latest progress record of each key
         self.stopped = StoppedPartitions("ledger", metrics.partition_stopped, clock)
 
     def position(self, partition: int) -> int:
         """The offset up to which ledger partition `partition` has been read and told."""
         return self._positions.get(partition, 0)
+
+    def progress(self, topic: str, partition: int) -> bytes | None:
+        """The latest progress record of an input partition read so far."""
+        return self._progress.get(progress_key(topic, partition))
 
     def partitions(self) -> list[int]:
         """The ledger's partitions (empty until the view has started reading)."""
@@ -186,6 +198,12 @@ class LedgerView:
         task_id = record.key.decode() if record.key else ""
         if task_id.startswith(INTENT_KEY_PREFIX):
             await self._apply_intent(task_id, record.value)
+            return
+        if task_id.startswith(PROGRESS_KEY_PREFIX):
+            # Kept as bytes: only a new owner of the partition reads one (intake, when
+            # it takes the partition over), and there is one a partition and transaction.
+            if record.value is not None:
+                self._progress[task_id] = record.value
             return
         if record.value is None:
             self._unfinished.discard(task_id)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from service.core.batching import Batch, Source
+from service.core.batching import Batch, Done, Source
 from service.core.records import (
     DeadLetterHeaders,
     IntentRecord,
@@ -54,7 +54,7 @@ class LedgerAppend:
     record: TaskLedgerRecord
     batch: Batch
     more: list[TaskLedgerRecord] = field(default_factory=list)
-    sources: list[Source] | None = None
+    sources: list[Done] | None = None
     recorded: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -78,7 +78,7 @@ class ApiRejection:
 
     batch: Batch
     outcome: Rejected
-    sources: list[Source] | None = None
+    sources: list[Done] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Resolution:
 
     batch: Batch
     intent: IntentRecord
-    sources: list[Source]
+    sources: list[Done]
 
 
 # -- to intake -------------------------------------------------------------------------
@@ -185,6 +185,18 @@ class LedgerCaughtUp:
     unfinished_tasks: int
 
 
+@dataclass(frozen=True)
+class BatchAbandoned:
+    """The uploaders gave a batch up: its partitions are no longer this intake's (a
+    rebalance gave them to another member), or the shutdown deadline passed. Its events
+    are read again by whoever owns them; its intent, when one was written, stays open in
+    the ledger, and whoever owns the first event's partition after `resolve_after`
+    resolves it (this intake too: it watches it as another process's)."""
+
+    batch_id: str
+    intent: IntentRecord | None
+
+
 @dataclass(frozen=True, slots=True)
 class BatchRejected:
     """The API refused a batch (its dead letters are on their way): its claims end."""
@@ -193,7 +205,13 @@ class BatchRejected:
 
 
 IntakeMessage = (
-    TaskRecorded | TaskEnded | LedgerCaughtUp | BatchRejected | IntentOpened | IntentClosed
+    TaskRecorded
+    | TaskEnded
+    | LedgerCaughtUp
+    | BatchRejected
+    | BatchAbandoned
+    | IntentOpened
+    | IntentClosed
 )
 
 

@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from service.core.batching import Batch, Source
+from service.core.batching import Batch, Done, Source
+from service.core.offsets import Checkpoint
 from service.core.resilience import BreakerState
 from service.relay.reconcile import TaskLookup
 from service.scantrust.client import UploadRequest
@@ -179,14 +180,14 @@ class Accounting(Protocol):
     def batch_recorded(self, batch: Batch) -> None:
         """Every event part of `batch` is in a ledger record or dead-lettered."""
 
-    def sources_done(self, sources: Iterable[Source]) -> int:
+    def sources_done(self, sources: Iterable[Done | Source]) -> int:
         """Events recorded by position (a resolved intent): accounted for."""
 
     def claim_intent(self, batch_id: str) -> bool:
         """May this batch's intent be written (the batch was not revoked)?"""
 
-    def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
-        """Partitions whose commit point moved: (offset, metadata) to commit."""
+    def checkpoints(self) -> dict[tuple[str, int], Checkpoint]:
+        """Partitions whose progress moved: offset, metadata and progress record."""
 
     def fence_points(self) -> dict[tuple[str, int], tuple[int, str]]:
         """The last commit point of every partition tracked."""

@@ -108,6 +108,7 @@ class Relay:
             intake=intake_inbox,
             health=self.health,
             metrics=metrics,
+            owns=book.owns,
             rng=self._rng,
         )
         batcher = Batcher(
@@ -130,6 +131,11 @@ class Relay:
             metrics=metrics,
             clock=self._clock,
             ledger=_LedgerSync(self),
+            generation=lambda: (
+                getattr(membership.group(), "generation_id", None)
+                if membership is not None
+                else None
+            ),
         )
         self._ledger = LedgerView(
             reader=ledger_reader,
@@ -200,6 +206,10 @@ class Relay:
     def ledger_reached(self, ends: dict[int, int]) -> bool:
         """Whether the ledger view has read every partition up to `ends`."""
         return all(self._ledger.position(p) >= end for p, end in ends.items())
+
+    def ledger_progress(self, topic: str, partition: int) -> bytes | None:
+        """The latest progress record of an input partition the ledger view has read."""
+        return self._ledger.progress(topic, partition)
 
     def ledger_stopped(self) -> bool:
         """Whether a ledger partition is stopped at a record batch it cannot decode."""
@@ -319,3 +329,6 @@ class _LedgerSync:
 
     def stopped(self) -> bool:
         return self._relay.ledger_stopped()
+
+    def progress(self, topic: str, partition: int) -> bytes | None:
+        return self._relay.ledger_progress(topic, partition)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
@@ -32,7 +32,7 @@ from typing import Any, Final, Protocol
 import structlog
 from pydantic import TypeAdapter
 
-from service.core.batching import Batch, FlushReason, Source
+from service.core.batching import Batch, Done, FlushReason, PendingEvent
 from service.core.records import EventSource, IntentRecord, TaskLedgerRecord
 from service.core.resilience import Backoff
 from service.metrics import RelayMetrics
@@ -40,6 +40,7 @@ from service.relay.config import RelayConfig, utcnow, wall_time
 from service.relay.health import ApiHealth
 from service.relay.messages import (
     ApiRejection,
+    BatchAbandoned,
     BatchRejected,
     BatchRevokedError,
     IntentWrite,
@@ -80,8 +81,8 @@ class Recorder(Protocol):
 class IntakeInbox(Protocol):
     """Intake, as the uploaders see it."""
 
-    async def tell(self, message: BatchRejected) -> None:
-        """Tell intake a batch's claims end."""
+    async def tell(self, message: BatchRejected | BatchAbandoned) -> None:
+        """Tell intake a batch's claims end, or that it was given up."""
 
 
 class Uploaders:
@@ -96,9 +97,11 @@ class Uploaders:
         intake: IntakeInbox,
         health: ApiHealth,
         metrics: RelayMetrics,
+        owns: Callable[[Batch], bool] = lambda _batch: True,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
+        self._owns = owns
         self._api = api
         self._reconciler = Reconciler(api)
         self._committer = committer
@@ -201,10 +204,11 @@ class Uploaders:
         self,
         batch: Batch,
         resolving: IntentRecord | None = None,
-        sources: list[Source] | None = None,
+        sources: list[Done] | None = None,
     ) -> None:
         """Upload `batch` until accepted or rejected; returns early (the batch unsent, its
-        events read again at the next start) when stopping makes it pointless.
+        events read again at the next start) when stopping makes it pointless, or gives it
+        up when its partitions are no longer this intake's (`_abandon`).
 
         Every request is sent under a committed intent, and only before its `send_by`.
         `resolving`: the intent of a batch another process (or this one before a
@@ -215,7 +219,9 @@ class Uploaders:
         if resolving is not None:
             found = await self._look_up(job, bound)
             if found is None:
-                return  # the shutdown deadline: the intent stays open for the next owner
+                # The shutdown deadline, or the partitions moved: the intent stays open.
+                await self._abandon(job, resolving, bound)
+                return
             self._metrics.intents_resolved.labels("adopted" if found else "resent").inc()
             bound.warning(
                 "intent_resolved",
@@ -237,7 +243,13 @@ class Uploaders:
                     await self._committer.write_intent(IntentWrite(intent))
                 except BatchRevokedError:
                     bound.info("batch_revoked_before_sending")
+                    await self._abandon(job, None, bound)
                     return
+            if not self._owns(batch):
+                # Ownership, not membership: a replica still in the group may have lost
+                # these partitions; their new owner resolves the intent.
+                await self._abandon(job, intent, bound)
+                return
             submitted_at = utcnow()
             async with self._sending_request():
                 outcome = await self._api.upload(job.request, send_by=intent.send_by.timestamp())
@@ -249,7 +261,18 @@ class Uploaders:
                 if isinstance(outcome, Ambiguous):
                     found = await self._reconcile(job, outcome, bound)
                     if found is None:
-                        return  # the shutdown deadline came first: see docs/guarantees.md
+                        # The shutdown deadline came first (docs/guarantees.md), or the
+                        # partitions moved: the intent stays open for their owner.
+                        await self._abandon(job, intent, bound)
+                        return
+                    if not found:
+                        # None listed: once more after the list's lag, the one a task just
+                        # created may need to show (docs/design.md section 10).
+                        await asyncio.sleep(self._config.list_lag_s)
+                        found = await self._look_up(job, bound)
+                        if found is None:
+                            await self._abandon(job, intent, bound)
+                            return
                     if found:
                         await self._record(job, found, submitted_at, bound)
                         return
@@ -310,6 +333,26 @@ class Uploaders:
         if not self._deadline_passed:
             await append.recorded
 
+    async def _abandon(
+        self,
+        job: _Job,
+        intent: IntentRecord | None,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """Give the batch up (its partitions moved, or the shutdown deadline passed):
+        intake forgets it, and watches its intent, when one was written, as another
+        process's."""
+        self._health.upload_given_up()
+        if not self._owns(job.batch):
+            self._metrics.batches_abandoned.inc()
+            bound.warning(
+                "batch_abandoned",
+                intent_open=intent is not None,
+                hint="its partitions are no longer this replica's: their owner resolves "
+                "the intent after its resolve_after",
+            )
+        await self._intake.tell(BatchAbandoned(job.batch.batch_id, intent))
+
     async def _reconcile(
         self, job: _Job, ambiguous: Ambiguous, bound: structlog.typing.FilteringBoundLogger
     ) -> list[str] | None:
@@ -328,9 +371,11 @@ class Uploaders:
     async def _look_up(
         self, job: _Job, bound: structlog.typing.FilteringBoundLogger
     ) -> list[str] | None:
-        """Ask the API for the batch's tasks until it answers; None at the deadline."""
+        """Ask the API for the batch's tasks until it answers; None at the deadline, or
+        once the batch's partitions are no longer this intake's (a revoked writer stops
+        looking: the new owner resolves the intent)."""
         attempt = 0
-        while not self._deadline_passed:
+        while not self._deadline_passed and self._owns(job.batch):
             found = await self._reconciler.find(job.batch, job.request, job.first_sent)
             if isinstance(found, list):
                 self._metrics.reconciliations.labels("task" if found else "none").inc()
@@ -368,7 +413,7 @@ class _Job:
         batch: Batch,
         config: RelayConfig,
         resolving: IntentRecord | None = None,
-        sources: list[Source] | None = None,
+        sources: list[Done] | None = None,
     ) -> None:
         self.batch = batch
         self._config = config
@@ -378,16 +423,14 @@ class _Job:
             campaign=batch.campaign,
             reference=api_reference(batch),
         )
-        self.sources: list[Source] | None = None
+        self.sources: list[Done] | None = None
         self.events: list[EventSource]
         if resolving is None:
             self.first_sent = utcnow()
             events = batch.events()
             # Validated once here, then passed as they are into the intent and the ledger
             # record (pydantic takes model instances without checking them again).
-            self.events = _EVENT_SOURCES.validate_python(
-                [pending.source._asdict() for pending in events]
-            )
+            self.events = _EVENT_SOURCES.validate_python(_event_sources(batch, events))
             self.expected_codes = batch.expected_codes(
                 config.limits.one_code_per_value_keys, events
             )
@@ -434,3 +477,28 @@ class _Job:
                 "events": self.events,
             }
         )
+
+
+def _event_sources(batch: Batch, events: list[PendingEvent]) -> list[dict[str, Any]]:
+    """Each event the batch carries, by position; with the indexes of the values it
+    carries when it carries only some (an event cut across batches, or partly done)."""
+    covered: dict[int, set[int] | None] = {}
+    for part in batch.parts:
+        key = id(part.event)
+        if part.covered is None:
+            covered[key] = None
+        elif key not in covered:
+            covered[key] = set(part.covered)
+        else:
+            known = covered[key]
+            if known is not None:
+                known.update(part.covered)
+    sources = []
+    for pending in events:
+        source = pending.source._asdict()
+        values = covered.get(id(pending))
+        if values is not None:
+            source["values"] = sorted(values)
+            source["total"] = pending.total
+        sources.append(source)
+    return sources

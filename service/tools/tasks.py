@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from service.core.records import INTENT_KEY_PREFIX, TaskLedgerRecord
+from service.core.records import INTENT_KEY_PREFIX, PROGRESS_KEY_PREFIX, TaskLedgerRecord
 from service.settings import Settings, SettingsError
 from service.tools.output import Printer, tool_start
 
@@ -98,7 +98,9 @@ async def read_views(settings: Settings, wanted: str | None = None) -> dict[str,
 
     async for record in read_to_end(settings, settings.tasks_topic):
         key = (record.key or b"").decode(errors="replace")
-        if key.startswith(INTENT_KEY_PREFIX) or (wanted is not None and key != wanted):
+        if key.startswith((INTENT_KEY_PREFIX, PROGRESS_KEY_PREFIX)) or (
+            wanted is not None and key != wanted
+        ):
             continue
         if record.value is None:  # a tombstone: the task's result was published
             if key in views:

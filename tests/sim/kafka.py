@@ -92,6 +92,7 @@ class Entry:
     headers: list[tuple[str, bytes]]
     txn: Txn | None = None
     control: bool = False
+    written_at: float = 0.0
 
     @property
     def visible(self) -> bool:
@@ -222,7 +223,7 @@ class Broker:
         txn: Txn | None = None,
     ) -> int:
         part = self.partition(tp)
-        entry = Entry(part.next_offset, key, value, list(headers), txn)
+        entry = Entry(part.next_offset, key, value, list(headers), txn, written_at=self.loop.time())
         part.append(entry)
         if txn is None:
             self._committed(tp, entry)
@@ -251,11 +252,18 @@ class Broker:
         self._waiters.append(future)
         return future
 
-    def compact(self, topic: str) -> None:
-        """The log cleaner: below the last stable offset, keep the last record of each key
-        and drop aborted records (markers stay: they only take offsets)."""
+    def compact(self, topic: str, active_segment_s: float = 30.0) -> None:
+        """The log cleaner: below the last stable offset and outside the active segment
+        (records of the last `active_segment_s`: Kafka never cleans the segment being
+        written), keep the last record of each key and drop aborted records (markers
+        stay: they only take offsets)."""
         for part in self.topics[topic].partitions:
-            stable = part.last_stable_offset
+            recent = [
+                e.offset for e in part.entries if e.written_at > self.loop.time() - active_segment_s
+            ]
+            stable = (
+                min(part.last_stable_offset, *recent[:1]) if recent else part.last_stable_offset
+            )
             last: dict[bytes | None, int] = {}
             for entry in part.entries:
                 if entry.offset < stable and entry.visible:

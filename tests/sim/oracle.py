@@ -148,8 +148,13 @@ def _tasks(
 ) -> None:
     recorded: Counter[str] = Counter()
     for record in ledger:
+        # A task ledger record: keyed by its task id (docs/design.md section 2); the
+        # ledger holds other records (intents, progress) under other keys.
         key = (record.key or b"").decode()
-        if record.value is not None and not key.startswith("intent:"):
+        if record.value is None:
+            continue
+        entry = json.loads(record.value)
+        if isinstance(entry, dict) and entry.get("task_id") == key:
             recorded[key] += 1
     outcomes: Counter[str] = Counter()
     for record in results:

@@ -28,6 +28,7 @@ from typing import Any, Final
 import structlog
 from prometheus_client import CollectorRegistry
 
+from service.app import REBALANCE_MARGIN_S
 from service.core import batching
 from service.core.contract import DEFAULT_LIMITS
 from service.fencing import GroupGeneration
@@ -231,11 +232,14 @@ class World:
         client_id = f"{replica.name}.{incarnation}"
         producer = SimProducer(self.broker, f"{GROUP}-host{replica.host}-{replica.name}")
         await producer.start()
+        # As service/app.py builds them: the group waits for a member's revoke callback.
+        rebalance_timeout_s = config.rebalance_timeout_s + REBALANCE_MARGIN_S
         consumer = SimConsumer(
             self.broker,
             client_id=f"{client_id}-in",
             group_id=GROUP,
             fetch_records=self.scenario.fetch_records,
+            rebalance_timeout_s=rebalance_timeout_s,
         )
         ledger_reader = SimConsumer(self.broker, client_id=f"{client_id}-ledger", topics=[TASKS])
         poller_member = SimConsumer(
@@ -243,6 +247,7 @@ class World:
             client_id=f"{client_id}-poller",
             group_id=f"{GROUP}.task-poller",
             read_committed=False,
+            rebalance_timeout_s=rebalance_timeout_s,
         )
         relay = Relay(
             config,
@@ -493,6 +498,8 @@ KEPT_EVENTS: Final = frozenset(
         "intent_orphaned",
         "intent_resolved",
         "intent_expired_before_sending",
+        "batch_abandoned",
+        "progress_record_not_the_committed_one",
         "relay_fenced",
         "rebalance_deadline_uploads_in_flight",
         "transaction_failed",

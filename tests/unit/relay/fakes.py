@@ -14,8 +14,9 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ProducerFenced
 
-from service.core.batching import Batch, Source
+from service.core.batching import Batch, Done, Source
 from service.core.contract import DEFAULT_LIMITS
+from service.core.offsets import Checkpoint
 from service.core.resilience import BreakerState
 from service.fencing import GroupFencedError
 from service.kafka import UndecodableRecordsError
@@ -49,6 +50,7 @@ def config(**overrides: Any) -> RelayConfig:
         "retry_initial_s": 0.01,
         "retry_max_backoff_s": 0.05,
         "reconcile_after_s": 0.05,
+        "list_lag_s": 0.05,
     }
     values.update(overrides)
     return RelayConfig(**values)
@@ -248,7 +250,7 @@ class FakeAccounting:
     def __init__(self) -> None:
         self.dead: list[tuple[str, int, int]] = []
         self.batches: list[str] = []
-        self.sources: list[Source] = []
+        self.sources: list[Done | Source] = []
         self.revoked: set[str] = set()
         self.points: dict[tuple[str, int], tuple[int, str]] = {}
         self.last_points: dict[tuple[str, int], tuple[int, str]] = {}
@@ -263,15 +265,18 @@ class FakeAccounting:
     def claim_intent(self, batch_id: str) -> bool:
         return batch_id not in self.revoked
 
-    def sources_done(self, sources: Iterable[Source]) -> int:
+    def sources_done(self, sources: Iterable[Done | Source]) -> int:
         done = list(sources)
         self.sources.extend(done)
         return len(done)
 
-    def checkpoints(self) -> dict[tuple[str, int], tuple[int, str]]:
+    def checkpoints(self) -> dict[tuple[str, int], Checkpoint]:
         points, self.points = self.points, {}
         self.last_points.update(points)
-        return points
+        return {
+            key: Checkpoint(offset, metadata, f"progress {offset}".encode())
+            for key, (offset, metadata) in points.items()
+        }
 
     def fence_points(self) -> dict[tuple[str, int], tuple[int, str]]:
         return dict(self.last_points)

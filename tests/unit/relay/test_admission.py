@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from typing import Any
 
 from service.core.batching import Batcher, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
 from service.relay.admission import Admission
-from tests.unit.relay.support import pending
-
-_offsets = itertools.count(10_000)
+from tests.unit.relay.support import (
+    _offsets,  # one order of publication for every event
+    pending,
+)
 
 
 def admission(max_values: int = 10) -> Admission:

@@ -66,9 +66,11 @@ async def test_a_ledger_record_and_the_offsets_it_releases_commit_together() -> 
     await stage.close()
     await runner
     keys = [key for key, _ in producer.written("tasks")]
-    # The task, then the closure of its intent and the intent's tombstone, in one go.
+    # The task, then the closure of its intent and the intent's tombstone, in one go,
+    # and the progress record of the partition whose offset moved.
     intent = f"intent:{uploaded.batch_id}".encode()
-    assert keys == [b"t1", intent, intent]
+    assert keys == [b"t1", intent, intent, b"progress:in:0"]
+    assert producer.written("tasks")[3][1] == b"progress 1"
     closure = json.loads(producer.written("tasks")[1][1] or b"")
     assert (closure["kind"], closure["outcome"], closure["task_ids"]) == (
         "intent_closed",

@@ -292,7 +292,7 @@ async def test_the_commit_point_passes_a_transaction_marker_and_a_commit_is_aske
         # A transactional publisher's commit marker at offset 1: the consumer skips it.
         subject.consumer.positions[0] = 2
         await eventually(lambda: any(isinstance(i, Flush) for i in subject.committer.items))
-    assert subject.book.checkpoints() == {("in", 0): (2, "")}
+    assert {k: p.offset for k, p in subject.book.checkpoints().items()} == {("in", 0): 2}
 
 
 async def test_no_marker_is_passed_while_an_event_is_unaccounted() -> None:
@@ -304,7 +304,7 @@ async def test_no_marker_is_passed_while_an_event_is_unaccounted() -> None:
         subject.consumer.positions[0] = 2
         await asyncio.sleep(0.3)
     assert not any(isinstance(i, Flush) for i in subject.committer.items)
-    assert subject.book.checkpoints() == {("in", 0): (0, "")}
+    assert {k: p.offset for k, p in subject.book.checkpoints().items()} == {("in", 0): 0}
 
 
 async def test_a_long_poll_lets_the_other_stages_run_while_it_is_taken() -> None:

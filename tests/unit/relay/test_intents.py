@@ -9,6 +9,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from service.core.batching import PendingEvent, Source
+from service.core.batching import Done, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
 from service.core.records import IntentOutcome, IntentRecord
 from service.metrics import RelayMetrics
@@ -51,7 +52,7 @@ from tests.unit.relay.test_uploaders import Recorder, run_until_drained
 
 def intent(
     values: list[str],
-    events: list[tuple[int, int]],
+    events: Sequence[tuple[Any, ...]],
     *,
     batch_id: str = "b-orphan",
     resolve_in_s: float = -1.0,
@@ -73,9 +74,19 @@ def intent(
             "scm_data": {"intended_market": market},
             "constraints": constraints or {"extended_id": values},
             "expected_codes": len(values),
-            "events": [{"topic": "in", "partition": p, "offset": o} for p, o in events],
+            "events": [_event_source(*event) for event in events],
         }
     )
+
+
+def _event_source(
+    partition: int, offset: int, values: list[int] | None = None, total: int | None = None
+) -> dict[str, Any]:
+    """An intent's event: whole, or the indexes of its `total` values it carries."""
+    source: dict[str, Any] = {"topic": "in", "partition": partition, "offset": offset}
+    if values is not None:
+        source.update(values=values, total=total)
+    return source
 
 
 def held(values: list[str], partition: int, offset: int) -> PendingEvent:
@@ -89,13 +100,15 @@ def held(values: list[str], partition: int, offset: int) -> PendingEvent:
 
 def test_an_open_intent_holds_what_it_covers_and_its_closure_says_what_is_done() -> None:
     watch = IntentWatch()
-    watch.opened(intent(["a", "b", "c"], [(0, 5), (0, 6)]))
+    # The event at offset 6 was cut across batches: this one carries its value 0 of 2.
+    watch.opened(intent(["a", "b", "c"], [(0, 5), (0, 6, [0], 2)]))
     whole, split, elsewhere = held(["a", "b"], 0, 5), held(["c", "z"], 0, 6), held(["a"], 0, 7)
     assert watch.hold(whole)
     assert watch.hold(split)
     assert not watch.hold(elsewhere), "an event the intent does not cover went on hold"
-    closed = watch.closed("b-orphan")
-    assert closed.done == [whole.source]
+    closed = watch.closed("b-orphan", recorded=True)
+    # Done: the whole event, and the value of the cut one it carried.
+    assert closed.done == [Done("in", 0, 5), Done("in", 0, 6, (0,), 2)]
     # Only part of this event was in the intent: it is read in again, not lost.
     assert closed.readmit == [split]
     assert len(watch) == 0
@@ -139,16 +152,30 @@ def test_an_intent_carries_an_event_with_several_keys_whole() -> None:
     # Resolved, it is sent again exactly: the event's constraints, every key.
     assert resolution.constraints() == both
     assert [(s.partition, s.offset) for s in sources] == [(0, 5)]
-    assert watch.closed("b-orphan").done == [multi.source]
+    assert watch.closed("b-orphan", recorded=True).done == [Done("in", 0, 5)]
 
 
-def test_an_event_with_several_keys_is_done_only_when_every_key_was_carried() -> None:
+def test_a_closed_intent_makes_its_events_done_read_or_not_and_is_remembered() -> None:
+    """Issue 27, window 5: an event of a closed intent read late (its partition's owner
+    paused or behind) was sent again: the closure forgot events not yet held."""
     watch = IntentWatch()
-    watch.opened(intent(["a", "b"], [(0, 5)]))  # its extended_id values, not its rfid
-    multi = held_several({"extended_id": ["a", "b"], "rfid": ["r"]}, 0, 5)
-    assert watch.hold(multi)
-    closed = watch.closed("b-orphan")
-    assert (closed.done, closed.readmit) == ([], [multi])
+    watch.opened(intent(["a", "b"], [(0, 5), (1, 9)]))
+    watch.hold(held(["a"], 0, 5))  # the event at (1, 9) is not read yet
+    closed = watch.closed("b-orphan", recorded=True)
+    assert closed.done == [Done("in", 0, 5), Done("in", 1, 9)]
+    assert closed.readmit == []
+    # Remembered for a partition assigned later.
+    assert watch.closed_in({("in", 1)}) == [Done("in", 1, 9)]
+
+
+def test_a_rejected_intent_leaves_the_values_of_a_cut_event_to_send() -> None:
+    watch = IntentWatch()
+    watch.opened(intent(["a"], [(0, 5), (0, 6, [0], 2)]))
+    split = held(["c", "z"], 0, 6)
+    watch.hold(split)
+    closed = watch.closed("b-orphan", recorded=False)
+    assert closed.done == [Done("in", 0, 5)]
+    assert closed.readmit == [split]
 
 
 # -- intake ------------------------------------------------------------------------------
@@ -247,7 +274,7 @@ async def test_a_resolution_adopts_the_task_found_and_sends_nothing() -> None:
     recorder = Recorder()
     from service.relay.intents import resolution_batch
 
-    job = Resolution(resolution_batch(orphan, []), orphan, [Source("in", 0, 4)])
+    job = Resolution(resolution_batch(orphan, []), orphan, [Done("in", 0, 4)])
     await run_until_drained(uploaders(api, recorder), [job])  # type: ignore[list-item]
     assert api.uploads == [], "a task already existed, yet the batch was sent again"
     assert recorder.intents == []
@@ -255,7 +282,7 @@ async def test_a_resolution_adopts_the_task_found_and_sends_nothing() -> None:
     assert append.record.task_id == "t-lost"
     assert append.record.batch_id == orphan.batch_id
     assert [(e.partition, e.offset) for e in append.record.events] == [(0, 4), (1, 2)]
-    assert append.sources == [Source("in", 0, 4)]
+    assert append.sources == [Done("in", 0, 4)]
 
 
 async def test_a_resolution_with_no_task_found_sends_under_a_new_intent() -> None:
@@ -263,7 +290,7 @@ async def test_a_resolution_with_no_task_found_sends_under_a_new_intent() -> Non
     api, recorder = FakeApi(), Recorder()
     from service.relay.intents import resolution_batch
 
-    job = Resolution(resolution_batch(orphan, []), orphan, [Source("in", 0, 4)])
+    job = Resolution(resolution_batch(orphan, []), orphan, [Done("in", 0, 4)])
     await run_until_drained(uploaders(api, recorder), [job])  # type: ignore[list-item]
     (sent,) = api.uploads
     assert sent.reference == orphan.api_reference
@@ -392,6 +419,7 @@ def test_at_a_rebalance_only_batches_with_an_intent_stay_in_flight() -> None:
 
     book = OffsetBook()
     sent, unsent = batch(["a"]), batch(["b"])
+    book.assigned({(p.event.source.topic, p.event.source.partition) for p in sent.parts}, 1)
     for ready in (sent, unsent):
         for part in ready.parts:
             source = part.event.source
@@ -418,6 +446,7 @@ def test_a_partition_assigned_again_starts_from_the_groups_commit_point() -> Non
     from service.relay.book import OffsetBook
 
     book = OffsetBook()
+    book.assigned({("in", 0)}, 1)
     under_way = batch(["a"])
     (part,) = under_way.parts
     part.event.source = Source("in", 0, 32)
@@ -428,15 +457,16 @@ def test_a_partition_assigned_again_starts_from_the_groups_commit_point() -> Non
     book.keep_in_flight()
     book.keep_only({("in", 0)})
     book.restore("in", 0, 30, None)
+    book.apply("in", 0, None)  # its progress record read (there is none)
     for offset in range(30, 35):
         if offset == 32:
             assert book.received("in", 0, offset), "an event under way was read again"
         else:
             assert not book.received("in", 0, offset)
             book.dead_lettered("in", 0, offset)
-    assert [point for point, _ in book.checkpoints().values()] == [32]
+    assert [point.offset for point in book.checkpoints().values()] == [32]
     book.batch_recorded(under_way)
-    assert [point for point, _ in book.checkpoints().values()] == [35], (
+    assert [point.offset for point in book.checkpoints().values()] == [35], (
         "offsets known from before the assignment hold the commit point"
     )
 
