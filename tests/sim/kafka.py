@@ -8,27 +8,37 @@ tests/sim/test_kafka_model.py, so that the model cannot drift from Kafka):
 - transactions: records written in one are visible to `read_committed` readers only
   once committed, never when aborted; a commit or abort writes a control marker,
   which takes an offset; readers stop at the last stable offset (the first record of
-  an open transaction) and step over markers and aborted records; the high
-  watermark counts everything written;
+  an open transaction; also a read_committed consumer's end offset) and step over
+  markers and aborted records; the high watermark counts everything written;
 - offsets committed in a transaction (`send_offsets_to_transaction`), applied at
-  commit; fencing as KIP-447 does: a commit carrying a generation and member id is
-  refused unless the member belongs to the group's current generation; a commit
-  without generation (a client before KIP-447) is accepted unchecked; commit metadata
-  over the broker's 4 096 bytes is refused;
+  commit (never committed reads as offset -1); fencing as KIP-447 does: a commit
+  carrying a generation and member id is refused unless the member belongs to the
+  group's current generation; a commit without generation (a client before KIP-447)
+  is accepted unchecked; commit metadata over the broker's 4 096 characters (Java's:
+  UTF-16 units) is refused, and kills aiokafka's producer (its sender task dies: the
+  call raises KafkaError, every later one fails, the transaction stays open until the
+  broker times it out);
 - producers fenced by their transactional id (a new producer with the same id aborts
-  the old one's open transaction) and transactions aborted by the broker after the
-  transaction timeout (the producer is then fenced);
+  the old one's open transaction) and transactions aborted by the broker once past
+  the transaction timeout, at its next sweep for them (every 10 s:
+  transaction.abort.timed.out.transaction.cleanup.interval.ms), the producer then
+  fenced; a fenced producer is dead (aiokafka: fatal), every later call fails;
 - consumer groups (the classic protocol, eager): a join starts a rebalance, members
   learn of it at their next heartbeat, each calls its revoke callback then rejoins,
   the rebalance completes when all have rejoined or the rebalance timeout passes
   (laggards are removed), the generation is bumped and partitions assigned round
-  robin over the members sorted by id, then the assign callback runs; a member whose
-  heartbeats stop for the session timeout is evicted, and learns it at its next
-  heartbeat (aiokafka then resets its generation to -1 before its revoke callback); a
-  consumer that does not poll for `max_poll_interval` leaves the group; `getmany`
+  robin over the members sorted by id, then the assign callback runs; a member goes
+  on heartbeating through its revoke callback; a member whose heartbeats stop for the
+  session timeout is evicted, and learns it at its next heartbeat (aiokafka then
+  resets its generation to -1 before its revoke callback); a group left empty moves
+  to a new generation; a consumer that does not poll for `max_poll_interval` leaves
+  the group and calls its revoke callback at once, and rejoins at its next poll;
+  `start` returns once a subscribed consumer has its first assignment; `getmany`
   waits while a rebalance is in progress;
 - compacted topics: a compaction keeps the last record of each key (tombstones
-  included) and drops aborted records.
+  included: as within delete.retention.ms, their later removal is not modelled) and
+  drops aborted records; it compacts the whole log below the last stable offset (the
+  broker leaves the segment being written alone, so it gets there later).
 
 Not modelled (said in docs/design.md section 13): replication, leader moves and
 broker crashes; fetch sessions and prefetching (a fetch reads the log synchronously);
@@ -41,15 +51,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     IllegalGenerationError,
+    IllegalOperation,
     IllegalStateError,
+    KafkaError,
     OffsetMetadataTooLargeError,
     ProducerFenced,
     UnknownMemberIdError,
@@ -59,8 +71,13 @@ from aiokafka.structs import OffsetAndMetadata
 
 from service.fencing import GroupFencedError
 
-MAX_METADATA_BYTES: Final = 4096  # offset.metadata.max.bytes
+MAX_METADATA_CHARS: Final = 4096  # offset.metadata.max.bytes, counted in Java chars
+# transaction.abort.timed.out.transaction.cleanup.interval.ms: how often the broker looks
+# for transactions past their timeout (an expired one waits for the next look).
+TXN_TIMEOUT_SWEEP_S: Final = 10.0
 BROKER_TICK_S: Final = 0.25
+
+T = TypeVar("T")
 
 
 class TxnState(Enum):
@@ -323,8 +340,10 @@ class Broker:
             else:
                 offset, metadata = point[0], point[1]
             self.max_metadata = max(self.max_metadata, len(metadata or ""))
-            if len((metadata or "").encode()) > MAX_METADATA_BYTES:
-                raise OffsetMetadataTooLargeError(f"{tp}: {len(metadata)} bytes of metadata")
+            # The broker compares Java's String.length(): UTF-16 units, not bytes.
+            chars = len((metadata or "").encode("utf-16-le")) // 2
+            if chars > MAX_METADATA_CHARS:
+                raise OffsetMetadataTooLargeError(f"{tp}: {chars} characters of metadata")
             txn.offsets[(str(group_id), tp)] = (offset, metadata or "")
 
     def end(self, txn: Txn, commit: bool) -> None:
@@ -395,10 +414,10 @@ class Broker:
             del group.members[member.member_id]
             self.log.append(f"{group.group_id}: {member.member_id} removed (did not rejoin)")
         group.rebalancing = False
+        group.generation += 1  # an empty group too (the broker's group goes Empty)
         if not group.members:
             group.assignment = {}
             return
-        group.generation += 1
         members = sorted(group.members)
         topics = sorted({t for m in group.members.values() for t in m.consumer.topics})
         partitions = [tp for t in topics for tp in self.partitions_for(t)]
@@ -445,6 +464,7 @@ class Broker:
             self._maybe_complete(group)
         else:
             group.rebalancing = False
+            group.generation += 1  # the broker's group goes Empty in a new generation
             group.assignment = {}
 
     # -- time ---------------------------------------------------------------------------
@@ -453,10 +473,15 @@ class Broker:
         self._ticker = self.loop.create_task(self._tick(), name="broker")
 
     async def _tick(self) -> None:
+        sweep = self.loop.time() + TXN_TIMEOUT_SWEEP_S
         while True:
             await asyncio.sleep(BROKER_TICK_S)
             now = self.loop.time()
-            for txn in list(self.open_txns.values()):
+            expired: list[Txn] = []
+            if now >= sweep:
+                sweep += TXN_TIMEOUT_SWEEP_S
+                expired = list(self.open_txns.values())
+            for txn in expired:
                 if now - txn.started_at > self.transaction_timeout_s:
                     self._end(txn, TxnState.ABORTED)
                     self.producer_epochs[txn.transactional_id] += 1  # fenced
@@ -471,13 +496,18 @@ class Broker:
 
 
 class SimProducer:
-    """aiokafka's transactional producer, as the committer uses it."""
+    """aiokafka's transactional producer, as the committer uses it.
+
+    Once fenced, or once its sender task died (commit metadata the broker refused), the
+    producer is dead, as aiokafka's turns fatal: transaction calls fail the way its state
+    machine does (AssertionError), sends find no transaction (IllegalOperation)."""
 
     def __init__(self, broker: Broker, transactional_id: str) -> None:
         self._broker = broker
         self.transactional_id = transactional_id
         self._epoch = -1
         self._txn: Txn | None = None
+        self._dead = False
 
     async def start(self) -> None:
         self._epoch = self._broker.init_producer(self.transactional_id)
@@ -485,14 +515,30 @@ class SimProducer:
     async def stop(self) -> None:
         return None
 
-    async def begin_transaction(self) -> None:
-        self._txn = self._broker.begin(self.transactional_id, self._epoch)
+    def _alive(self, call: str) -> None:
+        if self._dead:
+            if call in ("send", "send_offsets_to_transaction"):
+                raise IllegalOperation("Can't send messages while not in transaction")
+            raise AssertionError(f"Invalid state transition TransactionState.FATAL_ERROR -> {call}")
 
-    def _open(self) -> Txn:
-        if self._txn is None:
+    def _fenced(self, check: Callable[[], T]) -> T:
+        try:
+            return check()
+        except ProducerFenced:
+            self._dead = True
+            raise
+
+    async def begin_transaction(self) -> None:
+        self._alive("IN_TRANSACTION")
+        self._txn = self._fenced(lambda: self._broker.begin(self.transactional_id, self._epoch))
+
+    def _open(self, call: str) -> Txn:
+        self._alive(call)
+        txn = self._txn
+        if txn is None:
             raise IllegalStateError("no transaction begun")
-        self._broker.check_open(self._txn)
-        return self._txn
+        self._fenced(lambda: self._broker.check_open(txn))
+        return txn
 
     async def send(
         self,
@@ -503,7 +549,7 @@ class SimProducer:
         timestamp_ms: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> asyncio.Future[int]:
-        txn = self._open()
+        txn = self._open("send")
         if partition is None:
             partition = self._broker.partition_for_key(topic, key)
         offset = self._broker.append(
@@ -516,7 +562,7 @@ class SimProducer:
     async def send_offsets_to_transaction(
         self, offsets: Mapping[TopicPartition, Any], group_id: str
     ) -> None:
-        txn = self._open()
+        txn = self._open("send_offsets_to_transaction")
         generation = getattr(group_id, "generation_id", None)
         if generation is not None and (generation < 0 or not getattr(group_id, "member_id", "")):
             # service/fencing.py refuses this before anything is sent.
@@ -527,18 +573,24 @@ class SimProducer:
         except (UnknownMemberIdError, IllegalGenerationError) as exc:
             txn.error = GroupFencedError(f"group {group_id!s} refused the commit: {exc}")
             raise txn.error from exc
+        except OffsetMetadataTooLargeError as exc:
+            # aiokafka's sender task dies of it; the transaction is left open at the broker.
+            self._dead = True
+            raise KafkaError("Unexpected error during batch delivery") from exc
 
     async def commit_transaction(self) -> None:
-        txn = self._open()
+        txn = self._open("COMMITTING_TRANSACTION")
+        # A commit refused (the group fenced it) leaves the transaction to be aborted.
+        self._fenced(lambda: self._broker.end(txn, commit=True))
         self._txn = None
-        self._broker.end(txn, commit=True)
 
     async def abort_transaction(self) -> None:
+        self._alive("ABORTING_TRANSACTION")
         txn = self._txn
         self._txn = None
         if txn is None:
             return
-        self._broker.end(txn, commit=False)
+        self._fenced(lambda: self._broker.end(txn, commit=False))
 
 
 class SimConsumer:
@@ -582,6 +634,7 @@ class SimConsumer:
         self._polled = asyncio.Event()
         self._last_poll = broker.loop.time()
         self._left_for_poll = False
+        self._revoked = False  # the revoke callback of the coming join has run
         self._closed = False
         self._coordinator: asyncio.Task[None] | None = None
 
@@ -604,6 +657,8 @@ class SimConsumer:
         self._coordinator = asyncio.get_running_loop().create_task(
             self._coordinate(), name=f"{self.client_id}-coordinator"
         )
+        if self.topics:  # as aiokafka: a subscribed consumer starts once it has partitions
+            await self._assigned.wait()
 
     async def stop(self) -> None:
         """LeaveGroup; no revoke callback (as aiokafka)."""
@@ -639,9 +694,11 @@ class SimConsumer:
                 pass
             now = self._broker.loop.time()
             if now - self._last_poll > self._max_poll_interval_s:
-                # aiokafka: "poll timeout expired": leave the group, rejoin at the next poll.
+                # aiokafka: "poll timeout expired": leave the group and prepare the rejoin
+                # (the revoke callback) at once; the join itself waits for the next poll.
                 self._broker.leave(self.group_id, self.member_id, "poll timeout")
                 self._reset_generation()
+                await self._revoke()
                 self._left_for_poll = True
                 continue
             answer = self._broker.heartbeat(self.group_id, self.member_id, self.generation)
@@ -656,13 +713,33 @@ class SimConsumer:
         self.generation = -1
         self.member_id = ""
 
-    async def _join(self) -> None:
+    async def _revoke(self) -> None:
+        """Before a join: no more records, then the revoke callback, heartbeating on
+        through it (aiokafka keeps its heartbeat task running there)."""
         assert self.group_id is not None
         self._rebalancing = True
         self._assigned.clear()
-        revoked = set(self._assignment)
-        if self._listener is not None:
-            await self._listener.on_partitions_revoked(revoked)
+        self._revoked = True
+        if self._listener is None:
+            return
+        beating = asyncio.get_running_loop().create_task(self._heartbeat_while_revoking())
+        try:
+            await self._listener.on_partitions_revoked(set(self._assignment))
+        finally:
+            beating.cancel()
+
+    async def _heartbeat_while_revoking(self) -> None:
+        assert self.group_id is not None
+        while self.member_id:
+            await asyncio.sleep(self._heartbeat_interval_s)
+            answer = self._broker.heartbeat(self.group_id, self.member_id, self.generation)
+            if answer == "unknown":  # dropped meanwhile: aiokafka forgets its membership
+                self._reset_generation()
+
+    async def _join(self) -> None:
+        assert self.group_id is not None
+        if not self._revoked:
+            await self._revoke()
         while True:
             try:
                 generation, member_id, assignment = await self._broker.join(
@@ -686,6 +763,7 @@ class SimConsumer:
             self._positions[tp] = point[0] if point else self._broker.partition(tp).log_start
         self._paused &= self._assignment
         self._rejoin.clear()
+        self._revoked = False
         self._rebalancing = False
         self._assigned.set()
         if self._listener is not None:
@@ -785,7 +863,13 @@ class SimConsumer:
         return True
 
     async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        return {tp: self._broker.partition(tp).high_watermark for tp in partitions}
+        """ListOffsets at the consumer's isolation level: read_committed, the last stable
+        offset."""
+        ends: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            part = self._broker.partition(tp)
+            ends[tp] = part.last_stable_offset if self._read_committed else part.high_watermark
+        return ends
 
     def partitions_for_topic(self, topic: str) -> set[int] | None:
         if topic not in self._broker.topics:
@@ -806,7 +890,8 @@ class SimAdmin:
         result: dict[TopicPartition, OffsetAndMetadata | None] = {}
         for tp in partitions or []:
             point = committed.get(tp)
-            result[tp] = OffsetAndMetadata(point[0], point[1]) if point else None
+            # Never committed: the broker answers offset -1 (aiokafka passes it on).
+            result[tp] = OffsetAndMetadata(*point) if point else OffsetAndMetadata(-1, "")
         return result
 
     async def list_topics(self) -> list[str]:
