@@ -77,6 +77,12 @@ class RelayMetrics:
             "(then the batch is sent again).",
             ("found",),
         )
+        self.reconcile_lookups_unfinished = counter(
+            "reconcile_lookups_unfinished_total",
+            "Lookups after an ambiguous upload that could not finish: the API lists more "
+            "tasks under the batch's reference than the client reads (MAX_TASK_PAGES "
+            "pages). The batch waits, never resent blindly; it is looked up again.",
+        )
         self.intents_resolved = counter(
             "intents_resolved_total",
             "Open intents another process (or this one before a restart) left, resolved "

@@ -38,6 +38,7 @@ from service.core.resilience import Backoff
 from service.metrics import RelayMetrics
 from service.relay.config import RelayConfig, utcnow, wall_time
 from service.relay.health import ApiHealth
+from service.relay.ledger import KnownTasks
 from service.relay.messages import (
     ApiRejection,
     BatchRejected,
@@ -56,6 +57,7 @@ from service.scantrust.outcomes import (
     Expired,
     Failure,
     Misconfigured,
+    PagesExceeded,
     Rejected,
     retry_wait,
 )
@@ -97,10 +99,13 @@ class Uploaders:
         health: ApiHealth,
         metrics: RelayMetrics,
         rng: random.Random | None = None,
+        known: KnownTasks | None = None,
     ) -> None:
         self._config = config
         self._api = api
-        self._reconciler = Reconciler(api)
+        # Shared with the ledger view, which notes every task the ledger holds.
+        self._known = known if known is not None else KnownTasks()
+        self._reconciler = Reconciler(api, self._known)
         self._committer = committer
         self._intake = intake
         self._health = health
@@ -305,6 +310,10 @@ class Uploaders:
             # Earlier attempts created tasks too: each is recorded, followed and reported.
             bound.warning("batch_created_several_tasks", task_ids=task_ids)
         records = [job.ledger_record(task_id, submitted_at) for task_id in task_ids]
+        for record in records:
+            # Known from now, not only once the ledger view reads it back: a later batch's
+            # lookup with the same reference must not adopt it.
+            self._known.note(record.task_id, record.batch_id)
         append = LedgerAppend(records[0], batch, more=records[1:], sources=job.sources)
         await self._committer.submit(append)
         if not self._deadline_passed:
@@ -337,7 +346,19 @@ class Uploaders:
                 bound.info("batch_reconciled", task_ids=found, reference=job.request.reference)
                 return found
             wait = self._lookup_wait(found, attempt)
-            bound.warning("reconcile_lookup_failed", outcome=type(found).__name__, wait_s=wait)
+            if isinstance(found, PagesExceeded):
+                self._metrics.reconcile_lookups_unfinished.inc()
+                bound.error(
+                    "reconcile_lookup_unfinished",
+                    reference=job.request.reference,
+                    pages=found.pages,
+                    wait_s=wait,
+                    hint="the API lists more tasks under this reference than the relay "
+                    "reads; the batch is not sent again before a lookup finishes "
+                    "(docs/runbooks.md)",
+                )
+            else:
+                bound.warning("reconcile_lookup_failed", outcome=type(found).__name__, wait_s=wait)
             await asyncio.sleep(wait)
             attempt += 1
         return None
@@ -352,7 +373,7 @@ class Uploaders:
         return True
 
     def _lookup_wait(self, failure: Failure, attempt: int) -> float:
-        if isinstance(failure, Rejected | AuthFailed | Misconfigured):
+        if isinstance(failure, Rejected | AuthFailed | Misconfigured | PagesExceeded):
             return self._config.retry_max_backoff_s
         return round(retry_wait(failure, attempt, self._backoff, self._rng), 2)
 

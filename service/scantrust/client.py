@@ -41,6 +41,7 @@ from service.scantrust.outcomes import (
     Expired,
     Failure,
     Misconfigured,
+    PagesExceeded,
     Rejected,
     TaskPage,
     Throttled,
@@ -370,7 +371,9 @@ class ScantrustClient:
                 link = urljoin(call.url, next_url)[:200]
                 log.error("api_next_link_refused", endpoint=call.endpoint, link=link)
                 return Misconfigured(200, f"pagination link off the base URL's host: {link}")
-        return Unavailable(f"{call.endpoint}: more than {MAX_TASK_PAGES} pages")
+        return PagesExceeded(
+            f"{call.endpoint}: more than {MAX_TASK_PAGES} pages", pages=MAX_TASK_PAGES
+        )
 
     async def _call(self, call: _Call) -> _Response | Failure:
         """Attempt a read until it succeeds, fails for good, or the retry budget is spent."""

@@ -138,6 +138,14 @@ class Unavailable:
 
 
 @dataclass(frozen=True, slots=True)
+class PagesExceeded(Unavailable):
+    """A list call followed `pages` pages without reaching the last (the client's bound):
+    the list is longer than the relay reads, and asking again will not shorten it."""
+
+    pages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Ambiguous:
     """An upload was sent and its fate is unknown (no answer before the timeout, a reset,
     a 5xx answer, a 2xx without a task id): the task may exist. Never resent blindly:

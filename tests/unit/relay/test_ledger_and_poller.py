@@ -12,10 +12,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from service.core.records import IntentClosure, IntentOutcome, intent_key
 from service.metrics import RelayMetrics
 from service.relay.committer import Membership
 from service.relay.health import ApiHealth
-from service.relay.ledger import LedgerView, WrittenRecords
+from service.relay.ledger import KnownTasks, LedgerView, WrittenRecords
 from service.relay.messages import (
     LedgerCaughtUp,
     LedgerChange,
@@ -75,6 +76,33 @@ async def test_the_view_tells_intake_and_poller_each_record_once_then_caught_up(
     ]
     assert view.position(0) == 2
     assert view.position(1) == 1
+
+
+async def test_the_view_notes_every_task_the_ledger_names_as_known() -> None:
+    """Task records, tombstones and the closures of intents: what reconciliation must
+    never take for another batch's task."""
+    reader = FakeConsumer("tasks", partitions=2)
+    reader.append(ledger_record("t1", ["a"]).model_dump_json().encode(), 0, b"t1")
+    reader.append(None, 0, b"t2")  # its record already compacted away
+    closure = IntentClosure(batch_id="b-3", outcome=IntentOutcome.RECORDED, task_ids=["t3"])
+    reader.append(closure.model_dump_json().encode(), 1, intent_key("b-3").encode())
+    known = KnownTasks()
+    view = LedgerView(
+        reader=reader,
+        written=WrittenRecords(),
+        intake=Inbox(),
+        poller=Inbox(),
+        metrics=RelayMetrics(CollectorRegistry()),
+        clock=lambda: 0.0,
+        known=known,
+    )
+    task = asyncio.create_task(view.run())
+    await asyncio.wait_for(view.caught_up.wait(), 2)
+    task.cancel()
+    assert [known.recorded_for_another(t, "b-other") for t in ("t1", "t2", "t3")] == [True] * 3
+    assert not known.recorded_for_another("t1", "batch-of-t1")
+    assert not known.recorded_for_another("t3", "b-3")
+    assert not known.recorded_for_another("t4", "b-other"), "a task never recorded is unknown"
 
 
 async def test_records_this_process_wrote_are_not_parsed_again() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from service.core.batching import Batch, Batcher, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
@@ -23,6 +24,7 @@ from service.scantrust.outcomes import (
     AuthFailed,
     Expired,
     Misconfigured,
+    PagesExceeded,
     Rejected,
     TaskApiState,
     Throttled,
@@ -288,3 +290,72 @@ async def test_an_event_with_several_keys_is_sent_as_published_intent_and_ledger
     assert isinstance(append, LedgerAppend)
     assert append.record.constraints == sent
     assert [source.event_id for source in append.record.events] == ["multi"]
+
+
+def changes_a_b_a() -> list[Batch]:
+    """Code X changed A, B, A under one shared reference: three batches, one each."""
+    return [batch(["x"], market, reference="line-7") for market in ("A", "B", "A")]
+
+
+async def test_a_shared_reference_never_adopts_a_task_recorded_for_another_batch() -> None:
+    """The third upload's connection resets before the API created anything: the lookup
+    sees the first A's task (same reference, constraints and scm_data, created minutes
+    ago) and must not take it for this batch's: it is recorded already, and adopting it
+    would leave X at B and give the old task a second record and result."""
+    api = FakeApi(answer_at={3: Ambiguous("connection lost: ServerDisconnectedError")})
+    recorder = Recorder()
+    first, second, third = changes_a_b_a()
+    await run_until_drained(
+        uploaders(api, recorder, Inbox(), max_in_flight_requests=1), [first, second, third]
+    )
+    recorded = [(item.batch, item.record.task_id) for item in recorder.items]
+    assert recorded == [(first, "task-1"), (second, "task-2"), (third, "task-4")], (
+        "the third A adopted an earlier batch's task instead of being sent again"
+    )
+    assert [request.scm_data["intended_market"] for request in api.uploads] == [
+        "A",
+        "B",
+        "A",
+        "A",
+    ]
+
+
+async def test_a_shared_reference_adopts_the_task_its_own_lost_answer_created() -> None:
+    api = FakeApi(lose_answer_at={3})
+    recorder = Recorder()
+    first, second, third = changes_a_b_a()
+    await run_until_drained(
+        uploaders(api, recorder, Inbox(), max_in_flight_requests=1), [first, second, third]
+    )
+    assert len(api.uploads) == 3, "the batch was sent again although its task existed"
+    last = recorder.items[-1]
+    assert (last.batch, last.record.task_id, last.more) == (third, "task-3", [])
+
+
+async def test_a_lookup_that_cannot_finish_says_why_and_sends_nothing_again() -> None:
+    """The reference lists more pages of tasks than the client follows: not a passing
+    outage. Said in an error line and a metric at each attempt; nothing is resent until a
+    lookup finishes."""
+    api = FakeApi(
+        script=[Ambiguous("no answer before timeout")],
+        lookup_failure=PagesExceeded("task_list: more than 10000 pages", pages=10_000),
+    )
+    metrics = RelayMetrics(CollectorRegistry())
+    stage = Uploaders(
+        config(),
+        api=api,
+        committer=(recorder := Recorder()),
+        intake=Inbox(),
+        health=ApiHealth(),
+        metrics=metrics,
+        rng=random.Random(7),
+    )
+    with capture_logs() as logs:
+        await run_until_drained(stage, [batch(["a"], reference="line-7")])
+    (line,) = [entry for entry in logs if entry["event"] == "reconcile_lookup_unfinished"]
+    assert (line["log_level"], line["reference"], line["pages"]) == ("error", "line-7", 10_000)
+    unfinished = metrics.registry.get_sample_value("scm_relay_reconcile_lookups_unfinished_total")
+    assert unfinished == 1
+    # Looked up again (it finished: no task), and only then sent again.
+    assert (api.lookups, len(api.uploads)) == (2, 2)
+    assert isinstance(recorder.items[0], LedgerAppend)
