@@ -89,6 +89,12 @@ class RelayMetrics:
             "here: the task found by reference and adopted, or none and the batch resent.",
             ("action",),
         )
+        self.clock_jumps = counter(
+            "clock_jumps_total",
+            "Uploads refused because the wall clock disagreed with the monotonic clock by "
+            "more than a second since their intent was written (a clock step, a VM "
+            "suspended or migrated); each waited for a fresh intent.",
+        )
         self.batches_submitted = counter(
             "batches_submitted_total", "Upload requests accepted by the API.", ("flush_reason",)
         )

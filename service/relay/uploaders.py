@@ -27,7 +27,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import structlog
 from pydantic import TypeAdapter
@@ -49,7 +49,7 @@ from service.relay.messages import (
 )
 from service.relay.ports import UploadApi
 from service.relay.reconcile import Reconciler, TaskLookup, api_reference
-from service.scantrust.client import UploadRequest
+from service.scantrust.client import UploadRequest, send_window_closed
 from service.scantrust.outcomes import (
     Accepted,
     Ambiguous,
@@ -232,24 +232,32 @@ class Uploaders:
                 await self._record(job, found, utcnow(), bound)
                 return
             attempt = resolving.attempt + 1
-        intent: IntentRecord | None = None
+        window: SendWindow | None = None
         while not self._deadline_passed:
             if self._stopping.is_set() and self._health.refusal is not None:
                 return
-            if intent is None or wall_time() >= intent.send_by.timestamp():
-                intent = job.intent(attempt)
+            if window is None or not self._may_send(window, bound):
+                intent, window = job.intent(attempt)
                 try:
                     await self._committer.write_intent(IntentWrite(intent))
                 except BatchRevokedError:
                     bound.info("batch_revoked_before_sending")
                     return
+                if not self._may_send(window, bound):
+                    window = None  # the clock jumped while the intent was committed
+                    continue
             submitted_at = utcnow()
             async with self._sending_request():
-                outcome = await self._api.upload(job.request, send_by=intent.send_by.timestamp())
+                outcome = await self._api.upload(
+                    job.request, send_by=window.send_by, deadline=window.deadline
+                )
                 if isinstance(outcome, Expired):
                     # Nothing was sent: a fresh intent first (fenced, like every write).
-                    bound.info("intent_expired_before_sending", attempt=attempt)
-                    intent = None
+                    if outcome.clock_jump_s is not None:
+                        self._clock_jumped(outcome.clock_jump_s, bound)
+                    else:
+                        bound.info("intent_expired_before_sending", attempt=attempt)
+                    window = None
                     continue
                 if isinstance(outcome, Ambiguous):
                     found = await self._reconcile(job, outcome, bound)
@@ -290,6 +298,24 @@ class Uploaders:
             )
             await asyncio.sleep(wait)
             attempt += 1
+
+    def _may_send(self, window: SendWindow, bound: structlog.typing.FilteringBoundLogger) -> bool:
+        """Whether the intent's send window is open now by both clocks, which agree."""
+        loop = asyncio.get_running_loop()
+        closed = send_window_closed(window.send_by, window.deadline, wall_time(), loop.time())
+        if closed is not None and closed.clock_jump_s is not None:
+            self._clock_jumped(closed.clock_jump_s, bound)
+        return closed is None
+
+    def _clock_jumped(self, behind_s: float, bound: structlog.typing.FilteringBoundLogger) -> None:
+        self._metrics.clock_jumps.inc()
+        bound.warning(
+            "clock_jump",
+            wall_clock_behind_s=round(behind_s, 3),
+            hint="the wall clock moved against the monotonic clock since the intent was "
+            "written (a clock step, a VM suspended or migrated): nothing is sent under that "
+            "intent; a fresh one is written first",
+        )
 
     async def _record(
         self,
@@ -381,6 +407,13 @@ class Uploaders:
 _EVENT_SOURCES: Final = TypeAdapter(list[EventSource])
 
 
+class SendWindow(NamedTuple):
+    """When an intent allows its upload to be sent, on both clocks, from one moment."""
+
+    send_by: float  # Unix time: the intent's `send_by`
+    deadline: float  # the event loop's monotonic clock
+
+
 class _Job:
     """One batch's upload: its request, intent and ledger record, built once."""
 
@@ -418,10 +451,14 @@ class _Job:
             self.expected_codes = resolving.expected_codes
             self.sources = sources
 
-    def intent(self, attempt: int) -> IntentRecord:
-        """A fresh intent for the next send: allowed until now + the send window."""
-        send_by = utcnow() + timedelta(seconds=self._config.intent_send_window_s)
-        return IntentRecord.model_validate(
+    def intent(self, attempt: int) -> tuple[IntentRecord, SendWindow]:
+        """A fresh intent for the next send, and its send window: from now, for the
+        configured time, on the wall clock (the intent's `send_by`, which other processes
+        read) and on the event loop's monotonic clock (which no clock step moves)."""
+        window_s = self._config.intent_send_window_s
+        deadline = asyncio.get_running_loop().time() + window_s
+        send_by = utcnow() + timedelta(seconds=window_s)
+        record = IntentRecord.model_validate(
             {
                 "batch_id": self.batch.batch_id,
                 "api_reference": self.request.reference,
@@ -437,6 +474,7 @@ class _Job:
                 "events": self.events,
             }
         )
+        return record, SendWindow(record.send_by.timestamp(), deadline)
 
     def ledger_record(self, task_id: str, submitted_at: datetime) -> TaskLedgerRecord:
         """The task's ledger record. Validated as one document: pydantic checks the nested

@@ -158,10 +158,14 @@ class Ambiguous:
 @dataclass(frozen=True, slots=True)
 class Expired:
     """An upload was not sent: the intent it was committed under allows sending only
-    until `send_by`, which passed while it waited (rate limit, a pause). Nothing reached
-    the API; the uploader commits a fresh intent before it tries again."""
+    within its send window, which passed while it waited (rate limit, a pause), by the
+    wall clock (`send_by`) or the event loop's monotonic clock; or the two clocks
+    disagreed about the time left by `clock_jump_s` (positive: the wall clock is behind),
+    more than the client accepts. Nothing reached the API; the uploader commits a fresh
+    intent before it tries again."""
 
     send_by: float
+    clock_jump_s: float | None = None
 
 
 Failure = Rejected | AuthFailed | Misconfigured | Throttled | Unavailable | Ambiguous

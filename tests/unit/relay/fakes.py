@@ -19,7 +19,7 @@ from service.core.resilience import BreakerState
 from service.fencing import GroupFencedError, GroupGeneration
 from service.kafka import UndecodableRecordsError
 from service.relay.config import RelayConfig, wall_time
-from service.scantrust.client import UploadRequest
+from service.scantrust.client import UploadRequest, send_window_closed
 from service.scantrust.outcomes import (
     ApiTask,
     AuthFailed,
@@ -291,8 +291,8 @@ class FakeApi:
     `answer_at`: the n-th upload (counting from 1) gets this answer and creates nothing;
     `lose_answer_at`: the n-th upload creates its task and answers `Ambiguous`.
     `upload_delays`: each call waits this long first (a rate limiter's wait), in order.
-    An upload is not sent after its intent's `send_by` (the wall clock the relay reads)
-    or `deadline` (the event loop's clock), as `ScantrustClient.upload` does."""
+    An upload is not sent once its intent's send window has closed, as
+    `ScantrustClient.upload` decides it (`send_window_closed`)."""
 
     uploads: list[UploadRequest] = field(default_factory=list)
     sent_by: list[float | None] = field(default_factory=list)
@@ -327,9 +327,12 @@ class FakeApi:
             await asyncio.sleep(self.upload_delay_s)
         if self.upload_delays:
             await asyncio.sleep(self.upload_delays.pop(0))
-        expired = send_window_expired(send_by, deadline)
-        if expired is not None:
-            return expired
+        # The client's own rule, on the clocks the relay reads (a test may set the wall one).
+        closed = send_window_closed(
+            send_by, deadline, wall_time(), asyncio.get_running_loop().time()
+        )
+        if closed is not None:
+            return closed
         self.sent_by.append(send_by)
         self.sent_at.append(asyncio.get_running_loop().time())
         self.uploads.append(request)
@@ -392,16 +395,6 @@ class FakeApi:
         if self.status_failure is not None:
             return self.status_failure
         return TaskPage([self.states[i] for i in task_ids if i in self.states])
-
-
-def send_window_expired(send_by: float | None, deadline: float | None) -> Expired | None:
-    """`ScantrustClient.upload`'s rule, on the clocks a test controls: `Expired` when the
-    intent's time to send has passed on either clock."""
-    if send_by is not None and wall_time() >= send_by:
-        return Expired(send_by)
-    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-        return Expired(send_by or 0.0)
-    return None
 
 
 class Inbox:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from service.core.batching import Batch, Batcher, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
 from service.core.records import IntentRecord
 from service.metrics import RelayMetrics
+from service.relay.config import WALL_CLOCK
 from service.relay.health import ApiHealth
 from service.relay.messages import ApiRejection, BatchRejected, IntentWrite, LedgerAppend
 from service.relay.reconcile import api_reference
@@ -36,12 +40,17 @@ from tests.unit.relay.support import api_task, batch
 
 
 class Recorder:
-    """A committer that commits at once (or never, when `hold`)."""
+    """A committer that commits at once (or never, when `hold`); `on_intent` runs as each
+    intent is committed."""
 
-    def __init__(self, *, hold: bool = False) -> None:
+    def __init__(
+        self, *, hold: bool = False, on_intent: Callable[[IntentRecord], None] | None = None
+    ) -> None:
         self.items: list[Any] = []
         self.intents: list[IntentRecord] = []
+        self.intent_times: list[float] = []  # the event loop's time of each commit
         self.hold = hold
+        self.on_intent = on_intent
 
     async def submit(self, item: LedgerAppend | ApiRejection) -> None:
         self.items.append(item)
@@ -50,6 +59,9 @@ class Recorder:
 
     async def write_intent(self, intent: IntentWrite) -> None:
         self.intents.append(intent.record)
+        self.intent_times.append(asyncio.get_running_loop().time())
+        if self.on_intent is not None:
+            self.on_intent(intent.record)
         intent.written.set_result(None)
 
 
@@ -359,3 +371,59 @@ async def test_a_lookup_that_cannot_finish_says_why_and_sends_nothing_again() ->
     # Looked up again (it finished: no task), and only then sent again.
     assert (api.lookups, len(api.uploads)) == (2, 2)
     assert isinstance(recorder.items[0], LedgerAppend)
+
+
+@contextmanager
+def wall_clock(clock: Callable[[], float]) -> Iterator[None]:
+    """The wall clock the relay reads (service.relay.config.WALL_CLOCK), as a test sets it."""
+    token = WALL_CLOCK.set(clock)
+    try:
+        yield
+    finally:
+        WALL_CLOCK.reset(token)
+
+
+async def test_a_lagging_wall_clock_cannot_stretch_the_send_window() -> None:
+    """A VM whose wall clock lags (after a suspend or a migration) must not send after its
+    intent's send window: the window is also kept on the event loop's monotonic clock,
+    checked where the client checks `send_by` (after its last wait)."""
+    frozen = time.time()
+    api = FakeApi(upload_delays=[0.5])  # the first request waits past its window to go out
+    recorder = Recorder()
+    with wall_clock(lambda: frozen):
+        await run_until_drained(
+            uploaders(api, recorder, Inbox(), intent_send_window_s=0.2), [batch(["a"])]
+        )
+    assert len(api.uploads) == 1
+    assert len(recorder.intents) == 2, "sent under an intent whose window had passed"
+    assert api.sent_at[0] - recorder.intent_times[-1] < 0.2
+    assert api.sent_by == [recorder.intents[-1].send_by.timestamp()]
+
+
+async def test_a_wall_clock_that_jumps_is_refused_and_the_upload_waits_for_a_fresh_intent() -> None:
+    """The wall clock steps back 5 s (an NTP step) right after the intent is committed: by
+    it, the intent would allow sending 5 s longer than it does. Detected (the monotonic
+    clock disagrees), refused, logged and counted; a fresh intent, then the upload."""
+    offset = [0.0]
+
+    def step_back(_intent: IntentRecord) -> None:
+        offset[0] = -5.0
+
+    api, recorder = FakeApi(), Recorder(on_intent=step_back)
+    metrics = RelayMetrics(CollectorRegistry())
+    stage = Uploaders(
+        config(intent_send_window_s=10.0),
+        api=api,
+        committer=recorder,
+        intake=Inbox(),
+        health=ApiHealth(),
+        metrics=metrics,
+        rng=random.Random(7),
+    )
+    with wall_clock(lambda: time.time() + offset[0]), capture_logs() as logs:
+        await run_until_drained(stage, [batch(["a"])])
+    assert len(recorder.intents) == 2, "sent under an intent written before the clock jumped"
+    assert api.sent_by == [recorder.intents[1].send_by.timestamp()]
+    (line,) = [entry for entry in logs if entry["event"] == "clock_jump"]
+    assert 4.5 < line["wall_clock_behind_s"] < 5.5
+    assert metrics.registry.get_sample_value("scm_relay_clock_jumps_total") == 1
