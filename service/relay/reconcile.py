@@ -113,26 +113,35 @@ class Reconciler:
         if not batch.reference:
             # The reference is this batch's alone: every task carrying it is the batch's.
             return [task.id for task in listed]
-        found: list[str] = []
         since = first_sent - ASSUMED_CLOCK_SKEW
+        found: list[str] = []
         for candidate in listed:
             if candidate.created_at is not None and candidate.created_at < since:
                 continue
             if self._recorded.recorded_for_another(candidate.id, batch.batch_id):
-                # Another batch's task with the same reference and change: not ours.
-                log.info(
-                    "reconcile_skipped_recorded_task",
-                    batch_id=batch.batch_id,
-                    task_id=candidate.id,
-                    reference=reference,
-                )
-                continue
+                continue  # another batch's task: the same reference, maybe the same change
             task = await self._api.task(candidate.id)
             if not isinstance(task, ApiTask):
                 return task
             if same_change(task.details, request):
                 found.append(task.id)
-        return found
+        # Asked again at the end: another batch may have recorded one of them meanwhile.
+        ours = [t for t in found if not self._recorded.recorded_for_another(t, batch.batch_id)]
+        skipped = [
+            t.id
+            for t in listed
+            if (t.created_at is None or t.created_at >= since)
+            and self._recorded.recorded_for_another(t.id, batch.batch_id)
+        ]
+        if skipped:
+            log.info(
+                "reconcile_skipped_recorded_tasks",
+                batch_id=batch.batch_id,
+                reference=reference,
+                tasks=len(skipped),
+                task_ids=skipped[:5],
+            )
+        return ours
 
 
 def _each_once(tasks: list[ApiTask]) -> list[ApiTask]:

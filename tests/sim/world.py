@@ -488,7 +488,7 @@ KEPT_EVENTS: Final = frozenset(
         "batch_ambiguous",
         "batch_reconciled",
         "batch_created_several_tasks",
-        "reconcile_skipped_recorded_task",
+        "reconcile_skipped_recorded_tasks",
         "reconcile_lookup_unfinished",
         "batch_rejected",
         "batch_revoked_before_sending",

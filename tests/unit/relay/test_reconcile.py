@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from service.relay.ledger import KnownTasks
 from service.relay.reconcile import Reconciler, api_reference, same_change
 from service.scantrust.client import UploadRequest
-from service.scantrust.outcomes import TaskApiState, Unavailable
+from service.scantrust.outcomes import ApiTask, Failure, TaskApiState, Unavailable
 from tests.unit.relay.fakes import FakeApi
 from tests.unit.relay.support import api_task, batch
 
@@ -113,3 +113,24 @@ def test_known_tasks_keep_the_last_ones_noted() -> None:
     assert not known.recorded_for_another("t2", "b-x")
     assert [known.recorded_for_another(t, "b-x") for t in ("t1", "t3", "t4")] == [True] * 3
     assert not known.recorded_for_another("t1", "b-t1")
+
+
+async def test_a_task_another_batch_records_while_the_lookup_reads_is_not_adopted() -> None:
+    """The ledger view learns mid-lookup (between the reads of the candidates) that a
+    matching task was recorded by another batch: it is not this batch's either."""
+    shared = batch(["a", "b"], reference="line 7")
+    ours = {"constraints": {"extended_id": ["a", "b"]}, "scm_data": {"intended_market": "DE"}}
+    known = KnownTasks()
+
+    class RecordedMeanwhile(FakeApi):
+        async def task(self, task_id: str) -> ApiTask | Failure:
+            known.note("first", "b-another")  # read back by the view during this read
+            return await super().task(task_id)
+
+    api = RecordedMeanwhile()
+    for task_id, age_s in (("first", 2), ("second", 1)):
+        api.states[task_id] = api_task(
+            task_id, TaskApiState.COMPLETE, reference="line 7", details=ours, age_s=age_s
+        )
+    found = await Reconciler(api, known).find(shared, REQUEST, datetime.now(UTC))
+    assert found == ["second"]
