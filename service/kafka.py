@@ -345,7 +345,8 @@ def transactional_id(config: KafkaConfig) -> str:
 
 async def check_topics(admin: AIOKafkaAdminClient, topics: RelayTopics) -> None:
     """The input, results and dead-letter topics must exist; the ledger topic is created
-    (compacted) when missing, and refused when it exists without compaction."""
+    (compacted) when missing, and refused when it exists without compaction or with
+    `delete` beside it (`ledger_cleanup_problem`)."""
     existing = set(await admin.list_topics())
     missing = [
         f"{name} ({env})"
@@ -374,11 +375,30 @@ async def check_topics(admin: AIOKafkaAdminClient, topics: RelayTopics) -> None:
     resource = ConfigResource(ConfigResourceType.TOPIC, topics.tasks)
     (described,) = await admin.describe_configs([resource])
     configs = {entry[0]: entry[1] for entry in described.resources[0][4]}
-    if "compact" not in (configs.get("cleanup.policy") or ""):
+    problem = ledger_cleanup_problem(configs.get("cleanup.policy"))
+    if problem is not None:
         raise KafkaSetupError(
             f"the ledger topic {topics.tasks} (SCM_RELAY_TASKS_TOPIC) must have "
-            f"cleanup.policy=compact, it has {configs.get('cleanup.policy')!r}"
+            f"cleanup.policy=compact, {problem}"
         )
+
+
+def ledger_cleanup_problem(policy: str | None) -> str | None:
+    """What is wrong with the ledger's `cleanup.policy` (said after "must have
+    cleanup.policy=compact, "), or None. Compaction is required (finished tasks must go);
+    `delete` beside it is refused: time and size retention (`retention.ms`,
+    `retention.bytes`) would then remove records by age, however long an intent stays
+    open or a task unfinished, and the relay would send their events again or never
+    report their results."""
+    parts = {part.strip() for part in (policy or "").split(",")}
+    if "compact" not in parts:
+        return f"it has {policy!r}"
+    if "delete" in parts:
+        return (
+            f"it has {policy!r}: with delete, retention removes records by age or size, "
+            "open intents and unfinished tasks with them"
+        )
+    return None
 
 
 async def record_limits(admin: AIOKafkaAdminClient, topics: RelayTopics) -> dict[str, int]:

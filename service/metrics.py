@@ -82,11 +82,23 @@ class RelayMetrics:
             "Batches an uploader gave up because their partitions moved to another replica "
             "(their new owner resolves the intent).",
         )
+        self.reconcile_lookups_unfinished = counter(
+            "reconcile_lookups_unfinished_total",
+            "Lookups after an ambiguous upload that could not finish: the API lists more "
+            "tasks under the batch's reference than the client reads (MAX_TASK_PAGES "
+            "pages). The batch waits, never resent blindly; it is looked up again.",
+        )
         self.intents_resolved = counter(
             "intents_resolved_total",
             "Open intents another process (or this one before a restart) left, resolved "
             "here: the task found by reference and adopted, or none and the batch resent.",
             ("action",),
+        )
+        self.clock_jumps = counter(
+            "clock_jumps_total",
+            "Uploads refused because the wall clock disagreed with the monotonic clock by "
+            "more than a second since their intent was written (a clock step, a VM "
+            "suspended or migrated); each waited for a fresh intent.",
         )
         self.batches_submitted = counter(
             "batches_submitted_total", "Upload requests accepted by the API.", ("flush_reason",)

@@ -118,3 +118,25 @@ async def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
     while not await condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def raw_server(answer: bytes, received: list[bytes] | None = None) -> AsyncIterator[str]:
+    """A TCP server that answers every request with these bytes, then closes; the head of
+    each request it received goes to `received`."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if received is not None:
+            received.append(head)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()

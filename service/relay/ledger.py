@@ -5,7 +5,8 @@ The ledger is read once per process and each record parsed once: intake learns
 of unfinished tasks (its order guard claims their codes) and of their ends; the
 task poller learns of every task and tombstone, by ledger partition. Records
 this process wrote itself come back from the committer's `WrittenRecords`
-instead of being parsed again.
+instead of being parsed again. And it notes every task id it reads (records,
+tombstones, intent closures) in `KnownTasks`, which reconciliation reads.
 """
 
 from __future__ import annotations
@@ -41,6 +42,44 @@ from service.relay.ports import FetchedRecord, LedgerConsumer
 from service.relay.stopped import StoppedPartitions
 
 log = structlog.get_logger(__name__)
+
+# The task ids `KnownTasks` keeps (the last noted; about 16 MB at this size). The API
+# takes at most 10 uploads a second per account: 100 000 tasks are at least 2.7 hours
+# of them, far beyond the window in which reconciliation considers an earlier task
+# (reconcile.ASSUMED_CLOCK_SKEW before a batch's first send, plus the lookup's wait).
+KNOWN_TASKS_MAX: Final = 100_000
+
+
+class KnownTasks:
+    """The tasks the relay has recorded, as far as this process knows: every task id the
+    ledger view read (a task record, a tombstone, an intent closure naming it) and every
+    record this process's uploaders handed to the committer (known before the view reads
+    it back), with the batch it was recorded for (None when only a tombstone said so).
+
+    Written by the ledger view and the uploaders, read by reconciliation (a read-only
+    view for it: `reconcile.RecordedTasks`); all on one event loop, never across an
+    await. Bounded: the last `KNOWN_TASKS_MAX` noted (least recently noted first out).
+    A task the ledger no longer holds when this process starts (compacted with its
+    tombstone and closure, after `delete.retention.ms`) is not known; only the
+    `created_at` bound then keeps it out (docs/design.md section 10)."""
+
+    def __init__(self, limit: int = KNOWN_TASKS_MAX) -> None:
+        self._limit = limit
+        # task id -> hash of its batch id (a third of the memory of the id itself; two
+        # batch ids of one process colliding in 64 bits is not a concern), oldest first
+        self._batches: dict[str, int | None] = {}
+
+    def note(self, task_id: str, batch_id: str | None) -> None:
+        """`task_id` is recorded (for `batch_id`, when the record says)."""
+        known = self._batches.pop(task_id, None)
+        self._batches[task_id] = known if batch_id is None else hash(batch_id)
+        if len(self._batches) > self._limit:
+            del self._batches[next(iter(self._batches))]
+
+    def recorded_for_another(self, task_id: str, batch_id: str) -> bool:
+        """Whether `task_id` is known, and not as `batch_id`'s task (a tombstone alone
+        names no batch: then it counts as another's)."""
+        return task_id in self._batches and self._batches[task_id] != hash(batch_id)
 
 
 class WrittenRecords:
@@ -105,9 +144,11 @@ class LedgerView:
         poller: PollerInbox,
         metrics: RelayMetrics,
         clock: Callable[[], float],
+        known: KnownTasks | None = None,
     ) -> None:
         self._reader = reader
         self._written = written
+        self.known = known if known is not None else KnownTasks()
         self._intake = intake
         self._poller = poller
         self._unfinished: set[str] = set()
@@ -206,6 +247,7 @@ class LedgerView:
                 self._progress[task_id] = record.value
             return
         if record.value is None:
+            self.known.note(task_id, None)
             self._unfinished.discard(task_id)
             await self._poller.tell(LedgerChange(tp.partition, task_id, None))
             await self._intake.tell(TaskEnded(task_id))
@@ -217,6 +259,7 @@ class LedgerView:
             except ValidationError as exc:
                 log.error("ledger_record_unreadable", task_id=task_id, error=str(exc)[:300])
                 return
+        self.known.note(task_id, entry.batch_id)
         self._unfinished.add(task_id)
         await self._poller.tell(LedgerChange(tp.partition, task_id, entry))
         await self._intake.tell(
@@ -238,6 +281,8 @@ class LedgerView:
         if isinstance(entry, IntentRecord):
             await self._intake.tell(IntentOpened(entry))
         else:
+            for task_id in entry.task_ids:
+                self.known.note(task_id, entry.batch_id)
             await self._intake.tell(IntentClosed(entry.batch_id, tuple(entry.task_ids)))
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 import structlog
@@ -106,6 +108,10 @@ class TaskPoller:
         self._tasks: dict[str, TaskLedgerRecord] = {}
         self._partition_of: dict[str, int] = {}
         self._owned: set[int] = set()
+        # Which assignment each owned partition came with: a status call's results are
+        # published only for partitions held by the same assignment throughout the call.
+        self._assignments = itertools.count(1)
+        self._assigned_by: dict[int, int] = {}
         # Owned partitions the ledger view has not yet read to where they ended when they
         # were assigned: their tasks are polled only then, or a result the previous owner
         # just published would be published again.
@@ -179,6 +185,7 @@ class TaskPoller:
         self._owned -= lost
         for partition in lost:
             self._rebuilding.pop(partition, None)
+            self._assigned_by.pop(partition, None)
         for task_id, partition in self._partition_of.items():
             if partition in lost:
                 self.schedule.remove(task_id)
@@ -190,13 +197,25 @@ class TaskPoller:
             return
         self._member.pause(*assigned)
         ends = await self._member.end_offsets(sorted(assigned))
+        assignment = next(self._assignments)
         for tp in assigned:
             self._owned.add(tp.partition)
             self._rebuilding[tp.partition] = ends.get(tp, 0)
+            self._assigned_by[tp.partition] = assignment
 
     # -- polling ------------------------------------------------------------------------
 
     async def _poll(self, due: list[str]) -> None:
+        """One bulk status call for `due`, and what it says handed on. The membership is
+        taken before the call, and each result and progress record is committed under it
+        (`ResultFence`): a rebalance of the poller group during the call (reads retry for
+        up to two minutes) makes the broker refuse them. And only for tasks whose ledger
+        partition this member still holds by the assignment it had before the call: the
+        others belong to their new owner, which publishes them after its rebuild."""
+        polled = _Polled(
+            self._membership.group() if self._membership is not None else None,
+            {p: self._assigned_by[p] for p in self._owned - self._rebuilding.keys()},
+        )
         page = await self._api.tasks(due)
         now = self._clock()
         if isinstance(page, AuthFailed | Misconfigured):
@@ -209,24 +228,41 @@ class TaskPoller:
                 self.schedule.polled(task_id, now)
             return
         seen = {task.id: task for task in page.tasks}
+        moved = 0
         for task_id in due:
             task = seen.get(task_id)
             entry = self._tasks.get(task_id)
             if entry is None:
+                continue
+            if not self._still_held(task_id, polled):
+                moved += 1
                 continue
             if task is not None and not task.known_state:
                 self._note_unknown_state(task)
             if task is None or not task.finished:
                 self.schedule.polled(task_id, now)
                 if self.schedule.newly_stuck(task_id, now):
-                    await self._report_stuck(entry, task, self.schedule.age(task_id, now))
+                    await self._report_stuck(entry, task, self.schedule.age(task_id, now), polled)
                 continue
             self.schedule.finishing(task_id)
             details = await self._failure_details(task) if not task.finished_well else None
+            if not self._still_held(task_id, polled):
+                moved += 1  # moved while the failure's details were read
+                continue
             outcome = task_outcome(entry, task, details)
             self._count(outcome, entry)
             done = functools.partial(self._forget, task_id)
-            await self._committer.submit(TaskFinished(outcome, done, self._fence(task_id)))
+            await self._committer.submit(TaskFinished(outcome, done, self._fence(task_id, polled)))
+        if moved:
+            log.info("task_poll_partitions_moved", tasks_dropped=moved)
+
+    def _still_held(self, task_id: str, polled: _Polled) -> bool:
+        """Whether the task's ledger partition is held now by the assignment it was held by
+        when the status call began (not revoked meanwhile, nor revoked and given back)."""
+        partition = self._partition_of.get(task_id)
+        if partition is None or partition not in polled.assignments:
+            return False
+        return self._assigned_by.get(partition) == polled.assignments[partition]
 
     def _note_unknown_state(self, task: ApiTask) -> None:
         """A state the API does not document: kept, counted, logged once per task and
@@ -282,7 +318,7 @@ class TaskPoller:
         )
 
     async def _report_stuck(
-        self, entry: TaskLedgerRecord, task: ApiTask | None, age: float
+        self, entry: TaskLedgerRecord, task: ApiTask | None, age: float, polled: _Polled
     ) -> None:
         state: Literal["pending", "in-progress", "unknown"] = "unknown"
         if task is not None and task.state is TaskApiState.PENDING:
@@ -308,20 +344,29 @@ class TaskPoller:
             submitted_at=entry.submitted_at,
             reported_at=utcnow(),
         )
-        await self._committer.submit(Progress(progress, self._fence(entry.task_id)))
+        await self._committer.submit(Progress(progress, self._fence(entry.task_id, polled)))
 
-    def _fence(self, task_id: str) -> ResultFence | None:
-        """The poller group's generation now, for a result about to be published."""
+    def _fence(self, task_id: str, polled: _Polled) -> ResultFence | None:
+        """The poller group's generation the task was polled under, for its result."""
         partition = self._partition_of.get(task_id)
-        if self._membership is None or partition is None:
+        if polled.group is None or partition is None:
             return None
-        return ResultFence(self._membership.group(), partition)
+        return ResultFence(polled.group, partition)
 
     def refresh_gauges(self) -> None:
         """Tasks followed, stuck ones, and the age of the oldest."""
         self._metrics.tasks_pending.set(len(self.schedule))
         self._metrics.tasks_stuck.set(self.schedule.stuck)
         self._metrics.oldest_pending_task_age.set(self.schedule.oldest_age(self._clock()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Polled:
+    """What a status call was made under: the poller group's membership (None without
+    fencing) and, per ledger partition held and rebuilt, the assignment it came with."""
+
+    group: str | None
+    assignments: dict[int, int]
 
 
 def bounded_details(details: dict[str, Any]) -> dict[str, Any]:

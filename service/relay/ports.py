@@ -147,9 +147,15 @@ class UploadApi(Protocol):
     """The upload endpoint: one attempt per call (the uploaders own the retries)."""
 
     async def upload(
-        self, request: UploadRequest, *, send_by: float | None = None
+        self,
+        request: UploadRequest,
+        *,
+        send_by: float | None = None,
+        deadline: float | None = None,
     ) -> UploadOutcome | Expired:
-        """Submit one batch, unless `send_by` (Unix time) passes before it is sent."""
+        """Submit one batch, unless its send window closes before it is sent: `send_by`
+        (Unix time) or `deadline` (the event loop's monotonic clock) passes, or the wall
+        clock disagrees with the monotonic one about the time left (`Expired`)."""
 
 
 class StatusApi(Protocol):

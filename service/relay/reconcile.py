@@ -4,12 +4,15 @@ An upload whose fate is unknown (no answer before the timeout, a reset, a 5xx,
 a 2xx without a task id) is never resent blindly. Once the original request
 can no longer create a task (the request timeout has passed since its answer
 or its timeout), the uploader asks the API for the tasks carrying the batch's
-reference (`GET /api/v2/scm/tasks/?reference=…`, every page):
+reference (`GET /api/v2/scm/tasks/?reference=…`, every page, each task once):
 
 - a batch without a reference of its own is sent with a unique one,
   `scm-relay:<batch id>`, so every task found is this batch's;
-- a batch carrying its events' reference shares it with other tasks: the
-  candidates created since the batch was first sent are read one by one
+- a batch carrying its events' reference shares it with other tasks, earlier
+  batches' among them: a candidate must be created at or after the batch's first
+  send less `ASSUMED_CLOCK_SKEW`, and must not be a task the relay recorded for
+  another batch (`RecordedTasks`: the ledger as far as this process has read it,
+  and what its own uploaders recorded); the candidates are read one by one
   (`GET /api/v2/scm/tasks/{id}/`) and kept when `details.constraints` and
   `details.scm_data` are exactly the request's.
 
@@ -32,9 +35,12 @@ from service.scantrust.outcomes import ApiTask, Failure, TaskPage
 log = structlog.get_logger(__name__)
 
 REFERENCE_PREFIX: Final = "scm-relay:"
-# Tasks created this long before the batch was first sent still count as candidates:
-# the API's clock and ours may disagree by this much.
-CLOCK_SKEW: Final = timedelta(minutes=5)
+# A task's `created_at` is the API's clock, the batch's first send ours: candidates
+# created up to this long before the first send still count. An assumption, not a
+# measurement: the two clocks agree within it (a task of this batch stamped earlier
+# would be missed, and the batch sent again). It also lets in earlier batches' tasks
+# with the same reference and change created within it; `RecordedTasks` keeps those out.
+ASSUMED_CLOCK_SKEW: Final = timedelta(minutes=5)
 
 
 class TaskLookup(Protocol):
@@ -51,6 +57,19 @@ class TaskLookup(Protocol):
 
     async def task(self, task_id: str) -> ApiTask | Failure:
         """One task, with its details."""
+
+
+class RecordedTasks(Protocol):
+    """The tasks the relay has recorded, as far as this process knows (a read-only view
+    of the ledger view's `KnownTasks`)."""
+
+    def recorded_for_another(self, task_id: str, batch_id: str) -> bool:
+        """Whether `task_id` is known to the relay, and not as `batch_id`'s task."""
+
+
+class _NothingRecorded:
+    def recorded_for_another(self, task_id: str, batch_id: str) -> bool:
+        return False
 
 
 def api_reference(batch: Batch) -> str:
@@ -77,8 +96,9 @@ def same_change(details: Mapping[str, Any] | None, request: UploadRequest) -> bo
 class Reconciler:
     """Finds the tasks an ambiguous upload of a batch created."""
 
-    def __init__(self, api: TaskLookup) -> None:
+    def __init__(self, api: TaskLookup, recorded: RecordedTasks | None = None) -> None:
         self._api = api
+        self._recorded = recorded if recorded is not None else _NothingRecorded()
 
     async def find(
         self, batch: Batch, request: UploadRequest, first_sent: datetime
@@ -89,19 +109,48 @@ class Reconciler:
         page = await self._api.list_tasks(reference=reference)
         if not isinstance(page, TaskPage):
             return page
+        listed = _each_once(sorted(page.tasks, key=_created))
         if not batch.reference:
             # The reference is this batch's alone: every task carrying it is the batch's.
-            return [task.id for task in sorted(page.tasks, key=_created)]
+            return [task.id for task in listed]
+        since = first_sent - ASSUMED_CLOCK_SKEW
         found: list[str] = []
-        for candidate in sorted(page.tasks, key=_created):
-            if candidate.created_at is not None and candidate.created_at < first_sent - CLOCK_SKEW:
+        for candidate in listed:
+            if candidate.created_at is not None and candidate.created_at < since:
                 continue
+            if self._recorded.recorded_for_another(candidate.id, batch.batch_id):
+                continue  # another batch's task: the same reference, maybe the same change
             task = await self._api.task(candidate.id)
             if not isinstance(task, ApiTask):
                 return task
             if same_change(task.details, request):
                 found.append(task.id)
-        return found
+        # Asked again at the end: another batch may have recorded one of them meanwhile.
+        ours = [t for t in found if not self._recorded.recorded_for_another(t, batch.batch_id)]
+        skipped = [
+            t.id
+            for t in listed
+            if (t.created_at is None or t.created_at >= since)
+            and self._recorded.recorded_for_another(t.id, batch.batch_id)
+        ]
+        if skipped:
+            log.info(
+                "reconcile_skipped_recorded_tasks",
+                batch_id=batch.batch_id,
+                reference=reference,
+                tasks=len(skipped),
+                task_ids=skipped[:5],
+            )
+        return ours
+
+
+def _each_once(tasks: list[ApiTask]) -> list[ApiTask]:
+    """Each task id once: pages read while tasks are created shift, so one task may be
+    listed on two of them."""
+    once: dict[str, ApiTask] = {}
+    for task in tasks:
+        once.setdefault(task.id, task)
+    return list(once.values())
 
 
 def _created(task: ApiTask) -> datetime:

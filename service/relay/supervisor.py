@@ -30,7 +30,7 @@ from service.relay.committer import Committer, Membership
 from service.relay.config import RelayConfig
 from service.relay.health import ApiHealth
 from service.relay.intake import Intake
-from service.relay.ledger import LedgerView, WrittenRecords
+from service.relay.ledger import KnownTasks, LedgerView, WrittenRecords
 from service.relay.messages import IntakeMessage, LedgerChange, Mailbox
 from service.relay.poller import PollerMember, TaskPoller
 from service.relay.ports import (
@@ -91,6 +91,8 @@ class Relay:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         book = OffsetBook()
         written = WrittenRecords()
+        # The ledger view and the uploaders note the tasks recorded; lookups read it.
+        known = KnownTasks()
         intake_inbox: Mailbox[IntakeMessage] = Mailbox(INBOX_SIZE)
         poller_inbox: Mailbox[LedgerChange] = Mailbox(INBOX_SIZE)
         self._committer = Committer(
@@ -110,6 +112,7 @@ class Relay:
             metrics=metrics,
             owns=book.owns,
             rng=self._rng,
+            known=known,
         )
         batcher = Batcher(
             max_values=config.batch_max_values,
@@ -144,6 +147,7 @@ class Relay:
             poller=poller_inbox,
             metrics=metrics,
             clock=self._clock,
+            known=known,
         )
         self._poller = TaskPoller(
             config,

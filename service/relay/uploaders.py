@@ -27,7 +27,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import structlog
 from pydantic import TypeAdapter
@@ -38,6 +38,7 @@ from service.core.resilience import Backoff
 from service.metrics import RelayMetrics
 from service.relay.config import RelayConfig, utcnow, wall_time
 from service.relay.health import ApiHealth
+from service.relay.ledger import KnownTasks
 from service.relay.messages import (
     ApiRejection,
     BatchAbandoned,
@@ -49,7 +50,7 @@ from service.relay.messages import (
 )
 from service.relay.ports import UploadApi
 from service.relay.reconcile import Reconciler, TaskLookup, api_reference
-from service.scantrust.client import UploadRequest
+from service.scantrust.client import UploadRequest, send_window_closed
 from service.scantrust.outcomes import (
     Accepted,
     Ambiguous,
@@ -57,6 +58,7 @@ from service.scantrust.outcomes import (
     Expired,
     Failure,
     Misconfigured,
+    PagesExceeded,
     Rejected,
     retry_wait,
 )
@@ -99,11 +101,14 @@ class Uploaders:
         metrics: RelayMetrics,
         owns: Callable[[Batch], bool] = lambda _batch: True,
         rng: random.Random | None = None,
+        known: KnownTasks | None = None,
     ) -> None:
         self._config = config
         self._owns = owns
         self._api = api
-        self._reconciler = Reconciler(api)
+        # Shared with the ledger view, which notes every task the ledger holds.
+        self._known = known if known is not None else KnownTasks()
+        self._reconciler = Reconciler(api, self._known)
         self._committer = committer
         self._intake = intake
         self._health = health
@@ -233,18 +238,22 @@ class Uploaders:
                 await self._record(job, found, utcnow(), bound)
                 return
             attempt = resolving.attempt + 1
+        window: SendWindow | None = None
         intent: IntentRecord | None = None
         while not self._deadline_passed:
             if self._stopping.is_set() and self._health.refusal is not None:
                 return
-            if intent is None or wall_time() >= intent.send_by.timestamp():
-                intent = job.intent(attempt)
+            if window is None or not self._may_send(window, bound):
+                intent, window = job.intent(attempt)
                 try:
                     await self._committer.write_intent(IntentWrite(intent))
                 except BatchRevokedError:
                     bound.info("batch_revoked_before_sending")
                     await self._abandon(job, None, bound)
                     return
+                if not self._may_send(window, bound):
+                    window = None  # the clock jumped while the intent was committed
+                    continue
             if not self._owns(batch):
                 # Ownership, not membership: a replica still in the group may have lost
                 # these partitions; their new owner resolves the intent.
@@ -252,11 +261,16 @@ class Uploaders:
                 return
             submitted_at = utcnow()
             async with self._sending_request():
-                outcome = await self._api.upload(job.request, send_by=intent.send_by.timestamp())
+                outcome = await self._api.upload(
+                    job.request, send_by=window.send_by, deadline=window.deadline
+                )
                 if isinstance(outcome, Expired):
                     # Nothing was sent: a fresh intent first (fenced, like every write).
-                    bound.info("intent_expired_before_sending", attempt=attempt)
-                    intent = None
+                    if outcome.clock_jump_s is not None:
+                        self._clock_jumped(outcome.clock_jump_s, bound)
+                    else:
+                        bound.info("intent_expired_before_sending", attempt=attempt)
+                    window = None
                     continue
                 if isinstance(outcome, Ambiguous):
                     found = await self._reconcile(job, outcome, bound)
@@ -309,6 +323,24 @@ class Uploaders:
             await asyncio.sleep(wait)
             attempt += 1
 
+    def _may_send(self, window: SendWindow, bound: structlog.typing.FilteringBoundLogger) -> bool:
+        """Whether the intent's send window is open now by both clocks, which agree."""
+        loop = asyncio.get_running_loop()
+        closed = send_window_closed(window.send_by, window.deadline, wall_time(), loop.time())
+        if closed is not None and closed.clock_jump_s is not None:
+            self._clock_jumped(closed.clock_jump_s, bound)
+        return closed is None
+
+    def _clock_jumped(self, behind_s: float, bound: structlog.typing.FilteringBoundLogger) -> None:
+        self._metrics.clock_jumps.inc()
+        bound.warning(
+            "clock_jump",
+            wall_clock_behind_s=round(behind_s, 3),
+            hint="the wall clock moved against the monotonic clock since the intent was "
+            "written (a clock step, a VM suspended or migrated): nothing is sent under that "
+            "intent; a fresh one is written first",
+        )
+
     async def _record(
         self,
         job: _Job,
@@ -328,6 +360,10 @@ class Uploaders:
             # Earlier attempts created tasks too: each is recorded, followed and reported.
             bound.warning("batch_created_several_tasks", task_ids=task_ids)
         records = [job.ledger_record(task_id, submitted_at) for task_id in task_ids]
+        for record in records:
+            # Known from now, not only once the ledger view reads it back: a later batch's
+            # lookup with the same reference must not adopt it.
+            self._known.note(record.task_id, record.batch_id)
         append = LedgerAppend(records[0], batch, more=records[1:], sources=job.sources)
         await self._committer.submit(append)
         if not self._deadline_passed:
@@ -382,7 +418,19 @@ class Uploaders:
                 bound.info("batch_reconciled", task_ids=found, reference=job.request.reference)
                 return found
             wait = self._lookup_wait(found, attempt)
-            bound.warning("reconcile_lookup_failed", outcome=type(found).__name__, wait_s=wait)
+            if isinstance(found, PagesExceeded):
+                self._metrics.reconcile_lookups_unfinished.inc()
+                bound.error(
+                    "reconcile_lookup_unfinished",
+                    reference=job.request.reference,
+                    pages=found.pages,
+                    wait_s=wait,
+                    hint="the API lists more tasks under this reference than the relay "
+                    "reads; the batch is not sent again before a lookup finishes "
+                    "(docs/runbooks.md)",
+                )
+            else:
+                bound.warning("reconcile_lookup_failed", outcome=type(found).__name__, wait_s=wait)
             await asyncio.sleep(wait)
             attempt += 1
         return None
@@ -397,12 +445,19 @@ class Uploaders:
         return True
 
     def _lookup_wait(self, failure: Failure, attempt: int) -> float:
-        if isinstance(failure, Rejected | AuthFailed | Misconfigured):
+        if isinstance(failure, Rejected | AuthFailed | Misconfigured | PagesExceeded):
             return self._config.retry_max_backoff_s
         return round(retry_wait(failure, attempt, self._backoff, self._rng), 2)
 
 
 _EVENT_SOURCES: Final = TypeAdapter(list[EventSource])
+
+
+class SendWindow(NamedTuple):
+    """When an intent allows its upload to be sent, on both clocks, from one moment."""
+
+    send_by: float  # Unix time: the intent's `send_by`
+    deadline: float  # the event loop's monotonic clock
 
 
 class _Job:
@@ -440,10 +495,14 @@ class _Job:
             self.expected_codes = resolving.expected_codes
             self.sources = sources
 
-    def intent(self, attempt: int) -> IntentRecord:
-        """A fresh intent for the next send: allowed until now + the send window."""
-        send_by = utcnow() + timedelta(seconds=self._config.intent_send_window_s)
-        return IntentRecord.model_validate(
+    def intent(self, attempt: int) -> tuple[IntentRecord, SendWindow]:
+        """A fresh intent for the next send, and its send window: from now, for the
+        configured time, on the wall clock (the intent's `send_by`, which other processes
+        read) and on the event loop's monotonic clock (which no clock step moves)."""
+        window_s = self._config.intent_send_window_s
+        deadline = asyncio.get_running_loop().time() + window_s
+        send_by = utcnow() + timedelta(seconds=window_s)
+        record = IntentRecord.model_validate(
             {
                 "batch_id": self.batch.batch_id,
                 "api_reference": self.request.reference,
@@ -459,6 +518,7 @@ class _Job:
                 "events": self.events,
             }
         )
+        return record, SendWindow(record.send_by.timestamp(), deadline)
 
     def ledger_record(self, task_id: str, submitted_at: datetime) -> TaskLedgerRecord:
         """The task's ledger record. Validated as one document: pydantic checks the nested

@@ -41,6 +41,7 @@ from service.scantrust.outcomes import (
     Expired,
     Failure,
     Misconfigured,
+    PagesExceeded,
     Rejected,
     TaskPage,
     Throttled,
@@ -59,6 +60,11 @@ TASKS_PATH: Final = "/api/v2/scm/tasks/"
 TASK_GROUPS_PATH: Final = "/api/v2/scm/task-groups/"
 ME_PATH: Final = "/api/v2/me/"
 MAX_TASK_PAGES: Final = 10_000
+# An upload's wall-clock `send_by` and monotonic `deadline` are set from one moment: when
+# the time left by each differs by more than this, the wall clock jumped (an NTP step, a
+# VM suspended or migrated) and the intent's `send_by`, which other processes read on
+# their wall clocks, no longer says when this process may send.
+CLOCK_JUMP_S: Final = 1.0
 ITEM_ENDPOINTS: Final = frozenset({"task", "task_group"})
 _CHUNK: Final = 64 * 1024
 
@@ -159,10 +165,34 @@ class _Call:
     is_upload: bool = False
     params: dict[str, str] = field(default_factory=dict)
     send_by: float | None = None  # Unix time; see `ScantrustClient.upload`
+    deadline: float | None = None  # the event loop's clock; see `ScantrustClient.upload`
 
 
 class _SendByPassed(Exception):
-    """An upload's `send_by` passed before it was sent (see `ScantrustClient.upload`)."""
+    """An upload's send window closed before it was sent (see `ScantrustClient.upload`)."""
+
+    def __init__(self, expired: Expired) -> None:
+        super().__init__(expired)
+        self.expired = expired
+
+
+def send_window_closed(
+    send_by: float | None, deadline: float | None, wall: float, monotonic: float
+) -> Expired | None:
+    """Why an upload may not be sent now under an intent allowing it until `send_by` (Unix
+    time, read on the wall clock `wall`) and `deadline` (read on the event loop's
+    monotonic clock `monotonic`), both set from the moment the intent was made; None when
+    it may. A wall clock that disagrees with the monotonic one by more than
+    `CLOCK_JUMP_S` about the time left is refused, whichever is ahead."""
+    if send_by is not None and deadline is not None:
+        jump = (send_by - wall) - (deadline - monotonic)
+        if abs(jump) > CLOCK_JUMP_S:
+            return Expired(send_by, clock_jump_s=jump)
+    if (send_by is not None and wall >= send_by) or (
+        deadline is not None and monotonic >= deadline
+    ):
+        return Expired(send_by if send_by is not None else 0.0)
+    return None
 
 
 class ScantrustClient:
@@ -249,15 +279,22 @@ class ScantrustClient:
     # -- calls -------------------------------------------------------------
 
     async def upload(
-        self, request: UploadRequest, *, send_by: float | None = None
+        self,
+        request: UploadRequest,
+        *,
+        send_by: float | None = None,
+        deadline: float | None = None,
     ) -> UploadOutcome | Expired:
         """Submit one batch, once; `Accepted` carries the new task's id.
 
         One attempt (after the rate limiters and the circuit breaker): an upload is the
         one call with a side effect, so its retries belong to the caller, which alone
-        knows whether a resend is safe (docs/design.md, "Retries"). `send_by` (a Unix
-        time): the request is not sent after it, `Expired` says so; it is checked after
-        the rate limiters, the last wait before the request is written."""
+        knows whether a resend is safe (docs/design.md, "Retries"). The send window of
+        the intent it goes under: `send_by` (a Unix time, on the wall clock) and
+        `deadline` (the same moment on the event loop's monotonic clock, which no clock
+        step moves). The request is not sent once either has passed, nor when the two
+        clocks disagree about the time left (`send_window_closed`); `Expired` says so.
+        Checked after the rate limiters, the last wait before the request is written."""
         call = _Call(
             "upload",
             "POST",
@@ -265,11 +302,12 @@ class ScantrustClient:
             request.to_json(),
             is_upload=True,
             send_by=send_by,
+            deadline=deadline,
         )
         try:
             result = await self._attempt(call)
-        except _SendByPassed:
-            return Expired(send_by or 0.0)
+        except _SendByPassed as passed:
+            return passed.expired
         if not isinstance(result, _Response):
             return result
         task_id = _json_object(result.body).get("task_id")
@@ -370,7 +408,9 @@ class ScantrustClient:
                 link = urljoin(call.url, next_url)[:200]
                 log.error("api_next_link_refused", endpoint=call.endpoint, link=link)
                 return Misconfigured(200, f"pagination link off the base URL's host: {link}")
-        return Unavailable(f"{call.endpoint}: more than {MAX_TASK_PAGES} pages")
+        return PagesExceeded(
+            f"{call.endpoint}: more than {MAX_TASK_PAGES} pages", pages=MAX_TASK_PAGES
+        )
 
     async def _call(self, call: _Call) -> _Response | Failure:
         """Attempt a read until it succeeds, fails for good, or the retry budget is spent."""
@@ -410,8 +450,11 @@ class ScantrustClient:
             reason = f"circuit breaker open (last failure: {self._last_failure})"
             return Unavailable(reason, retry_after_s=retry_in or None)
         granted_at = await self._limits.acquire(call.is_upload)
-        if call.send_by is not None and granted_at >= call.send_by:
-            raise _SendByPassed
+        closed = send_window_closed(
+            call.send_by, call.deadline, granted_at, asyncio.get_running_loop().time()
+        )
+        if closed is not None:
+            raise _SendByPassed(closed)
         outcome = await self._exchange(call)
         before = self._breaker.state
         if isinstance(outcome, Unavailable | Ambiguous):

@@ -138,6 +138,14 @@ class Unavailable:
 
 
 @dataclass(frozen=True, slots=True)
+class PagesExceeded(Unavailable):
+    """A list call followed `pages` pages without reaching the last (the client's bound):
+    the list is longer than the relay reads, and asking again will not shorten it."""
+
+    pages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Ambiguous:
     """An upload was sent and its fate is unknown (no answer before the timeout, a reset,
     a 5xx answer, a 2xx without a task id): the task may exist. Never resent blindly:
@@ -150,10 +158,14 @@ class Ambiguous:
 @dataclass(frozen=True, slots=True)
 class Expired:
     """An upload was not sent: the intent it was committed under allows sending only
-    until `send_by`, which passed while it waited (rate limit, a pause). Nothing reached
-    the API; the uploader commits a fresh intent before it tries again."""
+    within its send window, which passed while it waited (rate limit, a pause), by the
+    wall clock (`send_by`) or the event loop's monotonic clock; or the two clocks
+    disagreed about the time left by `clock_jump_s` (positive: the wall clock is behind),
+    more than the client accepts. Nothing reached the API; the uploader commits a fresh
+    intent before it tries again."""
 
     send_by: float
+    clock_jump_s: float | None = None
 
 
 Failure = Rejected | AuthFailed | Misconfigured | Throttled | Unavailable | Ambiguous

@@ -27,6 +27,7 @@ from service.kafka import (
     KafkaSetupError,
     KafkaUnreachableError,
     client_options,
+    ledger_cleanup_problem,
     probe_connection,
     readable_codecs,
 )
@@ -202,8 +203,9 @@ async def _check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> list[
             f"compression.type {config.get('compression.type') or 'producer'}"
         )
         problems, warnings = [], []
-        if role == "ledger topic" and "compact" not in (config.get("cleanup.policy") or ""):
-            problems.append(f"set cleanup.policy=compact (it is {config.get('cleanup.policy')})")
+        cleanup = ledger_cleanup_problem(config.get("cleanup.policy"))
+        if role == "ledger topic" and cleanup is not None:
+            problems.append(f"set cleanup.policy=compact ({cleanup})")
         if min_isr > replicas:
             problems.append(
                 f"min.insync.replicas {min_isr} > replication {replicas}: every write fails"

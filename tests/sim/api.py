@@ -13,8 +13,10 @@ without a task), a 429. Its `applied` log is what the oracle judges.
 `SimApiClient` stands where the relay's `ScantrustClient` stands, for one replica:
 it turns each call into a request that travels to the vendor and back (the
 network belongs to nobody: a replica paused while its request is on the wire does
-not hold the request back), with the client's own rule that an upload is not sent
-once its intent's `send_by` has passed (read on the replica's wall clock).
+not hold the request back), with the client's own rule (`send_window_closed`) that an
+upload is not sent once its intent's send window has closed: `send_by` on the
+replica's wall clock, `deadline` on the event loop's clock, and not when the two
+disagree.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from service.core.resilience import BreakerState
-from service.scantrust.client import UploadRequest
+from service.scantrust.client import UploadRequest, send_window_closed
 from service.scantrust.outcomes import (
     Accepted,
     Ambiguous,
@@ -268,10 +270,17 @@ class SimApiClient:
             return None
 
     async def upload(
-        self, request: UploadRequest, *, send_by: float | None = None
+        self,
+        request: UploadRequest,
+        *,
+        send_by: float | None = None,
+        deadline: float | None = None,
     ) -> UploadOutcome | Expired:
-        if send_by is not None and self._wall() >= send_by:
-            return Expired(send_by)
+        closed = send_window_closed(
+            send_by, deadline, self._wall(), asyncio.get_running_loop().time()
+        )
+        if closed is not None:
+            return closed
         vendor, faults, draw = self._vendor, self._vendor.faults, self._rng.random()
         body = request.model_dump(mode="json")
         fate = "ok"

@@ -18,27 +18,9 @@ from service.scantrust.outcomes import (
     TaskPage,
     Unavailable,
 )
+from tests.api_support import raw_server
 
 REQUEST = UploadRequest(constraints={"extended_id": ["a"]}, scm_data={"x": "1"})
-
-
-@asynccontextmanager
-async def raw_server(answer: bytes) -> AsyncIterator[str]:
-    """A TCP server that answers every request with these bytes, then closes."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def client(base_url: str) -> ScantrustClient:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,10 +17,10 @@ from service.core.batching import Batch, Done, Source
 from service.core.contract import DEFAULT_LIMITS
 from service.core.offsets import Checkpoint
 from service.core.resilience import BreakerState
-from service.fencing import GroupFencedError
+from service.fencing import GroupFencedError, GroupGeneration
 from service.kafka import UndecodableRecordsError
-from service.relay.config import RelayConfig
-from service.scantrust.client import UploadRequest
+from service.relay.config import RelayConfig, wall_time
+from service.scantrust.client import UploadRequest, send_window_closed
 from service.scantrust.outcomes import (
     ApiTask,
     AuthFailed,
@@ -148,12 +147,18 @@ class FakeConsumer:
 
 
 class FakeMember(FakeConsumer):
-    """The poller's group member: assignment as the test decides."""
+    """The poller's group member: assignment as the test decides. It is also its own
+    membership (`group()`): every rebalance is a new generation."""
 
     def __init__(self, topic: str, partitions: int = 1) -> None:
         super().__init__(topic, partitions)
         self.assigned = set()
         self.listener: ConsumerRebalanceListener | None = None
+        self.generation = 0
+
+    def group(self) -> str:
+        """The group id with the generation a commit would carry now."""
+        return GroupGeneration(f"{self.topic}-poller", self.generation, "member-1", None)
 
     def subscribe(self, topics: list[str], listener: ConsumerRebalanceListener) -> None:
         self.listener = listener
@@ -165,6 +170,7 @@ class FakeMember(FakeConsumer):
         """A rebalance gives this member `partitions` (revoking what it had)."""
         assert self.listener is not None
         await self.listener.on_partitions_revoked(set(self.assigned))
+        self.generation += 1
         self.assigned = {TopicPartition(self.topic, p) for p in partitions}
         await self.listener.on_partitions_assigned(set(self.assigned))
 
@@ -286,35 +292,63 @@ class FakeAccounting:
 class FakeApi:
     """Scripted upload outcomes (then accepted), and the tasks uploads created.
 
-    `lost_answers`: that many uploads create their task and answer `Ambiguous`."""
+    `lost_answers`: that many uploads create their task and answer `Ambiguous`.
+    `answer_at`: the n-th upload (counting from 1) gets this answer and creates nothing;
+    `lose_answer_at`: the n-th upload creates its task and answers `Ambiguous`.
+    `upload_delays`: each call waits this long first (a rate limiter's wait), in order.
+    An upload is not sent once its intent's send window has closed, as
+    `ScantrustClient.upload` decides it (`send_window_closed`)."""
 
     uploads: list[UploadRequest] = field(default_factory=list)
     sent_by: list[float | None] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)  # the event loop's time of each send
     script: list[UploadOutcome | Expired] = field(default_factory=list)
+    answer_at: dict[int, UploadOutcome] = field(default_factory=dict)
+    lose_answer_at: set[int] = field(default_factory=set)
+    upload_delays: list[float] = field(default_factory=list)
     states: dict[str, ApiTask] = field(default_factory=dict)
     status_calls: list[list[str]] = field(default_factory=list)
     status_failure: Failure | None = None
+    status_delay_s: float = 0.0
     lookup_failure: Failure | None = None
+    # Every task listed twice, as pages that shifted while they were read would show it.
+    list_twice: bool = False
     lookups: int = 0
     lost_answers: int = 0
     refusal: AuthFailed | Misconfigured | None = None
     breaker_state: BreakerState = BreakerState.CLOSED
     upload_delay_s: float = 0.0
 
-    async def upload(self, request: UploadRequest, *, send_by: float | None = None) -> Any:
+    async def upload(
+        self,
+        request: UploadRequest,
+        *,
+        send_by: float | None = None,
+        deadline: float | None = None,
+    ) -> Any:
         from service.scantrust.outcomes import Accepted, Ambiguous, TaskApiState
 
         if self.upload_delay_s:
             await asyncio.sleep(self.upload_delay_s)
-        if send_by is not None and time.time() >= send_by:
-            return Expired(send_by)
+        if self.upload_delays:
+            await asyncio.sleep(self.upload_delays.pop(0))
+        # The client's own rule, on the clocks the relay reads (a test may set the wall one).
+        closed = send_window_closed(
+            send_by, deadline, wall_time(), asyncio.get_running_loop().time()
+        )
+        if closed is not None:
+            return closed
         self.sent_by.append(send_by)
+        self.sent_at.append(asyncio.get_running_loop().time())
         self.uploads.append(request)
+        number = len(self.uploads)
         if self.refusal is not None:
             return self.refusal
         if self.script:
             return self.script.pop(0)
-        task_id = f"task-{len(self.uploads)}"
+        if number in self.answer_at:
+            return self.answer_at[number]
+        task_id = f"task-{number}"
         details = {"constraints": request.constraints, "scm_data": request.scm_data}
         self.states[task_id] = ApiTask(
             id=task_id,
@@ -323,6 +357,8 @@ class FakeApi:
             created_at=datetime.now(UTC),
             details=details,
         )
+        if number in self.lose_answer_at:
+            return Ambiguous("connection reset before the answer")
         if self.lost_answers:
             self.lost_answers -= 1
             return Ambiguous("no answer before timeout")
@@ -340,6 +376,8 @@ class FakeApi:
             failure, self.lookup_failure = self.lookup_failure, None
             return failure
         listed = [t for t in self.states.values() if reference is None or t.reference == reference]
+        if self.list_twice:
+            listed += listed
         # The list view carries no details.
         return TaskPage([t.model_copy(update={"details": None}) for t in listed])
 
@@ -357,6 +395,8 @@ class FakeApi:
 
     async def tasks(self, task_ids: Sequence[str]) -> TaskPage | Failure:
         self.status_calls.append(list(task_ids))
+        if self.status_delay_s:
+            await asyncio.sleep(self.status_delay_s)
         if self.status_failure is not None:
             return self.status_failure
         return TaskPage([self.states[i] for i in task_ids if i in self.states])

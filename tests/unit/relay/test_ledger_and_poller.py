@@ -12,9 +12,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from service.core.records import IntentClosure, IntentOutcome, intent_key
 from service.metrics import RelayMetrics
+from service.relay.committer import Membership
 from service.relay.health import ApiHealth
-from service.relay.ledger import LedgerView, WrittenRecords
+from service.relay.ledger import KnownTasks, LedgerView, WrittenRecords
 from service.relay.messages import (
     LedgerCaughtUp,
     LedgerChange,
@@ -74,6 +76,33 @@ async def test_the_view_tells_intake_and_poller_each_record_once_then_caught_up(
     ]
     assert view.position(0) == 2
     assert view.position(1) == 1
+
+
+async def test_the_view_notes_every_task_the_ledger_names_as_known() -> None:
+    """Task records, tombstones and the closures of intents: what reconciliation must
+    never take for another batch's task."""
+    reader = FakeConsumer("tasks", partitions=2)
+    reader.append(ledger_record("t1", ["a"]).model_dump_json().encode(), 0, b"t1")
+    reader.append(None, 0, b"t2")  # its record already compacted away
+    closure = IntentClosure(batch_id="b-3", outcome=IntentOutcome.RECORDED, task_ids=["t3"])
+    reader.append(closure.model_dump_json().encode(), 1, intent_key("b-3").encode())
+    known = KnownTasks()
+    view = LedgerView(
+        reader=reader,
+        written=WrittenRecords(),
+        intake=Inbox(),
+        poller=Inbox(),
+        metrics=RelayMetrics(CollectorRegistry()),
+        clock=lambda: 0.0,
+        known=known,
+    )
+    task = asyncio.create_task(view.run())
+    await asyncio.wait_for(view.caught_up.wait(), 2)
+    task.cancel()
+    assert [known.recorded_for_another(t, "b-other") for t in ("t1", "t2", "t3")] == [True] * 3
+    assert not known.recorded_for_another("t1", "batch-of-t1")
+    assert not known.recorded_for_another("t3", "b-3")
+    assert not known.recorded_for_another("t4", "b-other"), "a task never recorded is unknown"
 
 
 async def test_records_this_process_wrote_are_not_parsed_again() -> None:
@@ -155,6 +184,7 @@ async def poller(
     positions: Positions,
     committer: Committer,
     health: ApiHealth | None = None,
+    membership: Membership | None = None,
     **settings: Any,
 ) -> AsyncIterator[Mailbox[LedgerChange]]:
     inbox: Mailbox[LedgerChange] = Mailbox(100)
@@ -168,6 +198,7 @@ async def poller(
         health=health or ApiHealth(),
         metrics=RelayMetrics(CollectorRegistry()),
         clock=lambda: asyncio.get_running_loop().time(),
+        membership=membership,
     )
     task = asyncio.create_task(stage.run())
     await asyncio.sleep(0)
@@ -228,6 +259,43 @@ async def test_a_revoke_flushes_results_under_way_and_stops_polling_the_partitio
         await asyncio.sleep(0.2)
     assert committer.flushes >= 1
     assert len(api.status_calls) == calls, "a revoked partition's task is still polled"
+
+
+async def test_a_result_polled_before_its_partition_moved_is_not_published() -> None:
+    """The poller group moves the ledger partition away while a status call is under way
+    (reads retry for up to two minutes): the new owner publishes the result; the old one
+    must not publish it too."""
+    api = FakeApi(status_delay_s=0.3)
+    api.states["t0"] = api_task("t0", TaskApiState.COMPLETE, 1)
+    member, positions, committer = FakeMember("tasks"), Positions(), Committer()
+    async with poller(api, member, positions, committer, membership=member) as inbox:
+        await member.assign(0)
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["a"])))
+        await eventually(lambda: api.status_calls)
+        await member.assign()  # the partition goes to another replica mid-call
+        await asyncio.sleep(0.5)
+    assert committer.items == [], "a result was published by a replica no longer owning it"
+
+
+async def test_a_result_is_fenced_by_the_generation_it_was_polled_under() -> None:
+    """The group moved on during the status call before this member was told (its revoke
+    callback not yet run): the result carries the generation from before the call, which
+    the broker refuses, not the one read after it."""
+    api = FakeApi(status_delay_s=0.3)
+    api.states["t0"] = api_task("t0", TaskApiState.COMPLETE, 1)
+    member, positions, committer = FakeMember("tasks"), Positions(), Committer()
+    async with poller(api, member, positions, committer, membership=member) as inbox:
+        await member.assign(0)
+        polled_under = member.generation
+        await inbox.tell(LedgerChange(0, "t0", ledger_record("t0", ["a"])))
+        await eventually(lambda: api.status_calls)
+        member.generation += 1
+        await eventually(lambda: committer.items)
+    (finished,) = committer.items
+    assert isinstance(finished, TaskFinished)
+    assert finished.fence is not None
+    assert finished.fence.group.generation_id == polled_under  # type: ignore[attr-defined]
+    assert finished.fence.ledger_partition == 0
 
 
 async def test_a_failing_status_call_is_retried_on_schedule_until_the_api_answers() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from service.relay.ledger import KnownTasks
 from service.relay.reconcile import Reconciler, api_reference, same_change
 from service.scantrust.client import UploadRequest
-from service.scantrust.outcomes import TaskApiState, Unavailable
+from service.scantrust.outcomes import ApiTask, Failure, TaskApiState, Unavailable
 from tests.unit.relay.fakes import FakeApi
 from tests.unit.relay.support import api_task, batch
 
@@ -62,3 +63,74 @@ async def test_a_failed_lookup_is_reported_not_taken_for_none() -> None:
     api = FakeApi(lookup_failure=Unavailable("HTTP 503", status=503))
     found = await Reconciler(api).find(batch(["a"]), REQUEST, datetime.now(UTC))
     assert isinstance(found, Unavailable)
+
+
+async def test_a_task_listed_on_two_pages_is_found_once() -> None:
+    """Pages read while new tasks arrive shift: a task may be listed twice."""
+    own = batch(["a", "b"])
+    reference = api_reference(own)
+    api = FakeApi(list_twice=True)
+    api.states["t1"] = api_task("t1", TaskApiState.PENDING, reference=reference)
+    api.states["t2"] = api_task("t2", TaskApiState.PENDING, reference=reference, age_s=-1)
+    found = await Reconciler(api).find(own, REQUEST, datetime.now(UTC))
+    assert found == ["t1", "t2"]
+    shared = batch(["a", "b"], reference="line 7")
+    ours = {"constraints": {"extended_id": ["a", "b"]}, "scm_data": {"intended_market": "DE"}}
+    api.states = {"t3": api_task("t3", TaskApiState.PENDING, reference="line 7", details=ours)}
+    found = await Reconciler(api).find(shared, REQUEST, datetime.now(UTC))
+    assert found == ["t3"]
+
+
+async def test_a_task_recorded_for_another_batch_is_never_a_candidate() -> None:
+    """The same change under the same reference minutes ago (A, B, A): that task is in the
+    ledger, recorded for its own batch, and cannot be this batch's."""
+    shared = batch(["a", "b"], reference="line 7")
+    ours = {"constraints": {"extended_id": ["a", "b"]}, "scm_data": {"intended_market": "DE"}}
+    api = FakeApi()
+    for task_id, age_s in (("earlier", 120), ("tombstoned", 60), ("mine", 0)):
+        api.states[task_id] = api_task(
+            task_id, TaskApiState.COMPLETE, reference="line 7", details=ours, age_s=age_s
+        )
+    known = KnownTasks()
+    known.note("earlier", "b-earlier")
+    known.note("tombstoned", None)  # only its tombstone was read: some other batch's
+    known.note("mine", shared.batch_id)  # recorded for this very batch: still its own
+    found = await Reconciler(api, known).find(shared, REQUEST, datetime.now(UTC))
+    assert found == ["mine"]
+    assert await Reconciler(api).find(shared, REQUEST, datetime.now(UTC)) == [
+        "earlier",
+        "tombstoned",
+        "mine",
+    ], "without the ledger's view every matching task created since the margin counts"
+
+
+def test_known_tasks_keep_the_last_ones_noted() -> None:
+    known = KnownTasks(limit=3)
+    for task_id in ("t1", "t2", "t3"):
+        known.note(task_id, f"b-{task_id}")
+    known.note("t1", None)  # noted again (its tombstone): kept, and still t1's batch's
+    known.note("t4", "b-t4")  # one over the bound: the least recently noted, t2, goes
+    assert not known.recorded_for_another("t2", "b-x")
+    assert [known.recorded_for_another(t, "b-x") for t in ("t1", "t3", "t4")] == [True] * 3
+    assert not known.recorded_for_another("t1", "b-t1")
+
+
+async def test_a_task_another_batch_records_while_the_lookup_reads_is_not_adopted() -> None:
+    """The ledger view learns mid-lookup (between the reads of the candidates) that a
+    matching task was recorded by another batch: it is not this batch's either."""
+    shared = batch(["a", "b"], reference="line 7")
+    ours = {"constraints": {"extended_id": ["a", "b"]}, "scm_data": {"intended_market": "DE"}}
+    known = KnownTasks()
+
+    class RecordedMeanwhile(FakeApi):
+        async def task(self, task_id: str) -> ApiTask | Failure:
+            known.note("first", "b-another")  # read back by the view during this read
+            return await super().task(task_id)
+
+    api = RecordedMeanwhile()
+    for task_id, age_s in (("first", 2), ("second", 1)):
+        api.states[task_id] = api_task(
+            task_id, TaskApiState.COMPLETE, reference="line 7", details=ours, age_s=age_s
+        )
+    found = await Reconciler(api, known).find(shared, REQUEST, datetime.now(UTC))
+    assert found == ["second"]

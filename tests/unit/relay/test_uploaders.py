@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from service.core.batching import Batch, Batcher, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
 from service.core.records import IntentRecord
 from service.metrics import RelayMetrics
+from service.relay.config import WALL_CLOCK
 from service.relay.health import ApiHealth
 from service.relay.messages import ApiRejection, BatchRejected, IntentWrite, LedgerAppend
 from service.relay.reconcile import api_reference
@@ -23,6 +28,7 @@ from service.scantrust.outcomes import (
     AuthFailed,
     Expired,
     Misconfigured,
+    PagesExceeded,
     Rejected,
     TaskApiState,
     Throttled,
@@ -34,12 +40,17 @@ from tests.unit.relay.support import api_task, batch
 
 
 class Recorder:
-    """A committer that commits at once (or never, when `hold`)."""
+    """A committer that commits at once (or never, when `hold`); `on_intent` runs as each
+    intent is committed."""
 
-    def __init__(self, *, hold: bool = False) -> None:
+    def __init__(
+        self, *, hold: bool = False, on_intent: Callable[[IntentRecord], None] | None = None
+    ) -> None:
         self.items: list[Any] = []
         self.intents: list[IntentRecord] = []
+        self.intent_times: list[float] = []  # the event loop's time of each commit
         self.hold = hold
+        self.on_intent = on_intent
 
     async def submit(self, item: LedgerAppend | ApiRejection) -> None:
         self.items.append(item)
@@ -48,6 +59,9 @@ class Recorder:
 
     async def write_intent(self, intent: IntentWrite) -> None:
         self.intents.append(intent.record)
+        self.intent_times.append(asyncio.get_running_loop().time())
+        if self.on_intent is not None:
+            self.on_intent(intent.record)
         intent.written.set_result(None)
 
 
@@ -290,3 +304,128 @@ async def test_an_event_with_several_keys_is_sent_as_published_intent_and_ledger
     assert isinstance(append, LedgerAppend)
     assert append.record.constraints == sent
     assert [source.event_id for source in append.record.events] == ["multi"]
+
+
+def changes_a_b_a() -> list[Batch]:
+    """Code X changed A, B, A under one shared reference: three batches, one each."""
+    return [batch(["x"], market, reference="line-7") for market in ("A", "B", "A")]
+
+
+async def test_a_shared_reference_never_adopts_a_task_recorded_for_another_batch() -> None:
+    """The third upload's connection resets before the API created anything: the lookup
+    sees the first A's task (same reference, constraints and scm_data, created minutes
+    ago) and must not take it for this batch's: it is recorded already, and adopting it
+    would leave X at B and give the old task a second record and result."""
+    api = FakeApi(answer_at={3: Ambiguous("connection lost: ServerDisconnectedError")})
+    recorder = Recorder()
+    first, second, third = changes_a_b_a()
+    await run_until_drained(
+        uploaders(api, recorder, Inbox(), max_in_flight_requests=1), [first, second, third]
+    )
+    recorded = [(item.batch, item.record.task_id) for item in recorder.items]
+    assert recorded == [(first, "task-1"), (second, "task-2"), (third, "task-4")], (
+        "the third A adopted an earlier batch's task instead of being sent again"
+    )
+    assert [request.scm_data["intended_market"] for request in api.uploads] == [
+        "A",
+        "B",
+        "A",
+        "A",
+    ]
+
+
+async def test_a_shared_reference_adopts_the_task_its_own_lost_answer_created() -> None:
+    api = FakeApi(lose_answer_at={3})
+    recorder = Recorder()
+    first, second, third = changes_a_b_a()
+    await run_until_drained(
+        uploaders(api, recorder, Inbox(), max_in_flight_requests=1), [first, second, third]
+    )
+    assert len(api.uploads) == 3, "the batch was sent again although its task existed"
+    last = recorder.items[-1]
+    assert (last.batch, last.record.task_id, last.more) == (third, "task-3", [])
+
+
+async def test_a_lookup_that_cannot_finish_says_why_and_sends_nothing_again() -> None:
+    """The reference lists more pages of tasks than the client follows: not a passing
+    outage. Said in an error line and a metric at each attempt; nothing is resent until a
+    lookup finishes."""
+    api = FakeApi(
+        script=[Ambiguous("no answer before timeout")],
+        lookup_failure=PagesExceeded("task_list: more than 10000 pages", pages=10_000),
+    )
+    metrics = RelayMetrics(CollectorRegistry())
+    stage = Uploaders(
+        config(),
+        api=api,
+        committer=(recorder := Recorder()),
+        intake=Inbox(),
+        health=ApiHealth(),
+        metrics=metrics,
+        rng=random.Random(7),
+    )
+    with capture_logs() as logs:
+        await run_until_drained(stage, [batch(["a"], reference="line-7")])
+    (line,) = [entry for entry in logs if entry["event"] == "reconcile_lookup_unfinished"]
+    assert (line["log_level"], line["reference"], line["pages"]) == ("error", "line-7", 10_000)
+    unfinished = metrics.registry.get_sample_value("scm_relay_reconcile_lookups_unfinished_total")
+    assert unfinished == 1
+    # Looked up again (it finished: no task), and only then sent again.
+    assert (api.lookups, len(api.uploads)) == (2, 2)
+    assert isinstance(recorder.items[0], LedgerAppend)
+
+
+@contextmanager
+def wall_clock(clock: Callable[[], float]) -> Iterator[None]:
+    """The wall clock the relay reads (service.relay.config.WALL_CLOCK), as a test sets it."""
+    token = WALL_CLOCK.set(clock)
+    try:
+        yield
+    finally:
+        WALL_CLOCK.reset(token)
+
+
+async def test_a_lagging_wall_clock_cannot_stretch_the_send_window() -> None:
+    """A VM whose wall clock lags (after a suspend or a migration) must not send after its
+    intent's send window: the window is also kept on the event loop's monotonic clock,
+    checked where the client checks `send_by` (after its last wait)."""
+    frozen = time.time()
+    api = FakeApi(upload_delays=[0.5])  # the first request waits past its window to go out
+    recorder = Recorder()
+    with wall_clock(lambda: frozen):
+        await run_until_drained(
+            uploaders(api, recorder, Inbox(), intent_send_window_s=0.2), [batch(["a"])]
+        )
+    assert len(api.uploads) == 1
+    assert len(recorder.intents) == 2, "sent under an intent whose window had passed"
+    assert api.sent_at[0] - recorder.intent_times[-1] < 0.2
+    assert api.sent_by == [recorder.intents[-1].send_by.timestamp()]
+
+
+async def test_a_wall_clock_that_jumps_is_refused_and_the_upload_waits_for_a_fresh_intent() -> None:
+    """The wall clock steps back 5 s (an NTP step) right after the intent is committed: by
+    it, the intent would allow sending 5 s longer than it does. Detected (the monotonic
+    clock disagrees), refused, logged and counted; a fresh intent, then the upload."""
+    offset = [0.0]
+
+    def step_back(_intent: IntentRecord) -> None:
+        offset[0] = -5.0
+
+    api, recorder = FakeApi(), Recorder(on_intent=step_back)
+    metrics = RelayMetrics(CollectorRegistry())
+    stage = Uploaders(
+        config(intent_send_window_s=10.0),
+        api=api,
+        committer=recorder,
+        intake=Inbox(),
+        health=ApiHealth(),
+        metrics=metrics,
+        rng=random.Random(7),
+    )
+    with wall_clock(lambda: time.time() + offset[0]), capture_logs() as logs:
+        await run_until_drained(stage, [batch(["a"])])
+    assert len(recorder.intents) == 2, "sent under an intent written before the clock jumped"
+    assert api.sent_by == [recorder.intents[1].send_by.timestamp()]
+    (line,) = [entry for entry in logs if entry["event"] == "clock_jump"]
+    assert 4.5 < line["wall_clock_behind_s"] < 5.5
+    assert metrics.registry.get_sample_value("scm_relay_clock_jumps_total") == 1
