@@ -101,10 +101,15 @@ class Reconciler:
         self._recorded = recorded if recorded is not None else _NothingRecorded()
 
     async def find(
-        self, batch: Batch, request: UploadRequest, first_sent: datetime
+        self, batch: Batch, request: UploadRequest, first_sent: datetime, *, sends: int = 1
     ) -> list[str] | Failure:
         """Ids of the tasks this batch's uploads created (oldest first), or the failure
-        that kept the lookup from answering (then nothing may be resent yet)."""
+        that kept the lookup from answering (then nothing may be resent yet).
+
+        `sends`: how many requests of the batch may have created a task. Under a shared
+        reference two batches can carry the same change (a repeated event): each send
+        created one task, so a batch adopts at most `sends` of the matching ones and
+        leaves the others to the batch that sent them."""
         reference = api_reference(batch)
         page = await self._api.list_tasks(reference=reference)
         if not isinstance(page, TaskPage):
@@ -127,6 +132,16 @@ class Reconciler:
                 found.append(task.id)
         # Asked again at the end: another batch may have recorded one of them meanwhile.
         ours = [t for t in found if not self._recorded.recorded_for_another(t, batch.batch_id)]
+        if len(ours) > sends:
+            log.info(
+                "reconcile_left_matching_tasks",
+                batch_id=batch.batch_id,
+                reference=reference,
+                sends=sends,
+                task_ids=ours[sends:][:5],
+                hint="the same change under the same reference, sent by another batch",
+            )
+            ours = ours[:sends]
         skipped = [
             t.id
             for t in listed

@@ -260,6 +260,7 @@ class Uploaders:
                 await self._abandon(job, intent, bound)
                 return
             submitted_at = utcnow()
+            job.sends += 1
             async with self._sending_request():
                 outcome = await self._api.upload(
                     job.request, send_by=window.send_by, deadline=window.deadline
@@ -412,7 +413,9 @@ class Uploaders:
         looking: the new owner resolves the intent)."""
         attempt = 0
         while not self._deadline_passed and self._owns(job.batch):
-            found = await self._reconciler.find(job.batch, job.request, job.first_sent)
+            found = await self._reconciler.find(
+                job.batch, job.request, job.first_sent, sends=job.sends
+            )
             if isinstance(found, list):
                 self._metrics.reconciliations.labels("task" if found else "none").inc()
                 bound.info("batch_reconciled", task_ids=found, reference=job.request.reference)
@@ -480,6 +483,8 @@ class _Job:
         )
         self.sources: list[Done] | None = None
         self.events: list[EventSource]
+        # Requests that may have created a task (a resolved intent's attempts all may).
+        self.sends = 0 if resolving is None else resolving.attempt + 1
         if resolving is None:
             self.first_sent = utcnow()
             events = batch.events()

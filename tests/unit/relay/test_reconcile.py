@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from structlog.testing import capture_logs
+
 from service.relay.ledger import KnownTasks
 from service.relay.reconcile import Reconciler, api_reference, same_change
 from service.scantrust.client import UploadRequest
@@ -97,7 +99,7 @@ async def test_a_task_recorded_for_another_batch_is_never_a_candidate() -> None:
     known.note("mine", shared.batch_id)  # recorded for this very batch: still its own
     found = await Reconciler(api, known).find(shared, REQUEST, datetime.now(UTC))
     assert found == ["mine"]
-    assert await Reconciler(api).find(shared, REQUEST, datetime.now(UTC)) == [
+    assert await Reconciler(api).find(shared, REQUEST, datetime.now(UTC), sends=3) == [
         "earlier",
         "tombstoned",
         "mine",
@@ -134,3 +136,28 @@ async def test_a_task_another_batch_records_while_the_lookup_reads_is_not_adopte
         )
     found = await Reconciler(api, known).find(shared, REQUEST, datetime.now(UTC))
     assert found == ["second"]
+
+
+async def test_two_batches_with_the_same_change_take_one_task_each() -> None:
+    """A repeated event under a shared reference: two batches with the same change, each
+    sent once and both answers lost. Two matching tasks exist; the first batch looked up
+    adopts one (the oldest), the other is left for the second batch (it was once adopted
+    by both the first, and the second, finding none, sent its change a third time)."""
+    first, second = batch(["a", "b"], reference="line 7"), batch(["a", "b"], reference="line 7")
+    ours = {"constraints": {"extended_id": ["a", "b"]}, "scm_data": {"intended_market": "DE"}}
+    api = FakeApi()
+    for task_id, age_s in (("older", 2), ("newer", 1)):
+        api.states[task_id] = api_task(
+            task_id, TaskApiState.COMPLETE, reference="line 7", details=ours, age_s=age_s
+        )
+    known = KnownTasks()
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    with capture_logs() as logs:
+        assert await Reconciler(api, known).find(first, REQUEST, since, sends=1) == ["older"]
+    (line,) = [entry for entry in logs if entry["event"] == "reconcile_left_matching_tasks"]
+    assert (line["sends"], line["task_ids"]) == (1, ["newer"])
+    known.note("older", first.batch_id)  # what recording it does
+    assert await Reconciler(api, known).find(second, REQUEST, since, sends=1) == ["newer"]
+    # A batch sent twice may have created both.
+    both = await Reconciler(api, KnownTasks()).find(first, REQUEST, since, sends=2)
+    assert both == ["older", "newer"]
