@@ -233,6 +233,8 @@ class PartitionOffsets:
         its values are all done). Of an event partly done, read `excluded` next."""
         if self._next_after_last is None or offset >= self._next_after_last:
             self._next_after_last = offset + 1
+            # The commit point may pass it now (an event done before, read again).
+            self._version += 1
         if offset in self._done_above or offset in self._in_flight:
             return True
         if offset not in self._pending:

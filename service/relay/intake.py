@@ -153,7 +153,9 @@ class Intake:
         self._metrics = metrics
         self._clock = clock
         self._inbox = inbox
-        self._markers_passed = False  # a commit point moved past markers, not yet committed
+        # A commit point moved with no record of the relay's to carry it (past transaction
+        # markers, or past events skipped as done): not yet committed.
+        self._commit_point_moved = False
         self._markers_committed_at = float("-inf")
         self._ledger_read = False
         self._ledger_tasks = LedgerTasks()
@@ -190,6 +192,9 @@ class Intake:
         while not stop.is_set():
             await self._read_inbox(stop)
             self._update_pause()
+            # Before the poll: records a poll returns across a rebalance are read again
+            # from where the new assignment starts, never taken into the new epoch.
+            epoch = self._rebalances
             try:
                 batches = await self._poll(stop)
             except UndecodableRecordsError as error:
@@ -197,7 +202,9 @@ class Intake:
                 self._undecodable(error)
                 continue
             self._last_poll = self._clock()
-            epoch = self._rebalances
+            if epoch != self._rebalances:
+                self._unread(batches)
+                continue
             consumed = 0
             every_record_taken = True
             for record in (r for records in batches.values() for r in records):
@@ -228,6 +235,16 @@ class Intake:
                     await self._send(batch, stop)
         log.info("relay_stopping", open_batches=self._admission.open_batches)
         return [*self._unsent, *self._admission.drain()]
+
+    def _unread(self, batches: Mapping[TopicPartition, Sequence[FetchedRecord]]) -> None:
+        """A poll returned across a rebalance: none of its records is taken. Partitions
+        assigned now are sought back to its first record (the consumer moved past them;
+        its records start where the new assignment positioned it), the others are not
+        this intake's any more."""
+        assigned = set(self._consumer.assignment())
+        for tp, records in batches.items():
+            if records and tp in assigned:
+                self._consumer.seek(tp, records[0].offset)
 
     def _taken_to(self, batches: Mapping[TopicPartition, Sequence[FetchedRecord]]) -> None:
         """Every record of a poll was taken: each partition is read up to its last one."""
@@ -275,8 +292,11 @@ class Intake:
                 finally:
                     self._last_poll = self._clock()
                 wait_ms = 0
+                if epoch != self._rebalances:
+                    self._unread(fetched)
+                    return
                 records = fetched.get(tp)
-                if not records or epoch != self._rebalances:
+                if not records:
                     break
                 (record,) = records
                 self._metrics.events_consumed.inc()
@@ -315,8 +335,9 @@ class Intake:
     async def _pass_markers(self, epoch: int) -> None:
         """Caught up (the last poll was not full, and every record it returned is taken):
         let the commit points pass the transaction markers after the last records, and
-        have them committed at most every MARKER_COMMIT_EVERY_S (a busy relay's own
-        transactions carry them sooner)."""
+        have commit points that moved with no record of ours (past markers, or past
+        events skipped as done) committed at most every MARKER_COMMIT_EVERY_S (a busy
+        relay's own transactions carry them sooner)."""
         for tp in self._consumer.assignment():
             if epoch != self._rebalances:
                 return
@@ -326,10 +347,10 @@ class Intake:
                 position = await self._consumer.position(tp)
             except KafkaError:
                 continue  # revoked meanwhile, or not yet positioned
-            self._markers_passed |= self._book.read_to(tp.topic, tp.partition, position)
+            self._commit_point_moved |= self._book.read_to(tp.topic, tp.partition, position)
         now = self._clock()
-        if self._markers_passed and now - self._markers_committed_at >= MARKER_COMMIT_EVERY_S:
-            self._markers_passed = False
+        if self._commit_point_moved and now - self._markers_committed_at >= MARKER_COMMIT_EVERY_S:
+            self._commit_point_moved = False
             self._markers_committed_at = now
             await self._committer.submit(Flush())
 
@@ -521,8 +542,10 @@ class Intake:
     def _take(self, record: FetchedRecord) -> DeadLetter | list[Batch]:
         """Judge one record and batch it: the batches it filled, or its dead letter."""
         if self._book.received(record.topic, record.partition, record.offset):
-            # Recorded before a restart or takeover (commit metadata): already done.
+            # Recorded before a restart or takeover (its progress record): already done.
+            # The commit point may pass it now, with nothing of ours to commit it soon.
             self._metrics.events_skipped.inc()
+            self._commit_point_moved = True
             return []
         raw: bytes = record.value if record.value is not None else b""
         parsed = parse_event(raw, self._config.limits)

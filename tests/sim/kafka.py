@@ -781,6 +781,10 @@ class SimConsumer:
             self._last_poll = self._broker.loop.time()
         deadline = self._broker.loop.time() + timeout_ms / 1000
         while True:
+            if self._rebalancing:
+                # As aiokafka's fetcher, at every wake-up: no records of an assignment
+                # being revoked; the new one's, once it is assigned.
+                await self._assigned.wait()
             fetched = self._fetch(partitions, max_records)
             if fetched or self._broker.loop.time() >= deadline or self._closed:
                 self._last_poll = self._broker.loop.time()

@@ -119,6 +119,19 @@ def test_a_new_owner_skips_what_the_progress_record_says_is_done() -> None:
     assert progress_of(second.checkpoint("t", 0)) == Progress(4, (), {})
 
 
+def test_events_done_before_move_the_commit_point_when_read_again() -> None:
+    """Found by the simulation: every event above the commit point was done (the
+    progress record said so) and read again, yet no checkpoint followed, and the
+    partition's commit stayed behind its end for ever."""
+    record = encode_progress("t", 0, Progress(9, (9, 10, 11, 12), {}))
+    second = PartitionOffsets()
+    second.restore(9, METADATA_PREFIX + progress_digest(record))
+    second.apply(decode_progress(record))
+    assert second.checkpoint("t", 0) is None, "nothing moved yet: the same commit"
+    assert [second.received(o) for o in range(9, 13)] == [True] * 4
+    assert progress_of(second.checkpoint("t", 0)) == Progress(13, (), {})
+
+
 def test_values_of_an_event_cut_across_batches_are_done_one_batch_at_a_time() -> None:
     """Issue 27, window 1: an event's first batch recorded, the second not yet: a new
     owner must send only the second batch's values."""
