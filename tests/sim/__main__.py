@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,7 +52,11 @@ def run_seed(seed: int) -> Outcome:
     from tests.sim.world import simulate
 
     started = time.perf_counter()
-    verdict, world = simulate(seed)
+    try:
+        verdict, world = simulate(seed)
+    except Exception as crashed:  # noqa: BLE001 - one seed's harness failure, reported
+        trace = "".join(traceback.format_exception(crashed)[-6:])
+        return Outcome(seed, (f"harness: {crashed!r}\n{trace}",), ("harness",), 0.0, 0.0)
     return Outcome(
         seed,
         tuple(verdict.violations),

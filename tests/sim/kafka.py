@@ -791,7 +791,9 @@ class SimConsumer:
                 return fetched
             waiter = self._broker.waiter()
             try:
-                async with asyncio.timeout(deadline - self._broker.loop.time()):
+                # At the deadline itself: a delay from now, summed back in floats, may
+                # end a hair before it, and the wait would begin again, for ever.
+                async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
                 pass

@@ -142,3 +142,27 @@ def test_a_busy_loop_stops_the_world(loop: VirtualLoop, monkeypatch: pytest.Monk
     assert loop.stalled is not None
     assert "busy loop" in loop.stalled
     assert loop.time() == 0.0
+
+
+def test_a_timer_never_runs_before_its_time_while_others_keep_the_loop_busy(
+    loop: VirtualLoop,
+) -> None:
+    """asyncio runs a timer up to its clock resolution early. With other callbacks ready
+    the selector never advances the clock, so a poll waiting for a deadline a hair away
+    (a float sum's rounding) woke before it, found the clock short of it and waited
+    again, for ever, each of three consumers' polls keeping the others' callbacks ready."""
+    deadline = 57.25 + 1.7e-13
+    seen: list[float] = []
+    busy = 0
+
+    def keep_busy() -> None:
+        nonlocal busy
+        busy += 1
+        if busy < 100:
+            loop.call_soon(keep_busy)
+
+    loop.run_until_complete(asyncio.sleep(57.25))
+    loop.call_at(deadline, lambda: seen.append(loop.time()))
+    loop.call_soon(keep_busy)
+    loop.run_until_complete(asyncio.sleep(1.0))
+    assert seen == [deadline], "the timer ran with the clock short of its time"

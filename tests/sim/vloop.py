@@ -152,6 +152,12 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     ) -> None:
         if holder and holder[0].cancelled():
             return
+        if holder and isinstance(holder[0], asyncio.TimerHandle) and holder[0].when() > self._now:
+            # asyncio runs a timer up to its clock resolution early, by when a real clock
+            # has reached it; a virtual one must too, or code that waits for a deadline
+            # wakes a hair before it, again and again, for ever.
+            self._now = holder[0].when()
+            self._still = 0
         self._still += 1
         if self._still > BUSY_LIMIT:
             if self.stalled is None:
@@ -196,5 +202,6 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         tasks can be cancelled and end before the loop closes."""
         self.killed.clear()
         self.paused.clear()
+        self._still = 0  # after a busy loop stopped the history, the tasks still end
         for replica in list(self._set_aside):
             self.resume(replica)

@@ -38,7 +38,7 @@ from service.relay.supervisor import Relay
 from tests.sim.api import EPOCH, ApiFaults, SimApiClient, VendorApi
 from tests.sim.kafka import Broker, SimAdmin, SimConsumer, SimProducer
 from tests.sim.oracle import Verdict, judge
-from tests.sim.vloop import REPLICA, VirtualLoop
+from tests.sim.vloop import REPLICA, SimulationStalledError, VirtualLoop
 from tests.sim.workload import Workload, generate
 
 INPUT, RESULTS, DLQ, TASKS = "scm.changes", "scm.results", "scm.dlq", "scm.tasks"
@@ -399,6 +399,9 @@ class World:
         uuid.uuid4 = lambda: uuid.UUID(int=seeded.getrandbits(128), version=4)
         try:
             self.loop.run_until_complete(self._main())
+        except SimulationStalledError as stalled:
+            # Every task waits on something no timer or task will ever set: a deadlock.
+            self.errors.append(f"deadlock: {stalled}")
         except RuntimeError:
             if self.loop.stalled is None:
                 raise
