@@ -60,6 +60,13 @@ class Admission:
             return
         self._guard.claim(batch_id, Change(constraints, scm_data))
 
+    def claim_held(self, batch_id: str, pending: PendingEvent) -> None:
+        """An event held behind another process's open intent claims all its codes for
+        that intent (not only the values the intent carries): a later change to any of
+        them waits until the intent closes and the event is sent."""
+        event = pending.event
+        self._guard.claim(batch_id, Change(event.constraints, event.scm_data))
+
     def release(self, batch_id: str) -> None:
         """The batch's task ended, or the batch was rejected or dropped."""
         self._guard.release(batch_id)

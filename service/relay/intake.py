@@ -395,6 +395,8 @@ class Intake:
                     # Their offsets go with the next transaction, asked for now.
                     await self._committer.submit(Flush())
                 readmit.extend(closed.readmit)
+                for behind, pending in closed.moved:
+                    self._admission.claim_held(behind, pending)
                 # A recorded intent's claim passes to its tasks (see LedgerTasks).
                 for task_id in message.task_ids:
                     self._ledger_tasks.started(task_id, message.batch_id, named_by_closure=True)
@@ -431,7 +433,9 @@ class Intake:
             if TopicPartition(source.topic, source.partition) in owned and not self._book.is_done(
                 source
             ):
-                self._intents.hold(pending)
+                behind = self._intents.hold(pending)
+                if behind is not None:
+                    self._admission.claim_held(behind, pending)
 
     def _claim_may_end(self, batch_id: str) -> bool:
         """Release a batch's claim once none of its tasks runs and its intent (if it has one
@@ -587,8 +591,10 @@ class Intake:
                 self._metrics.events_skipped.inc()
                 return []
             pending = unsent
-        if self._intents and self._intents.hold(pending):
+        behind = self._intents.hold(pending) if self._intents else None
+        if behind is not None:
             # In an upload another process may still send: held until its intent closes.
+            self._admission.claim_held(behind, pending)
             self._metrics.events_held_back.inc()
             log.info(
                 "event_held_by_intent",

@@ -58,6 +58,8 @@ class Closed:
 
     done: list[Done]
     readmit: list[PendingEvent]
+    # Held events another open intent covers too, now held behind it (its batch id).
+    moved: list[tuple[str, PendingEvent]] = field(default_factory=list)
 
 
 def carried(source: EventSource) -> Done:
@@ -92,13 +94,15 @@ class IntentWatch:
             key = (source.topic, source.partition, source.offset)
             self._covering.setdefault(key, []).append(record.batch_id)
 
-    def hold(self, pending: PendingEvent) -> bool:
-        """Hold `pending` if an open intent covers it; False if none does."""
+    def hold(self, pending: PendingEvent) -> str | None:
+        """Hold `pending` if an open intent covers it: the batch id of that intent (whose
+        claim in the order guard must cover the whole event: values of it outside the
+        intent are held too, and later changes to them must wait); None if none does."""
         covering = self._covering.get(position(pending.source))
         if not covering:
-            return False
+            return None
         self._open[covering[0]].held.append(pending)
-        return True
+        return covering[0]
 
     def closed(self, batch_id: str, *, recorded: bool) -> Closed:
         """An intent closed: `recorded` (its tasks are in the ledger) or rejected (its
@@ -121,10 +125,16 @@ class IntentWatch:
         self._closed.extend(done)
         whole = {(d.topic, d.partition, d.offset) for d in done if d.values is None}
         readmit: list[PendingEvent] = []
+        moved: list[tuple[str, PendingEvent]] = []
         for pending in entry.held:
-            if position(pending.source) not in whole and not self.hold(pending):
+            if position(pending.source) in whole:
+                continue
+            behind = self.hold(pending)
+            if behind is None:
                 readmit.append(pending)
-        return Closed(done, readmit)
+            else:
+                moved.append((behind, pending))
+        return Closed(done, readmit, moved)
 
     def closed_in(self, partitions: Collection[tuple[str, int]]) -> list[Done]:
         """What the intents closed lately carried in these partitions (just assigned)."""

@@ -198,6 +198,30 @@ async def test_intake_holds_events_under_an_open_intent_until_it_closes_then_ski
     assert later == offset + 1
 
 
+async def test_an_event_held_behind_an_intent_keeps_later_changes_to_all_its_codes_back() -> None:
+    """Found by the simulation: an event cut across batches, one of which another
+    process's intent carries; the event is held behind the intent whole, and a later
+    change to one of its values outside the intent went first (the intent claimed only
+    its own values), so the older change overwrote the newer one."""
+    subject = rig()
+    first = subject.consumer.append(change(["a", "b"], "DE"))
+    await subject.inbox.tell(IntentOpened(intent(["a"], [(0, first, [0], 2)], resolve_in_s=3600)))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    subject.consumer.append(change(["b"], "FR"))  # later, to a value outside the intent
+    async with running(subject):
+        await asyncio.sleep(0.3)
+        assert subject.queue.batches == [], "a later change to b overtook the held event"
+        await subject.inbox.tell(IntentClosed("b-orphan", ()))  # rejected: b, a sent again
+        await eventually(lambda: len(subject.queue.batches) >= 1)
+        await asyncio.sleep(0.3)
+    sent = [
+        (b.constraints()["extended_id"], b.scm_data["intended_market"])
+        for b in subject.queue.batches
+    ]
+    assert sent[0][1] == "DE", "the held event goes first"
+    assert ("FR" in [market for _, market in sent]) is False, "FR waits for DE's task to end"
+
+
 async def test_intake_hands_an_orphan_it_owns_to_the_uploaders_once_it_is_due() -> None:
     subject = rig()
     offset = subject.consumer.append(change(["a"]))
