@@ -395,8 +395,8 @@ class Intake:
                     # Their offsets go with the next transaction, asked for now.
                     await self._committer.submit(Flush())
                 readmit.extend(closed.readmit)
-                for behind, pending in closed.moved:
-                    self._admission.claim_held(behind, pending)
+                for behind, moved in closed.moved:
+                    self._admission.claim_held(behind, moved)
                 # A recorded intent's claim passes to its tasks (see LedgerTasks).
                 for task_id in message.task_ids:
                     self._ledger_tasks.started(task_id, message.batch_id, named_by_closure=True)
