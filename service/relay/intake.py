@@ -386,8 +386,8 @@ class Intake:
                 self._ledger_read = True
             elif isinstance(message, IntentOpened):
                 record = message.record
-                if not self._book.is_in_flight(record.batch_id):  # not this process's own
-                    self._intents.opened(record)
+                # Not this process's own, nor closed already.
+                if not self._book.is_in_flight(record.batch_id) and self._intents.opened(record):
                     self._admission.claim_task(record.batch_id, record.constraints, record.scm_data)
             elif isinstance(message, IntentClosed):
                 closed = self._intents.closed(message.batch_id, recorded=bool(message.task_ids))
@@ -421,9 +421,8 @@ class Intake:
         self._book.forget([message.batch_id])
         self._admission.release(message.batch_id)
         intent = message.intent
-        if intent is None:
-            return
-        self._intents.opened(intent)
+        if intent is None or not self._intents.opened(intent):
+            return  # no intent, or closed meanwhile (resolved by another process)
         self._admission.claim_task(intent.batch_id, intent.constraints, intent.scm_data)
         if batch is None:
             return

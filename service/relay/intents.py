@@ -36,6 +36,10 @@ RECENTLY_ENDED_KEPT = 10_000
 # together): a new owner skips them even when the previous owner died before it
 # committed them; far more than the events of the intents closed during a rebalance.
 CLOSED_EVENTS_KEPT: Final = 100_000
+# Batch ids of intents closed lately: a closure is final, and an uploader that gave its
+# batch up after another process resolved and closed its intent must not open it again
+# here (the new owner would resolve it once more and record its task twice).
+CLOSED_INTENTS_KEPT: Final = 100_000
 
 
 def position(source: Source) -> Position:
@@ -75,6 +79,7 @@ class IntentWatch:
         self._open: dict[str, _Open] = {}
         self._covering: dict[Position, list[str]] = {}
         self._closed: deque[Done] = deque(maxlen=CLOSED_EVENTS_KEPT)
+        self._closed_batches: dict[str, None] = {}  # oldest first
 
     def __len__(self) -> int:
         return len(self._open)
@@ -83,16 +88,21 @@ class IntentWatch:
         """Whether another process's intent for `batch_id` is open."""
         return batch_id in self._open
 
-    def opened(self, record: IntentRecord) -> None:
-        """An intent (or a renewal of one) was read from the ledger."""
+    def opened(self, record: IntentRecord) -> bool:
+        """An intent (or a renewal of one) was read from the ledger, or an uploader of
+        this process gave its batch up with it open: True when it is open here now. One
+        closed already stays closed."""
+        if record.batch_id in self._closed_batches:
+            return False
         entry = self._open.get(record.batch_id)
         if entry is not None:
             entry.record = record
-            return
+            return True
         self._open[record.batch_id] = _Open(record)
         for source in record.events:
             key = (source.topic, source.partition, source.offset)
             self._covering.setdefault(key, []).append(record.batch_id)
+        return True
 
     def hold(self, pending: PendingEvent) -> str | None:
         """Hold `pending` if an open intent covers it: the batch id of that intent (whose
@@ -110,6 +120,9 @@ class IntentWatch:
         read yet or not (an event partly inside it: those values, when recorded); held
         events with values left go to the next intent covering them, or are read in
         again."""
+        self._closed_batches[batch_id] = None
+        if len(self._closed_batches) > CLOSED_INTENTS_KEPT:
+            del self._closed_batches[next(iter(self._closed_batches))]
         entry = self._open.pop(batch_id, None)
         if entry is None:
             return Closed([], [])

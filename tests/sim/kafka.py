@@ -633,6 +633,9 @@ class SimConsumer:
         self._rejoin = asyncio.Event()
         self._polled = asyncio.Event()
         self._last_poll = broker.loop.time()
+        # getmany calls under way: aiokafka counts no idle time while one is (its
+        # subscription's fetch_context and fetcher_idle_time).
+        self._fetching = 0
         self._left_for_poll = False
         self._revoked = False  # the revoke callback of the coming join has run
         self._closed = False
@@ -678,8 +681,9 @@ class SimConsumer:
                 await self._rejoin.wait()
                 continue
             if self._left_for_poll:  # left for a poll timeout: rejoin at the next poll
-                self._polled.clear()
-                await self._polled.wait()
+                if not self._fetching:  # (one under way is polling already)
+                    self._polled.clear()
+                    await self._polled.wait()
                 self._left_for_poll = False
                 self._rejoin.set()
                 continue
@@ -693,7 +697,8 @@ class SimConsumer:
             except TimeoutError:
                 pass
             now = self._broker.loop.time()
-            if now - self._last_poll > self._max_poll_interval_s:
+            idle_s = 0.0 if self._fetching else now - self._last_poll
+            if idle_s > self._max_poll_interval_s:
                 # aiokafka: "poll timeout expired": leave the group and prepare the rejoin
                 # (the revoke callback) at once; the join itself waits for the next poll.
                 self._broker.leave(self.group_id, self.member_id, "poll timeout")
@@ -773,6 +778,16 @@ class SimConsumer:
 
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Record]]:
+        self._fetching += 1
+        try:
+            return await self._getmany(partitions, timeout_ms, max_records)
+        finally:
+            self._fetching -= 1
+            self._last_poll = self._broker.loop.time()
+
+    async def _getmany(
+        self, partitions: tuple[TopicPartition, ...], timeout_ms: int, max_records: int | None
     ) -> Mapping[TopicPartition, Sequence[Record]]:
         self._last_poll = self._broker.loop.time()
         self._polled.set()

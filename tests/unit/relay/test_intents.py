@@ -115,6 +115,20 @@ def test_an_open_intent_holds_what_it_covers_and_its_closure_says_what_is_done()
     assert not watch.hold(held(["a"], 0, 5)), "a closed intent still holds"
 
 
+def test_a_closed_intent_is_never_opened_again() -> None:
+    """Found by the simulation: a replica paused mid-lookup came back after the new owner
+    had resolved and closed its batch's intent, gave the batch up with the intent as it
+    knew it, and opened it again here; resolved a second time, its task was recorded
+    twice."""
+    watch = IntentWatch()
+    record = intent(["a"], [(0, 5)])
+    assert watch.opened(record)
+    watch.closed(record.batch_id, recorded=True)
+    assert not watch.opened(record)
+    assert len(watch) == 0
+    assert not watch.hold(held(["a"], 0, 5))
+
+
 def test_an_orphan_is_due_only_after_resolve_after_for_the_owner_of_its_first_event() -> None:
     watch = IntentWatch()
     watch.opened(intent(["a", "b"], [(1, 3), (0, 9)], resolve_in_s=30))
