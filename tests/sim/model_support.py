@@ -314,14 +314,12 @@ def run_model(scenario: Callable[[Cluster], Coroutine[Any, Any, T]]) -> T:
 
 def close(loop: VirtualLoop) -> None:
     """End every task still there (paused and killed replicas' too), then the loop."""
-    # (After a busy loop, the callbacks it dropped are gone: nothing can end there.)
-    if loop.stalled is None:
-        loop.wind_down()
-        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.wait(pending))
+    loop.wind_down()  # (after a busy loop too: the tasks still end)
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=60.0))
     loop.close()
 
 

@@ -432,10 +432,12 @@ class World:
         that nothing runs once the loop is closed."""
         loop = self.loop
         loop.wind_down()
-        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
+        for _ in range(10):  # cancelled tasks may start others (a consumer's stop)
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
             loop.run_until_complete(asyncio.wait(pending, timeout=120.0))
         loop.close()
 
