@@ -397,15 +397,20 @@ async def test_an_event_with_several_keys_is_a_request_of_its_own(
                 event_ids = tuple(sorted(e["event_id"] for e in outcome["events"]))
                 sent[event_ids] = {"task": task, "outcome": outcome}
     assert set(sent) == {("m1",), ("m2",), ("s1", "s2", "s3")}
-    # The simulator's view of each request: exactly the event's constraints, every key.
-    assert sent[("m1",)]["task"]["details"]["constraints"] == multi
+    # The simulator's view of each request: exactly the event's constraints, every key
+    # (one value shown as a string, as in the vendor's example task).
+    assert sent[("m1",)]["task"]["details"]["constraints"] == {
+        "extended_id": "11X000003",
+        "serial_number": "SN11-000004",
+        "rfid": "E2801160000005",
+    }
     assert sent[("m2",)]["task"]["details"]["constraints"] == {
-        "extended_id": ["11X000008"],
-        "serial_number": ["SN11-000009"],
+        "extended_id": "11X000008",
+        "serial_number": "SN11-000009",
     }
     assert sent[("s1", "s2", "s3")]["task"]["details"]["constraints"] == {
         "extended_id": ["11X000001", "11X000002", "11X000006"],
-        "serial_number": ["SN11-000007"],
+        "serial_number": "SN11-000007",
     }
     for entry in sent.values():
         assert entry["task"]["details"]["scm_data"] == market
