@@ -798,8 +798,11 @@ class SimConsumer:
         while True:
             if self._rebalancing:
                 # As aiokafka's fetcher, at every wake-up: no records of an assignment
-                # being revoked; the new one's, once it is assigned.
+                # being revoked; the new one's, once it is assigned. Its timeout counts
+                # from after that wait.
+                waited_from = self._broker.loop.time()
                 await self._assigned.wait()
+                deadline += self._broker.loop.time() - waited_from
             fetched = self._fetch(partitions, max_records)
             if fetched or self._broker.loop.time() >= deadline or self._closed:
                 self._last_poll = self._broker.loop.time()
@@ -811,7 +814,9 @@ class SimConsumer:
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
-                pass
+                # aiokafka returns nothing at its timeout, rebalance or not.
+                self._last_poll = self._broker.loop.time()
+                return {}
 
     def _fetch(
         self, partitions: Collection[TopicPartition], max_records: int | None

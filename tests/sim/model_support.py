@@ -273,7 +273,8 @@ class ModelCluster(Cluster):
         return GroupGeneration(group_id, consumer.generation, consumer.member_id, None)
 
     async def compaction(self, topic: str, records: int) -> None:
-        self.broker.compact(topic)
+        # The real test topics roll their segment after 200 ms (segment.ms).
+        self.broker.compact(topic, active_segment_s=0.2)
 
     def spawn(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> Frozen:
         context = contextvars.copy_context()
