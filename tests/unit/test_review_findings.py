@@ -331,3 +331,69 @@ async def test_a_batch_given_up_at_a_refused_renewal_names_the_intent_it_wrote()
     (abandoned,) = [m for m in inbox.messages if isinstance(m, BatchAbandoned)]
     assert len(recorder.intents) == 1
     assert abandoned.intent is not None, "given up as if no intent of it were open"
+
+
+# -- 5. The read-ahead bound keeps a resolver from ever reading its intent's events ------
+
+
+async def test_an_orphan_whose_events_span_past_the_read_ahead_bound_is_still_resolved() -> None:
+    """R1 read offsets 0..199 of a partition in one poll (its bound of 100 is checked
+    before a poll) and its batch carrying events 0 and 150 was in flight under an intent
+    when it died. The new owner R2 shares its polls with other partitions, so each
+    returns fewer records of this one (here 50). The event at 0 is held behind the
+    intent, so the commit point stays at 0 and the partition pauses at 100; `due()`
+    resolves an intent only once every event of it in the resolver's partitions is held,
+    and the event at 150 is never read: the intent is never resolved, the commit point
+    never moves, the partition is stopped for good."""
+    from service.relay.messages import IntentOpened
+    from tests.unit.relay.test_intake import rig, running
+    from tests.unit.relay.test_intents import intent
+
+    subject = rig(max_read_ahead=100)
+    for offset in range(200):
+        subject.consumer.append(change([f"code-{offset}"]))
+    fetch = subject.consumer.getmany
+
+    async def fewer_per_poll(*partitions: TopicPartition, **kwargs: Any) -> Any:
+        kwargs["max_records"] = min(kwargs.get("max_records") or 50, 50)
+        return await fetch(*partitions, **kwargs)
+
+    subject.consumer.getmany = fewer_per_poll  # type: ignore[method-assign]
+    orphan = intent(["code-0", "code-150"], [(0, 0), (0, 150)], resolve_in_s=0.2)
+    await subject.inbox.tell(IntentOpened(orphan))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    async with running(subject):
+        try:
+            async with asyncio.timeout(2):
+                while not subject.queue.resolutions:  # noqa: ASYNC110 - the fakes do not notify
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            pass
+    read_to = subject.consumer.positions[0]
+    assert subject.queue.resolutions, (
+        f"the orphan was never resolved: the partition paused at offset {read_to}, "
+        "before the intent's event at 150"
+    )
+
+
+# -- 6. Holding an event scans every held event: quadratic under a backlog ---------------
+
+
+def test_holding_events_behind_a_claim_costs_time_linear_in_their_number() -> None:
+    """`OrderGuard.hold` now walks the whole held queue for every event it holds (looking
+    for a later event of the same partition to go before). In a backlog whose changes
+    touch codes of unfinished tasks (the same codes changed A, B, A by several lines),
+    tens of thousands of events are held: 6 000 take seconds of the event loop, 20 000
+    about a minute (measured: 2 s for 5 000, 12 s for 10 000, 51 s for 20 000), in
+    steps of 64 records between yields."""
+    import time
+
+    from service.core.ordering import Change, OrderGuard
+
+    guard: OrderGuard[int] = OrderGuard()
+    started = time.perf_counter()
+    for number in range(6000):
+        change_ = Change({"extended_id": (f"code-{number}",)}, {"intended_market": "A"})
+        guard.hold(number, change_, ("in", number % 6, number))
+    took = time.perf_counter() - started
+    assert took < 1.0, f"holding 6 000 events in order took {took:.1f} s"
