@@ -397,3 +397,44 @@ def test_holding_events_behind_a_claim_costs_time_linear_in_their_number() -> No
         guard.hold(number, change_, ("in", number % 6, number))
     took = time.perf_counter() - started
     assert took < 1.0, f"holding 6 000 events in order took {took:.1f} s"
+
+
+# -- 7. A batch given up with its old intent resolves by that intent's resolve_after -----
+
+
+async def test_a_batch_given_up_is_resolved_by_its_newest_intent_not_by_the_one_it_wrote() -> None:
+    """R1's batch was in flight when its partition moved; R2 resolved its intent (no task
+    found) and sends it again under a fresh intent (attempt 1, `send_by` ahead). R1's view
+    reads that intent while the batch is still in flight here: ignored as R1's own. Then
+    R1's uploader gives the batch up with the intent it wrote (attempt 0, long past its
+    `resolve_after`), and `IntentWatch.opened` keeps that one. Once the partition is R1's
+    again, R1 resolves at once, while R2's request may still be on its way: the lookup
+    finds nothing yet, R1 sends the batch a third time, two tasks."""
+    from datetime import UTC, datetime, timedelta
+
+    from service.relay.messages import IntentOpened
+    from tests.unit.relay.test_intake import rig, running
+    from tests.unit.relay.test_intents import intent
+
+    subject = rig()
+    offset = subject.consumer.append(change(["a"]))
+    under_way = _batch_at(offset, "a")
+    subject.book.handed_on(under_way)
+    written = intent(["a"], [(0, offset)], batch_id=under_way.batch_id, resolve_in_s=-30)
+    now = datetime.now(UTC)
+    resent = written.model_copy(
+        update={
+            "attempt": 1,
+            "send_by": now + timedelta(seconds=10),
+            "resolve_after": now + timedelta(seconds=75),
+        }
+    )
+    await subject.inbox.tell(IntentOpened(resent))  # R2's, read while in flight here
+    await subject.inbox.tell(BatchAbandoned(under_way.batch_id, written))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    async with running(subject):
+        await asyncio.sleep(0.5)
+    assert subject.queue.resolutions == [], (
+        "resolved by the intent this process wrote although a newer one allows sending "
+        "for 10 s more"
+    )
