@@ -438,3 +438,41 @@ async def test_a_batch_given_up_is_resolved_by_its_newest_intent_not_by_the_one_
         "resolved by the intent this process wrote although a newer one allows sending "
         "for 10 s more"
     )
+
+
+# -- 8. A resolution under way at a revoke deadline is handed out a second time ----------
+
+
+async def test_an_orphan_is_resolved_once_although_a_rebalance_came_while_it_was_resolved() -> None:
+    """Intake hands an orphan intent to an uploader, which starts looking it up (the
+    API is down: lookups retry). A rebalance: `IntentWatch.forget_held` marks every
+    intent not resolving, the revoke's deadline passes with the resolution still under
+    way, `keep_in_flight` forgets its batch (no intent of this process's was written
+    for it) and releases the intent's claim. The partition is assigned again, its event
+    read and held again, and `due()` hands the same intent out once more: two uploaders
+    resolve one intent. When the API answers, both find no task and both send the
+    batch (two tasks, codes updated twice), or both adopt the one task (recorded twice)."""
+    from service.relay.messages import IntentOpened
+    from tests.unit.relay.test_intake import rig, running
+    from tests.unit.relay.test_intents import intent
+
+    subject = rig(rebalance_timeout_s=0.2)
+    tp = TopicPartition("in", 0)
+    offset = subject.consumer.append(change(["a"]))
+    orphan = intent(["a"], [(0, offset)], resolve_in_s=-1)
+    await subject.inbox.tell(IntentOpened(orphan))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    started: list[Resolution] = []
+    async with running(subject):
+        async with asyncio.timeout(2):
+            while not subject.queue.resolutions:  # noqa: ASYNC110 - the fakes do not notify
+                await asyncio.sleep(0.01)
+        # An uploader took it and is looking the task up (not queued any more).
+        started += subject.queue.resolutions
+        subject.queue.resolutions = []
+        await subject.intake.partitions_revoked({tp})
+        await subject.intake.partitions_assigned({tp})
+        await asyncio.sleep(0.5)
+    again = [r for r in subject.queue.resolutions if r.intent.batch_id == orphan.batch_id]
+    assert len(started) == 1
+    assert again == [], "the intent handed out again while its first resolution is under way"
