@@ -476,3 +476,73 @@ async def test_an_orphan_is_resolved_once_although_a_rebalance_came_while_it_was
     again = [r for r in subject.queue.resolutions if r.intent.batch_id == orphan.batch_id]
     assert len(started) == 1
     assert again == [], "the intent handed out again while its first resolution is under way"
+
+
+# -- 9. The progress record the commit names is not waited for ---------------------------
+
+
+class LaggingLedger(Ledger):
+    """A ledger view that has not yet read the partition's latest progress record, and
+    whose end offsets cannot be asked for right now (a leader moving: KafkaError)."""
+
+    def __init__(self, progress: dict[tuple[str, int], bytes]) -> None:
+        super().__init__(progress)
+        self.caught_up = False
+
+    async def end_offsets(self) -> dict[int, int]:
+        from aiokafka.errors import KafkaConnectionError
+
+        raise KafkaConnectionError("leader not available")
+
+    def progress(self, topic: str, partition: int) -> bytes | None:
+        return super().progress(topic, partition) if self.caught_up else None
+
+
+async def test_intake_waits_for_the_progress_record_its_commit_point_names() -> None:
+    """The commit metadata names its progress record by digest (`scm-relay:2:<digest>`),
+    so a new owner knows exactly which record it needs. When the ledger's end cannot be
+    asked for at the assignment (`_ledger_end` returns None, logged as
+    `ledger_end_unknown_at_assignment`), intake applies whatever the view has read at
+    once, here nothing, and sends again the event the committed record says is done."""
+    record = encode_progress("in", 0, Progress(0, (1,), {}))
+    ledger = LaggingLedger({("in", 0): record})
+    consumer, inbox, queue, committer = (
+        FakeConsumer("in", 1),
+        Mailbox[IntakeMessage](100),
+        Queue(),
+        Committer(),
+    )
+    admin, health = FakeAdmin(), ApiHealth()
+    health.accepted("me")
+    intake = Intake(
+        config(batch_max_values=1),
+        consumer=consumer,
+        group_offsets=admin,
+        inbox=inbox,
+        admission=Admission(Batcher(max_values=1, max_keys=1, linger_s=0.05, max_open_batches=100)),
+        book=OffsetBook(),
+        uploaders=queue,
+        committer=committer,
+        health=health,
+        metrics=RelayMetrics(CollectorRegistry()),
+        clock=lambda: asyncio.get_running_loop().time(),
+        ledger=ledger,
+    )
+    tp = TopicPartition("in", 0)
+    admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(record))
+    for code in "abc":
+        consumer.append(change([code]))
+    await intake.partitions_assigned({tp})
+    await inbox.tell(LedgerCaughtUp(0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(intake.run(stop))
+    try:
+        await asyncio.sleep(0.3)
+        ledger.caught_up = True  # the view reads the record now
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert values(queue.batches) == [["a"], ["c"]], (
+        "an event the committed record covers went again"
+    )
