@@ -546,3 +546,63 @@ async def test_intake_waits_for_the_progress_record_its_commit_point_names() -> 
     assert values(queue.batches) == [["a"], ["c"]], (
         "an event the committed record covers went again"
     )
+
+
+# -- 10. A flush-and-hold cut off by the revoke deadline holds the committer later -------
+
+
+async def test_a_hold_whose_flush_timed_out_does_not_hold_the_committer_after_resume() -> None:
+    """(Present before this change too.) The revoke's deadline passes while
+    `flush_and_hold` waits behind a slow transaction: intake calls `hold()`, but the
+    `Flush(then_hold=True)` stays queued. At the assignment `resume()` lets it through,
+    and the transaction that commits it holds the committer again, now for good: nothing
+    is committed until the next rebalance (uploads wait for their records, intents are
+    never written, intake fills up and pauses)."""
+    from service.core.contract import Reason, Stage
+    from service.core.records import DeadLetterHeaders
+    from service.relay.committer import Committer as RealCommitter
+    from service.relay.ledger import WrittenRecords
+    from service.relay.messages import DeadLetter
+    from tests.unit.relay.fakes import FakeAccounting, FakeProducer
+    from tests.unit.relay.test_intents import Membership
+
+    producer, accounting = FakeProducer(), FakeAccounting()
+    stage = RealCommitter(
+        config(),
+        producer=producer,
+        accounting=accounting,
+        written=WrittenRecords(),
+        metrics=RelayMetrics(CollectorRegistry()),
+        membership=Membership(),
+    )
+    runner = asyncio.create_task(stage.run())
+    producer.hold_commit = asyncio.Event()  # the broker is slow to commit
+    headers = DeadLetterHeaders(
+        stage=Stage.DECODE,
+        reason=Reason.INVALID_JSON,
+        message="x",
+        source_topic="in",
+        source_partition=0,
+        source_offset=0,
+    )
+    await stage.submit(DeadLetter(Source("in", 0, 0), b"{", None, headers))
+    await asyncio.sleep(0.05)  # its transaction waits for the broker
+    try:
+        async with asyncio.timeout(0.1):  # intake's revoke deadline
+            await stage.flush_and_hold()
+    except TimeoutError:
+        stage.hold()
+    producer.hold_commit.set()
+    producer.hold_commit = None
+    await asyncio.sleep(0.05)
+    stage.resume()  # the assignment
+    await asyncio.sleep(0.1)  # the stale flush commits
+    try:
+        await asyncio.wait_for(stage.flush(), 1)
+        committing = True
+    except TimeoutError:
+        committing = False
+    stage.resume()  # let close() through either way
+    await stage.close()
+    await asyncio.wait_for(runner, 2)
+    assert committing, "the committer is held again after the assignment"
