@@ -200,10 +200,25 @@ class PartitionOffsets:
         if progress is None:
             return
         floor = self.committed[0] if self.committed is not None else progress.commit
+        if progress.commit > floor:
+            # The record is read only once its transaction committed, and the offsets
+            # committed in it with it: below its commit point is done, even when the
+            # commit point fetched is older (an offset fetch does not wait for a
+            # transaction still open then, as aiokafka's OffsetFetch v3 does not).
+            self._done_above.update(range(floor, progress.commit))
+            for offset in [o for o in self._partial if floor <= o < progress.commit]:
+                del self._partial[offset]
         self._done_above.update(o for o in progress.done if o >= floor)
         for offset, (total, done) in progress.partial.items():
             if offset >= floor and offset not in self._done_above:
                 self.values_done(offset, total, done)
+        # Events held in flight here (an upload of this process under way when the
+        # partition came back) that the previous owner finished: accounted, or they
+        # would hold the commit point for ever.
+        for offset in [o for o in self._pending if o in self._done_above]:
+            self._pending.discard(offset)
+            self._in_flight.discard(offset)
+            self._partial.pop(offset, None)
         self._version += 1
 
     def done(self, offset: int) -> None:
@@ -318,6 +333,11 @@ class PartitionOffsets:
     def unaccounted(self) -> int:
         """How many received events are not accounted for."""
         return len(self._pending)
+
+    @property
+    def next_to_read(self) -> int:
+        """The offset after the last one read (or the restored commit point); 0 before."""
+        return self._next_after_last if self._next_after_last is not None else 0
 
     @property
     def read_ahead(self) -> int:

@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterable
 
 from service.core.batching import Batch, Done, Part, Source
 from service.core.offsets import Checkpoint, OffsetTracker, PartitionOffsets, Progress
+from service.core.records import IntentRecord
 
 Ownership = dict[tuple[str, int], int]
 
@@ -30,6 +31,8 @@ class OffsetBook:
         self._offsets = OffsetTracker()
         self._in_flight: dict[str, Batch] = {}
         self._intent_written: set[str] = set()  # in-flight batches with an intent in the ledger
+        # The newest intent the ledger showed for each batch in flight (bounded by them).
+        self._intents_seen: dict[str, IntentRecord] = {}
         self._settled = asyncio.Event()
         self._settled.set()
         # Ownership: a token per owned partition, new whenever the partition may have had
@@ -96,6 +99,11 @@ class OffsetBook:
         tracker = self._offsets.tracked(topic, partition)
         return tracker.read_ahead if tracker is not None else 0
 
+    def next_to_read(self, topic: str, partition: int) -> int:
+        """The offset after the last one read of the partition (0 before any)."""
+        tracker = self._offsets.tracked(topic, partition)
+        return tracker.next_to_read if tracker is not None else 0
+
     def read_to(self, topic: str, partition: int, position: int) -> bool:
         """The consumer's position past transaction markers (see PartitionOffsets.read_to);
         True when the partition's commit point moved."""
@@ -113,13 +121,30 @@ class OffsetBook:
         """The batch of this process between intake and the ledger, if `batch_id` is one."""
         return self._in_flight.get(batch_id)
 
+    def intent_seen(self, record: IntentRecord) -> None:
+        """The ledger showed an intent for a batch in flight here (its own, or a renewal by
+        another process that resolved it after the partitions moved)."""
+        if record.batch_id in self._in_flight:
+            known = self._intents_seen.get(record.batch_id)
+            if known is None or record.attempt >= known.attempt:
+                self._intents_seen[record.batch_id] = record
+
+    def intent_seen_last(self, batch_id: str) -> IntentRecord | None:
+        """The newest intent the ledger showed for `batch_id` while it was in flight."""
+        return self._intents_seen.get(batch_id)
+
     def is_in_flight(self, batch_id: str) -> bool:
         """Whether `batch_id` is a batch of this process between intake and the ledger."""
         return batch_id in self._in_flight
 
-    def handed_on(self, batch: Batch) -> None:
-        """`batch` left intake for the uploaders, under the partitions' current owners."""
+    def handed_on(self, batch: Batch, *, intent_in_ledger: bool = False) -> None:
+        """`batch` left intake for the uploaders, under the partitions' current owners.
+        `intent_in_ledger`: a resolution of another process's intent (kept in flight at
+        a rebalance deadline like a batch whose intent this process wrote: it may be
+        sent, and must not be handed out a second time)."""
         self._in_flight[batch.batch_id] = batch
+        if intent_in_ledger:
+            self._intent_written.add(batch.batch_id)
         self._batch_tokens[batch.batch_id] = {
             key: self._tokens.get(key, 0) for key in _partitions(batch)
         }
@@ -136,6 +161,7 @@ class OffsetBook:
         events are read again, so nothing of them will be accounted for here."""
         for batch_id in batch_ids:
             batch = self._in_flight.pop(batch_id, None)
+            self._intents_seen.pop(batch_id, None)
             self._intent_written.discard(batch_id)
             self._batch_tokens.pop(batch_id, None)
             if batch is not None:
@@ -228,6 +254,7 @@ class OffsetBook:
         a whole event, or some values of an event cut across batches (the event once all
         of its values are)."""
         self._in_flight.pop(batch.batch_id, None)
+        self._intents_seen.pop(batch.batch_id, None)
         self._intent_written.discard(batch.batch_id)
         self._batch_tokens.pop(batch.batch_id, None)
         for part in batch.parts:

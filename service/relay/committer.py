@@ -236,7 +236,10 @@ class Committer:
                 else:
                     item.written.set_result(None)
             elif isinstance(item, LedgerAppend) and not item.recorded.done():
-                item.recorded.set_result(None)
+                if item.refused:
+                    item.recorded.set_exception(BatchRevokedError(item.batch.batch_id))
+                else:
+                    item.recorded.set_result(None)
             elif isinstance(item, Flush) and not item.flushed.done():
                 item.flushed.set_result(None)
         if advanced:
@@ -267,6 +270,11 @@ class Committer:
             )
             self._written.remember_intent(intent, item.record)
         elif isinstance(item, LedgerAppend):
+            if not self._accounting.owns(item.batch):
+                # Queued before a rebalance, committed after it: the partitions' new owner
+                # resolves the batch's intent (and records its task) instead.
+                item.refused = True
+                return
             for record in (item.record, *item.more):
                 await producer.send(
                     config.tasks_topic,

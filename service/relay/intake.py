@@ -386,8 +386,11 @@ class Intake:
                 self._ledger_read = True
             elif isinstance(message, IntentOpened):
                 record = message.record
-                # Not this process's own, nor closed already.
-                if not self._book.is_in_flight(record.batch_id) and self._intents.opened(record):
+                if self._book.is_in_flight(record.batch_id):
+                    # This process's own, or a renewal by the partitions' new owner that
+                    # resolved it: remembered in case the batch is given up here.
+                    self._book.intent_seen(record)
+                elif self._intents.opened(record):  # (not closed already)
                     self._admission.claim_task(record.batch_id, record.constraints, record.scm_data)
             elif isinstance(message, IntentClosed):
                 closed = self._intents.closed(message.batch_id, recorded=bool(message.task_ids))
@@ -418,11 +421,15 @@ class Intake:
         this intake already read: when it took a partition back, it skipped them as in
         flight), and it is resolved by whoever owns its first partition."""
         batch = self._book.in_flight(message.batch_id)
+        seen = self._book.intent_seen_last(message.batch_id)
         self._book.forget([message.batch_id])
         self._admission.release(message.batch_id)
         intent = message.intent
+        if intent is not None and seen is not None and seen.attempt > intent.attempt:
+            intent = seen  # another owner renewed it since: its window is the one that holds
         if intent is None or not self._intents.opened(intent):
             return  # no intent, or closed meanwhile (resolved by another process)
+        self._intents.given_up(intent.batch_id)
         self._admission.claim_task(intent.batch_id, intent.constraints, intent.scm_data)
         if batch is None:
             return
@@ -506,6 +513,9 @@ class Intake:
         limit = self._config.max_read_ahead
         for tp in assignment:
             if self._book.read_ahead(tp.topic, tp.partition) >= limit:
+                needed = self._intents.needed_up_to(tp.topic, tp.partition)
+                if needed is not None and self._book.next_to_read(tp.topic, tp.partition) <= needed:
+                    continue  # an open intent's events lie further: read on to them
                 # Read far enough beyond its commit point: the partition waits for it.
                 paused.add(tp)
         if not paused:
@@ -656,7 +666,7 @@ class Intake:
         leaves its group, and an API outage of a minute would move the partitions.
         """
         batch = job.batch if isinstance(job, Resolution) else job
-        self._book.handed_on(batch)
+        self._book.handed_on(batch, intent_in_ledger=isinstance(job, Resolution))
         epoch = self._rebalances
         while not stop.is_set():
             # Counted from intake's last poll: many short waits in a row add up too.
@@ -712,7 +722,7 @@ class Intake:
         self._awaiting_progress = set()
         batch_ids, dropped = self._admission.drop_unsent(self._uploaders.take_queued())
         self._book.forget(batch_ids)
-        dropped += self._intents.forget_held()
+        dropped += self._intents.forget_held(under_way=self._book.is_in_flight)
         self._reclaim_intents()
         try:
             async with asyncio.timeout(self._config.rebalance_timeout_s):

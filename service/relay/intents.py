@@ -96,7 +96,13 @@ class IntentWatch:
             return False
         entry = self._open.get(record.batch_id)
         if entry is not None:
-            entry.record = record
+            # Only a newer attempt replaces it: an uploader here that gave its batch up
+            # names the intent it wrote, which another owner's resend may have renewed.
+            if (record.attempt, record.written_at) >= (
+                entry.record.attempt,
+                entry.record.written_at,
+            ):
+                entry.record = record
             return True
         self._open[record.batch_id] = _Open(record)
         for source in record.events:
@@ -185,15 +191,37 @@ class IntentWatch:
             ready.append((resolution_batch(record, entry.held), record, sources))
         return ready
 
-    def forget_held(self) -> int:
+    def forget_held(self, under_way: Callable[[str], bool]) -> int:
         """The partitions were revoked: held events are read again by their next owner,
-        and resolutions not under way are handed out again. Returns the events dropped."""
+        and resolutions not `under_way` (dropped from the queue) are handed out again;
+        one an uploader runs stays its own until it ends or is given up (`given_up`).
+        Returns the events dropped."""
         dropped = 0
-        for entry in self._open.values():
+        for batch_id, entry in self._open.items():
             dropped += len(entry.held)
             entry.held.clear()
-            entry.resolving = False
+            if not under_way(batch_id):
+                entry.resolving = False
         return dropped
+
+    def needed_up_to(self, topic: str, partition: int) -> int | None:
+        """The furthest offset of this partition an open intent covers: read up to it
+        whatever the read-ahead bound says, or its resolver, which needs every event
+        of the intent held, would wait behind a commit point that waits for it."""
+        furthest = None
+        for entry in self._open.values():
+            for source in entry.record.events:
+                if source.topic == topic and source.partition == partition:
+                    if furthest is None or source.offset > furthest:
+                        furthest = source.offset
+        return furthest
+
+    def given_up(self, batch_id: str) -> None:
+        """An uploader of this process gave up resolving `batch_id`'s intent (its
+        partitions moved): whoever owns them next resolves it, this process included."""
+        entry = self._open.get(batch_id)
+        if entry is not None:
+            entry.resolving = False
 
     def claims(self) -> list[IntentRecord]:
         """Every open intent (their codes are claimed by the order guard)."""

@@ -58,6 +58,7 @@ class LedgerAppend:
     recorded: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    refused: bool = False  # the batch's partitions moved before it could be recorded
 
 
 @dataclass

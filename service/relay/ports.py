@@ -192,6 +192,9 @@ class Accounting(Protocol):
     def claim_intent(self, batch_id: str) -> bool:
         """May this batch's intent be written (the batch was not revoked)?"""
 
+    def owns(self, batch: Batch) -> bool:
+        """Are the batch's partitions still this intake's, as when it was handed on?"""
+
     def checkpoints(self) -> dict[tuple[str, int], Checkpoint]:
         """Partitions whose progress moved: offset, metadata and progress record."""
 

@@ -235,7 +235,7 @@ class Uploaders:
                 action="adopted" if found else "resent",
             )
             if found:
-                await self._record(job, found, utcnow(), bound)
+                await self._record(job, found, utcnow(), bound, resolving)
                 return
             attempt = resolving.attempt + 1
         window: SendWindow | None = None
@@ -244,13 +244,15 @@ class Uploaders:
             if self._stopping.is_set() and self._health.refusal is not None:
                 return
             if window is None or not self._may_send(window, bound):
-                intent, window = job.intent(attempt)
+                renewal, window = job.intent(attempt)
                 try:
-                    await self._committer.write_intent(IntentWrite(intent))
+                    await self._committer.write_intent(IntentWrite(renewal))
                 except BatchRevokedError:
                     bound.info("batch_revoked_before_sending")
-                    await self._abandon(job, None, bound)
+                    # The intent written before (a renewal refused) is still open.
+                    await self._abandon(job, intent or resolving, bound)
                     return
+                intent = renewal
                 if not self._may_send(window, bound):
                     window = None  # the clock jumped while the intent was committed
                     continue
@@ -289,13 +291,13 @@ class Uploaders:
                             await self._abandon(job, intent, bound)
                             return
                     if found:
-                        await self._record(job, found, submitted_at, bound)
+                        await self._record(job, found, submitted_at, bound, intent)
                         return
                     # Looked up after its timeout: no task exists, so the batch goes again.
                     attempt += 1
                     continue
                 if isinstance(outcome, Accepted):
-                    await self._record(job, [outcome.task_id], submitted_at, bound)
+                    await self._record(job, [outcome.task_id], submitted_at, bound, intent)
                     return
                 if isinstance(outcome, Rejected):
                     bound.warning("batch_rejected", status=outcome.status, errors=outcome.errors)
@@ -348,9 +350,12 @@ class Uploaders:
         task_ids: list[str],
         submitted_at: datetime,
         bound: structlog.typing.FilteringBoundLogger,
+        intent: IntentRecord | None,
     ) -> None:
         """Record the batch's task(s), closing its intent; the next batch only once they
-        are in the ledger, so a crash leaves at most one unrecorded task per uploader."""
+        are in the ledger, so a crash leaves at most one unrecorded task per uploader.
+        A record the committer refuses (the partitions moved before it was committed)
+        gives the batch up: `intent` stays open for the new owner, who finds the task."""
         batch = job.batch
         self._health.upload_accepted()
         reason = (batch.flush_reason or FlushReason.SHUTDOWN).value
@@ -368,7 +373,10 @@ class Uploaders:
         append = LedgerAppend(records[0], batch, more=records[1:], sources=job.sources)
         await self._committer.submit(append)
         if not self._deadline_passed:
-            await append.recorded
+            try:
+                await append.recorded
+            except BatchRevokedError:
+                await self._abandon(job, intent, bound)
 
     async def _abandon(
         self,
@@ -416,6 +424,8 @@ class Uploaders:
             found = await self._reconciler.find(
                 job.batch, job.request, job.first_sent, sends=job.sends
             )
+            if isinstance(found, list) and not self._owns(job.batch):
+                return None  # answered after the partitions moved: their owner resolves
             if isinstance(found, list):
                 self._metrics.reconciliations.labels("task" if found else "none").inc()
                 bound.info("batch_reconciled", task_ids=found, reference=job.request.reference)

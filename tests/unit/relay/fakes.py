@@ -271,6 +271,9 @@ class FakeAccounting:
     def claim_intent(self, batch_id: str) -> bool:
         return batch_id not in self.revoked
 
+    def owns(self, batch: Batch) -> bool:
+        return batch.batch_id not in self.revoked
+
     def sources_done(self, sources: Iterable[Done | Source]) -> int:
         done = list(sources)
         self.sources.extend(done)
