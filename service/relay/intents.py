@@ -208,13 +208,13 @@ class IntentWatch:
         """The furthest offset of this partition an open intent covers: read up to it
         whatever the read-ahead bound says, or its resolver, which needs every event
         of the intent held, would wait behind a commit point that waits for it."""
-        furthest = None
-        for entry in self._open.values():
-            for source in entry.record.events:
-                if source.topic == topic and source.partition == partition:
-                    if furthest is None or source.offset > furthest:
-                        furthest = source.offset
-        return furthest
+        offsets = [
+            source.offset
+            for entry in self._open.values()
+            for source in entry.record.events
+            if source.topic == topic and source.partition == partition
+        ]
+        return max(offsets, default=None)
 
     def given_up(self, batch_id: str) -> None:
         """An uploader of this process gave up resolving `batch_id`'s intent (its

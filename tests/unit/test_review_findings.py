@@ -398,7 +398,7 @@ def test_holding_events_in_the_order_they_were_read_scans_nothing() -> None:
             return super().__iter__()
 
     guard: OrderGuard[int] = OrderGuard()
-    guard._held = CountingDeque()  # type: ignore[assignment]
+    guard._held = CountingDeque()
     for number in range(600):
         change_ = Change({"extended_id": (f"code-{number}",)}, {"intended_market": "A"})
         guard.hold(number, change_, ("in", number % 6, number))
