@@ -105,6 +105,7 @@ class Committer:
         self._queue: asyncio.Queue[CommitItem | None] = asyncio.Queue(maxsize=COMMIT_BATCH_MAX * 4)
         self._free = asyncio.Event()  # cleared while a rebalance holds commits (`hold`)
         self._free.set()
+        self._hold_round = 0  # moved on by every `resume`
 
     async def submit(self, item: CommitItem) -> None:
         """Queue `item` for the next transaction (waits for room)."""
@@ -138,7 +139,7 @@ class Committer:
         moves on (seen as ILLEGAL_GENERATION right after a rebalance)."""
         if not self._free.is_set():
             return  # already held: nothing more will be committed before `resume`
-        flush = Flush(then_hold=True)
+        flush = Flush(then_hold=True, hold_round=self._hold_round)
         await self._queue.put(flush)
         await flush.flushed
 
@@ -149,6 +150,7 @@ class Committer:
 
     def resume(self) -> None:
         """The group assigned partitions (the generation is current): commit again."""
+        self._hold_round += 1
         self._free.set()
 
     async def close(self) -> None:
@@ -225,7 +227,10 @@ class Committer:
             log.exception("transaction_failed", items=len(items))
             raise
         self._metrics.last_commit.set(wall_time())
-        if any(isinstance(item, Flush) and item.then_hold for item in items):
+        if any(
+            isinstance(item, Flush) and item.then_hold and item.hold_round == self._hold_round
+            for item in items
+        ):
             self._free.clear()
         for done in finished:
             done()

@@ -464,6 +464,30 @@ class Intake:
             )
             await self._send(Resolution(batch, record, sources), stop)
 
+    def _progress_not_read_yet(self) -> bool:
+        """Whether a partition's commit names a progress record (by digest) that the
+        ledger view has not read yet: it has none, or only one older than the commit
+        point. Committed, the named record is in the ledger until a newer one replaces it
+        (the ledger is compacted, never deleted): waiting for it is bounded by the view's
+        reading, even when where the ledger ends could not be asked at the assignment."""
+        if self._ledger is None:
+            return False
+        for tp in self._awaiting_progress:
+            committed = self._book.committed(tp.topic, tp.partition)
+            if committed is None or not committed[1].startswith(METADATA_PREFIX):
+                continue
+            raw = self._ledger.progress(tp.topic, tp.partition)
+            if raw is None:
+                return True
+            if committed[1] == METADATA_PREFIX + progress_digest(raw):
+                continue
+            try:
+                if decode_progress(raw).commit < committed[0]:
+                    return True  # an older one: the named one is further in the ledger
+            except ValueError:
+                continue  # unreadable: said when applied
+        return False
+
     def _apply_progress(self) -> None:
         """The ledger is read to where it ended at the assignment: what the assigned
         partitions' progress records say is done above their commit points (and what
@@ -534,6 +558,8 @@ class Intake:
                 return "reading the ledger to where it ended at the assignment"
             self._ledger_target = None
         if self._awaiting_progress:
+            if self._progress_not_read_yet():
+                return "reading the progress records the commit points name"
             self._apply_progress()
         if self._ledger is not None and self._ledger.stopped():
             # Intents and tasks past the batch are unknown: events they hold could go twice.
