@@ -341,7 +341,9 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
     max_read_ahead: int = Field(
         default=50_000,
         ge=1000,
-        le=10_000_000,
+        # At most about 170 KB of progress record (16 bitmap containers of 8 KB, base64)
+        # however its done offsets are scattered: far below a topic's 1 MB max.message.bytes.
+        le=1_000_000,
         description=(
             "offsets an input partition is read beyond its commit point; past it that "
             "partition pauses until the commit point moves (it bounds the partition's "
