@@ -665,6 +665,10 @@ class SimConsumer:
 
     async def stop(self) -> None:
         """LeaveGroup; no revoke callback (as aiokafka)."""
+        if self._broker.loop.is_closed():
+            # A killed replica's coroutine, finalized by the garbage collector after the
+            # history ended: the world is gone, there is nobody to tell.
+            return
         self._closed = True
         if self._coordinator is not None:
             self._coordinator.cancel()
