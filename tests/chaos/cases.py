@@ -13,12 +13,14 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tests.chaos import netns
 from tests.chaos.broker import Broker
 from tests.chaos.harness import STEADY, Row, Size, running_case
+from tests.integration.test_exactly_once import after_resume
 
 
 @dataclass
@@ -88,17 +90,25 @@ async def relay_paused(env: Env) -> Row:
         env.logs,
         upload_rate_per_s=5,
     ) as case:
-        paused, other = await case.relay("paused"), await case.relay("other")
+        # The paused one at DEBUG: its log shows every commit that moved offsets.
+        paused = await case.relay("paused", log_level="DEBUG")
+        other = await case.relay("other")
         await case.progress(15)
         paused.send_signal(signal.SIGSTOP)
         await asyncio.sleep(pause)
+        resumed = datetime.now(UTC)
         paused.send_signal(signal.SIGCONT)
         case.fault_over()
         row = await case.finish({"other": other, "paused": paused})
-        log = case.log_path("paused").read_text()
+        zombie = after_resume(case.log_path("paused"), resumed)
+        created_at = {task.id: task.created_at for task in case.sim.account.tasks.values()}
+        problems = zombie.problems(resumed, created_at)
+        row.other_wrong += len(problems)
         row.notes.append(
-            f"the paused relay: {log.count('relay_fenced')} fenced transaction(s), "
-            f"{log.count('relay_restarting_fenced')} in-process restart(s)"
+            f"the paused relay after its resume: {zombie.count('relay_fenced')} fenced "
+            f"transaction(s), {zombie.count('batch_abandoned')} batch(es) given up, "
+            + ("then restarted in-process" if zombie.restarted else "never restarted")
+            + "".join(f"; WRONG: {problem}" for problem in problems)
         )
         return row
 
@@ -226,7 +236,7 @@ async def network_cut(env: Env) -> Row:
     fault = f"the relay cut off the network (veth down) for {seconds:g} s, then healed"
     why_not = netns.available()
     if why_not is not None:
-        return Row(case="network_cut", fault=fault, notes=[f"not run: {why_not}"])
+        return Row(case="network_cut", fault=fault, skipped=why_not)
     with netns.namespace() as space:
         # A broker and a simulator the namespace reaches over the veth pair.
         broker = Broker(env.logs / "veth-broker", host=netns.HOST_ADDRESS)

@@ -74,12 +74,18 @@ class Row:
     recovery_s: float | None = None
     total_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # Why the case could not run here (then none of its figures were measured).
+    skipped: str | None = None
+    # What the case checks beyond the columns and found wrong (in the notes too).
+    other_wrong: int = 0
 
     @property
     def clean(self) -> bool:
-        """Nothing lost, nothing twice, order kept, every task once with one result."""
-        return not (
+        """Ran, and nothing lost, nothing twice, order kept, every task once with one
+        result, every dead letter once."""
+        return self.skipped is None and not (
             self.lost
+            or self.other_wrong
             or self.twice
             or self.out_of_order
             or self.not_recorded_once
