@@ -225,6 +225,13 @@ async def relay_process(
             await process.wait()
 
 
+def holds_partitions(log: Path) -> bool:
+    """Whether the relay logging to `log` was last assigned some input partitions."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    assigned = [line for line in lines if '"partitions_assigned"' in line]
+    return bool(assigned) and '"partitions": []' not in assigned[-1]
+
+
 async def ledger_task_ids(bootstrap: str, topic: str, timeout_s: float = 60) -> list[str]:
     """Task ids of every committed task record (not tombstones, not intents), in log order.
 

@@ -26,6 +26,7 @@ from tests.integration.test_pipeline_resilience import applications, by_code, on
 from tests.kafka_support import TopicFactory, admin_client
 from tests.pipeline_support import (
     Topics,
+    holds_partitions,
     ledger_task_ids,
     make_topics,
     publish,
@@ -142,12 +143,7 @@ class Case:
     async def joined(self, name: str, timeout_s: float = 90) -> None:
         """Wait until relay `name` has been assigned input partitions."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            log = self.log_path(name)
-            lines = log.read_text().splitlines() if log.exists() else []
-            assigned = [line for line in lines if '"partitions_assigned"' in line]
-            if assigned and '"partitions": []' not in assigned[-1]:
-                return
+        while not holds_partitions(self.log_path(name)):
             assert time.monotonic() < deadline, f"relay {name} never got partitions"
             await asyncio.sleep(0.2)
 

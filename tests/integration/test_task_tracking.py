@@ -18,6 +18,7 @@ from tests.api_support import simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     event,
+    holds_partitions,
     ledger_task_ids,
     make_topics,
     publish,
@@ -197,11 +198,7 @@ async def test_each_task_yields_exactly_one_result_across_kills_and_a_takeover(
 
 async def _holds_partitions(log: Path, timeout_s: float = 90) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        lines = log.read_text().splitlines() if log.exists() else []
-        assigned = [line for line in lines if '"partitions_assigned"' in line]
-        if assigned and '"partitions": []' not in assigned[-1]:
-            return
+    while not holds_partitions(log):
         assert asyncio.get_running_loop().time() < deadline, "the relay never got partitions"
         await asyncio.sleep(0.2)
 
