@@ -12,14 +12,16 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tests.chaos import netns
+from tests.chaos.backlog import interleaved
 from tests.chaos.broker import Broker
-from tests.chaos.harness import STEADY, Row, Size, running_case
+from tests.chaos.harness import STEADY, Case, Row, Size, running_case
 from tests.integration.test_exactly_once import after_resume
 
 
@@ -263,6 +265,69 @@ async def network_cut(env: Env) -> Row:
             await asyncio.to_thread(broker.stop)
 
 
+# Requests of up to 250 values: the large events are cut across several, and the
+# backlog drains in well under a minute at the API's 10 uploads per second.
+INTERLEAVED_MAX_VALUES = 250
+
+
+def interleaved_case(env: Env, name: str, what: str) -> AbstractAsyncContextManager[Case]:
+    """A case draining a few thousand interleaved events over 6 partitions
+    (tests/chaos/backlog.py), broken as `what` says."""
+    backlog = interleaved(env.rng, events=env.times(3000, 600), partitions=6)
+    fault = (
+        f"{what}; {backlog.events} events (1 to {backlog.largest} values, {backlog.values} "
+        "in all) of 5 interleaved scm_data groups, shared references, A, B, A codes"
+    )
+    return running_case(
+        name,
+        fault,
+        env.broker.bootstrap,
+        env.size,
+        env.logs,
+        backlog=backlog,
+        batch_max_values=INTERLEAVED_MAX_VALUES,
+    )
+
+
+async def interleaved_sigkill(env: Env) -> Row:
+    async with interleaved_case(env, "interleaved_sigkill", "relay SIGKILL mid-drain") as case:
+        first = await case.relay("k0")
+        await case.progress(case.uploads // 3, timeout_s=180)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        case.moment("killed")
+        case.fault_over()
+        last = await case.relay("last")
+        return await case.finish({"last": last})
+
+
+async def interleaved_join(env: Env) -> Row:
+    joins = "a second replica joins mid-drain"
+    async with interleaved_case(env, "interleaved_join", joins) as case:
+        first = await case.relay("r0")
+        await case.progress(case.uploads // 4, timeout_s=180)
+        second = await case.relay("r1")
+        await case.joined("r1")
+        case.moment("r1 joined")
+        case.fault_over()
+        return await case.finish({"r0": first, "r1": second})
+
+
+async def interleaved_leave(env: Env) -> Row:
+    what = "one of two replicas leaves (SIGTERM) mid-drain"
+    async with interleaved_case(env, "interleaved_leave", what) as case:
+        stays = await case.relay("r0")
+        leaves = await case.relay("r1")
+        await case.joined("r0")
+        await case.joined("r1")
+        await case.progress(case.uploads // 3, timeout_s=180)
+        if await case.stop(leaves, "r1") != 0:
+            case.row.notes.append(f"r1 exited {leaves.returncode} at its SIGTERM")
+        case.moment("r1 left")
+        case.fault_over()
+        return await case.finish({"r0": stays})
+
+
 def api_storm(
     name: str,
     fault: str,
@@ -317,6 +382,9 @@ CASES: list[Callable[[Env], Awaitable[Row]]] = [
     relay_sigterm,
     relay_paused,
     scale_1_3_1,
+    interleaved_sigkill,
+    interleaved_join,
+    interleaved_leave,
     broker_sigkill,
     broker_paused,
     cluster_leader_lost,
