@@ -96,6 +96,9 @@ async def relay_paused(env: Env) -> Row:
         paused = await case.relay("paused", log_level="DEBUG")
         other = await case.relay("other")
         await case.progress(15)
+        # Paused while it holds partitions (on a busy machine it may still be starting).
+        await case.joined("paused")
+        await case.joined("other")
         paused.send_signal(signal.SIGSTOP)
         await asyncio.sleep(pause)
         resumed = datetime.now(UTC)

@@ -32,6 +32,7 @@ from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     Topics,
     event,
+    holds_partitions,
     ledger_task_ids,
     make_topics,
     open_intents,
@@ -241,6 +242,7 @@ class AfterResume:
 
     lines: list[dict[str, Any]]
     restarted: bool
+    held: bool  # it held input partitions when it was paused
 
     def count(self, event: str) -> int:
         return sum(1 for line in self.lines if line.get("event") == event)
@@ -266,6 +268,8 @@ class AfterResume:
         """Why the first incarnation is not known to have written nothing after the
         resume (empty when it is)."""
         found = []
+        if not self.held:
+            found.append("it held no partitions when paused: the pause tested nothing")
         if not self.fenced:
             found.append("its log shows no fenced transaction and no batch given up")
         if not self.restarted:
@@ -282,16 +286,19 @@ def after_resume(log: Path, resumed: datetime) -> AfterResume:
     while a process is stopped) to its first `relay_restarting_fenced`, inclusive. The
     replica must log at DEBUG: `offsets_committed` shows each commit that moved offsets."""
     lines: list[dict[str, Any]] = []
+    held = False
     for text in log.read_text().splitlines():
         if not text.startswith("{"):
             continue  # aiokafka's own lines
         line = json.loads(text)
         if datetime.fromisoformat(line["timestamp"]) < resumed:
+            if line.get("event") in ("partitions_assigned", "partitions_revoked"):
+                held = line["event"] == "partitions_assigned" and bool(line["partitions"])
             continue
         lines.append(line)
         if line.get("event") == "relay_restarting_fenced":
-            return AfterResume(lines, restarted=True)
-    return AfterResume(lines, restarted=False)
+            return AfterResume(lines, restarted=True, held=held)
+    return AfterResume(lines, restarted=False, held=held)
 
 
 def a_b_a_events(first: int, count: int) -> list[list[dict[str, Any]]]:
@@ -343,6 +350,11 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
         log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
         async with relay_process(first, log_a) as paused, relay_process(second, log_b) as other:
             await sim.wait_uploads(20, timeout_s=90)
+            # Paused while it holds partitions (it may still be starting on a busy machine).
+            deadline = asyncio.get_running_loop().time() + 90
+            while not (holds_partitions(log_a) and holds_partitions(log_b)):
+                assert asyncio.get_running_loop().time() < deadline, "a replica never joined"
+                await asyncio.sleep(0.2)
             paused.send_signal(signal.SIGSTOP)
             at_pause = sim.account.stats.uploads_accepted
             await asyncio.sleep(30)
