@@ -103,17 +103,23 @@ def event(values: list[str] | str, key: str = "extended_id", **fields: Any) -> d
     return {"constraints": {key: values}, "scm_data": fields.pop("scm_data"), **fields}
 
 
-async def publish(bootstrap: str, topic: str, events: list[Any], key_of: Any = None) -> None:
-    """Publish events (dicts are JSON-encoded, bytes sent as they are)."""
+async def publish(
+    bootstrap: str, topic: str, events: list[Any], key_of: Any = None
+) -> list[tuple[int, int]]:
+    """Publish events (dicts are JSON-encoded, bytes sent as they are); returns where
+    each landed, (partition, offset), in order."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
+    positions = []
     try:
         for item in events:
             value = item if isinstance(item, bytes) else json.dumps(item).encode()
             key = key_of(item) if key_of else None
-            await producer.send_and_wait(topic, value, key=key)
+            sent = await producer.send_and_wait(topic, value, key=key)
+            positions.append((sent.partition, sent.offset))
     finally:
         await producer.stop()
+    return positions
 
 
 async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 60) -> list[Any]:
@@ -223,6 +229,13 @@ async def relay_process(
             if process.returncode is None:
                 process.kill()
             await process.wait()
+
+
+def holds_partitions(log: Path) -> bool:
+    """Whether the relay logging to `log` was last assigned some input partitions."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    assigned = [line for line in lines if '"partitions_assigned"' in line]
+    return bool(assigned) and '"partitions": []' not in assigned[-1]
 
 
 async def ledger_task_ids(bootstrap: str, topic: str, timeout_s: float = 60) -> list[str]:

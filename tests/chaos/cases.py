@@ -12,13 +12,17 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tests.chaos import netns
+from tests.chaos.backlog import interleaved
 from tests.chaos.broker import Broker
-from tests.chaos.harness import STEADY, Row, Size, running_case
+from tests.chaos.harness import STEADY, Case, Row, Size, running_case
+from tests.integration.test_exactly_once import after_resume
 
 
 @dataclass
@@ -88,17 +92,28 @@ async def relay_paused(env: Env) -> Row:
         env.logs,
         upload_rate_per_s=5,
     ) as case:
-        paused, other = await case.relay("paused"), await case.relay("other")
+        # The paused one at DEBUG: its log shows every commit that moved offsets.
+        paused = await case.relay("paused", log_level="DEBUG")
+        other = await case.relay("other")
         await case.progress(15)
+        # Paused while it holds partitions (on a busy machine it may still be starting).
+        await case.joined("paused")
+        await case.joined("other")
         paused.send_signal(signal.SIGSTOP)
         await asyncio.sleep(pause)
+        resumed = datetime.now(UTC)
         paused.send_signal(signal.SIGCONT)
         case.fault_over()
         row = await case.finish({"other": other, "paused": paused})
-        log = case.log_path("paused").read_text()
+        zombie = after_resume(case.log_path("paused"), resumed)
+        created_at = {task.id: task.created_at for task in case.sim.account.tasks.values()}
+        problems = zombie.problems(resumed, created_at)
+        row.other_wrong += len(problems)
         row.notes.append(
-            f"the paused relay: {log.count('relay_fenced')} fenced transaction(s), "
-            f"{log.count('relay_restarting_fenced')} in-process restart(s)"
+            f"the paused relay after its resume: {zombie.count('relay_fenced')} fenced "
+            f"transaction(s), {zombie.count('batch_abandoned')} batch(es) given up, "
+            + ("then restarted in-process" if zombie.restarted else "never restarted")
+            + "".join(f"; WRONG: {problem}" for problem in problems)
         )
         return row
 
@@ -226,7 +241,7 @@ async def network_cut(env: Env) -> Row:
     fault = f"the relay cut off the network (veth down) for {seconds:g} s, then healed"
     why_not = netns.available()
     if why_not is not None:
-        return Row(case="network_cut", fault=fault, notes=[f"not run: {why_not}"])
+        return Row(case="network_cut", fault=fault, skipped=why_not)
     with netns.namespace() as space:
         # A broker and a simulator the namespace reaches over the veth pair.
         broker = Broker(env.logs / "veth-broker", host=netns.HOST_ADDRESS)
@@ -251,6 +266,69 @@ async def network_cut(env: Env) -> Row:
                 return await case.finish({"r0": relay})
         finally:
             await asyncio.to_thread(broker.stop)
+
+
+# Requests of up to 250 values: the large events are cut across several, and the
+# backlog drains in well under a minute at the API's 10 uploads per second.
+INTERLEAVED_MAX_VALUES = 250
+
+
+def interleaved_case(env: Env, name: str, what: str) -> AbstractAsyncContextManager[Case]:
+    """A case draining a few thousand interleaved events over 6 partitions
+    (tests/chaos/backlog.py), broken as `what` says."""
+    backlog = interleaved(env.rng, events=env.times(3000, 600), partitions=6)
+    fault = (
+        f"{what}; {backlog.events} events (1 to {backlog.largest} values, {backlog.values} "
+        "in all) of 5 interleaved scm_data groups, shared references, A, B, A codes"
+    )
+    return running_case(
+        name,
+        fault,
+        env.broker.bootstrap,
+        env.size,
+        env.logs,
+        backlog=backlog,
+        batch_max_values=INTERLEAVED_MAX_VALUES,
+    )
+
+
+async def interleaved_sigkill(env: Env) -> Row:
+    async with interleaved_case(env, "interleaved_sigkill", "relay SIGKILL mid-drain") as case:
+        first = await case.relay("k0")
+        await case.progress(case.uploads // 3, timeout_s=180)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        case.moment("killed")
+        case.fault_over()
+        last = await case.relay("last")
+        return await case.finish({"last": last})
+
+
+async def interleaved_join(env: Env) -> Row:
+    joins = "a second replica joins mid-drain"
+    async with interleaved_case(env, "interleaved_join", joins) as case:
+        first = await case.relay("r0")
+        await case.progress(case.uploads // 4, timeout_s=180)
+        second = await case.relay("r1")
+        await case.joined("r1")
+        case.moment("r1 joined")
+        case.fault_over()
+        return await case.finish({"r0": first, "r1": second})
+
+
+async def interleaved_leave(env: Env) -> Row:
+    what = "one of two replicas leaves (SIGTERM) mid-drain"
+    async with interleaved_case(env, "interleaved_leave", what) as case:
+        stays = await case.relay("r0")
+        leaves = await case.relay("r1")
+        await case.joined("r0")
+        await case.joined("r1")
+        await case.progress(case.uploads // 3, timeout_s=180)
+        if await case.stop(leaves, "r1") != 0:
+            case.row.notes.append(f"r1 exited {leaves.returncode} at its SIGTERM")
+        case.moment("r1 left")
+        case.fault_over()
+        return await case.finish({"r0": stays})
 
 
 def api_storm(
@@ -307,6 +385,9 @@ CASES: list[Callable[[Env], Awaitable[Row]]] = [
     relay_sigterm,
     relay_paused,
     scale_1_3_1,
+    interleaved_sigkill,
+    interleaved_join,
+    interleaved_leave,
     broker_sigkill,
     broker_paused,
     cluster_leader_lost,

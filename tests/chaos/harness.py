@@ -6,6 +6,12 @@ relays drain it, and then checks what an operator would: codes lost, codes
 updated twice, A, B, A orders broken, tasks not recorded once or without exactly
 one result, dead letters not written exactly once, 429s, and how long the relay
 took to send again after the fault ended.
+
+Dead letters are judged by where they came from: the source topic, partition and
+offset headers of each (the dead-letter contract of docs/design.md, section 2.3)
+against the positions the invalid records were published at, so that one lost
+and one written twice cannot cancel out. A case that cannot run here says why
+and is reported as skipped, never as clean.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +28,13 @@ from typing import Any
 
 from service.simulator.state import Faults
 from tests.api_support import Simulator, simulator
-from tests.integration.test_exactly_once import a_b_a_events, everything_settled, histories
-from tests.integration.test_pipeline_resilience import applications, by_code, one_code_events
+from tests.chaos.backlog import INVALID, Backlog, publish_lanes
+from tests.integration.test_exactly_once import a_b_a_events, everything_settled
+from tests.integration.test_pipeline_resilience import GROUP, by_code, one_code_events
 from tests.kafka_support import TopicFactory, admin_client
 from tests.pipeline_support import (
     Topics,
+    holds_partitions,
     ledger_task_ids,
     make_topics,
     publish,
@@ -74,12 +83,18 @@ class Row:
     recovery_s: float | None = None
     total_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # Why the case could not run here (then none of its figures were measured).
+    skipped: str | None = None
+    # What the case checks beyond the columns and found wrong (in the notes too).
+    other_wrong: int = 0
 
     @property
     def clean(self) -> bool:
-        """Nothing lost, nothing twice, order kept, every task once with one result."""
-        return not (
+        """Ran, and nothing lost, nothing twice, order kept, every task once with one
+        result, every dead letter once."""
+        return self.skipped is None and not (
             self.lost
+            or self.other_wrong
             or self.twice
             or self.out_of_order
             or self.not_recorded_once
@@ -103,7 +118,7 @@ class Case:
         stack: AsyncExitStack,
         settings: dict[str, Any],
     ) -> None:
-        self.row = Row(case=name, fault=fault, codes=size.codes + size.sequences)
+        self.row = Row(case=name, fault=fault)
         self.bootstrap = bootstrap
         self.topics = topics
         self.sim = sim
@@ -114,6 +129,11 @@ class Case:
         self._started = time.monotonic()
         self._recovery: asyncio.Task[None] | None = None
         self.exit_codes: dict[str, int] = {}
+        # Where the records that are not JSON were published: (topic, partition, offset).
+        self.invalid_at: list[tuple[str, int, int]] = []
+        # Extended id -> the batch numbers the API must give it, in that order.
+        self.expected: dict[str, list[str]] = {}
+        self.uploads = size.uploads  # that the backlog needs at least
 
     def log_path(self, name: str) -> Path:
         return self._logs / f"{self.row.case}-{name}.log"
@@ -136,19 +156,22 @@ class Case:
     async def joined(self, name: str, timeout_s: float = 90) -> None:
         """Wait until relay `name` has been assigned input partitions."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            log = self.log_path(name)
-            lines = log.read_text().splitlines() if log.exists() else []
-            assigned = [line for line in lines if '"partitions_assigned"' in line]
-            if assigned and '"partitions": []' not in assigned[-1]:
-                return
+        while not holds_partitions(self.log_path(name)):
             assert time.monotonic() < deadline, f"relay {name} never got partitions"
             await asyncio.sleep(0.2)
 
     async def progress(self, uploads: int, timeout_s: float = 120) -> None:
         """Wait until `uploads` more uploads were accepted (or the backlog's last one)."""
         accepted = self.sim.account.stats.uploads_accepted
-        await self.sim.wait_uploads(min(accepted + uploads, self.size.uploads), timeout_s)
+        await self.sim.wait_uploads(min(accepted + uploads, self.uploads), timeout_s)
+
+    def moment(self, what: str) -> None:
+        """Note how far the drain was when `what` happened; a fault after the last upload
+        the backlog needs did not land mid-drain, and the row says so."""
+        accepted = self.sim.account.stats.uploads_accepted
+        self.row.notes.append(f"{what} at {accepted} of {self.uploads}+ uploads")
+        if accepted >= self.uploads:
+            self.row.notes.append(f"NOT MID-DRAIN: {what} after the backlog's uploads")
 
     def fault_over(self) -> None:
         """The fault ended now: time how long until the API accepts an upload again."""
@@ -173,7 +196,7 @@ class Case:
 
     async def finish(self, processes: dict[str, asyncio.subprocess.Process]) -> Row:
         """Wait until everything is settled, stop the relays, check."""
-        row, sim, size = self.row, self.sim, self.size
+        row, sim = self.row, self.sim
         finished = await everything_settled(self.bootstrap, self.topics, sim, timeout_s=600)
         row.total_s = time.monotonic() - self._started
         if self._recovery is not None:
@@ -193,18 +216,93 @@ class Case:
             len(set(created) ^ set(recorded)) + len(recorded) - len(set(recorded))
         )
         row.not_one_result = len(set(created) ^ set(results)) + len(results) - len(set(results))
-        seen = await applications(sim, size.codes)
-        row.lost = size.codes - len(seen)
-        row.twice = sum(1 for times in seen.values() if times > 1)
-        orders = await histories(sim, size.codes, size.sequences)
-        row.lost += sum(1 for history in orders.values() if not history)
-        row.out_of_order = sum(
-            1 for history in orders.values() if history and history != ["A", "B", "A"]
-        )
-        dead = await read_topic(self.bootstrap, self.topics.dlq, size.invalid + 1, timeout_s=5)
-        row.dead_letters_wrong = abs(len(dead) - size.invalid)
+        self.judge_codes()
+        row.dead_letters_wrong = await self.dead_letters_wrong()
         row.throttled = sim.account.stats.throttled
         return row
+
+    def judge_codes(self) -> None:
+        """Each code's history at the API against the changes published for it."""
+        account, row = self.sim.account, self.row
+
+        def history(extended_id: str) -> list[str]:
+            code = account.find_code("extended_id", extended_id)
+            return [str(entry["set"].get("batch_number")) for entry in code.history] if code else []
+
+        verdict = code_verdict(self.expected, history)
+        row.codes = len(self.expected)
+        row.lost, row.twice, row.out_of_order = verdict.lost, verdict.twice, verdict.out_of_order
+        if verdict.wrong_end:
+            row.other_wrong += verdict.wrong_end
+            row.notes.append(f"{verdict.wrong_end} codes not at their last value")
+
+    async def dead_letters_wrong(self) -> int:
+        """Invalid records without exactly one dead letter, plus dead letters of records
+        that were not published invalid (every dead letter is read: a duplicate shows)."""
+        dead = await read_topic(self.bootstrap, self.topics.dlq, 10**6, timeout_s=5)
+        wrong, missing, repeated = dead_letter_verdict(
+            self.invalid_at, [source_position(record.headers) for record in dead]
+        )
+        if wrong:
+            self.row.notes.append(
+                f"dead letters: {len(dead)} for {len(self.invalid_at)} invalid records, "
+                f"{missing} missing, {repeated} written more than once"
+            )
+        return wrong
+
+
+def dead_letter_verdict(
+    invalid: list[tuple[str, int, int]], named: list[tuple[str, int, int]]
+) -> tuple[int, int, int]:
+    """(wrong, missing, repeated): invalid positions not named by exactly one dead letter
+    plus dead letters naming any other position; of the invalid positions, those named
+    by none and those named more than once."""
+    letters = Counter(named)
+    wanted = set(invalid)
+    missing = sum(1 for position in wanted if letters[position] == 0)
+    repeated = sum(1 for position in wanted if letters[position] > 1)
+    strays = sum(count for position, count in letters.items() if position not in wanted)
+    return missing + repeated + strays, missing, repeated
+
+
+@dataclass(frozen=True)
+class CodeVerdict:
+    """Codes given fewer updates than changes published for them (lost), more (twice),
+    as many in another order, and those not ending at their last change."""
+
+    lost: int = 0
+    twice: int = 0
+    out_of_order: int = 0
+    wrong_end: int = 0
+
+
+def code_verdict(
+    expected: dict[str, list[str]], history: Callable[[str], list[str]]
+) -> CodeVerdict:
+    """Judge each code's history at the API (the values it was given, in the order they
+    were applied) against the changes published for it, in their order."""
+    lost = twice = out_of_order = wrong_end = 0
+    for code, wanted in expected.items():
+        got = history(code)
+        if len(got) < len(wanted):
+            lost += 1
+        elif len(got) > len(wanted):
+            twice += 1
+        elif got != wanted:
+            out_of_order += 1
+        if got[-1:] != wanted[-1:]:
+            wrong_end += 1
+    return CodeVerdict(lost, twice, out_of_order, wrong_end)
+
+
+def source_position(headers: Any) -> tuple[str, int, int]:
+    """The input position a dead letter names in its source headers."""
+    named = {key: value.decode() for key, value in headers or ()}
+    return (
+        named.get("scm_relay.source.topic", "?"),
+        int(named.get("scm_relay.source.partition", "-1")),
+        int(named.get("scm_relay.source.offset", "-1")),
+    )
 
 
 @asynccontextmanager
@@ -218,21 +316,36 @@ async def running_case(
     sim_host: str = "127.0.0.1",
     replicas: int = 1,
     leader: int | None = None,
+    backlog: Backlog | None = None,
     **settings: Any,
 ) -> AsyncIterator[Case]:
     """Topics (`replicas` copies of each, all led by node `leader` when given), a
-    simulator and the backlog published; relays are started by the case."""
+    simulator and the backlog published (`backlog`, or the one `size` describes:
+    single-code events, A, B, A codes, records that are not JSON); relays are started
+    by the case."""
     settings = {"batch_max_values": 10, "api_request_timeout_s": 2.0, **settings}
     async with AsyncExitStack() as stack:
         admin = await stack.enter_async_context(admin_client(bootstrap))
         topics = await make_topics(
             TopicFactory(admin, replicas=replicas, leader=leader), partitions=size.partitions
         )
+        codes = len(backlog.expected) if backlog else size.codes + size.sequences
         sim = await stack.enter_async_context(
-            simulator(faults, codes_per_campaign=size.codes + size.sequences, host=sim_host)
+            simulator(faults, codes_per_campaign=codes, host=sim_host)
         )
-        a, b, a_again = a_b_a_events(size.codes, size.sequences)
-        backlog: list[Any] = [*a, *one_code_events(size.codes), *b, *a_again]
-        await publish(bootstrap, topics.input, backlog, key_of=by_code)
-        await publish(bootstrap, topics.input, [b"{not json"] * size.invalid)
-        yield Case(name, fault, bootstrap, topics, sim, size, logs, stack, settings)
+        case = Case(name, fault, bootstrap, topics, sim, size, logs, stack, settings)
+        if backlog is None:
+            a, b, a_again = a_b_a_events(size.codes, size.sequences)
+            events: list[Any] = [*a, *one_code_events(size.codes), *b, *a_again]
+            await publish(bootstrap, topics.input, events, key_of=by_code)
+            invalid = await publish(bootstrap, topics.input, [b"{not json"] * size.invalid)
+            case.invalid_at = [(topics.input, p, offset) for p, offset in invalid]
+            case.expected = {f"11X{n:06d}": [f"B{n // GROUP}"] for n in range(size.codes)}
+            for n in range(size.codes, size.codes + size.sequences):
+                case.expected[f"11X{n:06d}"] = ["A", "B", "A"]
+        else:
+            landed = await publish_lanes(bootstrap, topics.input, backlog.partitions)
+            case.invalid_at = [(topics.input, p, offset) for p, offset, v in landed if v == INVALID]
+            case.expected = backlog.expected
+            case.uploads = backlog.uploads(settings["batch_max_values"])
+        yield case

@@ -46,6 +46,8 @@ async def run_smoke(case: Callable[[Env], Awaitable[Row]], broker: Broker, logs:
 
 
 def assert_clean(row: Row, throttled_at_most: int = 0) -> None:
+    assert row.skipped is None, row
+    assert row.other_wrong == 0, row
     assert row.lost == 0, row
     assert row.twice == 0, row
     assert row.out_of_order == 0, row

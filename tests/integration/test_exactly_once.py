@@ -9,8 +9,11 @@ updated twice. The relay runs against the real broker and the simulator.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     Topics,
     event,
+    holds_partitions,
     ledger_task_ids,
     make_topics,
     open_intents,
@@ -231,6 +235,72 @@ async def test_sigkills_with_lost_answers_and_5xx_update_no_code_twice(
     assert_exactly_once(created, recorded, finished, seen)
 
 
+@dataclass(frozen=True)
+class AfterResume:
+    """What a paused replica's first incarnation did once it was running again: its log
+    from the resume to its restart (its second incarnation is a new member, and fine)."""
+
+    lines: list[dict[str, Any]]
+    restarted: bool
+    held: bool  # it held input partitions when it was paused
+
+    def count(self, event: str) -> int:
+        return sum(1 for line in self.lines if line.get("event") == event)
+
+    @property
+    def fenced(self) -> bool:
+        """It learnt that its partitions were gone: a transaction refused, or its
+        batches given up to their new owner."""
+        return self.count("relay_fenced") + self.count("batch_abandoned") > 0
+
+    def uploads_after(self, resumed: datetime, created_at: dict[str, str]) -> list[str]:
+        """Tasks it reported accepted that the API created after the resume (an answer to
+        a request sent before the pause is not one)."""
+        return [
+            line["task_id"]
+            for line in self.lines
+            if line.get("event") == "batch_submitted"
+            and line["task_id"] in created_at
+            and datetime.fromisoformat(created_at[line["task_id"]]) >= resumed
+        ]
+
+    def problems(self, resumed: datetime, created_at: dict[str, str]) -> list[str]:
+        """Why the first incarnation is not known to have written nothing after the
+        resume (empty when it is)."""
+        found = []
+        if not self.held:
+            found.append("it held no partitions when paused: the pause tested nothing")
+        if not self.fenced:
+            found.append("its log shows no fenced transaction and no batch given up")
+        if not self.restarted:
+            found.append("it never restarted as a new incarnation (still a member?)")
+        if committed := self.count("offsets_committed"):
+            found.append(f"it committed input offsets {committed} time(s)")
+        if uploaded := self.uploads_after(resumed, created_at):
+            found.append(f"it uploaded {len(uploaded)} batch(es), e.g. {uploaded[:3]}")
+        return found
+
+
+def after_resume(log: Path, resumed: datetime) -> AfterResume:
+    """The paused replica's JSON log lines stamped from `resumed` (nothing is stamped
+    while a process is stopped) to its first `relay_restarting_fenced`, inclusive. The
+    replica must log at DEBUG: `offsets_committed` shows each commit that moved offsets."""
+    lines: list[dict[str, Any]] = []
+    held = False
+    for text in log.read_text().splitlines():
+        if not text.startswith("{"):
+            continue  # aiokafka's own lines
+        line = json.loads(text)
+        if datetime.fromisoformat(line["timestamp"]) < resumed:
+            if line.get("event") in ("partitions_assigned", "partitions_revoked"):
+                held = line["event"] == "partitions_assigned" and bool(line["partitions"])
+            continue
+        lines.append(line)
+        if line.get("event") == "relay_restarting_fenced":
+            return AfterResume(lines, restarted=True, held=held)
+    return AfterResume(lines, restarted=False, held=held)
+
+
 def a_b_a_events(first: int, count: int) -> list[list[dict[str, Any]]]:
     """Three rounds of events over `count` codes: batch number A, then B, then A."""
     return [
@@ -267,9 +337,11 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
                 sim.base_url,
                 topics,
                 kafka_transactional_id=f"{topics.group}-{name}",
+                # The paused one at DEBUG: its log shows every commit that moved offsets.
+                log_level=level,
                 **base,
             )
-            for name in ("a", "b")
+            for name, level in (("a", "DEBUG"), ("b", "INFO"))
         )
         a, b, a_again = a_b_a_events(count, sequences)
         backlog: list[Any] = [*a, *one_code_events(count), *b, *a_again]
@@ -278,9 +350,15 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
         log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
         async with relay_process(first, log_a) as paused, relay_process(second, log_b) as other:
             await sim.wait_uploads(20, timeout_s=90)
+            # Paused while it holds partitions (it may still be starting on a busy machine).
+            deadline = asyncio.get_running_loop().time() + 90
+            while not (holds_partitions(log_a) and holds_partitions(log_b)):
+                assert asyncio.get_running_loop().time() < deadline, "a replica never joined"
+                await asyncio.sleep(0.2)
             paused.send_signal(signal.SIGSTOP)
             at_pause = sim.account.stats.uploads_accepted
             await asyncio.sleep(30)
+            resumed = datetime.now(UTC)
             paused.send_signal(signal.SIGCONT)
             finished = await everything_settled(kafka_bootstrap, topics, sim, timeout_s=240)
             # Fenced, the paused replica started a fresh incarnation that rejoined the group.
@@ -288,13 +366,14 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
                 process.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(process.wait(), 60) == 0, log.read_text()[-3000:]
         created = set(sim.account.tasks)
+        created_at = {task.id: task.created_at for task in sim.account.tasks.values()}
         seen = await applied(sim, count)
         orders = await histories(sim, count, sequences)
         # One more than expected: a dead letter written twice shows up.
         dead = await read_topic(kafka_bootstrap, topics.dlq, invalid + 1, timeout_s=5)
     recorded = await ledger_task_ids(kafka_bootstrap, topics.tasks)
-    fenced = log_a.read_text().count('"relay_fenced"')
-    restarted = log_a.read_text().count('"relay_restarting_fenced"')
+    zombie = after_resume(log_a, resumed)
+    fenced, restarted = zombie.count("relay_fenced"), zombie.count("relay_restarting_fenced")
     resolved = log_b.read_text().count('"intent_resolved"')
     wrong = sorted(n for n, history in orders.items() if history != ["A", "B", "A"])
     print(
@@ -304,6 +383,7 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
         f"{sum(1 for t in seen.values() if t > 1)} codes updated twice; "
         f"{len(wrong)} of {sequences} A, B, A codes out of order; {len(dead)} dead letters"
     )
+    assert zombie.problems(resumed, created_at) == [], "the paused replica went on"
     assert set(seen) == set(range(count)), "a code was never updated"
     assert_exactly_once(created, recorded, finished, seen)
     assert wrong == [], f"A, B, A not kept: {[orders[n] for n in wrong[:5]]}"
