@@ -249,7 +249,9 @@ class Committer:
                 item.flushed.set_result(None)
         if advanced:
             log.debug(
-                "offsets_committed", offsets={f"{t}:{p}": o for (t, p), o in advanced.items()}
+                "offsets_committed",
+                # The offset and the metadata naming the progress record, not the record.
+                offsets={f"{t}:{p}": (o.offset, o.metadata) for (t, p), o in advanced.items()},
             )
 
     def _fence_points(self) -> dict[tuple[str, int], tuple[int, str]]:
