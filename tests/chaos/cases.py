@@ -274,9 +274,9 @@ INTERLEAVED_MAX_VALUES = 250
 
 
 def interleaved_case(env: Env, name: str, what: str) -> AbstractAsyncContextManager[Case]:
-    """A case draining a few thousand interleaved events over 6 partitions
+    """A case draining a few thousand interleaved events over every input partition
     (tests/chaos/backlog.py), broken as `what` says."""
-    backlog = interleaved(env.rng, events=env.times(3000, 600), partitions=6)
+    backlog = interleaved(env.rng, events=env.times(3000, 600), partitions=env.size.partitions)
     fault = (
         f"{what}; {backlog.events} events (1 to {backlog.largest} values, {backlog.values} "
         "in all) of 5 interleaved scm_data groups, shared references, A, B, A codes"

@@ -26,7 +26,12 @@ from tests.chaos.harness import SMOKE, Row
 pytestmark = pytest.mark.kafka
 BY_NAME = {case.__name__: case for case in CASES}
 SMOKE_KILLS = 3  # relay_sigkill's kills at smoke size (tests/chaos/cases.py)
-ON_THE_SESSION_BROKER = ["relay_sigkill", "api_5xx_storm", "api_token_revoked"]
+ON_THE_SESSION_BROKER = [
+    "relay_sigkill",
+    "interleaved_sigkill",
+    "api_5xx_storm",
+    "api_token_revoked",
+]
 
 
 @pytest.fixture(scope="module")
