@@ -19,7 +19,8 @@ COPY service service
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /tmp/wheel . \
  && /opt/scm-relay/bin/pip install --no-deps /tmp/wheel/*.whl
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+# What the relay's image and the compose stack's simulator image share.
+FROM python:${PYTHON_VERSION}-slim-bookworm AS base
 ARG VERSION=0.1.0
 ARG SOURCE_URL=""
 LABEL org.opencontainers.image.title="scm-relay" \
@@ -37,6 +38,18 @@ ENV PATH=/opt/scm-relay/bin:$PATH \
     SCM_RELAY_HTTP_PORT=8080 \
     SCM_RELAY_LOG_FORMAT=json
 USER 10001:10001
+ENTRYPOINT ["scm-relay"]
+
+# The API simulator for deploy/compose.yaml only (docker build --target simulator): the
+# wheel leaves the development tools out, so its source is copied in beside the package.
+FROM base AS simulator
+ARG PYTHON_VERSION
+COPY service/simulator /opt/scm-relay/lib/python${PYTHON_VERSION}/site-packages/service/simulator
+EXPOSE 8000
+CMD ["simulator", "--host", "0.0.0.0", "--port", "8000"]
+
+# The relay's image, the default target: the relay and the operator tools, nothing else.
+FROM base AS runtime
 EXPOSE 8080
 # Standard library only: the image carries no curl or wget.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
@@ -44,5 +57,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
 # The relay is PID 1 in exec form: SIGTERM reaches it directly and it drains (flush,
 # wait for uploads, commit) before exiting.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["scm-relay"]
 CMD ["run"]
