@@ -216,8 +216,7 @@ def test_pods_are_probed_locked_down_sized_and_drain_in_time(
     assert container_port["containerPort"] == port
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert lock_down_gaps(pod) == []
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]
     drain_s = (
@@ -230,6 +229,55 @@ def test_pods_are_probed_locked_down_sized_and_drain_in_time(
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(token_file.parent)])
     assert "secret" in volume
+
+
+def lock_down_gaps(pod: dict[str, Any]) -> list[str]:
+    """What the pod spec lacks of the lock-down docs/security.md cites."""
+    (container,) = pod["containers"]
+    pod_context = pod.get("securityContext", {})
+    context = container.get("securityContext", {})
+    wanted = {
+        "pod runAsNonRoot": pod_context.get("runAsNonRoot") is True
+        or context.get("runAsNonRoot") is True,
+        "pod seccompProfile RuntimeDefault": pod_context.get("seccompProfile")
+        == {"type": "RuntimeDefault"}
+        or context.get("seccompProfile") == {"type": "RuntimeDefault"},
+        "automountServiceAccountToken false": pod.get("automountServiceAccountToken") is False,
+        "readOnlyRootFilesystem": context.get("readOnlyRootFilesystem") is True,
+        "allowPrivilegeEscalation false": context.get("allowPrivilegeEscalation") is False,
+        "capabilities drop ALL": context.get("capabilities", {}).get("drop") == ["ALL"]
+        and not context.get("capabilities", {}).get("add"),
+        "not privileged": not context.get("privileged", False),
+    }
+    return [name for name, present in wanted.items() if not present]
+
+
+@pytest.mark.parametrize(
+    ("where", "field", "value"),
+    [
+        ("pod", "runAsNonRoot", False),
+        ("pod", "seccompProfile", {"type": "Unconfined"}),
+        ("pod", "automountServiceAccountToken", None),
+        ("container", "readOnlyRootFilesystem", None),
+        ("container", "allowPrivilegeEscalation", True),
+        ("container", "capabilities", {"drop": ["ALL"], "add": ["NET_ADMIN"]}),
+        ("container", "capabilities", None),
+    ],
+)
+def test_the_lock_down_check_finds_each_item_missing(where: str, field: str, value: Any) -> None:
+    pod = one(render(K8S / "base"), "StatefulSet")["spec"]["template"]["spec"]
+    assert lock_down_gaps(pod) == []
+    target = {
+        "pod": pod["securityContext"],
+        "container": pod["containers"][0]["securityContext"],
+    }[where]
+    if field == "automountServiceAccountToken":
+        target = pod
+    if value is None:
+        del target[field]
+    else:
+        target[field] = value
+    assert len(lock_down_gaps(pod)) == 1
 
 
 def test_the_limits_set_are_the_accounts_whatever_the_replicas(
