@@ -16,8 +16,11 @@ RUN python -m venv /opt/build \
  && /opt/build/bin/pip install --require-hashes --no-deps -r requirements/build.lock
 COPY pyproject.toml README.md ./
 COPY service service
+# The last use of the environment's pip: the runtime image gets no installer (pip,
+# setuptools, wheel) to fetch or build code with.
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /tmp/wheel . \
- && /opt/scm-relay/bin/pip install --no-deps /tmp/wheel/*.whl
+ && /opt/scm-relay/bin/pip install --no-deps /tmp/wheel/*.whl \
+ && /opt/scm-relay/bin/python -m pip uninstall --yes pip setuptools wheel
 
 # What the relay's image and the compose stack's simulator image share.
 FROM python:${PYTHON_VERSION}-slim-bookworm AS base
@@ -28,8 +31,11 @@ LABEL org.opencontainers.image.title="scm-relay" \
       org.opencontainers.image.source="${SOURCE_URL}" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
+# The base image's own installer goes too, with the bundled copy ensurepip would restore.
 RUN groupadd --system --gid 10001 relay \
- && useradd --system --uid 10001 --gid relay --no-create-home --shell /usr/sbin/nologin relay
+ && useradd --system --uid 10001 --gid relay --no-create-home --shell /usr/sbin/nologin relay \
+ && python -m pip uninstall --yes pip setuptools wheel \
+ && rm -rf /usr/local/lib/python*/ensurepip
 COPY --from=build /opt/scm-relay /opt/scm-relay
 # Nothing is written at run time; Python's bytecode cache is off so a read-only root works.
 ENV PATH=/opt/scm-relay/bin:$PATH \

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -98,6 +99,7 @@ def test_every_rendered_resource_is_valid(rendered: list[dict[str, Any]]) -> Non
         "StatefulSet",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "ServiceMonitor",
         "PrometheusRule",
     }
@@ -278,6 +280,46 @@ def test_the_lock_down_check_finds_each_item_missing(where: str, field: str, val
     else:
         target[field] = value
     assert len(lock_down_gaps(pod)) == 1
+
+
+def test_the_network_policy_admits_monitoring_to_metrics_and_lets_out_dns_kafka_and_the_api(
+    rendered: list[dict[str, Any]],
+) -> None:
+    policy = one(rendered, "NetworkPolicy")["spec"]
+    template = one(rendered, "StatefulSet")["spec"]["template"]
+    selected = policy["podSelector"]["matchLabels"]
+    assert selected.items() <= template["metadata"]["labels"].items(), "it selects the relays"
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    # In: the metrics port, from the monitoring namespace only.
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    (port,) = rule["ports"]
+    (container,) = template["spec"]["containers"]
+    (metrics,) = container["ports"]
+    data = settings_of(rendered)
+    assert port == {"port": metrics["name"], "protocol": "TCP"}
+    assert metrics["containerPort"] == int(data["SCM_RELAY_HTTP_PORT"])
+    # Out: every rule names its ports (a rule without ports opens every port).
+    assert all(egress.get("ports") for egress in policy["egress"])
+    allowed = {
+        (allow["port"], allow.get("protocol", "TCP"))
+        for egress in policy["egress"]
+        for allow in egress["ports"]
+    }
+    kafka_ports = {
+        int(server.rsplit(":", 1)[1])
+        for server in data["SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"].split(",")
+    }
+    api = urlsplit(data["SCM_RELAY_API_BASE_URL"])
+    assert api.scheme == "https"
+    assert allowed == {
+        (53, "UDP"),
+        (53, "TCP"),
+        *((kafka, "TCP") for kafka in kafka_ports),
+        (api.port or 443, "TCP"),
+    }
 
 
 def test_the_limits_set_are_the_accounts_whatever_the_replicas(

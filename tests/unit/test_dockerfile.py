@@ -75,3 +75,39 @@ def test_the_compose_simulator_is_built_from_the_simulator_stage() -> None:
 def test_the_stage_reader_sees_a_copied_development_tool() -> None:
     broken = "FROM python AS runtime\nCOPY service/demo.py /x\n"
     assert stages(broken)[0].instructions == [("COPY", "service/demo.py /x")]
+
+
+def commands(stage: Stage) -> list[str]:
+    """The shell commands of a stage's RUN instructions, in order."""
+    return [
+        command.strip()
+        for keyword, rest in stage.instructions
+        if keyword == "RUN"
+        for command in rest.split("&&")
+    ]
+
+
+def uninstalled(command: str) -> tuple[str, set[str]] | None:
+    """(the python, the packages) of a `python -m pip uninstall --yes ...` command."""
+    found = re.fullmatch(r"(\S*python\S*) -m pip uninstall --yes ([\w\- ]+)", command)
+    return (found[1], set(found[2].split())) if found else None
+
+
+INSTALLERS = {"pip", "setuptools", "wheel"}
+
+
+def test_the_runtime_image_holds_no_installer() -> None:
+    # The relay's environment is copied from the build stage: its pip goes after its
+    # last use there; the base image's own pip (and ensurepip) in the final image.
+    (build,) = [s for s in stages((ROOT / "Dockerfile").read_text()) if s.name == "build"]
+    venv = [c for c in commands(build) if "/opt/scm-relay/" in c]
+    assert uninstalled(venv[-1]) == ("/opt/scm-relay/bin/python", INSTALLERS)
+    final = [c for stage in image_of("runtime") for c in commands(stage)]
+    assert ("python", INSTALLERS) in [uninstalled(c) for c in final]
+    assert any(re.fullmatch(r"rm -rf /usr/local/lib/python\S*/ensurepip", c) for c in final)
+    assert not [c for c in final if re.search(r"pip3? install|ensurepip", c) and "rm " not in c]
+
+
+def test_the_installer_check_reads_an_uninstall() -> None:
+    assert uninstalled("python -m pip uninstall --yes pip wheel") == ("python", {"pip", "wheel"})
+    assert uninstalled("python -m pip install pip") is None
