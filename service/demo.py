@@ -161,8 +161,7 @@ class DemoUnavailableError(RuntimeError):
 
 
 def kafka_local_command(environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The broker script to run and its environment (without the SCM_RELAY_* settings
-    other than the script's own download and sizing knobs)."""
+    """The broker script to run and its environment."""
     if shutil.which("java") is None:
         raise DemoUnavailableError(
             "the demo's local Kafka broker needs Java 17 or newer (`java` on PATH)"
@@ -174,6 +173,11 @@ def kafka_local_command(environ: Mapping[str, str]) -> tuple[list[str], dict[str
             f"no local broker script ({SOURCE_KAFKA_LOCAL} is missing): the demo runs from "
             "a source checkout (`make demo`)"
         )
+    return ["bash", str(SOURCE_KAFKA_LOCAL)], broker_environment(environ)
+
+
+def broker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without the SCM_RELAY_* settings but the broker script's own knobs."""
     env = {
         name: value
         for name, value in environ.items()
@@ -182,7 +186,7 @@ def kafka_local_command(environ: Mapping[str, str]) -> tuple[list[str], dict[str
     # A run dir of its own: `kafka-local start` replaces the broker of its run dir, and
     # the default one is the test suite's.
     env["SCM_RELAY_KAFKA_RUN_DIR"] = str(SOURCE_KAFKA_LOCAL.parent / ".run-demo")
-    return ["bash", str(SOURCE_KAFKA_LOCAL)], env
+    return env
 
 
 @asynccontextmanager
