@@ -17,7 +17,7 @@ KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help demo setup lint fmt test test-unit sim bench chaos schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
+.PHONY: help demo setup lint audit fmt test test-unit sim bench chaos schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -82,6 +82,12 @@ lint: setup ## ruff (lint + format check), mypy --strict, hadolint, promtool on 
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	cd deploy/prometheus && promtool check rules alerts.yml && promtool test rules alerts.test.yml
+
+# pip-audit on the runtime lock (PyPI's vulnerability data); accepted findings, each with
+# a reason and an expiry, in requirements/audit-accepted.toml. It fails, saying so,
+# when it cannot read the data for a package (the script exits 3; make reports 2).
+audit: $(VENV)/.synced ## the runtime lock against known vulnerabilities (fails if it cannot check)
+	$(BIN)/python requirements/audit.py
 
 fmt: setup ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

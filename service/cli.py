@@ -18,12 +18,14 @@ from typing import BinaryIO
 
 from service import __version__
 from service.settings import SettingsError, load_settings
-from service.simulator.seed import DEFAULT_CODES_PER_CAMPAIGN
 from service.tools import commands as tools
 
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+# The development tools a production installation leaves out (pyproject.toml excludes
+# them from the wheel): imported only when their command runs.
+DEVELOPMENT_MODULES = frozenset({"service.demo", "service.simulator"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run the relay end to end locally (Kafka, simulator, sample events) and summarise",
         description=(
-            "Start the local Kafka broker and the API simulator (unless "
-            "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS / SCM_RELAY_API_BASE_URL point elsewhere), run the "
-            "relay, publish sample events from several production lines, wait for every result, "
-            "print a summary and stop everything it started."
+            "Start a local Kafka broker and the API simulator on loopback, run the relay "
+            "against them, publish sample events from several production lines, wait for every "
+            "result, print a summary and stop everything it started. It never reads the "
+            "SCM_RELAY_* relay settings: it cannot reach a real cluster or the real API. "
+            "A development tool: from a source checkout only (`make demo`)."
         ),
     )
     demo.add_argument("--quick", action="store_true", help="fewer events (about a minute)")
@@ -76,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a LOCAL SIMULATION of the documented Scantrust SCM upload API for tests, "
             "demos and teams without a staging account. It is not Scantrust and changes no "
             "real codes. Prints its base URL on stdout once it listens; stops on SIGINT/SIGTERM. "
-            "See docs/scantrust-api.md."
+            "A development tool: from a source checkout only. See docs/scantrust-api.md."
         ),
     )
     simulator.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -88,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_argument(
         "--codes-per-campaign",
         type=int,
-        default=DEFAULT_CODES_PER_CAMPAIGN,
-        help=f"size of the built-in seed when --seed is not given ({DEFAULT_CODES_PER_CAMPAIGN})",
+        help="codes per campaign of the built-in seed (when --seed is not given)",
     )
     simulator.add_argument(
         "--fault",
@@ -111,12 +113,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run()
     if args.command == "validate":
         return _validate(args.file)
-    if args.command == "demo":
-        from service.demo import main as demo_main
+    try:
+        if args.command == "demo":
+            from service.demo import main as demo_main
 
-        return demo_main(os.environ, quick=args.quick)
-    if args.command == "simulator":
-        return _simulator(args)
+            return demo_main(os.environ, quick=args.quick)
+        if args.command == "simulator":
+            return _simulator(args)
+    except ModuleNotFoundError as exc:
+        if ".".join((exc.name or "").split(".")[:2]) not in DEVELOPMENT_MODULES:
+            raise
+        print(
+            f"scm-relay {args.command}: not part of this installation. The production wheel "
+            "and image hold the relay and the operator tools only; the demo and the simulator "
+            "are development tools: run them from a source checkout (`make demo`, or "
+            f"`make setup` then `.venv/bin/scm-relay {args.command}`).",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     code = tools.run(args)
     if code is not None:
         return code
@@ -154,7 +168,12 @@ def _simulator(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         knobs[name.strip()] = value.strip()
     try:
-        seed = load_seed(args.seed) if args.seed else default_seed(args.codes_per_campaign)
+        if args.seed:
+            seed = load_seed(args.seed)
+        elif args.codes_per_campaign is not None:
+            seed = default_seed(args.codes_per_campaign)
+        else:
+            seed = default_seed()
         faults = Faults.model_validate(knobs)
     except (OSError, ValidationError) as exc:
         print(f"scm-relay simulator: {exc}", file=sys.stderr)

@@ -1,10 +1,14 @@
 """`scm-relay demo`: the whole job, locally, in one command, ending with a summary.
 
-Starts what is not given by settings: the local Kafka broker (from a source
-checkout) and the API simulator. Then it starts the relay, publishes a mix of
-sample events from several production lines (with a few invalid records, a few
-codes Scantrust does not know, and one line whose task fails), waits for every
-result, prints a summary and stops everything it started.
+Starts its own Kafka broker (the source checkout's `deploy/local-kafka`) and the API
+simulator, both on loopback. Then it starts the relay, publishes a mix of sample
+events from several production lines (with a few invalid records, a few codes
+Scantrust does not know, and one line whose task fails), waits for every result,
+prints a summary and stops everything it started.
+
+It never reads the relay's SCM_RELAY_* settings: run where a production relay is
+configured, it must not publish sample updates to the real API or create topics on
+the real cluster. A development tool, left out of the production wheel.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from service.app import run_relay
 from service.core.contract import Reason
@@ -36,12 +41,21 @@ from service.simulator.app import running_simulator
 from service.simulator.seed import default_seed
 from service.simulator.state import Account, Faults
 
-# The broker script of a source checkout, or the copy an installed wheel carries
-# (pyproject.toml force-includes deploy/local-kafka as service/_kafka_local).
+# The broker script of the source checkout the demo runs from.
 SOURCE_KAFKA_LOCAL: Final = (
     Path(__file__).resolve().parents[1] / "deploy" / "local-kafka" / "kafka-local"
 )
-PACKAGED_KAFKA_LOCAL: Final = Path(__file__).resolve().parent / "_kafka_local" / "kafka-local"
+# What the broker script may take from the environment: where its jars come from and
+# go, its heap and start-up wait. Not its host, listeners or nodes: the demo's broker is
+# one plain node on loopback whatever the environment says.
+BROKER_SCRIPT_SETTINGS: Final = frozenset(
+    {
+        "SCM_RELAY_KAFKA_JARS_DIR",
+        "SCM_RELAY_MAVEN_REPO",
+        "SCM_RELAY_KAFKA_HEAP",
+        "SCM_RELAY_KAFKA_START_TIMEOUT",
+    }
+)
 DEMO_TOKEN: Final = "demo-token"  # noqa: S105 - the simulator's token, local only
 FAILING_LINE: Final = "line-9 rework"
 WAIT_LIMIT_S: Final = 240.0
@@ -147,30 +161,32 @@ class DemoUnavailableError(RuntimeError):
 
 
 def kafka_local_command(environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The broker script to run and its environment. From an installed wheel its jars and
-    run files go to the user's cache (the package directory may not be writable)."""
+    """The broker script to run and its environment."""
     if shutil.which("java") is None:
         raise DemoUnavailableError(
-            "the demo's local Kafka broker needs Java 17 or newer (`java` on PATH); or point "
-            "the demo at a running broker with SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"
+            "the demo's local Kafka broker needs Java 17 or newer (`java` on PATH)"
         )
     if shutil.which("bash") is None:
         raise DemoUnavailableError("the local broker script needs bash")
-    env = dict(environ)
-    if SOURCE_KAFKA_LOCAL.exists():
-        # A run dir of its own: `kafka-local start` replaces the broker of its run dir,
-        # and the default one is the test suite's.
-        env.setdefault("SCM_RELAY_KAFKA_RUN_DIR", str(SOURCE_KAFKA_LOCAL.parent / ".run-demo"))
-        return ["bash", str(SOURCE_KAFKA_LOCAL)], env
-    if PACKAGED_KAFKA_LOCAL.exists():
-        cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scm-relay"
-        env.setdefault("SCM_RELAY_KAFKA_JARS_DIR", str(cache / "kafka-jars"))
-        env.setdefault("SCM_RELAY_KAFKA_RUN_DIR", str(cache / "kafka-run"))
-        return ["bash", str(PACKAGED_KAFKA_LOCAL)], env
-    raise DemoUnavailableError(
-        f"no local broker script in this installation ({PACKAGED_KAFKA_LOCAL} is missing): "
-        "point the demo at a broker with SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"
-    )
+    if not SOURCE_KAFKA_LOCAL.exists():
+        raise DemoUnavailableError(
+            f"no local broker script ({SOURCE_KAFKA_LOCAL} is missing): the demo runs from "
+            "a source checkout (`make demo`)"
+        )
+    return ["bash", str(SOURCE_KAFKA_LOCAL)], broker_environment(environ)
+
+
+def broker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without the SCM_RELAY_* settings but the broker script's own knobs."""
+    env = {
+        name: value
+        for name, value in environ.items()
+        if not name.startswith("SCM_RELAY_") or name in BROKER_SCRIPT_SETTINGS
+    }
+    # A run dir of its own: `kafka-local start` replaces the broker of its run dir, and
+    # the default one is the test suite's.
+    env["SCM_RELAY_KAFKA_RUN_DIR"] = str(SOURCE_KAFKA_LOCAL.parent / ".run-demo")
+    return env
 
 
 @asynccontextmanager
@@ -191,46 +207,74 @@ async def local_broker(environ: Mapping[str, str]) -> AsyncIterator[str]:
         await asyncio.to_thread(kafka_local, "stop", check=False, timeout=120)
 
 
+class _ArgumentsOnly(Settings):
+    """Settings from the constructor's arguments alone: no environment variable, no
+    SCM_RELAY_CONFIG file, no token or password file they would name."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        *others: PydanticBaseSettingsSource,
+        **named: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def demo_settings(bootstrap: str, api_url: str, run: str, metrics_port: int) -> Settings:
+    """The demo relay's settings: its own broker and simulator, and nothing from the
+    environment (a production pod's SCM_RELAY_* variables, token file or SASL password
+    included)."""
+    return _ArgumentsOnly.model_validate(
+        {
+            "kafka_bootstrap_servers": bootstrap,
+            "kafka_group_id": f"scm-relay-demo-{run}",
+            "input_topic": f"scm.changes.demo-{run}",
+            "results_topic": f"scm.results.demo-{run}",
+            "dlq_topic": f"scm.dlq.demo-{run}",
+            "tasks_topic": f"scm.tasks.demo-{run}",
+            "api_base_url": api_url,
+            "api_token": DEMO_TOKEN,
+            "batch_linger_ms": 300,
+            "poll_initial_s": 0.5,
+            "poll_max_s": 2.0,
+            "http_host": "127.0.0.1",
+            "http_port": metrics_port,
+        }
+    )
+
+
 async def run_demo(
-    environ: Mapping[str, str], *, lines: int = 4, codes_per_line: int = 500
+    environ: Mapping[str, str],
+    *,
+    lines: int = 4,
+    codes_per_line: int = 500,
+    bootstrap: str | None = None,
 ) -> DemoSummary:
-    """Run the demo; settings named in `environ` (broker, API) replace what it would start."""
+    """Run the demo. `environ` gives only the broker script's own knobs and PATH; the
+    tests pass `bootstrap`, the broker they already run (the command never does)."""
     started = time.monotonic()
     summary = DemoSummary()
     async with AsyncExitStack() as stack:
-        bootstrap: str = environ.get("SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS", "")
-        if not bootstrap:
+        if bootstrap is None:
             bootstrap = await stack.enter_async_context(local_broker(environ))
-        api_url = environ.get("SCM_RELAY_API_BASE_URL")
-        token = environ.get("SCM_RELAY_API_TOKEN", DEMO_TOKEN)
-        if not api_url:
-            seed = default_seed(max(2500, lines * codes_per_line))
-            account = Account(seed, Faults(fail_reference=FAILING_LINE))
-            api_url = await stack.enter_async_context(running_simulator(account, token))
-            print(f"simulator (not Scantrust) on {api_url}", file=sys.stderr)
+        seed = default_seed(max(2500, lines * codes_per_line))
+        account = Account(seed, Faults(fail_reference=FAILING_LINE))
+        api_url = await stack.enter_async_context(running_simulator(account, DEMO_TOKEN))
+        print(f"simulator (not Scantrust) on {api_url}", file=sys.stderr)
         run = uuid.uuid4().hex[:8]
         metrics_port = free_port()
         summary.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         print(f"relay metrics on {summary.metrics_url} while the demo runs", file=sys.stderr)
-        topics = {name: f"scm.{name}.demo-{run}" for name in ("changes", "results", "dlq", "tasks")}
+        settings = demo_settings(bootstrap, api_url, run, metrics_port)
+        topics = {
+            "changes": settings.input_topic,
+            "results": settings.results_topic,
+            "dlq": settings.dlq_topic,
+            "tasks": settings.tasks_topic,
+        }
         await _create_topics(bootstrap, topics)
-        settings = Settings.model_validate(
-            {
-                "kafka_bootstrap_servers": bootstrap,
-                "kafka_group_id": f"scm-relay-demo-{run}",
-                "input_topic": topics["changes"],
-                "results_topic": topics["results"],
-                "dlq_topic": topics["dlq"],
-                "tasks_topic": topics["tasks"],
-                "api_base_url": api_url,
-                "api_token": token,
-                "batch_linger_ms": 300,
-                "poll_initial_s": 0.5,
-                "poll_max_s": 2.0,
-                "http_host": "127.0.0.1",
-                "http_port": metrics_port,
-            }
-        )
         records, summary.invalid_published = sample_events(lines, codes_per_line)
         summary.events_published = len(records)
         stop = asyncio.Event()
@@ -409,9 +453,9 @@ def _take(
 def main(environ: Mapping[str, str], *, quick: bool = False) -> int:
     """Entry point of `scm-relay demo`."""
     configure_logging("console", environ.get("SCM_RELAY_LOG_LEVEL", "WARNING").upper())
-    sizes = {"lines": 2, "codes_per_line": 100} if quick else {}
+    lines, codes_per_line = (2, 100) if quick else (4, 500)
     try:
-        summary = asyncio.run(run_demo(environ, **sizes))
+        summary = asyncio.run(run_demo(environ, lines=lines, codes_per_line=codes_per_line))
     except DemoUnavailableError as exc:
         print(f"scm-relay demo: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -98,6 +99,7 @@ def test_every_rendered_resource_is_valid(rendered: list[dict[str, Any]]) -> Non
         "StatefulSet",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "ServiceMonitor",
         "PrometheusRule",
     }
@@ -216,8 +218,7 @@ def test_pods_are_probed_locked_down_sized_and_drain_in_time(
     assert container_port["containerPort"] == port
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert lock_down_gaps(pod) == []
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]
     drain_s = (
@@ -230,6 +231,95 @@ def test_pods_are_probed_locked_down_sized_and_drain_in_time(
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(token_file.parent)])
     assert "secret" in volume
+
+
+def lock_down_gaps(pod: dict[str, Any]) -> list[str]:
+    """What the pod spec lacks of the lock-down docs/security.md cites."""
+    (container,) = pod["containers"]
+    pod_context = pod.get("securityContext", {})
+    context = container.get("securityContext", {})
+    wanted = {
+        "pod runAsNonRoot": pod_context.get("runAsNonRoot") is True
+        or context.get("runAsNonRoot") is True,
+        "pod seccompProfile RuntimeDefault": pod_context.get("seccompProfile")
+        == {"type": "RuntimeDefault"}
+        or context.get("seccompProfile") == {"type": "RuntimeDefault"},
+        "automountServiceAccountToken false": pod.get("automountServiceAccountToken") is False,
+        "readOnlyRootFilesystem": context.get("readOnlyRootFilesystem") is True,
+        "allowPrivilegeEscalation false": context.get("allowPrivilegeEscalation") is False,
+        "capabilities drop ALL": context.get("capabilities", {}).get("drop") == ["ALL"]
+        and not context.get("capabilities", {}).get("add"),
+        "not privileged": not context.get("privileged", False),
+    }
+    return [name for name, present in wanted.items() if not present]
+
+
+@pytest.mark.parametrize(
+    ("where", "field", "value"),
+    [
+        ("pod", "runAsNonRoot", False),
+        ("pod", "seccompProfile", {"type": "Unconfined"}),
+        ("pod", "automountServiceAccountToken", None),
+        ("container", "readOnlyRootFilesystem", None),
+        ("container", "allowPrivilegeEscalation", True),
+        ("container", "capabilities", {"drop": ["ALL"], "add": ["NET_ADMIN"]}),
+        ("container", "capabilities", None),
+    ],
+)
+def test_the_lock_down_check_finds_each_item_missing(where: str, field: str, value: Any) -> None:
+    pod = one(render(K8S / "base"), "StatefulSet")["spec"]["template"]["spec"]
+    assert lock_down_gaps(pod) == []
+    target = {
+        "pod": pod["securityContext"],
+        "container": pod["containers"][0]["securityContext"],
+    }[where]
+    if field == "automountServiceAccountToken":
+        target = pod
+    if value is None:
+        del target[field]
+    else:
+        target[field] = value
+    assert len(lock_down_gaps(pod)) == 1
+
+
+def test_the_network_policy_admits_monitoring_to_metrics_and_lets_out_dns_kafka_and_the_api(
+    rendered: list[dict[str, Any]],
+) -> None:
+    policy = one(rendered, "NetworkPolicy")["spec"]
+    template = one(rendered, "StatefulSet")["spec"]["template"]
+    selected = policy["podSelector"]["matchLabels"]
+    assert selected.items() <= template["metadata"]["labels"].items(), "it selects the relays"
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    # In: the metrics port, from the monitoring namespace only.
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    (port,) = rule["ports"]
+    (container,) = template["spec"]["containers"]
+    (metrics,) = container["ports"]
+    data = settings_of(rendered)
+    assert port == {"port": metrics["name"], "protocol": "TCP"}
+    assert metrics["containerPort"] == int(data["SCM_RELAY_HTTP_PORT"])
+    # Out: every rule names its ports (a rule without ports opens every port).
+    assert all(egress.get("ports") for egress in policy["egress"])
+    allowed = {
+        (allow["port"], allow.get("protocol", "TCP"))
+        for egress in policy["egress"]
+        for allow in egress["ports"]
+    }
+    kafka_ports = {
+        int(server.rsplit(":", 1)[1])
+        for server in data["SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS"].split(",")
+    }
+    api = urlsplit(data["SCM_RELAY_API_BASE_URL"])
+    assert api.scheme == "https"
+    assert allowed == {
+        (53, "UDP"),
+        (53, "TCP"),
+        *((kafka, "TCP") for kafka in kafka_ports),
+        (api.port or 443, "TCP"),
+    }
 
 
 def test_the_limits_set_are_the_accounts_whatever_the_replicas(

@@ -8,6 +8,9 @@ topics and reads results over PLAINTEXT; the relay goes through the secure liste
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
@@ -218,6 +221,44 @@ async def test_a_refused_connection_stops_the_relay_at_start_naming_the_setting(
     for fragment in expected:
         assert fragment in message
     assert "wrong-pw" not in message, "the password must never be logged"
+
+
+def test_the_relay_process_prints_no_secret_when_kafka_refuses_it(
+    broker: SecureBroker, tmp_path: Path
+) -> None:
+    # The relay as its own process (every logger, the console and JSON formats as
+    # deployed) logs in to a SASL listener with a password the broker refuses: the SASL
+    # exchange runs, the broker answers, the process stops naming the setting. Nothing it
+    # prints may hold the password it sent or the API token.
+    password = "sasl-p4ss-w0rd-42"
+    token = "uat-7f3c9a1e5b2d4c6e"
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith("SCM_RELAY_")
+    }
+    environment |= {
+        "SCM_RELAY_API_TOKEN": f"{token}\n",
+        "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": broker.listeners["SASL_PLAINTEXT"],
+        "SCM_RELAY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "SCM_RELAY_KAFKA_SASL_MECHANISM": "PLAIN",
+        "SCM_RELAY_KAFKA_SASL_USERNAME": USER,
+        "SCM_RELAY_KAFKA_SASL_PASSWORD": password,
+        "SCM_RELAY_LOG_FORMAT": "json",
+        "SCM_RELAY_LOG_LEVEL": "DEBUG",
+    }
+    finished = subprocess.run(
+        [sys.executable, "-m", "service", "run"],
+        env=environment,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == EXIT_CONFIG, output.decode(errors="replace")
+    assert b"kafka_setup_invalid" in output
+    assert b"refused the SASL credentials" in output, "the broker's SASL refusal was not seen"
+    assert password.encode() not in output
+    assert token.encode() not in output
 
 
 async def test_no_listener_at_all_exits_as_unavailable_after_the_startup_wait() -> None:

@@ -219,9 +219,7 @@ async def _results_until(
 
 
 async def test_the_demo_summarises_what_happened(kafka_bootstrap: str) -> None:
-    summary = await run_demo(
-        {"SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}, lines=2, codes_per_line=100
-    )
+    summary = await run_demo({}, lines=2, codes_per_line=100, bootstrap=kafka_bootstrap)
     # The `status` dead letter, fixed and replayed, makes a fourth complete task.
     assert summary.tasks == {"complete": 4, "failed": 1}
     assert summary.dead_letters == {"campaign_type": 1, "invalid_json": 1, "scm_data_key_status": 1}

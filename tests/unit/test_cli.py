@@ -33,3 +33,42 @@ def test_python_dash_m_service_runs_the_same_cli() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"scm-relay {__version__}"
+
+
+def test_the_cli_imports_no_development_tool_until_its_command_runs() -> None:
+    # The production wheel leaves the simulator and the demo out: the CLI must start,
+    # build its parser and run the relay's commands without them.
+    probe = (
+        "import sys; from service.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules "
+        "if m.split('.')[:2] in (['service', 'simulator'], ['service', 'demo'])))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [
+        (["demo", "--quick"], "service.demo"),
+        (["simulator", "--token", "t"], "service.simulator"),
+    ],
+)
+def test_a_development_command_without_its_module_says_where_to_run_it(
+    command: list[str],
+    missing: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # None in sys.modules makes the import fail as it does where the wheel left it out.
+    monkeypatch.setitem(sys.modules, missing, None)
+    for loaded in [m for m in sys.modules if m.startswith(f"{missing}.")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    assert main(command) == 2
+    message = capsys.readouterr().err
+    assert f"scm-relay {command[0]}: not part of this installation" in message
+    assert "source checkout" in message
+    assert "make demo" in message

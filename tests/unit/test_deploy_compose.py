@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def test_every_relay_variable_is_a_real_setting_and_loads(
     assert set(environment) - known == set(), "compose sets variables the relay does not read"
     # Load them as the relay would, with the secret file mounted somewhere real.
     token = tmp_path / "token"
-    token.write_text((DEPLOY / "compose" / "api-token").read_text())
+    token.write_text((DEPLOY / "compose" / "api-token.example").read_text())
     settings = load_as_the_relay(
         monkeypatch, {**environment, "SCM_RELAY_API_TOKEN_FILE": str(token)}
     )
@@ -88,7 +89,7 @@ def test_ports_topics_and_token_agree_across_services(compose: dict[str, Any]) -
     api_port = simulator[simulator.index("--port") + 1]
     assert environment["SCM_RELAY_API_BASE_URL"] == f"http://simulator:{api_port}"
     token = simulator[simulator.index("--token") + 1]
-    assert (DEPLOY / "compose" / "api-token").read_text().strip() == token
+    assert (DEPLOY / "compose" / "api-token.example").read_text().strip() == token
     secret_name = services["relay"]["secrets"][0]
     assert environment["SCM_RELAY_API_TOKEN_FILE"] == f"/run/secrets/{secret_name}"
 
@@ -138,8 +139,12 @@ def test_every_mounted_file_exists(compose: dict[str, Any]) -> None:
             source = volume.split(":", 1)[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+    # The secret files are made before the first `up` (git-ignored): the file says how.
+    header = COMPOSE.read_text().split("\nname:", 1)[0]
     for secret in compose["secrets"].values():
-        assert (DEPLOY / secret["file"]).is_file()
+        made = Path("deploy") / Path(secret["file"])
+        making = rf"(> |cp \S+ ){re.escape(str(made))}\s*(#.*)?$"
+        assert re.search(making, header, re.MULTILINE), f"how to make {made} is not said"
     dashboards = yaml.safe_load(
         (DEPLOY / "grafana" / "provisioning" / "dashboards" / "scm-relay.yml").read_text()
     )
@@ -147,3 +152,30 @@ def test_every_mounted_file_exists(compose: dict[str, Any]) -> None:
         v.split(":")[1] for v in compose["services"]["grafana"]["volumes"] if v.endswith(".json:ro")
     ]
     assert all(m.startswith(dashboards["providers"][0]["options"]["path"]) for m in mounted)
+
+
+def git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", *args], cwd=DEPLOY, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_the_secret_files_are_git_ignored_and_none_is_tracked(compose: dict[str, Any]) -> None:
+    # A tracked token file invites committing a real token: the stack reads its secrets
+    # from ignored files, and only an example (the simulator's token) is committed.
+    files = [Path(secret["file"]) for secret in compose["secrets"].values()]
+    assert files
+    tracked = set(git("ls-files", "compose").stdout.split())
+    for file in files:
+        assert git("check-ignore", "--quiet", str(file)).returncode == 0, f"{file} not ignored"
+        assert str(file.relative_to("compose")) not in {Path(t).name for t in tracked}
+    assert "compose/api-token.example" in tracked
+
+
+def test_grafana_takes_its_admin_password_from_a_secret(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    environment = grafana["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in environment, "a password in the compose file"
+    (secret,) = grafana["secrets"]
+    assert environment["GF_SECURITY_ADMIN_PASSWORD__FILE"] == f"/run/secrets/{secret}"
+    assert compose["secrets"][secret]["file"].startswith("./compose/")

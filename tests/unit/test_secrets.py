@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -114,38 +112,6 @@ def test_every_secret_setting_is_known_to_the_redactor(monkeypatch: pytest.Monke
         if "Secret" in str(field.annotation)
     }
     assert secret_fields == {"api_token", "kafka_sasl_password", "kafka_ssl_key_password"}
-
-
-def test_the_relay_process_prints_no_secret_when_kafka_refuses_it(tmp_path: Path) -> None:
-    # A SASL listener that is not there: the start-up probe fails and the process exits,
-    # logging why. Nothing it prints may hold the password or the token.
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("SCM_RELAY_")
-    }
-    environment |= {
-        "SCM_RELAY_API_TOKEN": f"{TOKEN}\n",
-        "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
-        "SCM_RELAY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-        "SCM_RELAY_KAFKA_SASL_MECHANISM": "PLAIN",
-        "SCM_RELAY_KAFKA_SASL_USERNAME": "relay",
-        "SCM_RELAY_KAFKA_SASL_PASSWORD": PASSWORD,
-        "SCM_RELAY_LOG_FORMAT": "json",
-        "SCM_RELAY_LOG_LEVEL": "DEBUG",
-        "SCM_RELAY_KAFKA_STARTUP_WAIT_S": "0",
-    }
-    finished = subprocess.run(
-        [sys.executable, "-m", "service", "run"],
-        env=environment,
-        capture_output=True,
-        timeout=60,
-        check=False,
-        cwd=tmp_path,
-    )
-    output = finished.stdout + finished.stderr
-    assert finished.returncode == 1, output.decode(errors="replace")
-    assert b"kafka_unavailable" in output
-    assert PASSWORD.encode() not in output
-    assert TOKEN.encode() not in output
 
 
 async def test_a_rotated_token_file_is_read_again_without_a_restart(tmp_path: Path) -> None:
