@@ -44,7 +44,7 @@ from service.metrics import RelayMetrics
 from service.relay import Relay, RelayConfig
 from service.relay.committer import ReplicaFencedError
 from service.scantrust.client import ClientConfig, ScantrustClient
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, insecure_choices
 
 log = structlog.get_logger(__name__)
 
@@ -237,6 +237,8 @@ async def run_relay(
     except SettingsError as exc:
         log.error("settings_invalid", problem=str(exc))
         return EXIT_CONFIG
+    for setting, risk in insecure_choices(settings):
+        log.warning("security_weakened_by_setting", setting=setting, risk=risk)
     loop = asyncio.get_running_loop()
     with suppress(NotImplementedError, RuntimeError):
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -9,6 +9,7 @@ keeps the two in step. Only the composition root and the CLI call
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -155,7 +156,19 @@ class _ApiSettings(BaseModel):
 
     api_base_url: AnyHttpUrl = Field(
         default=AnyHttpUrl("https://api.scantrust.com"),
-        description="staging: `https://api.staging.scantrust.io`",
+        description=(
+            "staging: `https://api.staging.scantrust.io`; `https://` only (`http://` to a "
+            "loopback address, or with `SCM_RELAY_API_ALLOW_INSECURE_HTTP`); no user info, "
+            "query or fragment"
+        ),
+    )
+    api_allow_insecure_http: bool = Field(
+        default=False,
+        description=(
+            "accept an `http://` base URL to a host other than a loopback address (a simulator "
+            "in another container): the token then crosses the network in clear text; a "
+            "warning is logged at every start"
+        ),
     )
     api_token: SecretStr | None = Field(
         default=None, description="the UAT token; secret, never logged"
@@ -237,6 +250,34 @@ class _ApiSettings(BaseModel):
     api_status_chunk_size: int = Field(
         default=100, ge=1, le=1000, description="task ids per bulk status request"
     )
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _base_url_is_plain(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        # The token goes with every request to this URL: credentials in it would be sent
+        # (and logged) beside it, and a query or fragment would be kept on no request path.
+        if url.username is not None or url.password is not None:
+            raise ValueError(
+                "holds user info (`user:password@`); put the token in the token "
+                "setting, the URL names the host only"
+            )
+        if url.query is not None:
+            raise ValueError("holds a query (`?...`); give the scheme, host, port and path only")
+        if url.fragment is not None:
+            raise ValueError("holds a fragment (`#...`); give the scheme, host, port and path only")
+        return url
+
+    @model_validator(mode="after")
+    def _https_unless_loopback_or_allowed(self) -> Self:
+        url = self.api_base_url
+        if url.scheme == "http" and not self.api_allow_insecure_http and not is_loopback(url):
+            raise ValueError(
+                f"SCM_RELAY_API_BASE_URL {str(url)!r} is http:// to a host that is not a "
+                "loopback address: the token would cross the network in clear text; use "
+                "https://, or set SCM_RELAY_API_ALLOW_INSECURE_HTTP=true for a test API "
+                "on a network you trust"
+            )
+        return self
 
     @field_validator("api_token", mode="before")
     @classmethod
@@ -511,6 +552,31 @@ def clean_token(raw: str) -> str:
             "(the value is not shown)"
         )
     return token
+
+
+def is_loopback(url: AnyHttpUrl) -> bool:
+    """Whether the URL's host is this machine: `localhost`, 127.0.0.0/8 or ::1."""
+    host = (url.host or "").strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_choices(settings: Settings) -> list[tuple[str, str]]:
+    """What the settings allow that weakens the relay's security: (setting, risk) pairs
+    the relay logs as warnings at every start, so that nobody forgets one is set."""
+    choices = []
+    if settings.api_base_url.scheme == "http" and not is_loopback(settings.api_base_url):
+        choices.append(
+            (
+                "SCM_RELAY_API_ALLOW_INSECURE_HTTP",
+                f"the API token goes in clear text to {settings.api_base_url.host}",
+            )
+        )
+    return choices
 
 
 def env_name(field: str) -> str:
