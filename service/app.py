@@ -39,7 +39,7 @@ from service.kafka import (
     transactional_id,
     wait_for_kafka,
 )
-from service.logs import configure_logging
+from service.logs import configure_logging, log_loop_exceptions
 from service.metrics import RelayMetrics
 from service.relay import Relay, RelayConfig
 from service.relay.committer import ReplicaFencedError
@@ -240,6 +240,7 @@ async def run_relay(
     for setting, risk in insecure_choices(settings):
         log.warning("security_weakened_by_setting", setting=setting, risk=risk)
     loop = asyncio.get_running_loop()
+    log_loop_exceptions(loop)
     with suppress(NotImplementedError, RuntimeError):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)

@@ -26,7 +26,6 @@ import asyncio
 import datetime as dt
 import json
 import re
-import sys
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -203,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return asyncio.run(replay.run(printer))
     except UsageError as exc:
-        print(f"scm-relay dlq: {exc}", file=sys.stderr)
+        printer.error(f"scm-relay dlq: {exc}")
         return EXIT_USAGE
 
 
@@ -224,7 +223,7 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
     except MissingTopicError as exc:
         raise UsageError(f"{exc} (SCM_RELAY_DLQ_TOPIC)") from exc
     except (KafkaError, TimeoutError) as exc:
-        print(f"scm-relay dlq: Kafka failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        printer.error(f"scm-relay dlq: Kafka failed ({type(exc).__name__}: {exc})")
         return EXIT_KAFKA
     for letter in shown:
         letter.replayed = markers.get(letter.position)
@@ -320,10 +319,9 @@ class Replay:
         except MissingTopicError as exc:
             raise UsageError(str(exc)) from exc
         except (KafkaError, TimeoutError) as exc:
-            print(
-                f"scm-relay dlq replay: Kafka failed ({type(exc).__name__}: "
-                f"{printer.redact(str(exc))}); nothing published",
-                file=sys.stderr,
+            printer.error(
+                f"scm-relay dlq replay: Kafka failed ({type(exc).__name__}: {exc}); "
+                "nothing published"
             )
             return EXIT_KAFKA
 

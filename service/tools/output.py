@@ -125,6 +125,11 @@ class Printer:
 
         return advance
 
+    def error(self, text: str) -> None:
+        """A line on stderr (also with --json): an error message may quote a secret (a
+        Kafka error naming a credential) or data."""
+        print(printable(self.redact(text)), file=sys.stderr)
+
     def line(self, text: str) -> None:
         """A line of prose (ignored with --json, whose document says it all)."""
         if not self.as_json:

@@ -137,17 +137,17 @@ def run(args: argparse.Namespace) -> int:
             path = stack.enter_context(_readable(args.file))
             request = _request(args, path, settings, contract_limits(settings))
         except UsageError as exc:
-            print(f"scm-relay publish: {exc}", file=sys.stderr)
+            printer.error(f"scm-relay publish: {exc}")
             return EXIT_USAGE
         started = time.monotonic()
         report = Report(source=request.source, format=request.format, topic=request.topic)
         try:
             code = _publish(request, settings, report, printer)
         except HeaderError as exc:
-            print(f"scm-relay publish: {request.source}: {exc}; nothing published", file=sys.stderr)
+            printer.error(f"scm-relay publish: {request.source}: {exc}; nothing published")
             return EXIT_INVALID
         except UsageError as exc:
-            print(f"scm-relay publish: {exc}", file=sys.stderr)
+            printer.error(f"scm-relay publish: {exc}")
             return EXIT_USAGE
         report.seconds = time.monotonic() - started
         _print_report(report, request, printer, code)
@@ -291,10 +291,9 @@ async def _send(request: Request, settings: Settings, report: Report, printer: P
     except MissingTopicError as exc:
         raise UsageError(str(exc)) from exc
     except (KafkaError, TimeoutError) as exc:
-        print(
-            f"scm-relay publish: Kafka failed ({type(exc).__name__}: {printer.redact(str(exc))}); "
-            "the transaction is aborted, nothing published",
-            file=sys.stderr,
+        printer.error(
+            f"scm-relay publish: Kafka failed ({type(exc).__name__}: {exc}); "
+            "the transaction is aborted, nothing published"
         )
         report.published_events = report.published_values = 0
         return EXIT_KAFKA
