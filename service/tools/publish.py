@@ -41,6 +41,7 @@ from service.tools.sources import (
     HeaderError,
     JsonLinesEvents,
     Problem,
+    group_key,
     judge,
 )
 
@@ -326,13 +327,13 @@ async def _send_one(
 ) -> Any:
     if problem is not None:
         return None  # --skip-invalid: counted in the first read
-    key = report.sha256 if request.ordered else hashlib.sha256(draft.group.encode()).hexdigest()
+    key = report.sha256[:32].encode() if request.ordered else group_key(draft.group)
     headers = [
         (HEADER_SOURCE, request.source.encode()),
         (HEADER_DIGEST, report.sha256.encode()),
         (HEADER_LINES, f"{draft.first_line}-{draft.last_line}".encode()),
     ]
-    future = await producer.send(request.topic, value, key=key[:32].encode(), headers=headers)
+    future = await producer.send(request.topic, value, key=key, headers=headers)
     report.published_events += 1
     report.published_values += draft.values
     return future
