@@ -12,6 +12,7 @@ import asyncio
 import gc
 import random
 import signal
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, suppress
 from dataclasses import replace
@@ -38,6 +39,7 @@ from service.kafka import (
     record_limits,
     transactional_id,
     wait_for_kafka,
+    watch_sasl_password,
 )
 from service.logs import configure_logging, log_loop_exceptions
 from service.metrics import RelayMetrics
@@ -194,6 +196,7 @@ def kafka_config(settings: Settings) -> KafkaConfig:
         ssl_keyfile=settings.kafka_ssl_keyfile,
         ssl_key_password=settings.kafka_ssl_key_password,
         transactional_id=settings.kafka_transactional_id,
+        sasl_password_file=settings.kafka_sasl_password_file,
     )
 
 
@@ -248,6 +251,11 @@ async def run_relay(
         async with AsyncExitStack() as stack:
             kafka = kafka_config(settings)
             options = client_options(kafka)
+            # Every Kafka client built, for a rotated SASL password file (weak: the
+            # clients of an incarnation that ended go away).
+            clients: weakref.WeakSet[Any] = weakref.WeakSet()
+            watcher = asyncio.create_task(watch_sasl_password(kafka, options, clients))
+            stack.callback(watcher.cancel)
             registry = registry or CollectorRegistry()
             metrics = RelayMetrics(registry)
             # Served from the start: while Kafka is awaited the relay is alive, not ready.
@@ -268,6 +276,7 @@ async def run_relay(
                 return EXIT_OK
             starting.phase = "starting: checking topics"
             admin = AIOKafkaAdminClient(**options)
+            clients.add(admin)
             await admin.start()
             stack.push_async_callback(admin.close)
             await check_topics(admin, relay_topics(settings))
@@ -277,7 +286,7 @@ async def run_relay(
 
             async def build(incarnation: AsyncExitStack) -> Relay:
                 relay = await _build_relay(
-                    incarnation, settings, config, kafka, options, client, admin, metrics
+                    incarnation, settings, config, kafka, options, client, admin, metrics, clients
                 )
                 log.info(
                     "relay_started",
@@ -362,6 +371,7 @@ async def _build_relay(
     client: ScantrustClient,
     admin: AIOKafkaAdminClient,
     metrics: RelayMetrics,
+    clients: weakref.WeakSet[Any],
 ) -> Relay:
     producer = AIOKafkaProducer(
         transactional_id=transactional_id(kafka),
@@ -421,6 +431,7 @@ async def _build_relay(
             consumer if topic == settings.input_topic else poller_member
         ).partitions_for_topic(topic),
     )
+    clients.update((producer, consumer, ledger_reader, poller_member))
     consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())
     for kafka_consumer in (ledger_reader, poller_member, consumer):
         await kafka_consumer.start()

@@ -3,14 +3,10 @@ that is warned about at every start; no user info, query or fragment."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from structlog.testing import capture_logs
 
-from service.app import EXIT_FAILED, run_relay
 from service.settings import SettingsError, load_settings
-from tests.settings_support import clear_relay_environment, load_as_the_relay
+from tests.settings_support import clear_relay_environment, load_as_the_relay, start_warnings
 
 
 @pytest.fixture(autouse=True)
@@ -79,37 +75,16 @@ def test_user_info_query_and_fragment_are_refused(
     assert f"SCM_RELAY_API_BASE_URL: {fragment}" in str(raised.value)
 
 
-async def _start_once(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]) -> list[str]:
-    """Start the relay against a closed Kafka port (it gives up at once); its warnings."""
-    settings = load_as_the_relay(
-        monkeypatch,
-        {
-            "SCM_RELAY_API_TOKEN": "t",
-            "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
-            "SCM_RELAY_KAFKA_STARTUP_WAIT_S": "0",
-            "SCM_RELAY_HTTP_HOST": "127.0.0.1",
-            "SCM_RELAY_HTTP_PORT": "0",
-            **environment,
-        },
-    )
-    with capture_logs() as logs:
-        code = await asyncio.wait_for(run_relay(settings, asyncio.Event()), timeout=60)
-    assert code == EXIT_FAILED
-    return [
-        f"{entry['setting']}: {entry['risk']}"
-        for entry in logs
-        if entry["event"] == "security_weakened_by_setting" and entry["log_level"] == "warning"
-    ]
-
-
 async def test_every_start_with_insecure_http_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     insecure = {
         "SCM_RELAY_API_BASE_URL": "http://simulator:8000",
         "SCM_RELAY_API_ALLOW_INSECURE_HTTP": "true",
     }
     for _ in range(2):
-        assert await _start_once(monkeypatch, insecure) == [
+        assert await start_warnings(monkeypatch, insecure) == [
             "SCM_RELAY_API_ALLOW_INSECURE_HTTP: the API token goes in clear text to simulator"
         ]
     # To this machine (the simulator) there is nothing to warn about.
-    assert await _start_once(monkeypatch, {"SCM_RELAY_API_BASE_URL": "http://127.0.0.1:8000"}) == []
+    assert (
+        await start_warnings(monkeypatch, {"SCM_RELAY_API_BASE_URL": "http://127.0.0.1:8000"}) == []
+    )

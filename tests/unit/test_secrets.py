@@ -129,6 +129,7 @@ def test_the_relay_process_prints_no_secret_when_kafka_refuses_it(tmp_path: Path
         "SCM_RELAY_KAFKA_SASL_MECHANISM": "PLAIN",
         "SCM_RELAY_KAFKA_SASL_USERNAME": "relay",
         "SCM_RELAY_KAFKA_SASL_PASSWORD": PASSWORD,
+        "SCM_RELAY_KAFKA_ALLOW_PLAINTEXT_SASL": "true",
         "SCM_RELAY_LOG_FORMAT": "json",
         "SCM_RELAY_LOG_LEVEL": "DEBUG",
         "SCM_RELAY_KAFKA_STARTUP_WAIT_S": "0",
