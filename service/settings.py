@@ -220,7 +220,8 @@ class _ApiSettings(BaseModel):
     api_ca_file: Path | None = Field(
         default=None,
         description=(
-            "extra CA bundle (PEM) for the API's TLS certificate; verification is always on"
+            "extra CA bundle (PEM) for the API's TLS certificate, added to the system's "
+            "trusted CAs; verification (host name included) is always on"
         ),
     )
     api_connect_timeout_s: float = Field(
