@@ -12,6 +12,7 @@ import asyncio
 import gc
 import random
 import signal
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, suppress
 from dataclasses import replace
@@ -38,13 +39,14 @@ from service.kafka import (
     record_limits,
     transactional_id,
     wait_for_kafka,
+    watch_sasl_password,
 )
-from service.logs import configure_logging
+from service.logs import configure_logging, log_loop_exceptions
 from service.metrics import RelayMetrics
 from service.relay import Relay, RelayConfig
 from service.relay.committer import ReplicaFencedError
 from service.scantrust.client import ClientConfig, ScantrustClient
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, insecure_choices
 
 log = structlog.get_logger(__name__)
 
@@ -196,6 +198,7 @@ def kafka_config(settings: Settings) -> KafkaConfig:
         ssl_keyfile=settings.kafka_ssl_keyfile,
         ssl_key_password=settings.kafka_ssl_key_password,
         transactional_id=settings.kafka_transactional_id,
+        sasl_password_file=settings.kafka_sasl_password_file,
     )
 
 
@@ -239,7 +242,10 @@ async def run_relay(
     except SettingsError as exc:
         log.error("settings_invalid", problem=str(exc))
         return EXIT_CONFIG
+    for setting, risk in insecure_choices(settings):
+        log.warning("security_weakened_by_setting", setting=setting, risk=risk)
     loop = asyncio.get_running_loop()
+    log_loop_exceptions(loop)
     with suppress(NotImplementedError, RuntimeError):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -247,6 +253,11 @@ async def run_relay(
         async with AsyncExitStack() as stack:
             kafka = kafka_config(settings)
             options = client_options(kafka)
+            # Every Kafka client built, for a rotated SASL password file (weak: the
+            # clients of an incarnation that ended go away).
+            clients: weakref.WeakSet[Any] = weakref.WeakSet()
+            watcher = asyncio.create_task(watch_sasl_password(kafka, options, clients))
+            stack.callback(watcher.cancel)
             registry = registry or CollectorRegistry()
             metrics = RelayMetrics(registry)
             # Served from the start: while Kafka is awaited the relay is alive, not ready.
@@ -267,6 +278,7 @@ async def run_relay(
                 return EXIT_OK
             starting.phase = "starting: checking topics"
             admin = AIOKafkaAdminClient(**options)
+            clients.add(admin)
             await admin.start()
             stack.push_async_callback(admin.close)
             await check_topics(admin, relay_topics(settings))
@@ -276,7 +288,7 @@ async def run_relay(
 
             async def build(incarnation: AsyncExitStack) -> Relay:
                 relay = await _build_relay(
-                    incarnation, settings, config, kafka, options, client, admin, metrics
+                    incarnation, settings, config, kafka, options, client, admin, metrics, clients
                 )
                 log.info(
                     "relay_started",
@@ -361,6 +373,7 @@ async def _build_relay(
     client: ScantrustClient,
     admin: AIOKafkaAdminClient,
     metrics: RelayMetrics,
+    clients: weakref.WeakSet[Any],
 ) -> Relay:
     producer = AIOKafkaProducer(
         transactional_id=transactional_id(kafka),
@@ -422,6 +435,7 @@ async def _build_relay(
             consumer if topic == settings.input_topic else poller_member
         ).partitions_for_topic(topic),
     )
+    clients.update((producer, consumer, ledger_reader, poller_member))
     consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())
     for kafka_consumer in (ledger_reader, poller_member, consumer):
         await kafka_consumer.start()

@@ -12,7 +12,7 @@ import os
 import random
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import SecretStr
 
 from service.core.resilience import Backoff
+from service.logs import add_secret
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +68,7 @@ class KafkaConfig:
     ssl_keyfile: Path | None = None
     ssl_key_password: SecretStr | None = None
     transactional_id: str | None = None
+    sasl_password_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,75 @@ def client_options(config: KafkaConfig) -> dict[str, Any]:
         options["sasl_plain_username"] = config.sasl_username
         options["sasl_plain_password"] = password.get_secret_value() if password else None
     return options
+
+
+# How often the SASL password file is looked at (the API token file's pace).
+PASSWORD_FILE_EVERY_S: Final = 5.0
+
+
+class SaslPasswordFile:
+    """The SASL password, read again from its file (a rotated Secret) when the file
+    changed, as the API token file is. A file that cannot be read or is empty keeps the
+    current password, said in one line that never shows a value."""
+
+    def __init__(self, path: Path, password: str) -> None:
+        self._path = path
+        self._password = password
+        self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) last read
+
+    async def reload(self) -> str | None:
+        """The new password when the file holds one (file I/O in a thread), else None."""
+        path = self._path
+        try:
+            status = await asyncio.to_thread(os.stat, path)
+            stamp = (status.st_mtime_ns, status.st_size)
+            if stamp == self._stamp:
+                return None
+            password = (await asyncio.to_thread(path.read_text, encoding="utf-8")).strip()
+        except (OSError, ValueError) as exc:
+            log.error(
+                "kafka_sasl_password_file_unusable", path=str(path), problem=type(exc).__name__
+            )
+            return None
+        self._stamp = stamp
+        if not password:
+            log.error("kafka_sasl_password_file_unusable", path=str(path), problem="empty")
+            return None
+        if password == self._password:
+            return None
+        add_secret(password)
+        self._password = password
+        log.warning("kafka_sasl_password_reloaded", path=str(path))
+        return password
+
+
+def use_sasl_password(clients: Iterable[Any], password: str) -> None:
+    """The clients' next connections (a broker restarted, a new broker) authenticate with
+    `password`; open connections stay as they are (SASL runs once per connection)."""
+    for client in clients:
+        # The producer's client is `client`, the consumer's and the admin's `_client`;
+        # aiokafka passes `_sasl_plain_password` to every connection it opens.
+        inner = getattr(client, "client", None) or getattr(client, "_client", None) or client
+        inner._sasl_plain_password = password
+
+
+async def watch_sasl_password(
+    config: KafkaConfig,
+    options: dict[str, Any],
+    clients: Iterable[Any],
+    every_s: float = PASSWORD_FILE_EVERY_S,
+) -> None:
+    """Until cancelled: when the password file changes, the options of clients built
+    from now on and the `clients` already built take the new password."""
+    if config.sasl_password_file is None or config.sasl_password is None:
+        return
+    watched = SaslPasswordFile(config.sasl_password_file, config.sasl_password.get_secret_value())
+    while True:
+        await asyncio.sleep(every_s)
+        password = await watched.reload()
+        if password is not None:
+            options["sasl_plain_password"] = password
+            use_sasl_password(list(clients), password)
 
 
 def tls_context(config: KafkaConfig) -> ssl.SSLContext:

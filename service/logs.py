@@ -1,7 +1,14 @@
-"""structlog set-up, done once by the entry point (never at import time)."""
+"""structlog set-up, done once by the entry point (never at import time).
+
+The standard library's logging (aiokafka, asyncio, aiohttp) goes through the same
+renderer and redactor as the relay's own lines, and `log_loop_exceptions` sends what
+an event loop reports (an exception nobody retrieved) there too: no line reaches
+stderr in another format or with a secret in it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -87,6 +94,10 @@ class Redactor:
 
 
 _redactor: Redactor | None = None
+# JSON lines carry a traceback as a dict, without local variables.
+_EXCEPTION_AS_DICT: Final = structlog.processors.ExceptionRenderer(
+    ExceptionDictTransformer(show_locals=False)
+)
 
 
 def add_secret(secret: str) -> None:
@@ -112,9 +123,7 @@ def configure_logging(log_format: str, level: str, secrets: Iterable[str] = ()) 
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if not use_console:
-        processors.append(
-            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
-        )
+        processors.append(_EXCEPTION_AS_DICT)
     global _redactor
     _redactor = Redactor(renderer, secrets)
     processors.append(_redactor)
@@ -124,3 +133,57 @@ def configure_logging(log_format: str, level: str, secrets: Iterable[str] = ()) 
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    _route_standard_logging(level, _redactor, use_console)
+
+
+class _StructlogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure_logging` puts on the root logger (replaced, never added
+    twice, when it is called again)."""
+
+
+def _route_standard_logging(level: str, redactor: Redactor, use_console: bool) -> None:
+    """Records of the standard library's loggers become lines like ours: the same
+    fields (`logger` names the library's logger), renderer and redactor."""
+    pre_chain: list[structlog.types.Processor] = [
+        structlog.stdlib.add_logger_name,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if not use_console:
+        pre_chain.append(_EXCEPTION_AS_DICT)
+    handler = _StructlogHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=pre_chain,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redactor],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StructlogHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # A library's info lines are its own business (aiokafka's group chatter); its
+    # warnings and errors are ours. A tool may lower a library's own logger for DEBUG.
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def log_loop_exceptions(loop: asyncio.AbstractEventLoop) -> None:
+    """What `loop` reports (a task's exception nobody retrieved, a failing callback) is
+    logged as `event_loop_exception` through structlog, redacted like every line."""
+    logger = structlog.get_logger("asyncio")
+
+    def report(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exception = context.get("exception")
+        fields = {
+            name: repr(value)
+            for name, value in context.items()
+            if name not in ("message", "exception")
+        }
+        logger.error(
+            "event_loop_exception",
+            problem=context.get("message", "unhandled exception in the event loop"),
+            exc_info=exception if isinstance(exception, BaseException) else None,
+            **fields,
+        )
+
+    loop.set_exception_handler(report)

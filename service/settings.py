@@ -9,6 +9,7 @@ keeps the two in step. Only the composition root and the CLI call
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -66,7 +67,26 @@ class _KafkaSettings(BaseModel):
         default=None, description="required with a `SASL_*` protocol"
     )
     kafka_sasl_password: SecretStr | None = Field(
-        default=None, description="secret; required with a `SASL_*` protocol; never logged"
+        default=None,
+        description=(
+            "secret; required with a `SASL_*` protocol (or `SCM_RELAY_KAFKA_SASL_PASSWORD_FILE`);"
+            " never logged"
+        ),
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        default=None,
+        description=(
+            "read the SASL password from this file instead (e.g. a mounted secret; white space "
+            "around it dropped); read again within 5 s of a change, for the next connections; "
+            "setting both is an error"
+        ),
+    )
+    kafka_allow_plaintext_sasl: bool = Field(
+        default=False,
+        description=(
+            "accept `PLAIN` over `SASL_PLAINTEXT`: the password then crosses the network in "
+            "clear text; a warning is logged at every start"
+        ),
     )
     kafka_ssl_cafile: Path | None = Field(
         default=None, description="CA bundle (PEM) to verify the brokers"
@@ -115,6 +135,12 @@ class _KafkaSettings(BaseModel):
         default="scm.tasks", min_length=1, description="compacted ledger of unfinished tasks"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_file(cls, data: Any) -> Any:
+        """Read the SASL password from `kafka_sasl_password_file` when one is named."""
+        return secret_from_file(data, "kafka_sasl_password")
+
     @model_validator(mode="after")
     def _sasl_complete(self) -> Self:
         if self.kafka_security_protocol.startswith("SASL_") and not (
@@ -122,7 +148,19 @@ class _KafkaSettings(BaseModel):
         ):
             raise ValueError(
                 "SCM_RELAY_KAFKA_SECURITY_PROTOCOL is SASL: set SCM_RELAY_KAFKA_SASL_MECHANISM, "
-                "SCM_RELAY_KAFKA_SASL_USERNAME and SCM_RELAY_KAFKA_SASL_PASSWORD"
+                "SCM_RELAY_KAFKA_SASL_USERNAME and SCM_RELAY_KAFKA_SASL_PASSWORD (or "
+                "SCM_RELAY_KAFKA_SASL_PASSWORD_FILE)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_clear_text_password(self) -> Self:
+        if plain_password_in_clear(self) and not self.kafka_allow_plaintext_sasl:
+            raise ValueError(
+                "SCM_RELAY_KAFKA_SASL_MECHANISM PLAIN over SCM_RELAY_KAFKA_SECURITY_PROTOCOL "
+                "SASL_PLAINTEXT sends the password in clear text: use SASL_SSL, or SCRAM-SHA-256 "
+                "or SCRAM-SHA-512 (the password never crosses the network), or set "
+                "SCM_RELAY_KAFKA_ALLOW_PLAINTEXT_SASL=true for a network you trust"
             )
         return self
 
@@ -155,7 +193,19 @@ class _ApiSettings(BaseModel):
 
     api_base_url: AnyHttpUrl = Field(
         default=AnyHttpUrl("https://api.scantrust.com"),
-        description="staging: `https://api.staging.scantrust.io`",
+        description=(
+            "staging: `https://api.staging.scantrust.io`; `https://` only (`http://` to a "
+            "loopback address, or with `SCM_RELAY_API_ALLOW_INSECURE_HTTP`); no user info, "
+            "query or fragment"
+        ),
+    )
+    api_allow_insecure_http: bool = Field(
+        default=False,
+        description=(
+            "accept an `http://` base URL to a host other than a loopback address (a simulator "
+            "in another container): the token then crosses the network in clear text; a "
+            "warning is logged at every start"
+        ),
     )
     api_token: SecretStr | None = Field(
         default=None, description="the UAT token; secret, never logged"
@@ -170,7 +220,8 @@ class _ApiSettings(BaseModel):
     api_ca_file: Path | None = Field(
         default=None,
         description=(
-            "extra CA bundle (PEM) for the API's TLS certificate; verification is always on"
+            "extra CA bundle (PEM) for the API's TLS certificate, added to the system's "
+            "trusted CAs; verification (host name included) is always on"
         ),
     )
     api_connect_timeout_s: float = Field(
@@ -248,6 +299,34 @@ class _ApiSettings(BaseModel):
         default=100, ge=1, le=1000, description="task ids per bulk status request"
     )
 
+    @field_validator("api_base_url")
+    @classmethod
+    def _base_url_is_plain(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        # The token goes with every request to this URL: credentials in it would be sent
+        # (and logged) beside it, and a query or fragment would be kept on no request path.
+        if url.username is not None or url.password is not None:
+            raise ValueError(
+                "holds user info (`user:password@`); put the token in the token "
+                "setting, the URL names the host only"
+            )
+        if url.query is not None:
+            raise ValueError("holds a query (`?...`); give the scheme, host, port and path only")
+        if url.fragment is not None:
+            raise ValueError("holds a fragment (`#...`); give the scheme, host, port and path only")
+        return url
+
+    @model_validator(mode="after")
+    def _https_unless_loopback_or_allowed(self) -> Self:
+        url = self.api_base_url
+        if url.scheme == "http" and not self.api_allow_insecure_http and not is_loopback(url):
+            raise ValueError(
+                f"SCM_RELAY_API_BASE_URL {str(url)!r} is http:// to a host that is not a "
+                "loopback address: the token would cross the network in clear text; use "
+                "https://, or set SCM_RELAY_API_ALLOW_INSECURE_HTTP=true for a test API "
+                "on a network you trust"
+            )
+        return self
+
     @field_validator("api_token", mode="before")
     @classmethod
     def _token_is_one_word(cls, value: Any) -> Any:
@@ -258,20 +337,7 @@ class _ApiSettings(BaseModel):
     @classmethod
     def _token_from_file(cls, data: Any) -> Any:
         """Read the token from `api_token_file` (e.g. a mounted secret) when one is named."""
-        if not isinstance(data, dict) or not data.get("api_token_file"):
-            return data
-        if data.get("api_token"):
-            raise ValueError("set SCM_RELAY_API_TOKEN or SCM_RELAY_API_TOKEN_FILE, not both")
-        path = Path(data["api_token_file"])
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(
-                f"SCM_RELAY_API_TOKEN_FILE {str(path)!r} cannot be read: {exc.strerror}"
-            ) from exc
-        if not token:
-            raise ValueError(f"SCM_RELAY_API_TOKEN_FILE {str(path)!r} is empty")
-        return {**data, "api_token": token}
+        return secret_from_file(data, "api_token")
 
 
 class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
@@ -522,6 +588,33 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         return tuple(sources)
 
 
+def secret_from_file(data: Any, field: str) -> Any:
+    """`data` with `field` read from the file `<field>_file` names, when one is named;
+    ValueError naming the setting when the file is unusable or both are set."""
+    file_field = f"{field}_file"
+    if not isinstance(data, dict) or not data.get(file_field):
+        return data
+    name, file_name = env_name(field), env_name(file_field)
+    if data.get(field):
+        raise ValueError(f"set {name} or {file_name}, not both")
+    path = Path(data[file_field])
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{file_name} {str(path)!r} cannot be read: {exc.strerror}") from exc
+    if not secret:
+        raise ValueError(f"{file_name} {str(path)!r} is empty")
+    return {**data, field: secret}
+
+
+def plain_password_in_clear(settings: _KafkaSettings) -> bool:
+    """Whether the SASL password crosses the network as it is (PLAIN without TLS)."""
+    return (
+        settings.kafka_security_protocol == "SASL_PLAINTEXT"
+        and settings.kafka_sasl_mechanism == "PLAIN"
+    )
+
+
 def clean_token(raw: str) -> str:
     """The token without surrounding white space (a newline from `echo` or a Secret
     file); ValueError when white space or a control character is inside it (it cannot
@@ -533,6 +626,39 @@ def clean_token(raw: str) -> str:
             "(the value is not shown)"
         )
     return token
+
+
+def is_loopback(url: AnyHttpUrl) -> bool:
+    """Whether the URL's host is this machine: `localhost`, 127.0.0.0/8 or ::1."""
+    host = (url.host or "").strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_choices(settings: Settings) -> list[tuple[str, str]]:
+    """What the settings allow that weakens the relay's security: (setting, risk) pairs
+    the relay logs as warnings at every start, so that nobody forgets one is set."""
+    choices = []
+    if settings.api_base_url.scheme == "http" and not is_loopback(settings.api_base_url):
+        choices.append(
+            (
+                "SCM_RELAY_API_ALLOW_INSECURE_HTTP",
+                f"the API token goes in clear text to {settings.api_base_url.host}",
+            )
+        )
+    if plain_password_in_clear(settings):
+        choices.append(
+            (
+                "SCM_RELAY_KAFKA_ALLOW_PLAINTEXT_SASL",
+                "the Kafka SASL password goes in clear text (PLAIN over SASL_PLAINTEXT) to "
+                f"{settings.kafka_bootstrap_servers}",
+            )
+        )
+    return choices
 
 
 def env_name(field: str) -> str:

@@ -6,12 +6,12 @@ any length (or a single enormous line) is checked in bounded memory.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO, Final, TextIO
 
 from service.core.contract import ContractLimits, ParsedEvent, Reason, Rejection, parse_event
+from service.tools.terminal import json_text
 
 _READ_CHUNK: Final = 1 << 16
 
@@ -98,6 +98,6 @@ def validate_stream(source: BinaryIO, out: TextIO, limits: ContractLimits) -> Va
         else:
             summary.invalid += 1
             summary.reasons[result.reason.value] += 1
-        out.write(json.dumps(verdict(line_number, result), ensure_ascii=False))
+        out.write(json_text(verdict(line_number, result)))
         out.write("\n")
     return summary

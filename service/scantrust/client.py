@@ -229,9 +229,7 @@ class ScantrustClient:
         """Open the HTTP session (idempotent)."""
         if self._session is not None:
             return
-        ssl_context = ssl.create_default_context(
-            cafile=str(self._config.ca_file) if self._config.ca_file else None
-        )
+        ssl_context = api_tls_context(self._config.ca_file)
         connector = aiohttp.TCPConnector(limit=self._config.max_connections, ssl=ssl_context)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -319,7 +317,10 @@ class ScantrustClient:
 
     async def task(self, task_id: str) -> ApiTask | Failure:
         """`GET /api/v2/scm/tasks/{id}/`."""
-        result = await self._call(_Call("task", "GET", self._url(f"{TASKS_PATH}{task_id}/")))
+        segment = _path_segment(task_id)
+        if segment is None:
+            return _unusable_segment(task_id, "task id")
+        result = await self._call(_Call("task", "GET", self._url(f"{TASKS_PATH}{segment}/")))
         if not isinstance(result, _Response):
             return result
         return _parse(ApiTask, _json_object(result.body), "task")
@@ -360,7 +361,10 @@ class ScantrustClient:
 
     async def task_group(self, reference: str) -> ApiTaskGroup | Failure:
         """`GET /api/v2/scm/task-groups/{reference}/`."""
-        url = self._url(f"{TASK_GROUPS_PATH}{_path_segment(reference)}/")
+        segment = _path_segment(reference)
+        if segment is None:
+            return _unusable_segment(reference, "reference")
+        url = self._url(f"{TASK_GROUPS_PATH}{segment}/")
         result = await self._call(_Call("task_group", "GET", url))
         if not isinstance(result, _Response):
             return result
@@ -653,5 +657,25 @@ def _parse(model: type[_Model], data: Any, endpoint: str) -> _Model | Rejected:
     return Rejected(200, {"detail": f"unexpected {endpoint} body: {problem}"}, str(data)[:500])
 
 
-def _path_segment(text: str) -> str:
+def _path_segment(text: str) -> str | None:
+    """`text` as one URL path segment (`/`, `?`, `#`, `%` and the rest percent-encoded),
+    or None for "", "." and "..": URL libraries resolve those (even encoded as `%2E`)
+    into another path, so no id or reference can be sent as them."""
+    if text in ("", ".", ".."):
+        return None
     return quote(text, safe="")
+
+
+def _unusable_segment(text: str, what: str) -> Rejected:
+    """What the API says of an id it does not know, without asking it."""
+    detail = f"no {what} can be {text!r}: it cannot be one segment of a URL path"
+    return Rejected(404, {"detail": detail}, "")
+
+
+def api_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system's trusted CAs, plus those of `ca_file` (a private CA, a TLS-inspecting
+    proxy's) when given; certificate and host name verification always on."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context

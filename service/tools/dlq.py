@@ -4,11 +4,21 @@ A replay republishes each selected dead letter's original (or a corrected record
 `--fixed`, a JSON-lines file keyed by dead-letter offset) to the input topic, with its
 key and provenance headers, in one transaction with a *replay marker* per dead letter:
 a record in the dead-letter topic itself, in the dead letter's partition, keyed
-`replayed:<partition>:<offset>` and carrying the header `scm_relay.replay.of`. The
-marker is what makes a replay idempotent: a dead letter with a marker is not replayed
-again unless `--force`, and `dlq list` shows when it was replayed. The markers are
-looked for after the producer has started, so that a replay still open under the same
-transactional id (`<group>-dlq-replay`) is fenced off or visible first.
+`replayed:<partition>:<offset>`, carrying the header `scm_relay.replay.of` and naming
+the input position its copy was written to. The marker is what makes a replay
+idempotent: a dead letter with a marker is not replayed again unless `--force`, and
+`dlq list` shows when it was replayed. A marker counts only when the input record it
+names is that copy (the replay headers name this dead letter): a record forged into
+the dead-letter topic cannot hide a dead letter as replayed. Once that copy is past the
+input topic's retention the marker is believed as it is (whoever can write the
+dead-letter topic is trusted: docs/security.md). The markers are looked for after the
+producer has started, so that a replay still open under the same transactional id
+(`<group>-dlq-replay`) is fenced off or visible first.
+
+Only dead letters of the relay's own input topic are replayed: one whose source header
+names another topic is refused (nothing copied from a topic the dead-letter topic
+names). A fixed record is keyed as `scm-relay publish` keys that event; an original
+keeps its key.
 
 Every record to replay is judged by the relay's contract first; one that would be
 refused again (an original that was never valid, a fix that is still wrong) refuses
@@ -26,7 +36,6 @@ import asyncio
 import datetime as dt
 import json
 import re
-import sys
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -39,6 +48,7 @@ from service.core.contract import ContractLimits, ParsedEvent, parse_event
 from service.core.records import DeadLetterHeaders
 from service.settings import Settings
 from service.tools.output import Printer, tool_start
+from service.tools.sources import event_group, group_key
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -70,6 +80,8 @@ class DeadLetter:
     value: bytes
     headers: DeadLetterHeaders
     replayed: dict[str, Any] | None = None
+    # Markers that name no copy of this dead letter, and why each was ignored.
+    ignored_markers: list[str] = field(default_factory=list)
 
     @property
     def position(self) -> str:
@@ -86,7 +98,19 @@ class DeadLetter:
             "message": h.message,
             "source": f"{h.source_topic}/{h.source_partition}/{h.source_offset}",
             "replayed": (self.replayed or {}).get("replayed_at"),
+            "replay_proof": (self.replayed or {}).get("proof"),
+            "ignored_markers": self.ignored_markers,
         }
+
+
+@dataclass
+class Marker:
+    """A replay marker as read: where it is and what it says."""
+
+    partition: int
+    offset: int
+    of: str
+    body: dict[str, Any]
 
 
 @dataclass
@@ -145,12 +169,13 @@ async def read_dead_letters(
     settings: Settings,
     topic: str,
     since_ms: int | None = None,
-    markers: dict[str, dict[str, Any]] | None = None,
+    markers: dict[str, list[Marker]] | None = None,
 ) -> AsyncIterator[DeadLetter]:
     """The dead letters of `topic` in offset order per partition, as they are read (none
     is held here: the caller keeps what it needs). Replay markers come later in the log
-    than their dead letters; they are put in `markers` (position -> marker), complete
-    once the read has ended, for the caller to apply to what it kept."""
+    than their dead letters; they are put in `markers` (position -> markers, oldest
+    first), complete once the read has ended, for `apply_markers` to check against what
+    the caller kept."""
     from service.tools.kafka_io import read_to_end
 
     async for record in read_to_end(settings, topic, since_ms=since_ms):
@@ -159,9 +184,14 @@ async def read_dead_letters(
             if markers is not None:
                 position = headers[HEADER_REPLAY_OF].decode(errors="replace")
                 try:
-                    markers[position] = json.loads(record.value or b"{}")
+                    body = json.loads(record.value or b"{}")
                 except (UnicodeDecodeError, json.JSONDecodeError):
-                    markers[position] = {}
+                    body = {}
+                markers.setdefault(position, []).append(
+                    Marker(record.partition, record.offset, position, body)
+                    if isinstance(body, dict)
+                    else Marker(record.partition, record.offset, position, {})
+                )
             continue
         try:
             parsed = DeadLetterHeaders.from_kafka(record.headers or ())
@@ -175,6 +205,96 @@ async def read_dead_letters(
             record.value or b"",
             parsed,
         )
+
+
+async def apply_markers(
+    settings: Settings, letters: list[DeadLetter], markers: dict[str, list[Marker]]
+) -> None:
+    """Set each letter's `replayed` from the newest of its markers that its replayed copy
+    proves: the input record the marker names carries this dead letter's replay
+    headers. A marker whose copy is past the input topic's retention is believed, and
+    says so (`proof`); one that names no copy of this dead letter is ignored and listed
+    in `ignored_markers`. Reads one input record per marker, and only for `letters`."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from service.tools.kafka_io import options
+
+    pending = [
+        (letter, markers[letter.position]) for letter in letters if letter.position in markers
+    ]
+    if not pending:
+        return
+    consumer = AIOKafkaConsumer(
+        **options(settings), enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    try:
+        for letter, found in pending:
+            for marker in reversed(found):
+                problem, proof = _marker_claim(settings, letter, marker)
+                if problem is None:
+                    tp = TopicPartition(settings.input_topic, marker.body["input_partition"])
+                    problem, proof = await _copy_proves(
+                        consumer, tp, marker.body["input_offset"], settings.dlq_topic, letter
+                    )
+                if problem is None:
+                    letter.replayed = {**marker.body, "proof": proof}
+                    break
+                letter.ignored_markers.append(f"{marker.partition}:{marker.offset}: {problem}")
+    finally:
+        await consumer.stop()
+
+
+def _marker_claim(
+    settings: Settings, letter: DeadLetter, marker: Marker
+) -> tuple[str | None, str | None]:
+    """Why the marker cannot be a replay's of `letter` on its face, or (None, None)."""
+    if marker.partition != letter.partition or marker.offset <= letter.offset:
+        return "not after its dead letter in the same partition", None
+    body = marker.body
+    if body.get("input_topic") != settings.input_topic:
+        return f"names the input topic {body.get('input_topic')!r}", None
+    if not all(
+        isinstance(body.get(name), int) and not isinstance(body.get(name), bool)
+        for name in ("input_partition", "input_offset")
+    ):
+        return "names no input position of its copy", None
+    return None, None
+
+
+async def _copy_proves(
+    consumer: Any, tp: Any, offset: int, dlq_topic: str, letter: DeadLetter
+) -> tuple[str | None, str | None]:
+    """Whether the input record at `tp`/`offset` is the replayed copy of `letter`."""
+    partitions = consumer.partitions_for_topic(tp.topic) or set()
+    if partitions and tp.partition not in partitions:
+        return f"names the input partition {tp.partition}, which does not exist", None
+    consumer.assign([tp])
+    first = (await consumer.beginning_offsets([tp]))[tp]
+    end = (await consumer.end_offsets([tp]))[tp]
+    if offset >= end:
+        return f"names the input offset {tp.partition}:{offset}, not written yet", None
+    if offset < first:
+        return None, "copy_expired"  # past the input's retention: believed (see the docstring)
+    consumer.seek(tp, offset)
+    record = None
+    async with asyncio.timeout(30):
+        while record is None and await consumer.position(tp) <= offset:
+            for candidate in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                if candidate.offset >= offset:
+                    record = candidate
+                    break
+    if record is None or record.offset != offset:
+        return f"names the input offset {tp.partition}:{offset}, which holds no record", None
+    headers = {name: value for name, value in record.headers or ()}
+    expected = {
+        HEADER_REPLAY_TOPIC: dlq_topic.encode(),
+        HEADER_REPLAY_PARTITION: str(letter.partition).encode(),
+        HEADER_REPLAY_OFFSET: str(letter.offset).encode(),
+    }
+    if any(headers.get(name) != value for name, value in expected.items()):
+        return f"the input record at {tp.partition}:{offset} is no replay of it", None
+    return None, "verified"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return asyncio.run(replay.run(printer))
     except UsageError as exc:
-        print(f"scm-relay dlq: {exc}", file=sys.stderr)
+        printer.error(f"scm-relay dlq: {exc}")
         return EXIT_USAGE
 
 
@@ -213,7 +333,7 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
     from service.tools.kafka_io import MissingTopicError
 
     shown: deque[DeadLetter] = deque(maxlen=limit)  # the newest `limit`
-    markers: dict[str, dict[str, Any]] = {}
+    markers: dict[str, list[Marker]] = {}
     matched = 0
     try:
         letters = read_dead_letters(settings, settings.dlq_topic, selection.since_ms, markers)
@@ -221,13 +341,12 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
             if selection.takes(letter):
                 matched += 1
                 shown.append(letter)
+        await apply_markers(settings, list(shown), markers)
     except MissingTopicError as exc:
         raise UsageError(f"{exc} (SCM_RELAY_DLQ_TOPIC)") from exc
     except (KafkaError, TimeoutError) as exc:
-        print(f"scm-relay dlq: Kafka failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        printer.error(f"scm-relay dlq: Kafka failed ({type(exc).__name__}: {exc})")
         return EXIT_KAFKA
-    for letter in shown:
-        letter.replayed = markers.get(letter.position)
     rows = [letter.row() for letter in shown]
     if printer.as_json:
         printer.json({"topic": settings.dlq_topic, "matched": matched, "dead_letters": rows})
@@ -235,14 +354,29 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
     printer.table(
         f"dead letters in {settings.dlq_topic}",
         ["offset", "time", "reason", "field", "message", "source", "replayed"],
-        [
-            {**row, "time": _minute(row["time"]), "replayed": _minute(row["replayed"])}
-            for row in rows
-        ],
+        [{**row, "time": _minute(row["time"]), "replayed": _replayed_cell(row)} for row in rows],
     )
     more = f" (the newest {len(rows)} shown; --limit)" if matched > len(rows) else ""
     printer.line(f"{matched} dead letter(s) matched{more}")
+    _say_ignored_markers(shown, printer)
     return EXIT_OK
+
+
+def _replayed_cell(row: dict[str, Any]) -> str | None:
+    when = _minute(row["replayed"])
+    if when is not None and row["replay_proof"] == "copy_expired":
+        return f"{when} (copy expired)"
+    return when
+
+
+def _say_ignored_markers(letters: Any, printer: Printer) -> None:
+    ignored = [letter.position for letter in letters if letter.ignored_markers]
+    if ignored:
+        printer.line(
+            f"replay markers that prove no replay were ignored for: {', '.join(ignored)} "
+            "(--json lists why; a record written into the dead-letter topic by something "
+            "other than a replay?)"
+        )
 
 
 def _minute(stamp: str | None) -> str | None:
@@ -283,6 +417,8 @@ class Planned:
     value: bytes | None = None
     fixed: bool = False
     problem: str | None = None
+    key: bytes | None = None
+    other_source: bool = False  # names a source topic other than the input topic
 
 
 @dataclass
@@ -294,6 +430,7 @@ class Replay:
     dry_run: bool = False
     force: bool = False
     skipped_replayed: list[str] = field(default_factory=list)
+    ignored_markers: list[DeadLetter] = field(default_factory=list)
 
     @property
     def transactional_id(self) -> str:
@@ -314,31 +451,37 @@ class Replay:
                 if any(item.problem for item in plan) or not plan:
                     return self._report(plan, printer, published=False)
                 async with producer.transaction():
-                    sent = [await self._send(producer, item) for item in plan]
-                    await asyncio.gather(*sent)
+                    copies = [await self._send_copy(producer, item) for item in plan]
+                    written = await asyncio.gather(*copies)
+                    # Each marker names where its copy went: that copy proves the replay.
+                    marked = [
+                        await self._send_marker(producer, item, copy)
+                        for item, copy in zip(plan, written, strict=True)
+                    ]
+                    await asyncio.gather(*marked)
                 return self._report(plan, printer, published=True)
         except MissingTopicError as exc:
             raise UsageError(str(exc)) from exc
         except (KafkaError, TimeoutError) as exc:
-            print(
-                f"scm-relay dlq replay: Kafka failed ({type(exc).__name__}: "
-                f"{printer.redact(str(exc))}); nothing published",
-                file=sys.stderr,
+            printer.error(
+                f"scm-relay dlq replay: Kafka failed ({type(exc).__name__}: {exc}); "
+                "nothing published"
             )
             return EXIT_KAFKA
 
     async def _plan(self) -> list[Planned]:
         from service.tools.kafka_io import MissingTopicError
 
-        markers: dict[str, dict[str, Any]] = {}
+        markers: dict[str, list[Marker]] = {}
         try:
             letters = read_dead_letters(self.settings, self.settings.dlq_topic, markers=markers)
             selected = [letter async for letter in letters if self.selection.takes(letter)]
         except MissingTopicError as exc:
             raise UsageError(f"{exc} (SCM_RELAY_DLQ_TOPIC)") from exc
+        await apply_markers(self.settings, selected, markers)
+        self.ignored_markers = [letter for letter in selected if letter.ignored_markers]
         plan: list[Planned] = []
         for letter in selected:
-            letter.replayed = markers.get(letter.position)
             if letter.replayed is not None and not self.force:
                 self.skipped_replayed.append(letter.position)
             else:
@@ -350,6 +493,19 @@ class Replay:
         return plan
 
     async def _judge(self, letter: DeadLetter) -> Planned:
+        source = letter.headers.source_topic
+        if source != self.settings.input_topic:
+            # The relay dead-letters only records of its input topic: a dead letter naming
+            # another was not written by it, and its "original" is no record to copy.
+            return Planned(
+                letter,
+                other_source=True,
+                problem=(
+                    f"its source header names the topic {source!r}, not the input topic "
+                    f"{self.settings.input_topic!r} (SCM_RELAY_INPUT_TOPIC): only dead "
+                    "letters of the input topic are replayed"
+                ),
+            )
         fix = self.fixed.get((letter.partition, letter.offset))
         if fix is not None:
             value, fixed = fix, True
@@ -365,7 +521,10 @@ class Replay:
             value, fixed = original, False
         verdict = parse_event(value, self.limits)
         if isinstance(verdict, ParsedEvent):
-            return Planned(letter, value, fixed)
+            # A fix may name other codes than the original: keyed as `publish` keys it,
+            # its changes share a partition with that event's other changes.
+            key = group_key(event_group(verdict.event)) if fixed else letter.key
+            return Planned(letter, value, fixed, key=key)
         what = "the fix" if fixed else "the original"
         return Planned(
             letter,
@@ -405,7 +564,7 @@ class Replay:
         finally:
             await consumer.stop()
 
-    async def _send(self, producer: Any, item: Planned) -> Any:
+    async def _send_copy(self, producer: Any, item: Planned) -> Any:
         letter, settings = item.letter, self.settings
         assert item.value is not None  # noqa: S101 - only planned items without a problem are sent
         headers = [
@@ -416,27 +575,30 @@ class Replay:
         ]
         if item.fixed:
             headers.append((HEADER_REPLAY_FIXED, b"true"))
-        sent = await producer.send(
-            settings.input_topic, item.value, key=letter.key, headers=headers
-        )
+        return await producer.send(settings.input_topic, item.value, key=item.key, headers=headers)
+
+    async def _send_marker(self, producer: Any, item: Planned, copy: Any) -> Any:
+        letter, settings = item.letter, self.settings
         marker = {
             "replayed_at": dt.datetime.now(dt.UTC)
             .isoformat(timespec="seconds")
             .replace("+00:00", "Z"),
             "input_topic": settings.input_topic,
+            "input_partition": copy.partition,
+            "input_offset": copy.offset,
             "fixed": item.fixed,
         }
-        await producer.send(
+        return await producer.send(
             settings.dlq_topic,
             json.dumps(marker).encode(),
             key=f"replayed:{letter.position}".encode(),
             partition=letter.partition,
             headers=[(HEADER_REPLAY_OF, letter.position.encode())],
         )
-        return sent
 
     def _report(self, plan: list[Planned], printer: Printer, *, published: bool) -> int:
         refused = [item for item in plan if item.problem]
+        other_source = sum(item.other_source for item in plan)
         rows = [
             {
                 **item.letter.row(),
@@ -454,6 +616,10 @@ class Replay:
                     "published": published,
                     "replayed": len(plan) if published else 0,
                     "already_replayed": self.skipped_replayed,
+                    "not_from_input_topic": other_source,
+                    "ignored_markers": {
+                        letter.position: letter.ignored_markers for letter in self.ignored_markers
+                    },
                     "dead_letters": rows,
                 }
             )
@@ -468,6 +634,12 @@ class Replay:
             printer.line(
                 f"already replayed, left alone (--force replays again): "
                 f"{', '.join(self.skipped_replayed)}"
+            )
+        _say_ignored_markers(self.ignored_markers, printer)
+        if other_source:
+            printer.line(
+                f"{other_source} name a source topic other than {self.settings.input_topic}: "
+                "nothing published (leave them out with --offsets, or find who wrote them)"
             )
         if refused:
             printer.line(f"{len(refused)} would be refused again: nothing published")

@@ -2,12 +2,13 @@
 
 rich draws the tables: it measures wide cells and wraps them, which hand-padded
 columns do not. Every string printed passes `redact`, so no secret of the settings
-reaches the screen even when an error message quotes one.
+reaches the screen even when an error message quotes one, and then
+`service.tools.terminal`: cells and titles are rich `Text` (never read as markup), with
+control and format characters shown as escapes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -17,9 +18,11 @@ from typing import Any, Final, TextIO
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from service.logs import Redactor, configure_logging
 from service.settings import Settings, SettingsError, load_settings
+from service.tools.terminal import cut, json_text, printable
 
 
 def quiet_logs(log_level: str, secrets: Iterable[str]) -> None:
@@ -76,7 +79,7 @@ class Printer:
         if self.as_json:
             self.json(list(rows))
             return
-        table = Table(title=title, title_justify="left", show_lines=False)
+        table = Table(title=self._text(title), title_justify="left", show_lines=False)
         for column in columns:
             # Prose wraps first; identifiers keep their line (they are copied and pasted).
             if column in PROSE_COLUMNS:
@@ -89,15 +92,20 @@ class Printer:
             table.add_row(*(self._cell(row.get(column)) for column in columns))
         self._console.print(table)
 
-    def _cell(self, value: Any) -> str:
+    def _text(self, text: str, *, keep_newlines: bool = False) -> Text:
+        """Printed as it is: redacted, escaped, and never read as rich markup."""
+        return Text(printable(self.redact(text), keep_newlines=keep_newlines))
+
+    def _cell(self, value: Any) -> Text:
         if value is None:
-            return "-"
+            return Text("-")
         if isinstance(value, dict | list):
-            return self.redact(json.dumps(value, ensure_ascii=False))
-        return self.redact(str(value))
+            # JSON escapes a line feed inside a value; one outside is ours.
+            return self._text(cut(json_text(value)))
+        return self._text(cut(str(value)), keep_newlines=True)
 
     def json(self, document: Any) -> None:
-        self._stream.write(json.dumps(self._clean(document), ensure_ascii=False, default=str))
+        self._stream.write(json_text(self._clean(document)))
         self._stream.write("\n")
 
     def progress(self, what: str, total: int) -> Callable[[int | None], None]:
@@ -117,7 +125,12 @@ class Printer:
 
         return advance
 
+    def error(self, text: str) -> None:
+        """A line on stderr (also with --json): an error message may quote a secret (a
+        Kafka error naming a credential) or data."""
+        print(printable(self.redact(text)), file=sys.stderr)
+
     def line(self, text: str) -> None:
         """A line of prose (ignored with --json, whose document says it all)."""
         if not self.as_json:
-            self._console.print(self.redact(text), markup=False)
+            self._console.print(self._text(text))

@@ -41,6 +41,7 @@ from service.tools.sources import (
     HeaderError,
     JsonLinesEvents,
     Problem,
+    group_key,
     judge,
 )
 
@@ -137,17 +138,17 @@ def run(args: argparse.Namespace) -> int:
             path = stack.enter_context(_readable(args.file))
             request = _request(args, path, settings, contract_limits(settings))
         except UsageError as exc:
-            print(f"scm-relay publish: {exc}", file=sys.stderr)
+            printer.error(f"scm-relay publish: {exc}")
             return EXIT_USAGE
         started = time.monotonic()
         report = Report(source=request.source, format=request.format, topic=request.topic)
         try:
             code = _publish(request, settings, report, printer)
         except HeaderError as exc:
-            print(f"scm-relay publish: {request.source}: {exc}; nothing published", file=sys.stderr)
+            printer.error(f"scm-relay publish: {request.source}: {exc}; nothing published")
             return EXIT_INVALID
         except UsageError as exc:
-            print(f"scm-relay publish: {exc}", file=sys.stderr)
+            printer.error(f"scm-relay publish: {exc}")
             return EXIT_USAGE
         report.seconds = time.monotonic() - started
         _print_report(report, request, printer, code)
@@ -291,10 +292,9 @@ async def _send(request: Request, settings: Settings, report: Report, printer: P
     except MissingTopicError as exc:
         raise UsageError(str(exc)) from exc
     except (KafkaError, TimeoutError) as exc:
-        print(
-            f"scm-relay publish: Kafka failed ({type(exc).__name__}: {printer.redact(str(exc))}); "
-            "the transaction is aborted, nothing published",
-            file=sys.stderr,
+        printer.error(
+            f"scm-relay publish: Kafka failed ({type(exc).__name__}: {exc}); "
+            "the transaction is aborted, nothing published"
         )
         report.published_events = report.published_values = 0
         return EXIT_KAFKA
@@ -327,13 +327,13 @@ async def _send_one(
 ) -> Any:
     if problem is not None:
         return None  # --skip-invalid: counted in the first read
-    key = report.sha256 if request.ordered else hashlib.sha256(draft.group.encode()).hexdigest()
+    key = report.sha256[:32].encode() if request.ordered else group_key(draft.group)
     headers = [
         (HEADER_SOURCE, request.source.encode()),
         (HEADER_DIGEST, report.sha256.encode()),
         (HEADER_LINES, f"{draft.first_line}-{draft.last_line}".encode()),
     ]
-    future = await producer.send(request.topic, value, key=key[:32].encode(), headers=headers)
+    future = await producer.send(request.topic, value, key=key, headers=headers)
     report.published_events += 1
     report.published_values += draft.values
     return future

@@ -13,13 +13,20 @@ events (and their ids) depend only on the file.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Final
 
-from service.core.contract import ContractLimits, ParsedEvent, Rejection, parse_event
+from service.core.contract import (
+    ChangeEvent,
+    ContractLimits,
+    ParsedEvent,
+    Rejection,
+    parse_event,
+)
 
 DEFAULT_VALUES_PER_EVENT: Final = 1000  # the API's limit per request
 DEFAULT_MAX_BUFFERED_VALUES: Final = 100_000
@@ -286,15 +293,19 @@ class JsonLinesEvents:
             if self.reference is not None:
                 document.setdefault("reference", self.reference)
             event = verdict.event
-            key = json.dumps(
-                [
-                    event.campaign,
-                    event.reference,
-                    sorted(event.constraints),
-                    sorted(event.scm_data.items()),
-                ]
-            )
-            yield Draft(line, line, document, event.value_count, key)
+            yield Draft(line, line, document, event.value_count, event_group(event))
+
+
+def event_group(event: ChangeEvent) -> str:
+    """What keys an event of JSON lines: campaign, reference, constraint keys, fields."""
+    return json.dumps(
+        [event.campaign, event.reference, sorted(event.constraints), sorted(event.scm_data.items())]
+    )
+
+
+def group_key(group: str) -> bytes:
+    """The Kafka key of the events of one group (`publish`, and `dlq replay --fixed`)."""
+    return hashlib.sha256(group.encode()).hexdigest()[:32].encode()
 
 
 def problem_of(line: int, rejection: Rejection) -> Problem:

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -142,10 +141,10 @@ def run(args: argparse.Namespace) -> int:
             return asyncio.run(show(settings, args.task_id, printer))
         return asyncio.run(_group(settings, args.reference, printer))
     except MissingTopicError as exc:
-        print(f"scm-relay tasks: {exc}", file=sys.stderr)
+        printer.error(f"scm-relay tasks: {exc}")
         return EXIT_USAGE
     except (KafkaError, TimeoutError) as exc:
-        print(f"scm-relay tasks: Kafka failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        printer.error(f"scm-relay tasks: Kafka failed ({type(exc).__name__}: {exc})")
         return EXIT_UNAVAILABLE
 
 

@@ -68,7 +68,12 @@ def security(broker: SecureBroker, protocol: str, **extra: Any) -> dict[str, Any
 
 
 CONNECTIONS = [
-    pytest.param("SASL_PLAINTEXT", {"kafka_sasl_mechanism": "PLAIN"}, id="sasl-plaintext-plain"),
+    # PLAIN in clear text only with the setting that allows it (a test broker on loopback).
+    pytest.param(
+        "SASL_PLAINTEXT",
+        {"kafka_sasl_mechanism": "PLAIN", "kafka_allow_plaintext_sasl": True},
+        id="sasl-plaintext-plain",
+    ),
     pytest.param(
         "SASL_PLAINTEXT", {"kafka_sasl_mechanism": "SCRAM-SHA-256"}, id="sasl-plaintext-scram256"
     ),
@@ -242,6 +247,7 @@ def test_the_relay_process_prints_no_secret_when_kafka_refuses_it(
         "SCM_RELAY_KAFKA_SASL_MECHANISM": "PLAIN",
         "SCM_RELAY_KAFKA_SASL_USERNAME": USER,
         "SCM_RELAY_KAFKA_SASL_PASSWORD": password,
+        "SCM_RELAY_KAFKA_ALLOW_PLAINTEXT_SASL": "true",
         "SCM_RELAY_LOG_FORMAT": "json",
         "SCM_RELAY_LOG_LEVEL": "DEBUG",
     }
@@ -285,3 +291,53 @@ def test_an_unreadable_ca_file_names_the_setting(tmp_path: Path) -> None:
     )
     with pytest.raises(KafkaSetupError, match="SCM_RELAY_KAFKA_SSL_CAFILE"):
         client_options(kafka_config(settings))
+
+
+async def test_a_rotated_password_file_reaches_the_clients_already_built(
+    broker: SecureBroker, tmp_path: Path
+) -> None:
+    """Clients built while the file held a stale password connect once it holds the
+    right one: the watcher gives the new password to their next connections."""
+    import os
+
+    from service.kafka import watch_sasl_password
+
+    password_file = tmp_path / "kafka-password"
+    password_file.write_text("stale-password\n")
+    settings = Settings(
+        **(
+            security(broker, "SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512")
+            | {"kafka_sasl_password": None, "kafka_sasl_password_file": password_file}
+        )
+    )
+    kafka = kafka_config(settings)
+    options = client_options(kafka)
+    producer = AIOKafkaProducer(**options)
+    admin = AIOKafkaAdminClient(**options)
+    changed = asyncio.Event()
+
+    class Clients(list[Any]):
+        def __iter__(self) -> Any:
+            changed.set()  # the watcher hands the new password over now
+            return super().__iter__()
+
+    watcher = asyncio.create_task(
+        watch_sasl_password(kafka, options, Clients([producer, admin]), every_s=0.05)
+    )
+    try:
+        password_file.write_text(f"{PASSWORD}\n")
+        later = password_file.stat().st_mtime_ns + 1_000_000_000
+        os.utime(password_file, ns=(later, later))
+        await asyncio.wait_for(changed.wait(), timeout=10)
+    finally:
+        watcher.cancel()
+    assert options["sasl_plain_password"] == PASSWORD
+    await producer.start()
+    try:
+        await admin.start()
+        try:
+            assert isinstance(await admin.list_topics(), list)
+        finally:
+            await admin.close()
+    finally:
+        await producer.stop()

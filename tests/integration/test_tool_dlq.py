@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from service.core.contract import Reason, Stage
 from service.core.records import DeadLetterHeaders
 from tests.kafka_support import TopicFactory
-from tests.pipeline_support import Topics, make_topics, read_topic
+from tests.pipeline_support import Topics, make_topics, publish, read_topic
 from tests.tool_support import ToolRun, scm_relay, tool_settings
 
 pytestmark = pytest.mark.kafka
@@ -187,3 +187,128 @@ async def test_usage_errors(kafka_bootstrap: str, letters: Topics, tmp_path: Pat
     malformed = await dlq(kafka_bootstrap, letters, "replay", "--fixed", str(fix))
     assert malformed.code == 2
     assert "fix.jsonl:1" in malformed.err
+
+
+async def test_a_dead_letter_naming_another_topic_copies_nothing_from_it(
+    kafka_bootstrap: str, topic_factory: TopicFactory
+) -> None:
+    """A record forged into the dead-letter topic, naming a topic the operator can read,
+    must not make the replay copy that topic's record to the input."""
+    topics = await make_topics(topic_factory)
+    private = await topic_factory.create("private")
+    forged = DeadLetterHeaders(
+        stage=Stage.API,
+        reason=Reason.API_REJECTED,
+        message="refused",
+        source_topic=private,
+        source_partition=0,
+        source_offset=0,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(private, json.dumps(GOOD).encode(), key=b"private")
+        # Written without its value, as the relay writes an API rejection: the replay
+        # would read the "original" from the source position the headers name.
+        await producer.send_and_wait(topics.dlq, b"", key=b"k", headers=forged.to_kafka())
+    finally:
+        await producer.stop()
+    await write_dead_letters(
+        kafka_bootstrap,
+        topics,
+        [{"reason": Reason.API_REJECTED, "stage": Stage.API, "value": json.dumps(GOOD).encode()}],
+    )
+
+    run = await dlq(kafka_bootstrap, topics, "replay", "--json")
+    assert run.code == 1, run.err
+    document = run.json()
+    assert document["not_from_input_topic"] == 1
+    problems = {row["offset"]: row["problem"] for row in document["dead_letters"]}
+    assert f"its source header names the topic {private!r}, not the input topic" in problems["0:0"]
+    assert problems["0:1"] is None
+    assert await read_topic(kafka_bootstrap, topics.input, 1, timeout_s=3) == []
+    table = await dlq(kafka_bootstrap, topics, "replay")
+    assert table.code == 1
+    assert f"1 name a source topic other than {topics.input}: nothing published" in table.out
+
+
+async def write_marker(bootstrap: str, topics: Topics, of: str, body: dict[str, Any]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            topics.dlq,
+            json.dumps(body).encode(),
+            key=f"replayed:{of}".encode(),
+            partition=0,
+            headers=[("scm_relay.replay.of", of.encode())],
+        )
+    finally:
+        await producer.stop()
+
+
+async def test_forged_replay_markers_hide_no_dead_letter(
+    kafka_bootstrap: str, letters: Topics
+) -> None:
+    """Only a marker whose named input record is this dead letter's replayed copy counts."""
+    await publish(kafka_bootstrap, letters.input, [GOOD], key_of=lambda _e: b"upstream")
+    (upstream,) = await read_topic(kafka_bootstrap, letters.input, 1, timeout_s=5)
+    stamp = {"replayed_at": "2026-01-01T00:00:00Z", "input_topic": letters.input, "fixed": False}
+    forged = [
+        stamp,  # names no copy at all
+        {**stamp, "input_partition": upstream.partition, "input_offset": upstream.offset},
+        {**stamp, "input_partition": upstream.partition, "input_offset": 10_000},
+        {**stamp, "input_topic": "elsewhere", "input_partition": 0, "input_offset": 0},
+    ]
+    for body in forged:
+        await write_marker(kafka_bootstrap, letters, "0:2", body)
+
+    listed = (await dlq(kafka_bootstrap, letters, "list", "--json")).json()["dead_letters"]
+    assert listed[2]["replayed"] is None
+    reasons = listed[2]["ignored_markers"]
+    assert len(reasons) == 4
+    assert "names no input position of its copy" in reasons[3]
+    assert "is no replay of it" in reasons[2]
+    assert "not written yet" in reasons[1]
+    assert "names the input topic 'elsewhere'" in reasons[0]
+    table = await dlq(kafka_bootstrap, letters, "list")
+    assert "replay markers that prove no replay were ignored for: 0:2" in table.out
+
+    run = await dlq(kafka_bootstrap, letters, "replay", "--reason", "api_rejected", "--json")
+    assert run.code == 0, run.err
+    assert (run.json()["replayed"], run.json()["already_replayed"]) == (1, [])
+    assert len(await read_topic(kafka_bootstrap, letters.input, 2, timeout_s=5)) == 2
+
+    # The real replay's marker names its copy: now the dead letter is replayed.
+    again = await dlq(kafka_bootstrap, letters, "replay", "--reason", "api_rejected", "--json")
+    assert (again.json()["replayed"], again.json()["already_replayed"]) == (0, ["0:2"])
+    listed = (await dlq(kafka_bootstrap, letters, "list", "--json")).json()["dead_letters"]
+    assert listed[2]["replayed"] is not None
+    assert listed[2]["replay_proof"] == "verified"
+
+
+async def test_a_fixed_record_is_keyed_as_publish_keys_it(
+    kafka_bootstrap: str, letters: Topics, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    """A fix naming other codes than the original goes where `publish` sends that event,
+    not under the original's key."""
+    fixed_event = {
+        "constraints": {"extended_id": ["B7", "B8"]},
+        "scm_data": {"activation_status": "1"},
+    }
+    fix = tmp_path / "fix.jsonl"
+    fix.write_text(json.dumps({"offset": 1, "event": fixed_event}) + "\n")
+    run = await dlq(kafka_bootstrap, letters, "replay", "--offsets", "1", "--fixed", str(fix))
+    assert run.code == 0, run.err + run.out
+    (replayed,) = await read_topic(kafka_bootstrap, letters.input, 2, timeout_s=5)
+
+    elsewhere = await topic_factory.create("published")
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps(fixed_event) + "\n")
+    published = await scm_relay(
+        tool_settings(kafka_bootstrap, API, letters), "publish", str(events), "--topic", elsewhere
+    )
+    assert published.code == 0, published.err
+    (by_publish,) = await read_topic(kafka_bootstrap, elsewhere, 2, timeout_s=5)
+    assert replayed.key == by_publish.key
+    assert replayed.key != b"k1"
