@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, MutableMapping
-from typing import Any, Final
+from typing import Any, Final, TextIO, cast
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
@@ -130,10 +130,22 @@ def configure_logging(log_format: str, level: str, secrets: Iterable[str] = ()) 
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=True,
     )
     _route_standard_logging(level, _redactor, use_console)
+
+
+class _CurrentStderr:
+    """`sys.stderr` as it is when a line is written: loggers are cached on first use,
+    and a stream replaced since (the tools' tests capture it per test) must not keep
+    receiving lines after it was closed."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class _StructlogHandler(logging.StreamHandler):  # type: ignore[type-arg]
