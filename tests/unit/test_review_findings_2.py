@@ -110,8 +110,9 @@ async def test_an_older_record_with_the_same_commit_point_is_not_taken_for_the_n
 
 
 class FullQueue(Queue):
-    """The uploaders' queue, full: a Resolution waits for room like a batch (the real
-    queue is one bounded asyncio.Queue for both)."""
+    """The uploaders' queue, full while the API is slow: a Resolution waits for room
+    like a batch (the real queue is one bounded asyncio.Queue for both). `take_queued`
+    empties it, as the real one does, and a put after that finds room."""
 
     def __init__(self) -> None:
         super().__init__(room=100)
@@ -128,20 +129,26 @@ class FullQueue(Queue):
     def idle(self) -> bool:
         return self.open.is_set()
 
+    def take_queued(self) -> list[Any]:
+        self.open.set()
+        return super().take_queued()
+
 
 async def test_a_resolution_revoked_while_waiting_for_room_is_handed_out_again() -> None:
     """Intake hands an orphan intent's Resolution on (`_send`: `handed_on` first, then
-    it waits for room in the uploaders' queue, which the API's slowness keeps full). The
-    partitions are revoked meanwhile: the fix of finding 8 keeps the intent `resolving`
-    since its batch is "in flight" (`forget_held(under_way=self._book.is_in_flight)`),
-    although no uploader has it. `_send` then sees the epoch moved and forgets the batch
-    (`book.forget`, `_reclaim_intents`) but nothing clears `resolving`: `due()` skips
-    the intent for ever. Nobody else resolves it either (this process owns its first
-    partition again). Worse, the Resolution was kept in flight at the revoke deadline
-    (`handed_on(intent_in_ledger=True)`), so `restore` held its event's offset in flight:
-    the event is skipped when read again (never held, so `due()` would not take it
-    either) and `book.forget` leaves the offset pending: the commit point stays at it for
-    good."""
+    it waits for room in the uploaders' queue, which a slow API keeps full; every
+    QUEUE_KEEPALIVE_S it polls the consumer, `getmany(timeout_ms=0)`). The group
+    rebalances while `_send` is in that poll (aiokafka runs the listener in its
+    coordinator's task, at any await of intake's). The fix of finding 8 keeps the intent
+    `resolving` since its batch is "in flight" (`forget_held(under_way=
+    self._book.is_in_flight)`), although no uploader has it. `_send` then sees the epoch
+    moved and forgets the batch (`book.forget`, `_reclaim_intents`), but nothing clears
+    `resolving`: `due()` skips the intent for ever, and nobody else resolves it (this
+    process owns its first partition). Worse, the Resolution was kept in flight at the
+    revoke deadline (`handed_on(intent_in_ledger=True)`), so `restore` held its event's
+    offset in flight: the event is skipped when read again (never held, so `due()`
+    would not take it either) and `book.forget` leaves the offset pending: the commit
+    point stays at it for good."""
     from tests.unit.relay.test_intake import rig, running
     from tests.unit.relay.test_intents import intent
 
@@ -151,18 +158,31 @@ async def test_a_resolution_revoked_while_waiting_for_room_is_handed_out_again()
     tp = TopicPartition("in", 0)
     offset = subject.consumer.append(change(["a"]))
     orphan = intent(["a"], [(0, offset)], resolve_in_s=-1)
+    fetch = subject.consumer.getmany
+    rebalanced: list[bool] = []
+
+    async def getmany(*partitions: TopicPartition, **kwargs: Any) -> Any:
+        if (
+            kwargs.get("timeout_ms") == 0
+            and not rebalanced
+            and subject.book.is_in_flight(orphan.batch_id)
+        ):
+            # `_send`'s keep-alive poll: the coordinator's task rebalances meanwhile.
+            rebalanced.append(True)
+
+            async def rebalance() -> None:
+                await subject.intake.partitions_revoked({tp})
+                await subject.intake.partitions_assigned({tp})
+
+            await asyncio.create_task(rebalance())
+        return await fetch(*partitions, **kwargs)
+
+    subject.consumer.getmany = getmany  # type: ignore[method-assign]
     await subject.inbox.tell(IntentOpened(orphan))
     await subject.inbox.tell(LedgerCaughtUp(0))
     async with running(subject):
-        async with asyncio.timeout(2):
-            while not subject.book.is_in_flight(orphan.batch_id):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        # The Resolution waits for room in `_send`; the group revokes and assigns again.
-        await subject.intake.partitions_revoked({tp})
-        await subject.intake.partitions_assigned({tp})
-        await asyncio.sleep(1.3)  # `_send` looks again after QUEUE_KEEPALIVE_S
-        queue.open.set()  # the uploaders have room again
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
+    assert rebalanced, "the rebalance never came while the Resolution waited for room"
     handed = [r for r in queue.resolutions if r.intent.batch_id == orphan.batch_id]
     assert handed, "the orphan intent was never handed out again: its partition stops"
 
