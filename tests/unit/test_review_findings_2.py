@@ -280,3 +280,38 @@ async def test_a_dead_letter_committed_after_its_partition_moved_is_not_written(
     await asyncio.wait_for(runner, 2)
     written = [(topic, key) for txn in producer.committed for topic, key, _, _ in txn.records]
     assert written == [], f"a dead letter of a partition owned by another member: {written}"
+
+
+# -- 4. With the ledger's end unknown, the named record can itself be the stale one -----
+
+
+async def test_a_stale_offset_fetch_is_not_trusted_when_the_ledger_end_is_unknown() -> None:
+    """Findings 1 and 9 together. The offset fetch did not wait for the previous
+    owner's last transaction (still open then: aiokafka's OffsetFetch v3), so the
+    commit point restored (0) names the older record; the ledger's end could not be
+    asked (`ledger_end_unknown_at_assignment`), so nothing waits for that transaction.
+    `_progress_not_read_yet` sees the view hold exactly the record the commit names and
+    applies it at once; the newer record (commit point 2, committed with offset 2) is
+    read a moment later and ignored: events 0 and 1 go again. The docstring says the
+    wait is sound "even when where the ledger ends could not be asked"; it is not."""
+    older = encode_progress("in", 0, Progress(0, (), {}))
+    newer = encode_progress("in", 0, Progress(2, (), {}))
+    ledger = LaggingLedger(older, newer)
+    consumer, admin = FakeConsumer("in", 1), FakeAdmin()
+    intake, inbox, queue = _intake(consumer, admin, ledger)
+    tp = TopicPartition("in", 0)
+    admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(older))
+    for code in "abc":
+        consumer.append(change([code]))
+    await intake.partitions_assigned({tp})
+    await inbox.tell(LedgerCaughtUp(0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(intake.run(stop))
+    try:
+        await asyncio.sleep(0.3)
+        ledger.caught_up = True  # the previous owner's transaction commits; the view reads it
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert values(queue.batches) == [["c"]], "events the newer committed record covers went again"
