@@ -204,9 +204,12 @@ class PartitionOffsets:
             # The record is read only once its transaction committed, and the offsets
             # committed in it with it: below its commit point is done, even when the
             # commit point fetched is older (an offset fetch does not wait for a
-            # transaction still open then, as aiokafka's OffsetFetch v3 does not).
-            self._done_above.update(range(floor, progress.commit))
-            for offset in [o for o in self._partial if floor <= o < progress.commit]:
+            # transaction still open then, as aiokafka's OffsetFetch v3 does not). The
+            # record's commit point becomes the committed one (no set of the offsets in
+            # between: the gap is unbounded when the group's offsets expired).
+            floor = progress.commit
+            self.committed = (floor, self.committed[1] if self.committed else "")
+            for offset in [o for o in self._partial if o < floor]:
                 del self._partial[offset]
         self._done_above.update(o for o in progress.done if o >= floor)
         for offset, (total, done) in progress.partial.items():
@@ -215,7 +218,7 @@ class PartitionOffsets:
         # Events held in flight here (an upload of this process under way when the
         # partition came back) that the previous owner finished: accounted, or they
         # would hold the commit point for ever.
-        for offset in [o for o in self._pending if o in self._done_above]:
+        for offset in [o for o in self._pending if o in self._done_above or o < floor]:
             self._pending.discard(offset)
             self._in_flight.discard(offset)
             self._partial.pop(offset, None)
@@ -252,6 +255,8 @@ class PartitionOffsets:
             self._version += 1
         if offset in self._done_above or offset in self._in_flight:
             return True
+        if self.committed is not None and offset < self.committed[0]:
+            return True  # below a newer commit point than the one read from (`apply`)
         if offset not in self._pending:
             self._pending.add(offset)
             heapq.heappush(self._heap, offset)

@@ -221,6 +221,15 @@ class OffsetBook:
         self._generation = generation
         self._between = False
 
+    def token(self, topic: str, partition: int) -> int | None:
+        """The partition's ownership token now (None: not owned)."""
+        return None if self._between else self._tokens.get((topic, partition))
+
+    def owns_partition(self, topic: str, partition: int, token: int | None = None) -> bool:
+        """Whether the partition is this intake's (under `token`, when given)."""
+        current = self.token(topic, partition)
+        return current is not None and (token is None or current == token)
+
     def owns(self, batch: Batch) -> bool:
         """Whether every partition of `batch`'s events is still this intake's, as it was
         when the batch was handed on: before every send, renewal, lookup and intent, the

@@ -293,6 +293,16 @@ class Committer:
             task_ids = [item.record.task_id, *(record.task_id for record in item.more)]
             await self._close_intent(item.batch.batch_id, IntentOutcome.RECORDED, task_ids)
         elif isinstance(item, DeadLetter):
+            source = item.source
+            if not self._accounting.owns_partition(source.topic, source.partition, item.owner):
+                # Queued before a rebalance, committed after it: the partition's owner
+                # reads the record again and dead-letters it.
+                log.info(
+                    "dead_letter_dropped_partition_moved",
+                    partition=source.partition,
+                    offset=source.offset,
+                )
+                return
             value, headers = item.headers.bounded_value(
                 item.raw, config.dead_letter_max_bytes, config.dead_letter_prefix_bytes
             )
@@ -305,6 +315,10 @@ class Committer:
                 item.headers.stage.value, item.headers.reason.value
             ).inc()
         elif isinstance(item, ApiRejection):
+            if not self._accounting.owns(item.batch):
+                # As a record: the partitions' new owner resolves the batch's intent.
+                log.info("rejection_dropped_partitions_moved", batch_id=item.batch.batch_id)
+                return
             await self._write_rejection(item)
             self._account(item.batch, item.sources)
             await self._close_intent(item.batch.batch_id, IntentOutcome.REJECTED, [])

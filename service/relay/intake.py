@@ -63,6 +63,8 @@ LINGER_RECHECK_MS: Final = 20
 # While the upload queue is full, intake polls Kafka (partitions paused) this often, well
 # inside max.poll.interval.ms.
 QUEUE_KEEPALIVE_S: Final = 1.0
+# How often intake asks again where the ledger ends when it could not at an assignment.
+LEDGER_END_RETRY_S: Final = 1.0
 
 
 class UploadQueue(Protocol):
@@ -140,6 +142,10 @@ class Intake:
         # Partitions assigned whose progress record is applied once the ledger view has
         # read to where the ledger ended at the assignment.
         self._awaiting_progress: set[TopicPartition] = set()
+        # Where the ledger ended could not be asked at the assignment: asked again, and
+        # the partitions stay paused until it is known and read to (`_pause_reason`).
+        self._ledger_end_unknown = False
+        self._ledger_end_asked_at = 0.0
         self._ledger_target: dict[int, int] | None = None
         self._assigning = False
         self._intents = IntentWatch()
@@ -191,6 +197,8 @@ class Intake:
         """Consume until `stop` is set; returns the batches left to flush at shutdown."""
         while not stop.is_set():
             await self._read_inbox(stop)
+            if self._ledger_end_unknown:
+                await self._ask_ledger_end_again()
             self._update_pause()
             # Before the poll: records a poll returns across a rebalance are read again
             # from where the new assignment starts, never taken into the new epoch.
@@ -219,6 +227,7 @@ class Intake:
                 # queue, a dead letter to hand the committer).
                 taken = self._take(record)
                 if isinstance(taken, DeadLetter):
+                    taken.owner = self._book.token(taken.source.topic, taken.source.partition)
                     await self._committer.submit(taken)
                 else:
                     for batch in taken:
@@ -234,7 +243,12 @@ class Intake:
                 for batch in self._admission.due(self._clock(), limit=1):
                     await self._send(batch, stop)
         log.info("relay_stopping", open_batches=self._admission.open_batches)
-        return [*self._unsent, *self._admission.drain()]
+        final = [*self._unsent, *self._admission.drain()]
+        for batch in final:
+            # Flushed at shutdown: handed on under the partitions still owned (the
+            # consumer lets go of them only after the uploaders have drained).
+            self._book.handed_on(batch)
+        return final
 
     def _unread(self, batches: Mapping[TopicPartition, Sequence[FetchedRecord]]) -> None:
         """A poll returned across a rebalance: none of its records is taken. Partitions
@@ -304,6 +318,7 @@ class Intake:
                 self._stopped.read_past(tp, record.offset + 1)
                 taken = self._take(record)
                 if isinstance(taken, DeadLetter):
+                    taken.owner = self._book.token(taken.source.topic, taken.source.partition)
                     await self._committer.submit(taken)
                 else:
                     for batch in taken:
@@ -464,6 +479,20 @@ class Intake:
             )
             await self._send(Resolution(batch, record, sources), stop)
 
+    async def _ask_ledger_end_again(self) -> None:
+        """Ask where the ledger ends, once a second, until it answers: until the view has
+        read to there, a progress record newer than the one read so far (or than the one
+        a stale offset fetch names) may be on its way, and applying an older one would
+        send its done events again."""
+        if self._clock() - self._ledger_end_asked_at < LEDGER_END_RETRY_S:
+            return
+        self._ledger_end_asked_at = self._clock()
+        target = await self._ledger_end(timeout_s=LEDGER_END_RETRY_S)
+        if target is not None and self._ledger_end_unknown:
+            self._ledger_target = target
+            self._ledger_end_unknown = False
+            log.info("ledger_end_known", ends=target)
+
     def _progress_not_read_yet(self) -> bool:
         """Whether a partition's commit names a progress record (by digest) that the
         ledger view has not read yet: it has none, or only one older than the commit
@@ -558,6 +587,8 @@ class Intake:
                 return "reading the ledger to where it ended at the assignment"
             self._ledger_target = None
         if self._awaiting_progress:
+            if self._ledger_end_unknown:
+                return "asking where the ledger ends"
             if self._progress_not_read_yet():
                 return "reading the progress records the commit points name"
             self._apply_progress()
@@ -692,7 +723,6 @@ class Intake:
         leaves its group, and an API outage of a minute would move the partitions.
         """
         batch = job.batch if isinstance(job, Resolution) else job
-        self._book.handed_on(batch, intent_in_ledger=isinstance(job, Resolution))
         epoch = self._rebalances
         while not stop.is_set():
             # Counted from intake's last poll: many short waits in a row add up too.
@@ -703,6 +733,10 @@ class Intake:
             except TimeoutError:
                 pass
             else:
+                # Handed on once queued (no await in between: no uploader has it yet). A
+                # batch still waiting here at a rebalance is not in flight, so the
+                # revocation neither keeps it nor holds a resolution of it as under way.
+                self._book.handed_on(batch, intent_in_ledger=isinstance(job, Resolution))
                 return
             self._hold("uploads queued behind a busy API")
             try:
@@ -712,16 +746,15 @@ class Intake:
             self._last_poll = self._clock()
             if epoch != self._rebalances:
                 # Revoked while this batch waited: like every unsent batch, it is forgotten
-                # and its events are read again by the partitions' next owner.
-                self._book.forget([batch.batch_id])
+                # and its events are read again by the partitions' next owner; an intent
+                # it was to resolve is resolved by whoever owns them next.
                 if isinstance(job, Resolution):
+                    self._intents.given_up(batch.batch_id)
                     self._reclaim_intents()
                 else:
                     self._admission.release(batch.batch_id)
                 return
-        if isinstance(job, Resolution):
-            self._book.forget([batch.batch_id])  # the next start resolves it
-        else:
+        if not isinstance(job, Resolution):  # (a resolution: the next start resolves it)
             self._unsent.append(batch)
 
     def _hold(self, reason: str) -> None:
@@ -746,6 +779,7 @@ class Intake:
             return
         self._rebalances += 1
         self._awaiting_progress = set()
+        self._ledger_end_unknown = False
         batch_ids, dropped = self._admission.drop_unsent(self._uploaders.take_queued())
         self._book.forget(batch_ids)
         dropped += self._intents.forget_held(under_way=self._book.is_in_flight)
@@ -792,12 +826,12 @@ class Intake:
                 self._book.restore(tp.topic, tp.partition, start, None)
                 self._next_offset[tp] = start
 
-    async def _ledger_end(self) -> dict[int, int] | None:
-        """Where every ledger partition ends now (None: unknown, not waited for)."""
+    async def _ledger_end(self, timeout_s: float | None = None) -> dict[int, int] | None:
+        """Where every ledger partition ends now (None: unknown, asked again later)."""
         if self._ledger is None:
             return None
         try:
-            async with asyncio.timeout(self._config.rebalance_timeout_s):
+            async with asyncio.timeout(timeout_s or self._config.rebalance_timeout_s):
                 return await self._ledger.end_offsets()
         except (TimeoutError, KafkaError) as exc:
             log.warning("ledger_end_unknown_at_assignment", error=type(exc).__name__)
@@ -832,6 +866,7 @@ class Intake:
                 await self._restore(assigned)
                 self._awaiting_progress = set(assigned)
                 self._ledger_target = await self._ledger_end()
+                self._ledger_end_unknown = self._ledger_target is None and self._ledger is not None
         finally:
             self._assigning = False
         log.info(

@@ -69,6 +69,9 @@ class DeadLetter:
     raw: bytes
     key: bytes | None
     headers: DeadLetterHeaders
+    # The ownership token of the source's partition when the record was judged (None:
+    # the partition must be owned when it is committed, whatever its token).
+    owner: int | None = None
 
 
 @dataclass

@@ -195,6 +195,9 @@ class Accounting(Protocol):
     def owns(self, batch: Batch) -> bool:
         """Are the batch's partitions still this intake's, as when it was handed on?"""
 
+    def owns_partition(self, topic: str, partition: int, token: int | None = None) -> bool:
+        """Is the partition this intake's (under `token`, when given)?"""
+
     def checkpoints(self) -> dict[tuple[str, int], Checkpoint]:
         """Partitions whose progress moved: offset, metadata and progress record."""
 

@@ -301,6 +301,10 @@ class Uploaders:
                     return
                 if isinstance(outcome, Rejected):
                     bound.warning("batch_rejected", status=outcome.status, errors=outcome.errors)
+                    if not self._owns(batch):
+                        # Its new owner resolves the intent (and is refused in turn).
+                        await self._abandon(job, intent, bound)
+                        return
                     await self._committer.submit(ApiRejection(batch, outcome, job.sources))
             if isinstance(outcome, Rejected):
                 await self._intake.tell(BatchRejected(batch.batch_id))

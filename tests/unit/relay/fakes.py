@@ -274,6 +274,9 @@ class FakeAccounting:
     def owns(self, batch: Batch) -> bool:
         return batch.batch_id not in self.revoked
 
+    def owns_partition(self, topic: str, partition: int, token: int | None = None) -> bool:
+        return True
+
     def sources_done(self, sources: Iterable[Done | Source]) -> int:
         done = list(sources)
         self.sources.extend(done)
