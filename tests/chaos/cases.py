@@ -254,6 +254,9 @@ async def network_cut(env: Env) -> Row:
                 env.size,
                 env.logs,
                 sim_host=netns.HOST_ADDRESS,
+                # The simulator listens on the veth's host end, not loopback: plain HTTP
+                # there is refused unless allowed (the relay warns at start).
+                api_allow_insecure_http=True,
             ) as case:
                 relay = await case.relay("r0", prefix=space.prefix)
                 await case.progress(10)

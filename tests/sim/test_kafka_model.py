@@ -399,7 +399,9 @@ async def transaction_timeouts(cluster: Cluster) -> list[Any]:
             seen.append(("within a sweep", late))
             seen.append(("commit", await attempt(producer.commit_transaction())))
         apart = aborted[1] - aborted[0]
-        seen.append(("at sweeps", min(abs(apart), abs(apart - TXN_SWEEP_S)) < 1.0))
+        # Begun 3 s apart, aborted 0 or one sweep apart: 2 s of slack for the reader's
+        # fetches on a loaded machine still tells the two apart.
+        seen.append(("at sweeps", min(abs(apart), abs(apart - TXN_SWEEP_S)) < 2.0))
         seen.append(("read", await drain(reader)))
     return seen
 
