@@ -20,6 +20,10 @@ from service.core.batching import Batch, Done, Part, Source
 from service.core.offsets import Checkpoint, OffsetTracker, PartitionOffsets, Progress
 from service.core.records import IntentRecord
 
+# Batch ids recorded here remembered until their closures are read back: far more than
+# the ledger view can lag behind the committer by.
+CLOSED_HERE_KEPT = 10_000
+
 Ownership = dict[tuple[str, int], int]
 
 
@@ -31,6 +35,8 @@ class OffsetBook:
         self._offsets = OffsetTracker()
         self._in_flight: dict[str, Batch] = {}
         self._intent_written: set[str] = set()  # in-flight batches with an intent in the ledger
+        # Batches recorded (their intents closed) by this process lately, oldest first.
+        self._closed_here: dict[str, None] = {}
         # The newest intent the ledger showed for each batch in flight (bounded by them).
         self._intents_seen: dict[str, IntentRecord] = {}
         self._settled = asyncio.Event()
@@ -132,6 +138,11 @@ class OffsetBook:
     def intent_seen_last(self, batch_id: str) -> IntentRecord | None:
         """The newest intent the ledger showed for `batch_id` while it was in flight."""
         return self._intents_seen.get(batch_id)
+
+    def under_way_or_closed_here(self, batch_id: str) -> bool:
+        """In flight, or recorded by this process with its intent's closure (which the
+        ledger view may not have read back yet)."""
+        return batch_id in self._in_flight or batch_id in self._closed_here
 
     def is_in_flight(self, batch_id: str) -> bool:
         """Whether `batch_id` is a batch of this process between intake and the ledger."""
@@ -265,6 +276,12 @@ class OffsetBook:
         self._in_flight.pop(batch.batch_id, None)
         self._intents_seen.pop(batch.batch_id, None)
         self._intent_written.discard(batch.batch_id)
+        # Its intent's closure is in the same transaction, but the ledger view reads it
+        # back only later: until then the intent is still open in intake's watch, and a
+        # rebalance must not hand its resolution out again (`closed_here`).
+        self._closed_here[batch.batch_id] = None
+        if len(self._closed_here) > CLOSED_HERE_KEPT:
+            del self._closed_here[next(iter(self._closed_here))]
         self._batch_tokens.pop(batch.batch_id, None)
         for part in batch.parts:
             source = part.event.source

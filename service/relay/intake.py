@@ -782,7 +782,7 @@ class Intake:
         self._ledger_end_unknown = False
         batch_ids, dropped = self._admission.drop_unsent(self._uploaders.take_queued())
         self._book.forget(batch_ids)
-        dropped += self._intents.forget_held(under_way=self._book.is_in_flight)
+        dropped += self._intents.forget_held(under_way=self._book.under_way_or_closed_here)
         self._reclaim_intents()
         try:
             async with asyncio.timeout(self._config.rebalance_timeout_s):

@@ -336,3 +336,39 @@ def test_a_record_far_ahead_of_the_restored_point_keeps_the_tracker_bounded() ->
     tracker.apply(Progress(500_000, (), {}))
     kept = len(tracker._done_above._members)
     assert kept <= 50_000, f"{kept} offsets held one by one for a record's commit point"
+
+
+# -- 7. A resolution recorded here, its closure not read back yet, at a rebalance --------
+
+
+async def test_a_resolution_recorded_before_its_closure_is_read_back_is_not_handed_out_again() -> (
+    None
+):
+    """Found by the simulation (seed 4969): this process resolved an orphan intent and
+    recorded the task (its closure in the same transaction), but the ledger view had not
+    read the closure back when a rebalance came: `forget_held` saw the resolution no
+    longer in flight, marked the still-open intent not resolving, and after the
+    assignment `due()` handed it out again: the same task adopted and recorded twice,
+    with two results."""
+    from service.relay.messages import IntentOpened
+    from tests.unit.relay.test_intake import rig, running
+    from tests.unit.relay.test_intents import intent
+
+    subject = rig(rebalance_timeout_s=0.2)
+    tp = TopicPartition("in", 0)
+    offset = subject.consumer.append(change(["a"]))
+    orphan = intent(["a"], [(0, offset)], resolve_in_s=-1)
+    await subject.inbox.tell(IntentOpened(orphan))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    async with running(subject):
+        async with asyncio.timeout(2):
+            while not subject.queue.resolutions:  # noqa: ASYNC110 - the fakes do not notify
+                await asyncio.sleep(0.01)
+        (first,) = subject.queue.resolutions
+        subject.queue.resolutions = []
+        subject.book.batch_recorded(first.batch)  # the committer wrote record and closure
+        await subject.intake.partitions_revoked({tp})
+        await subject.intake.partitions_assigned({tp})
+        await asyncio.sleep(0.5)
+    again = [r for r in subject.queue.resolutions if r.intent.batch_id == orphan.batch_id]
+    assert again == [], "an intent resolved here was handed out again before its closure"
