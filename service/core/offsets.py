@@ -245,6 +245,11 @@ class PartitionOffsets:
             heapq.heappush(self._heap, offset)
         self._in_flight.add(offset)
 
+    def in_flight_released(self, offset: int) -> None:
+        """The upload `hold_in_flight` waited for was given up: the event is read (and
+        taken) again, and stays unaccounted until then."""
+        self._in_flight.discard(offset)
+
     def received(self, offset: int) -> bool:
         """A record at `offset` was read. True when it is already done or still in flight
         as a whole (skip it); otherwise it is unaccounted until `accounted(offset)` (or

@@ -177,11 +177,15 @@ class OffsetBook:
             self._batch_tokens.pop(batch_id, None)
             if batch is not None:
                 for part in batch.parts:
+                    source = part.event.source
+                    tracker = self._offsets.tracked(source.topic, source.partition)
+                    if tracker is None:
+                        continue
+                    # Held in flight for it when the partition came back: read again now
+                    # (still unaccounted, so the commit point stays below it).
+                    tracker.in_flight_released(source.offset)
                     if part.covered is not None:
-                        source = part.event.source
-                        tracker = self._offsets.tracked(source.topic, source.partition)
-                        if tracker is not None:
-                            tracker.values_forgotten(source.offset, part.covered)
+                        tracker.values_forgotten(source.offset, part.covered)
         self._note_settled()
 
     def keep_in_flight(self) -> list[str]:

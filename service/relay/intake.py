@@ -243,12 +243,12 @@ class Intake:
                 for batch in self._admission.due(self._clock(), limit=1):
                     await self._send(batch, stop)
         log.info("relay_stopping", open_batches=self._admission.open_batches)
-        final = [*self._unsent, *self._admission.drain()]
-        for batch in final:
+        flushed = self._admission.drain()
+        for batch in flushed:
             # Flushed at shutdown: handed on under the partitions still owned (the
             # consumer lets go of them only after the uploaders have drained).
             self._book.handed_on(batch)
-        return final
+        return [*self._unsent, *flushed]
 
     def _unread(self, batches: Mapping[TopicPartition, Sequence[FetchedRecord]]) -> None:
         """A poll returned across a rebalance: none of its records is taken. Partitions
@@ -723,6 +723,10 @@ class Intake:
         leaves its group, and an API outage of a minute would move the partitions.
         """
         batch = job.batch if isinstance(job, Resolution) else job
+        # Handed on before it waits for room: its values are in flight from now, so an
+        # event cut across batches is never cut again with them (the simulation, seed
+        # 1560, when it was handed on only once queued).
+        self._book.handed_on(batch, intent_in_ledger=isinstance(job, Resolution))
         epoch = self._rebalances
         while not stop.is_set():
             # Counted from intake's last poll: many short waits in a row add up too.
@@ -733,10 +737,6 @@ class Intake:
             except TimeoutError:
                 pass
             else:
-                # Handed on once queued (no await in between: no uploader has it yet). A
-                # batch still waiting here at a rebalance is not in flight, so the
-                # revocation neither keeps it nor holds a resolution of it as under way.
-                self._book.handed_on(batch, intent_in_ledger=isinstance(job, Resolution))
                 return
             self._hold("uploads queued behind a busy API")
             try:
@@ -746,15 +746,19 @@ class Intake:
             self._last_poll = self._clock()
             if epoch != self._rebalances:
                 # Revoked while this batch waited: like every unsent batch, it is forgotten
-                # and its events are read again by the partitions' next owner; an intent
-                # it was to resolve is resolved by whoever owns them next.
+                # and its events are read again by the partitions' next owner (this one
+                # too: `forget` lets go of offsets held in flight for it); an intent it
+                # was to resolve is resolved by whoever owns them next.
+                self._book.forget([batch.batch_id])
                 if isinstance(job, Resolution):
                     self._intents.given_up(batch.batch_id)
                     self._reclaim_intents()
                 else:
                     self._admission.release(batch.batch_id)
                 return
-        if not isinstance(job, Resolution):  # (a resolution: the next start resolves it)
+        if isinstance(job, Resolution):
+            self._book.forget([batch.batch_id])  # the next start resolves it
+        else:
             self._unsent.append(batch)
 
     def _hold(self, reason: str) -> None:
