@@ -71,7 +71,9 @@ async def test_smoke_case_ends_clean(name: str, kafka_bootstrap: str, tmp_path: 
     session.bootstrap = kafka_bootstrap
     # A relay starting up (reading its backlog) may write an upload late after its slot
     # was granted: the full run saw 1 x 429 over 20 kills (docs/reliability.md), retried.
-    allowed = SMOKE_KILLS if name == "relay_sigkill" else 0
+    # interleaved_sigkill kills once. Each allowance is issue 29's slot lateness, not
+    # a pass: a restarted relay's first upload may arrive late for its slot.
+    allowed = {"relay_sigkill": SMOKE_KILLS, "interleaved_sigkill": 1}.get(name, 0)
     assert_clean(await run_smoke(BY_NAME[name], session, tmp_path), allowed)
 
 
