@@ -81,35 +81,38 @@ class Ledger:
         return self._progress.get((topic, partition))
 
 
-async def test_intake_does_not_resend_what_a_newer_committed_progress_record_covers() -> None:
-    """The same through intake: the group's offset (fetched while the previous owner's
-    last transaction was still open) is 0 and names an older record; the ledger holds the
-    newer one, committed with offset 2. Events 0 and 1 are recorded already."""
-    older = encode_progress("in", 0, Progress(0, (), {}))
-    newer = encode_progress("in", 0, Progress(2, (), {}))
-    consumer, inbox, queue, committer = (
-        FakeConsumer("in", 1),
-        Mailbox[IntakeMessage](100),
-        Queue(),
-        Committer(),
-    )
-    admin, health = FakeAdmin(), ApiHealth()
+def ledger_intake(
+    consumer: FakeConsumer, admin: FakeAdmin, ledger: Any
+) -> tuple[Intake, Mailbox[IntakeMessage], Queue]:
+    """Intake over the fakes, one value per batch, with the ledger view given."""
+    inbox, queue = Mailbox[IntakeMessage](100), Queue()
+    health = ApiHealth()
     health.accepted("me")
-    cfg = config(batch_max_values=1)
     intake = Intake(
-        cfg,
+        config(batch_max_values=1),
         consumer=consumer,
         group_offsets=admin,
         inbox=inbox,
         admission=Admission(Batcher(max_values=1, max_keys=1, linger_s=0.05, max_open_batches=100)),
         book=OffsetBook(),
         uploaders=queue,
-        committer=committer,
+        committer=Committer(),
         health=health,
         metrics=RelayMetrics(CollectorRegistry()),
         clock=lambda: asyncio.get_running_loop().time(),
-        ledger=Ledger({("in", 0): newer}),
+        ledger=ledger,
     )
+    return intake, inbox, queue
+
+
+async def test_intake_does_not_resend_what_a_newer_committed_progress_record_covers() -> None:
+    """The same through intake: the group's offset (fetched while the previous owner's
+    last transaction was still open) is 0 and names an older record; the ledger holds the
+    newer one, committed with offset 2. Events 0 and 1 are recorded already."""
+    older = encode_progress("in", 0, Progress(0, (), {}))
+    newer = encode_progress("in", 0, Progress(2, (), {}))
+    consumer, admin = FakeConsumer("in", 1), FakeAdmin()
+    intake, inbox, queue = ledger_intake(consumer, admin, Ledger({("in", 0): newer}))
     tp = TopicPartition("in", 0)
     admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(older))
     for code in "abc":
@@ -519,28 +522,8 @@ async def test_intake_waits_for_the_progress_record_its_commit_point_names() -> 
     once, here nothing, and sends again the event the committed record says is done."""
     record = encode_progress("in", 0, Progress(0, (1,), {}))
     ledger = LaggingLedger({("in", 0): record})
-    consumer, inbox, queue, committer = (
-        FakeConsumer("in", 1),
-        Mailbox[IntakeMessage](100),
-        Queue(),
-        Committer(),
-    )
-    admin, health = FakeAdmin(), ApiHealth()
-    health.accepted("me")
-    intake = Intake(
-        config(batch_max_values=1),
-        consumer=consumer,
-        group_offsets=admin,
-        inbox=inbox,
-        admission=Admission(Batcher(max_values=1, max_keys=1, linger_s=0.05, max_open_batches=100)),
-        book=OffsetBook(),
-        uploaders=queue,
-        committer=committer,
-        health=health,
-        metrics=RelayMetrics(CollectorRegistry()),
-        clock=lambda: asyncio.get_running_loop().time(),
-        ledger=ledger,
-    )
+    consumer, admin = FakeConsumer("in", 1), FakeAdmin()
+    intake, inbox, queue = ledger_intake(consumer, admin, ledger)
     tp = TopicPartition("in", 0)
     admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(record))
     for code in "abc":

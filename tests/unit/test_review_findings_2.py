@@ -12,16 +12,12 @@ from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
-from service.core.batching import Batcher
 from service.core.offsets import METADATA_PREFIX, Progress, encode_progress, progress_digest
 from service.metrics import RelayMetrics
-from service.relay.admission import Admission
 from service.relay.book import OffsetBook
-from service.relay.health import ApiHealth
-from service.relay.intake import Intake
-from service.relay.messages import IntakeMessage, IntentOpened, LedgerCaughtUp, Mailbox, Resolution
+from service.relay.messages import IntentOpened, LedgerCaughtUp, Resolution
 from tests.unit.relay.fakes import FakeAdmin, FakeConsumer, change, config
-from tests.unit.relay.test_intake import Committer, Queue, values
+from tests.unit.relay.test_intake import Queue, values
 
 # -- 1. An older progress record with the same commit point passes for the named one ----
 
@@ -52,25 +48,7 @@ class LaggingLedger:
         return self._newer if self.caught_up else self._older
 
 
-def _intake(consumer: FakeConsumer, admin: FakeAdmin, ledger: Any) -> tuple[Intake, Any, Queue]:
-    inbox, queue = Mailbox[IntakeMessage](100), Queue()
-    health = ApiHealth()
-    health.accepted("me")
-    intake = Intake(
-        config(batch_max_values=1),
-        consumer=consumer,
-        group_offsets=admin,
-        inbox=inbox,
-        admission=Admission(Batcher(max_values=1, max_keys=1, linger_s=0.05, max_open_batches=100)),
-        book=OffsetBook(),
-        uploaders=queue,
-        committer=Committer(),
-        health=health,
-        metrics=RelayMetrics(CollectorRegistry()),
-        clock=lambda: asyncio.get_running_loop().time(),
-        ledger=ledger,
-    )
-    return intake, inbox, queue
+from tests.unit.test_review_findings import ledger_intake as _intake  # noqa: E402
 
 
 async def test_an_older_record_with_the_same_commit_point_is_not_taken_for_the_named_one() -> None:
