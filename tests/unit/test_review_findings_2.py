@@ -18,6 +18,7 @@ from service.relay.book import OffsetBook
 from service.relay.messages import IntentOpened, LedgerCaughtUp, Resolution
 from tests.unit.relay.fakes import FakeAdmin, FakeConsumer, change, config
 from tests.unit.relay.test_intake import Queue, values
+from tests.unit.test_review_findings import ledger_intake as _intake
 
 # -- 1. An older progress record with the same commit point passes for the named one ----
 
@@ -46,9 +47,6 @@ class LaggingLedger:
 
     def progress(self, topic: str, partition: int) -> bytes | None:
         return self._newer if self.caught_up else self._older
-
-
-from tests.unit.test_review_findings import ledger_intake as _intake  # noqa: E402
 
 
 async def test_an_older_record_with_the_same_commit_point_is_not_taken_for_the_named_one() -> None:
