@@ -37,6 +37,7 @@ from service.kafka import (
     check_topics,
     client_options,
     record_limits,
+    stop_client,
     transactional_id,
     wait_for_kafka,
     watch_sasl_password,
@@ -383,7 +384,7 @@ async def _build_relay(
         **options,
     )
     await producer.start()
-    stack.push_async_callback(producer.stop)
+    stack.push_async_callback(stop_client, producer)
     # Offset commits carry the group generation: a replica whose partitions moved while
     # it was paused can commit nothing (service/fencing.py).
     fencing.install(producer)
@@ -441,7 +442,7 @@ async def _build_relay(
         await kafka_consumer.start()
         # aiokafka's stop() does not call the revoke listener: Relay.run flushes and
         # commits before the stack stops the consumers.
-        stack.push_async_callback(kafka_consumer.stop)
+        stack.push_async_callback(stop_client, kafka_consumer)
     return relay
 
 

@@ -142,6 +142,29 @@ def undecodable_batch(error: BaseException) -> UndecodableRecordsError | None:
     return None
 
 
+async def stop_client(client: Any) -> None:
+    """Stop an aiokafka consumer or producer.
+
+    Why not `await client.stop()`: aiokafka's fetcher cancels its in-flight fetch tasks on
+    stop and awaits them without catching their `CancelledError` (aio-libs/aiokafka#647,
+    #983). A fetch sleeping in its retry backoff (a broker just died) then makes `stop()`
+    raise `CancelledError` though nobody cancelled us: it escaped the teardown of an
+    incarnation and ended the process instead of restarting the incarnation. Here a
+    `CancelledError` is swallowed only when this task is not itself being cancelled.
+    """
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        log.warning(
+            "kafka_client_stop_interrupted",
+            client=type(client).__name__,
+            hint="aiokafka cancelled one of its own fetches while stopping; nothing was lost",
+        )
+
+
 class DecodingConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     """aiokafka's consumer, with a record batch it cannot decode raised as
     `UndecodableRecordsError` (which partition, which offset) instead of whatever the

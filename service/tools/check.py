@@ -30,6 +30,7 @@ from service.kafka import (
     ledger_cleanup_problem,
     probe_connection,
     readable_codecs,
+    stop_client,
 )
 from service.scantrust.client import ScantrustClient
 from service.scantrust.outcomes import AuthFailed, Misconfigured, Rejected, Throttled, Unavailable
@@ -282,7 +283,7 @@ async def _check_transactions(config: KafkaConfig, options: dict[str, Any]) -> C
             "IDEMPOTENT_WRITE on the cluster; check transaction.state.log.* on the brokers",
         )
     finally:
-        await producer.stop()
+        await stop_client(producer)
     return Check("transactions", Status.PASS, f"a transaction opened and aborted as {probe_id}")
 
 

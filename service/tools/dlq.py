@@ -217,6 +217,7 @@ async def apply_markers(
     in `ignored_markers`. Reads one input record per marker, and only for `letters`."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    from service.kafka import stop_client
     from service.tools.kafka_io import options
 
     pending = [
@@ -242,7 +243,7 @@ async def apply_markers(
                     break
                 letter.ignored_markers.append(f"{marker.partition}:{marker.offset}: {problem}")
     finally:
-        await consumer.stop()
+        await stop_client(consumer)
 
 
 def _marker_claim(
@@ -537,6 +538,7 @@ class Replay:
         """The whole source record of a dead letter written without (all of) its value."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
+        from service.kafka import stop_client
         from service.tools.kafka_io import options
 
         h = letter.headers
@@ -562,7 +564,7 @@ class Replay:
         except TimeoutError:
             return None
         finally:
-            await consumer.stop()
+            await stop_client(consumer)
 
     async def _send_copy(self, producer: Any, item: Planned) -> Any:
         letter, settings = item.letter, self.settings

@@ -37,7 +37,7 @@ async def read_to_end(
 
     A record batch that cannot be decoded raises `UndecodableRecordsError` (a KafkaError
     naming the partition and offset), which the tools report as a Kafka failure."""
-    from service.kafka import DecodingConsumer
+    from service.kafka import DecodingConsumer, stop_client
 
     consumer = DecodingConsumer(
         **options(settings),
@@ -79,7 +79,7 @@ async def read_to_end(
                 if await consumer.position(tp) >= ends[tp]:
                     open_partitions.discard(tp)
     finally:
-        await consumer.stop()
+        await stop_client(consumer)
 
 
 @asynccontextmanager
@@ -92,12 +92,14 @@ async def transactional_producer(settings: Settings, transactional_id: str) -> A
         acks="all",
         transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
     )
+    from service.kafka import stop_client
+
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             await producer.start()
         yield producer
     finally:
-        await producer.stop()
+        await stop_client(producer)
 
 
 async def require_topic(producer: Any, topic: str, hint: str) -> None:
