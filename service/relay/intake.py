@@ -425,7 +425,11 @@ class Intake:
                 await self._admit(unsent, stop)
         if released:
             while (pending := self._admission.next_released()) is not None:
-                await self._admit(pending, stop, released=True)
+                # Looked at again: values of it may have been recorded, or sent by another
+                # read of the same event, while it waited.
+                unsent = self._still_unsent(pending)
+                if unsent is not None:
+                    await self._admit(unsent, stop, released=True)
         if len(self._intents):
             await self._resolve_due(stop)
 
@@ -449,14 +453,44 @@ class Intake:
         if batch is None:
             return
         owned = set(self._consumer.assignment())
-        for pending in batch.events():
+        for pending in self._carried_by(batch):
             source = pending.source
-            if TopicPartition(source.topic, source.partition) in owned and not self._book.is_done(
-                source
+            if (
+                TopicPartition(source.topic, source.partition) not in owned
+                or self._book.is_done(source)
+                # Not read again yet since the partition came back (`forget` above let
+                # go of its values in flight): the read holds it behind the intent.
+                or source.offset >= self._book.next_to_read(source.topic, source.partition)
             ):
-                behind = self._intents.hold(pending)
-                if behind is not None:
-                    self._admission.claim_held(behind, pending)
+                continue
+            behind = self._intents.hold(pending)
+            if behind is not None:
+                self._admission.claim_held(behind, pending)
+
+    def _carried_by(self, batch: Batch) -> list[PendingEvent]:
+        """The events of a batch given up, each with only the values the batch carried:
+        the rest of an event cut across batches was read again as not in flight, and is
+        sent (or held) on its own."""
+        carried: dict[int, tuple[PendingEvent, set[int] | None]] = {}
+        for part in batch.parts:
+            pending, covered = part.event, part.covered
+            _, indexes = carried.get(id(pending), (pending, set()))
+            if covered is None or indexes is None:
+                carried[id(pending)] = (pending, None)
+            else:
+                indexes.update(covered)
+                carried[id(pending)] = (pending, indexes)
+        events: list[PendingEvent] = []
+        for pending, indexes in carried.values():
+            if indexes is None:
+                events.append(pending)
+                continue
+            published = pending.published or pending.event
+            total = sum(len(values) for values in published.constraints.values())
+            share = self._without(pending, frozenset(range(total)) - indexes)
+            if share is not None:
+                events.append(share)
+        return events
 
     def _claim_may_end(self, batch_id: str) -> bool:
         """Release a batch's claim once none of its tasks runs and its intent (if it has one
@@ -686,11 +720,17 @@ class Intake:
         )
 
     def _still_unsent(self, pending: PendingEvent) -> PendingEvent | None:
-        """A held event read in again: without what is recorded meanwhile."""
+        """A held event read in again: without what is recorded meanwhile, or in an upload
+        under way here. An event that carries only some of its values (`indexes`) never
+        grows back to the others: they are another read's, or another batch's."""
         source = pending.source
         if self._book.is_done(source):
             return None
         excluded = self._book.excluded(source.topic, source.partition, source.offset)
+        if pending.indexes is not None:
+            excluded = (excluded or frozenset()) | (
+                frozenset(range(pending.total)) - frozenset(pending.indexes)
+            )
         return self._without(pending, excluded) if excluded else pending
 
     async def _admit(

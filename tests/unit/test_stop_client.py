@@ -40,7 +40,8 @@ async def test_the_library_s_own_cancellation_does_not_escape() -> None:
     client = FetcherLikeClient()
     await client.start()
     await stop_client(client)  # no exception: the teardown goes on
-    assert client.fetch is not None and client.fetch.cancelled()
+    assert client.fetch is not None
+    assert client.fetch.cancelled()
 
 
 async def test_a_real_cancellation_of_the_caller_still_propagates() -> None:
