@@ -125,8 +125,15 @@ async def raw_server(answer: bytes, received: list[bytes] | None = None) -> Asyn
     """A TCP server that answers every request with these bytes, then closes; the head of
     each request it received goes to `received`."""
 
+    open_writers: set[asyncio.StreamWriter] = set()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
+        open_writers.add(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            writer.close()  # the client closed the connection without a request
+            return
         if received is not None:
             received.append(head)
         writer.write(answer)
@@ -139,4 +146,6 @@ async def raw_server(answer: bytes, received: list[bytes] | None = None) -> Asyn
         yield f"http://127.0.0.1:{port}"
     finally:
         server.close()
+        for writer in open_writers:  # (Python 3.11's wait_closed waits for none of them)
+            writer.close()
         await server.wait_closed()

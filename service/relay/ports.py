@@ -15,6 +15,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from service.core.batching import Batch, Done, Source
 from service.core.offsets import Checkpoint
 from service.core.resilience import BreakerState
+from service.core.slots import Slot
 from service.relay.reconcile import TaskLookup
 from service.scantrust.client import UploadRequest
 from service.scantrust.outcomes import ApiTask, Expired, Failure, TaskPage, UploadOutcome
@@ -146,16 +147,22 @@ class TransactionalProducer(Protocol):
 class UploadApi(Protocol):
     """The upload endpoint: one attempt per call (the uploaders own the retries)."""
 
+    def reserve_upload_slot(self) -> Slot | None:
+        """Take the next upload slot of this replica's share of the account's limit now,
+        so that it comes while the upload's intent is committed (None: none owned yet)."""
+
     async def upload(
         self,
         request: UploadRequest,
         *,
         send_by: float | None = None,
         deadline: float | None = None,
+        slot: Slot | None = None,
     ) -> UploadOutcome | Expired:
         """Submit one batch, unless its send window closes before it is sent: `send_by`
         (Unix time) or `deadline` (the event loop's monotonic clock) passes, or the wall
-        clock disagrees with the monotonic one about the time left (`Expired`)."""
+        clock disagrees with the monotonic one about the time left (`Expired`). `slot`:
+        one `reserve_upload_slot` took, used unless it has passed."""
 
 
 class StatusApi(Protocol):

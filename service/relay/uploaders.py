@@ -35,6 +35,7 @@ from pydantic import TypeAdapter
 from service.core.batching import Batch, Done, FlushReason, PendingEvent
 from service.core.records import EventSource, IntentRecord, TaskLedgerRecord
 from service.core.resilience import Backoff
+from service.core.slots import Slot
 from service.metrics import RelayMetrics
 from service.relay.config import RelayConfig, utcnow, wall_time
 from service.relay.health import ApiHealth
@@ -240,10 +241,13 @@ class Uploaders:
             attempt = resolving.attempt + 1
         window: SendWindow | None = None
         intent: IntentRecord | None = None
+        slot: Slot | None = None
         while not self._deadline_passed:
             if self._stopping.is_set() and self._health.refusal is not None:
                 return
             if window is None or not self._may_send(window, bound):
+                # The upload's slot comes while its intent is committed, not after.
+                slot = self._api.reserve_upload_slot()
                 renewal, window = job.intent(attempt)
                 try:
                     await self._committer.write_intent(IntentWrite(renewal))
@@ -265,8 +269,9 @@ class Uploaders:
             job.sends += 1
             async with self._sending_request():
                 outcome = await self._api.upload(
-                    job.request, send_by=window.send_by, deadline=window.deadline
+                    job.request, send_by=window.send_by, deadline=window.deadline, slot=slot
                 )
+                slot = None  # used, or passed: another attempt takes the next one
                 if isinstance(outcome, Expired):
                     # Nothing was sent: a fresh intent first (fenced, like every write).
                     if outcome.clock_jump_s is not None:

@@ -16,7 +16,8 @@ import json
 import os
 import random
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -25,10 +26,13 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from service import __version__
 from service.core.resilience import Backoff, BreakerState, CircuitBreaker
+from service.core.slots import Slot
 from service.logs import add_secret
 from service.scantrust.limits import RateLimits
 from service.scantrust.outcomes import (
@@ -166,6 +170,38 @@ class _Call:
     params: dict[str, str] = field(default_factory=dict)
     send_by: float | None = None  # Unix time; see `ScantrustClient.upload`
     deadline: float | None = None  # the event loop's clock; see `ScantrustClient.upload`
+    slot: Slot | None = None  # an upload's slot, reserved early or granted by the limits
+
+
+# The upload this task is sending, for `_OnTimeConnector` (a request runs in its caller's
+# task, so its connection is made in the same context).
+_UPLOADING: ContextVar[_Call | None] = ContextVar("scantrust_uploading", default=None)
+
+
+class _OnTimeConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, with a last check once a request's connection is ready and
+    before anything is written on it (aiohttp has no hook between the two: its trace
+    callbacks cannot close a connection they refuse). Opening a connection (a TCP and
+    TLS handshake) or a busy event loop can take an upload past its slot, and the slot
+    was checked before."""
+
+    def __init__(self, ready: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._ready = ready
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature, overridden
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        try:
+            await self._ready()
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
 
 class _SendByPassed(Exception):
@@ -230,7 +266,9 @@ class ScantrustClient:
         if self._session is not None:
             return
         ssl_context = api_tls_context(self._config.ca_file)
-        connector = aiohttp.TCPConnector(limit=self._config.max_connections, ssl=ssl_context)
+        connector = _OnTimeConnector(
+            self._connection_ready, limit=self._config.max_connections, ssl=ssl_context
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
@@ -242,6 +280,26 @@ class ScantrustClient:
             },
             raise_for_status=False,
         )
+
+    def reserve_upload_slot(self) -> Slot | None:
+        """Take this replica's next upload slot now, for an upload about to be made (see
+        `upload`); None when it owns no input partition yet."""
+        return self._limits.reserve_upload()
+
+    async def _connection_ready(self) -> None:
+        """Called when a request's connection is ready (reused or just opened), just
+        before the request is written. An upload late for its slot waits for the next
+        one, and is not sent at all once its send window has closed meanwhile (the
+        connection is then closed unused: nothing was written)."""
+        call = _UPLOADING.get()
+        if call is None or call.slot is None:
+            return
+        call.slot = await self._limits.on_time(call.slot)
+        closed = send_window_closed(
+            call.send_by, call.deadline, self._limits.wall(), asyncio.get_running_loop().time()
+        )
+        if closed is not None:
+            raise _SendByPassed(closed)
 
     async def stop(self) -> None:
         """Close the HTTP session (idempotent)."""
@@ -282,6 +340,7 @@ class ScantrustClient:
         *,
         send_by: float | None = None,
         deadline: float | None = None,
+        slot: Slot | None = None,
     ) -> UploadOutcome | Expired:
         """Submit one batch, once; `Accepted` carries the new task's id.
 
@@ -292,7 +351,9 @@ class ScantrustClient:
         `deadline` (the same moment on the event loop's monotonic clock, which no clock
         step moves). The request is not sent once either has passed, nor when the two
         clocks disagree about the time left (`send_window_closed`); `Expired` says so.
-        Checked after the rate limiters, the last wait before the request is written."""
+        Checked after the rate limiters, and again once the connection is ready, the last
+        wait before the request is written. `slot`: one `reserve_upload_slot` took before
+        the caller's own wait (the intent's transaction), used if it has not passed."""
         call = _Call(
             "upload",
             "POST",
@@ -301,6 +362,7 @@ class ScantrustClient:
             is_upload=True,
             send_by=send_by,
             deadline=deadline,
+            slot=slot,
         )
         try:
             result = await self._attempt(call)
@@ -453,7 +515,7 @@ class ScantrustClient:
             retry_in = self._breaker.retry_in(self._now())
             reason = f"circuit breaker open (last failure: {self._last_failure})"
             return Unavailable(reason, retry_after_s=retry_in or None)
-        granted_at = await self._limits.acquire(call.is_upload)
+        granted_at, call.slot = await self._limits.acquire(call.is_upload, call.slot)
         closed = send_window_closed(
             call.send_by, call.deadline, granted_at, asyncio.get_running_loop().time()
         )
@@ -484,11 +546,19 @@ class ScantrustClient:
             authorization = {"Authorization": f"UAT {self._token.value}"}
             # Redirects are not followed: one is a wrong base URL (http for https, a moved
             # host), and following it would carry the token wherever it points.
-            async with session.request(
-                call.method, call.url, json=call.body, headers=authorization, allow_redirects=False
-            ) as response:
-                body = await _read_bounded(response, self._config.max_response_bytes)
-                status, retry_after = response.status, response.headers.get("Retry-After")
+            uploading = _UPLOADING.set(call if call.is_upload else None)
+            try:
+                async with session.request(
+                    call.method,
+                    call.url,
+                    json=call.body,
+                    headers=authorization,
+                    allow_redirects=False,
+                ) as response:
+                    body = await _read_bounded(response, self._config.max_response_bytes)
+                    status, retry_after = response.status, response.headers.get("Retry-After")
+            finally:
+                _UPLOADING.reset(uploading)
         except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS handshake: not sent
             return self._transport_failure(call, started, Unavailable(f"connect: {exc.os_error}"))
         except aiohttp.ConnectionTimeoutError:

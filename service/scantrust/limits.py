@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 from typing import Final
 
 from service.core.resilience import SlidingWindowLimiter
-from service.core.slots import UploadSlots
+from service.core.slots import Slot, UploadSlots
 
 # The period of the vendor's overall limit (3000 requests per minute).
 OVERALL_PERIOD_S: Final = 60.0
@@ -53,11 +53,8 @@ class RateLimits:
         self._wall = wall_clock
         self._parts: dict[str, tuple[int, int]] = {}  # role -> (owned, total)
         self._changed = asyncio.Event()
-
-    @property
-    def upload_share(self) -> float:
-        """The share of the account's upload slots this replica may use."""
-        return self._slots.fraction
+        # Uploads whose slot had passed when their connection was ready (see `on_time`).
+        self.slots_missed = 0
 
     @property
     def overall_limit(self) -> int:
@@ -79,22 +76,62 @@ class RateLimits:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def acquire(self, is_upload: bool) -> float:
-        """Wait until a request may be written; returns the wall-clock time it may."""
+    def wall(self) -> float:
+        """The wall clock the slots are read on."""
+        return self._wall()
+
+    def reserve_upload(self) -> Slot | None:
+        """Reserve this replica's next upload slot now: the caller then commits the
+        upload's intent while the slot comes, instead of waiting for one after the other
+        (None: no input partition owned; `acquire` waits for one)."""
+        return self._slots.reserve(self._wall())
+
+    async def acquire(
+        self, is_upload: bool, reserved: Slot | None = None
+    ) -> tuple[float, Slot | None]:
+        """Wait until a request may be written; returns the wall-clock time it may and,
+        for an upload, the slot it goes in (`reserved` when that one is still usable)."""
+        slot = reserved if is_upload else None
         while True:
             now = self._wall()
             if is_upload:
-                slot = self._slots.reserve(now)
+                if slot is None:
+                    slot = self._slots.reserve(now)
                 if slot is None:  # no input partition: wait for an assignment
                     await self._changed.wait()
                     continue
-                if slot.start > now:
-                    await asyncio.sleep(slot.start - now)
-                now = self._wall()
-                if not self._slots.usable(slot, now):
+                slot = await self._reach(slot)
+                if slot is None:
                     continue  # woke too late, or the partition moved: the next slot
+                now = self._wall()
             wait = self._overall.delay(now)
             if wait <= 0:
                 self._overall.try_acquire(now)
-                return now
+                return now, slot
             await asyncio.sleep(wait)
+
+    async def on_time(self, slot: Slot) -> Slot:
+        """Called once the upload's connection is ready, the last moment before its bytes
+        leave: `slot` if it is still usable, else (opening a connection, or an event
+        loop busy with other work, took the request past its slot: sent now, it would
+        crowd the next slots' requests into one second of the server's window and draw a
+        429) the next slot of this replica, waited for."""
+        while True:
+            if self._slots.usable(slot, self._wall()):
+                return slot
+            self.slots_missed += 1
+            reached: Slot | None = None
+            while reached is None:
+                following = self._slots.reserve(self._wall())
+                if following is None:
+                    await self._changed.wait()
+                    continue
+                reached = await self._reach(following)
+            slot = reached
+
+    async def _reach(self, slot: Slot) -> Slot | None:
+        """Sleep until `slot` starts; the slot if it is usable then, else None."""
+        now = self._wall()
+        if slot.start > now:
+            await asyncio.sleep(slot.start - now)
+        return slot if self._slots.usable(slot, self._wall()) else None

@@ -269,12 +269,17 @@ class SimApiClient:
         except TimeoutError:
             return None
 
+    def reserve_upload_slot(self) -> None:
+        """No slots here: the upload goes when it is made."""
+        return None
+
     async def upload(
         self,
         request: UploadRequest,
         *,
         send_by: float | None = None,
         deadline: float | None = None,
+        slot: object = None,
     ) -> UploadOutcome | Expired:
         closed = send_window_closed(
             send_by, deadline, self._wall(), asyncio.get_running_loop().time()

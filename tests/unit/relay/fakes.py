@@ -325,12 +325,17 @@ class FakeApi:
     breaker_state: BreakerState = BreakerState.CLOSED
     upload_delay_s: float = 0.0
 
+    def reserve_upload_slot(self) -> None:
+        """No slots here: the upload goes when it is made."""
+        return None
+
     async def upload(
         self,
         request: UploadRequest,
         *,
         send_by: float | None = None,
         deadline: float | None = None,
+        slot: object = None,
     ) -> Any:
         from service.scantrust.outcomes import Accepted, Ambiguous, TaskApiState
 
