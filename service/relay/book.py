@@ -219,6 +219,11 @@ class OffsetBook:
         assignment nothing is owned."""
         self._between = True
 
+    @property
+    def between_assignments(self) -> bool:
+        """Partitions revoked and not assigned again yet."""
+        return self._between
+
     def assigned(self, partitions: Collection[tuple[str, int]], generation: int | None) -> None:
         """The group assigned `partitions` in `generation`. A partition owned in the
         generation just before keeps its token (nobody else can have owned it between

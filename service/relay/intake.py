@@ -20,7 +20,7 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from service.core.batching import Batch, PendingEvent, Source, unsent_part
+from service.core.batching import Batch, Done, PendingEvent, Source, unsent_part
 from service.core.contract import ParsedEvent, Rejection, parse_event
 from service.core.offsets import METADATA_PREFIX, decode_progress, progress_digest
 from service.core.records import DeadLetterHeaders
@@ -148,6 +148,9 @@ class Intake:
         self._ledger_end_asked_at = 0.0
         self._ledger_target: dict[int, int] | None = None
         self._assigning = False
+        # Batches given up while a rebalance settles, seen to once it has (bounded by the
+        # batches in flight: each is given up once).
+        self._abandoned_later: list[BatchAbandoned] = []
         self._intents = IntentWatch()
         self._consumer = consumer
         self._group_offsets = group_offsets
@@ -384,7 +387,11 @@ class Intake:
     async def _read_inbox(self, stop: asyncio.Event) -> None:
         released = False
         readmit: list[PendingEvent] = []
-        for message in self._inbox.take_all():
+        messages = self._inbox.take_all()
+        if self._abandoned_later and not self._settling:
+            messages = [*self._abandoned_later, *messages]
+            self._abandoned_later = []
+        for message in messages:
             if isinstance(message, TaskRecorded):
                 self._ledger_tasks.started(message.task_id, message.batch_id)
                 self._admission.claim_task(message.batch_id, message.constraints, message.scm_data)
@@ -395,6 +402,11 @@ class Intake:
                 self._admission.release(message.batch_id)
                 released = True
             elif isinstance(message, BatchAbandoned):
+                if self._settling:
+                    # Whether its events were read again here is known only once the
+                    # partitions are assigned again and restored (`_abandoned`).
+                    self._abandoned_later.append(message)
+                    continue
                 self._abandoned(message)
                 released = True
             elif isinstance(message, LedgerCaughtUp):
@@ -408,7 +420,11 @@ class Intake:
                 elif self._intents.opened(record):  # (not closed already)
                     self._admission.claim_task(record.batch_id, record.constraints, record.scm_data)
             elif isinstance(message, IntentClosed):
-                closed = self._intents.closed(message.batch_id, recorded=bool(message.task_ids))
+                closed = self._intents.closed(
+                    message.batch_id,
+                    recorded=bool(message.task_ids),
+                    own=self._carried_in_flight(message.batch_id),
+                )
                 if self._book.sources_done(closed.done):
                     # Their offsets go with the next transaction, asked for now.
                     await self._committer.submit(Flush())
@@ -442,7 +458,9 @@ class Intake:
         batch = self._book.in_flight(message.batch_id)
         seen = self._book.intent_seen_last(message.batch_id)
         self._book.forget([message.batch_id])
-        self._admission.release(message.batch_id)
+        if not self._ledger_tasks.running(message.batch_id):
+            # (A task its intent's closure named keeps its claim until it ends.)
+            self._admission.release(message.batch_id)
         intent = message.intent
         if intent is not None and seen is not None and seen.attempt > intent.attempt:
             intent = seen  # another owner renewed it since: its window is the one that holds
@@ -452,11 +470,10 @@ class Intake:
         self._admission.claim_task(intent.batch_id, intent.constraints, intent.scm_data)
         if batch is None:
             return
-        owned = set(self._consumer.assignment())
         for pending in self._carried_by(batch):
             source = pending.source
             if (
-                TopicPartition(source.topic, source.partition) not in owned
+                not self._book.owns_partition(source.topic, source.partition)
                 or self._book.is_done(source)
                 # Not read again yet since the partition came back (`forget` above let
                 # go of its values in flight): the read holds it behind the intent.
@@ -466,6 +483,29 @@ class Intake:
             behind = self._intents.hold(pending)
             if behind is not None:
                 self._admission.claim_held(behind, pending)
+
+    @property
+    def _settling(self) -> bool:
+        """Between a revoke and the end of the next assignment's restore: which
+        partitions are this intake's, and what was read of them, is not known yet."""
+        return self._book.between_assignments or self._assigning
+
+    def _carried_in_flight(self, batch_id: str) -> list[Done] | None:
+        """What a batch of this process still in flight carries, by position (None: not
+        in flight here)."""
+        batch = self._book.in_flight(batch_id)
+        if batch is None:
+            return None
+        return [
+            Done(
+                part.event.source.topic,
+                part.event.source.partition,
+                part.event.source.offset,
+                part.covered,
+                part.event.total if part.covered is not None else None,
+            )
+            for part in batch.parts
+        ]
 
     def _carried_by(self, batch: Batch) -> list[PendingEvent]:
         """The events of a batch given up, each with only the values the batch carried:

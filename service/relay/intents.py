@@ -20,7 +20,7 @@ events they cover.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Final
@@ -120,18 +120,24 @@ class IntentWatch:
         self._open[covering[0]].held.append(pending)
         return covering[0]
 
-    def closed(self, batch_id: str, *, recorded: bool) -> Closed:
+    def closed(self, batch_id: str, *, recorded: bool, own: Sequence[Done] | None = None) -> Closed:
         """An intent closed: `recorded` (its tasks are in the ledger) or rejected (its
         events are dead letters, by the writer or the resolver). What it carried is done,
         read yet or not (an event partly inside it: those values, when recorded); held
         events with values left go to the next intent covering them, or are read in
-        again."""
+        again. `own`: what this process's batch under that intent carries, when the
+        batch is still in flight here (its partitions moved and their new owner resolved
+        the intent): done as well, and remembered for the next assignment."""
         self._closed_batches[batch_id] = None
         if len(self._closed_batches) > CLOSED_INTENTS_KEPT:
             del self._closed_batches[next(iter(self._closed_batches))]
         entry = self._open.pop(batch_id, None)
         if entry is None:
-            return Closed([], [])
+            if own is None:
+                return Closed([], [])
+            done = [source for source in own if recorded or source.values is None]
+            self._closed.extend(done)
+            return Closed(done, [])
         record = entry.record
         for source in record.events:
             key = (source.topic, source.partition, source.offset)
