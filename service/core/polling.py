@@ -122,11 +122,6 @@ class PollSchedule:
         if entry is not None:
             entry.finishing = True
 
-    def is_finishing(self, task_id: str) -> bool:
-        """Whether the task's result is being published."""
-        entry = self._entries.get(task_id)
-        return entry is not None and entry.finishing
-
     def remove(self, task_id: str) -> None:
         """Forget a task (published, tombstoned, or its partition revoked)."""
         self._entries.pop(task_id, None)

@@ -116,11 +116,6 @@ class Committer:
         await self._queue.put(intent)
         await intent.written
 
-    async def record(self, append: LedgerAppend) -> None:
-        """Queue a ledger record and wait until it is committed."""
-        await self._queue.put(append)
-        await append.recorded
-
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
         flush = Flush()

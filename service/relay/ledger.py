@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Annotated, Final, Protocol
 
 import structlog
@@ -153,7 +153,6 @@ class LedgerView:
         self._poller = poller
         self._unfinished: set[str] = set()
         self._positions: dict[int, int] = {}
-        self._moved = asyncio.Condition()  # notified whenever positions were updated
         self.caught_up = asyncio.Event()
         self._progress: dict[str, bytes] = {}  # the latest progress record of each key
         self.stopped = StoppedPartitions("ledger", metrics.partition_stopped, clock)
@@ -169,13 +168,6 @@ class LedgerView:
     def partitions(self) -> list[int]:
         """The ledger's partitions (empty until the view has started reading)."""
         return sorted(self._positions)
-
-    async def reached(self, ends: Mapping[int, int]) -> None:
-        """Wait until every partition in `ends` has been read and told up to its end."""
-        async with self._moved:
-            await self._moved.wait_for(
-                lambda: all(self.position(partition) >= end for partition, end in ends.items())
-            )
 
     async def run(self) -> None:
         """Read for ever; `caught_up` is set once the ledger is read to its end."""
@@ -206,8 +198,6 @@ class LedgerView:
                 # To the high watermark, past any transaction a killed relay left open.
                 highwater = reader.highwater(tp)
                 behind |= highwater is None or position < highwater
-            async with self._moved:
-                self._moved.notify_all()
             if not behind and not self.caught_up.is_set():
                 log.info("ledger_read", unfinished_tasks=len(self._unfinished))
                 await self._intake.tell(LedgerCaughtUp(len(self._unfinished)))

@@ -1,7 +1,7 @@
 """What each stage needs from Kafka, from the API and from its neighbours, as Protocols.
 
 aiokafka's clients and `ScantrustClient` satisfy these as they are; the stages'
-unit tests pass in-memory fakes (tests/unit/relay_fakes.py) and run without a
+unit tests pass in-memory fakes (tests/unit/relay/fakes.py) and run without a
 broker or a server.
 """
 

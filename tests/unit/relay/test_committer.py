@@ -29,6 +29,12 @@ from tests.unit.relay.fakes import FakeAccounting, FakeProducer, config
 from tests.unit.relay.support import api_task, batch, ledger_record
 
 
+async def recorded(stage: Committer, append: LedgerAppend) -> None:
+    """Queue a ledger record and wait until it is committed, as the uploaders do."""
+    await stage.submit(append)
+    await append.recorded
+
+
 def committer(
     producer: FakeProducer, accounting: FakeAccounting
 ) -> tuple[Committer, WrittenRecords]:
@@ -62,7 +68,7 @@ async def test_a_ledger_record_and_the_offsets_it_releases_commit_together() -> 
     uploaded = batch(["a", "b"])
     record = ledger_record("t1", ["a", "b"], batch_id=uploaded.batch_id)
     await stage.submit(dead_letter(0))
-    await stage.record(LedgerAppend(record, uploaded))
+    await recorded(stage, LedgerAppend(record, uploaded))
     await stage.close()
     await runner
     keys = [key for key, _ in producer.written("tasks")]
@@ -95,7 +101,7 @@ async def test_record_returns_only_once_the_transaction_committed() -> None:
     runner = asyncio.create_task(stage.run())
     uploaded = batch(["a"])
     recording = asyncio.create_task(
-        stage.record(LedgerAppend(ledger_record("t1", ["a"]), uploaded))
+        recorded(stage, LedgerAppend(ledger_record("t1", ["a"]), uploaded))
     )
     flushing = asyncio.create_task(stage.flush())
     await asyncio.sleep(0.05)
