@@ -148,9 +148,7 @@ class Intake:
         self._ledger_end_asked_at = 0.0
         self._ledger_target: dict[int, int] | None = None
         self._assigning = False
-        # Batches given up while a rebalance settles, seen to once it has (bounded by the
-        # batches in flight: each is given up once).
-        self._abandoned_later: list[BatchAbandoned] = []
+        self._revoking = False
         self._intents = IntentWatch()
         self._consumer = consumer
         self._group_offsets = group_offsets
@@ -387,11 +385,7 @@ class Intake:
     async def _read_inbox(self, stop: asyncio.Event) -> None:
         released = False
         readmit: list[PendingEvent] = []
-        messages = self._inbox.take_all()
-        if self._abandoned_later and not self._settling:
-            messages = [*self._abandoned_later, *messages]
-            self._abandoned_later = []
-        for message in messages:
+        for message in self._inbox.take_all():
             if isinstance(message, TaskRecorded):
                 self._ledger_tasks.started(message.task_id, message.batch_id)
                 self._admission.claim_task(message.batch_id, message.constraints, message.scm_data)
@@ -402,12 +396,7 @@ class Intake:
                 self._admission.release(message.batch_id)
                 released = True
             elif isinstance(message, BatchAbandoned):
-                if self._settling:
-                    # Whether its events were read again here is known only once the
-                    # partitions are assigned again and restored (`_abandoned`).
-                    self._abandoned_later.append(message)
-                    continue
-                self._abandoned(message)
+                readmit.extend(self._abandoned(message))
                 released = True
             elif isinstance(message, LedgerCaughtUp):
                 self._ledger_read = True
@@ -449,12 +438,18 @@ class Intake:
         if len(self._intents):
             await self._resolve_due(stop)
 
-    def _abandoned(self, message: BatchAbandoned) -> None:
+    def _abandoned(self, message: BatchAbandoned) -> list[PendingEvent]:
         """The uploaders gave a batch up. Without an intent its events are read again by
         their partitions' owners. With one, its upload may still have created a task:
-        the intent is watched as another process's, its events held behind it (those
-        this intake already read: when it took a partition back, it skipped them as in
-        flight), and it is resolved by whoever owns its first partition."""
+        the intent is watched as another process's and resolved by whoever owns its first
+        partition. What the batch carried of events this intake will not read again
+        (read since it took their partitions back, and skipped as in flight then) is
+        held behind the intent while it is open; once another process closed it, the
+        values it did not account for are returned, to be read in again.
+
+        While a rebalance settles, nothing is held: every partition is read again from
+        its commit point after the assignment, and the batch is no longer in flight
+        then, so the read takes its events (and holds them behind the intent)."""
         batch = self._book.in_flight(message.batch_id)
         seen = self._book.intent_seen_last(message.batch_id)
         self._book.forget([message.batch_id])
@@ -464,12 +459,15 @@ class Intake:
         intent = message.intent
         if intent is not None and seen is not None and seen.attempt > intent.attempt:
             intent = seen  # another owner renewed it since: its window is the one that holds
-        if intent is None or not self._intents.opened(intent):
-            return  # no intent, or closed meanwhile (resolved by another process)
-        self._intents.given_up(intent.batch_id)
-        self._admission.claim_task(intent.batch_id, intent.constraints, intent.scm_data)
-        if batch is None:
-            return
+        if intent is None:
+            return []
+        open_here = self._intents.opened(intent)  # (False: closed by another process)
+        if open_here:
+            self._intents.given_up(intent.batch_id)
+            self._admission.claim_task(intent.batch_id, intent.constraints, intent.scm_data)
+        if batch is None or self._settling:
+            return []
+        readmit: list[PendingEvent] = []
         for pending in self._carried_by(batch):
             source = pending.source
             if (
@@ -480,15 +478,18 @@ class Intake:
                 or source.offset >= self._book.next_to_read(source.topic, source.partition)
             ):
                 continue
-            behind = self._intents.hold(pending)
+            behind = self._intents.hold(pending) if open_here else None
             if behind is not None:
                 self._admission.claim_held(behind, pending)
+            elif not open_here:
+                readmit.append(pending)
+        return readmit
 
     @property
     def _settling(self) -> bool:
-        """Between a revoke and the end of the next assignment's restore: which
-        partitions are this intake's, and what was read of them, is not known yet."""
-        return self._book.between_assignments or self._assigning
+        """From the start of a revoke to the end of the next assignment's restore: which
+        partitions are this intake's, and what was read of them, is not settled."""
+        return self._revoking or self._book.between_assignments or self._assigning
 
     def _carried_in_flight(self, batch_id: str) -> list[Done] | None:
         """What a batch of this process still in flight carries, by position (None: not
@@ -861,6 +862,13 @@ class Intake:
         """
         if not revoked:
             return
+        self._revoking = True
+        try:
+            await self._revoke(revoked)
+        finally:
+            self._revoking = False
+
+    async def _revoke(self, revoked: set[TopicPartition]) -> None:
         self._rebalances += 1
         self._awaiting_progress = set()
         self._ledger_end_unknown = False
