@@ -13,7 +13,7 @@ import gc
 import random
 import signal
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import replace
 from typing import Any, Final
@@ -235,8 +235,10 @@ async def run_relay(
     settings: Settings,
     stop: asyncio.Event | None = None,
     registry: CollectorRegistry | None = None,
+    signalled: Sequence[int] = (),
 ) -> int:
-    """Run the relay until SIGTERM/SIGINT (or `stop`); return the exit code."""
+    """Run the relay until SIGTERM/SIGINT (or `stop`); return the exit code. `signalled`:
+    such a signal came before the handlers were installed here (see `main`)."""
     stop = stop or asyncio.Event()
     try:
         api_config = client_config(settings)
@@ -250,6 +252,9 @@ async def run_relay(
     with suppress(NotImplementedError, RuntimeError):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+    if signalled:
+        log.info("relay_stopping_on_early_signal", signals=sorted(set(signalled)))
+        stop.set()
     try:
         async with AsyncExitStack() as stack:
             kafka = kafka_config(settings)
@@ -493,12 +498,14 @@ def secrets(settings: Settings) -> list[str]:
     return [secret.get_secret_value() for secret in held if secret is not None]
 
 
-def main(settings: Settings) -> int:
-    """Entry point of `scm-relay run`: a crash in any stage is logged and exits non-zero."""
+def main(settings: Settings, signalled: Sequence[int] = ()) -> int:
+    """Entry point of `scm-relay run`: a crash in any stage is logged and exits non-zero.
+    `signalled`: SIGTERM or SIGINT received before the relay's handlers were in place
+    (filled by the caller's own handler until then)."""
     configure_logging(settings.log_format, settings.log_level, secrets(settings))
     tune_garbage_collector()
     try:
-        return asyncio.run(run_relay(settings))
+        return asyncio.run(run_relay(settings, signalled=signalled))
     except Exception:  # the last line of defence: say what killed the relay, then exit 1
         log.exception("relay_crashed")
         return EXIT_FAILED

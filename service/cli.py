@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -139,6 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run() -> int:
+    # A SIGTERM while the relay's modules load (a second or more on a busy node, when a
+    # rolling update or an autoscaler stops a pod that just started) would end it by the
+    # signal's default action: remembered instead, and honoured once the relay's own
+    # handlers are in place (a clean stop, exit 0).
+    signalled: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: signalled.append(received))
     from service.app import main as run_main
 
     try:
@@ -146,7 +154,7 @@ def _run() -> int:
     except SettingsError as exc:
         print(f"scm-relay: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_main(settings)
+    return run_main(settings, signalled)
 
 
 def _simulator(args: argparse.Namespace) -> int:

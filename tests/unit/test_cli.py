@@ -72,3 +72,36 @@ def test_a_development_command_without_its_module_says_where_to_run_it(
     assert f"scm-relay {command[0]}: not part of this installation" in message
     assert "source checkout" in message
     assert "make demo" in message
+
+
+def test_a_sigterm_while_the_relay_loads_stops_it_cleanly() -> None:
+    # SIGTERM arrives while `scm-relay run` imports the relay (a second or more on a busy
+    # node): the signal's default action would end it with -15; it stops with 0, told.
+    probe = (
+        "import builtins, os, signal, sys\n"
+        "import service.cli as cli\n"
+        "real_import = builtins.__import__\n"
+        "def importing(name, *args, **kwargs):\n"
+        "    if name == 'service.app':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = importing\n"
+        "sys.exit(cli.main(['run']))\n"
+    )
+    environment = {
+        "PATH": "/usr/bin:/bin",
+        "SCM_RELAY_API_BASE_URL": "http://127.0.0.1:9",
+        "SCM_RELAY_API_TOKEN": "t0ken-under-test",
+        "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+        "SCM_RELAY_HTTP_PORT": "0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=environment,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "relay_stopping_on_early_signal" in result.stdout + result.stderr
