@@ -69,10 +69,12 @@ def assert_clean(row: Row, throttled_at_most: int = 0) -> None:
 async def test_smoke_case_ends_clean(name: str, kafka_bootstrap: str, tmp_path: Path) -> None:
     session = Broker(tmp_path / "unused")  # the session's broker: never killed here
     session.bootstrap = kafka_bootstrap
-    # A relay starting up (reading its backlog) may write an upload late after its slot
-    # was granted: the full run saw 1 x 429 over 20 kills (docs/reliability.md), retried.
-    # interleaved_sigkill kills once. Each allowance is issue 29's slot lateness, not
-    # a pass: a restarted relay's first upload may arrive late for its slot.
+    # A relay starting up (reading its backlog) could write an upload late after its
+    # slot was granted: 1 x 429 over 20 kills in the full run (docs/reliability.md),
+    # retried. The slot is now checked again on the ready connection; what is left is
+    # the path from that check to the bytes on the wire, which a machine as loaded as
+    # `make test` leaves (the process preempted there). Each allowance is issue 29's
+    # open slot lateness, not a pass; interleaved_sigkill kills once.
     allowed = {"relay_sigkill": SMOKE_KILLS, "interleaved_sigkill": 1}.get(name, 0)
     assert_clean(await run_smoke(BY_NAME[name], session, tmp_path), allowed)
 
