@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +58,14 @@ def machine() -> str:
     )
 
 
+def commit() -> str:
+    """The commit the run measured (short), "unknown" outside a git checkout."""
+    found = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return found or "unknown"
+
+
 def write(path: Path, rows: list[Row], seed: int, names: list[str]) -> None:
     """Write the table of `rows`; the rows of cases not run this time (`names` lists
     every case, in order) are kept from the file, and the header says from when."""
@@ -66,8 +75,8 @@ def write(path: Path, rows: list[Row], seed: int, names: list[str]) -> None:
         if KEPT_MARK in text:
             kept = text[text.index(KEPT_MARK) :]
             text = text[: text.index(KEPT_MARK)]
-        if dated := re.search(r"on (\d{4}-\d{2}-\d{2})", text):
-            earlier_date = dated.group(1)
+        if dated := re.search(r"on (\d{4}-\d{2}-\d{2})( at commit `\w+`)?", text):
+            earlier_date = dated.group(1) + (dated.group(2) or "")
         for line in text.splitlines():
             name = line.split("|")[1].strip() if line.startswith("| ") else ""
             if name in names:
@@ -78,7 +87,7 @@ def write(path: Path, rows: list[Row], seed: int, names: list[str]) -> None:
     today = datetime.date.today().isoformat()
     body = (
         "# Reliability: the fault suite's figures\n\n"
-        f"Written by `make chaos` on {today} ({machine()}, seed {seed})"
+        f"Written by `make chaos` on {today} at commit `{commit()}` ({machine()}, seed {seed})"
         + (f"; {', '.join(fresh)} run alone, other rows kept from {earlier_date}" if old else "")
         + "; every row is one "
         "case of `tests/chaos/cases.py`: a backlog published to a real broker of the run's "
