@@ -145,16 +145,22 @@ def _run() -> int:
     # signal's default action: remembered instead, and honoured once the relay's own
     # handlers are in place (a clean stop, exit 0).
     signalled: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda received, _frame: signalled.append(received))
-    from service.app import main as run_main
-
+    previous = {
+        signum: signal.signal(signum, lambda received, _frame: signalled.append(received))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
-        settings = load_settings(os.environ)
-    except SettingsError as exc:
-        print(f"scm-relay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return run_main(settings, signalled)
+        from service.app import main as run_main
+
+        try:
+            settings = load_settings(os.environ)
+        except SettingsError as exc:
+            print(f"scm-relay: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return run_main(settings, signalled)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _simulator(args: argparse.Namespace) -> int:

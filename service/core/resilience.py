@@ -109,6 +109,12 @@ class CircuitBreaker:
         self._consecutive_failures = 0
         self._probe_in_flight = False
 
+    def release(self) -> None:
+        """The call `allow` let through sent nothing (its window closed before it was
+        written, or it was cancelled): neither a success nor a failure, and a probe it
+        was goes back, so that the next call may probe."""
+        self._probe_in_flight = False
+
     def record_failure(self, now: float) -> None:
         """The API was unavailable, or the call's fate is unknown."""
         self._consecutive_failures += 1

@@ -212,6 +212,16 @@ class _SendByPassed(Exception):
         self.expired = expired
 
 
+def _refuse_if_closed(call: _Call, wall: float) -> None:
+    """Raise `_SendByPassed` when `call`'s send window has closed at `wall` (and now on
+    the event loop's clock)."""
+    closed = send_window_closed(
+        call.send_by, call.deadline, wall, asyncio.get_running_loop().time()
+    )
+    if closed is not None:
+        raise _SendByPassed(closed)
+
+
 def send_window_closed(
     send_by: float | None, deadline: float | None, wall: float, monotonic: float
 ) -> Expired | None:
@@ -294,12 +304,20 @@ class ScantrustClient:
         call = _UPLOADING.get()
         if call is None or call.slot is None:
             return
-        call.slot = await self._limits.on_time(call.slot)
-        closed = send_window_closed(
-            call.send_by, call.deadline, self._limits.wall(), asyncio.get_running_loop().time()
-        )
-        if closed is not None:
-            raise _SendByPassed(closed)
+        loop = asyncio.get_running_loop()
+        # Never past the send window, nor past half the request's own timeout (aiohttp's
+        # total timeout runs meanwhile, and firing here would make a request that was
+        # never written look ambiguous): a slot that has not come by then is Expired.
+        budget = self._config.request_timeout_s / 2
+        if call.deadline is not None:
+            budget = min(budget, call.deadline - loop.time())
+        try:
+            async with asyncio.timeout(max(0.0, budget)):
+                call.slot = await self._limits.on_time(call.slot)
+        except TimeoutError:
+            _refuse_if_closed(call, self._limits.wall())
+            raise _SendByPassed(Expired(call.send_by or 0.0)) from None
+        _refuse_if_closed(call, self._limits.wall())
 
     async def stop(self) -> None:
         """Close the HTTP session (idempotent)."""
@@ -515,13 +533,15 @@ class ScantrustClient:
             retry_in = self._breaker.retry_in(self._now())
             reason = f"circuit breaker open (last failure: {self._last_failure})"
             return Unavailable(reason, retry_after_s=retry_in or None)
-        granted_at, call.slot = await self._limits.acquire(call.is_upload, call.slot)
-        closed = send_window_closed(
-            call.send_by, call.deadline, granted_at, asyncio.get_running_loop().time()
-        )
-        if closed is not None:
-            raise _SendByPassed(closed)
-        outcome = await self._exchange(call)
+        try:
+            granted_at, call.slot = await self._limits.acquire(call.is_upload, call.slot)
+            _refuse_if_closed(call, granted_at)
+            outcome = await self._exchange(call)
+        except (_SendByPassed, asyncio.CancelledError):
+            # Nothing was sent, or the caller gave the call up: no verdict on the API,
+            # and a half-open breaker's probe must not stay taken for good.
+            self._breaker.release()
+            raise
         before = self._breaker.state
         if isinstance(outcome, Unavailable | Ambiguous):
             self._last_failure = outcome.reason
