@@ -13,6 +13,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.core.batching import FlushReason
+from service.core.clock_offset import Offset
 from service.core.contract import Reason, Stage
 from service.core.resilience import BreakerState
 
@@ -133,6 +134,15 @@ class RelayMetrics:
             "ambiguous_submissions_total",
             "Uploads sent whose answer was lost: the task may exist (the duplicate window).",
         )
+        self.api_clock_offset = gauge(
+            "api_clock_offset_seconds",
+            "This host's wall clock minus the API's, from the answers' Date headers (the "
+            "middle of the bounds they give).",
+        )
+        self.api_clock_offset_uncertainty = gauge(
+            "api_clock_offset_uncertainty_seconds",
+            "Half the width of the bounds on api_clock_offset_seconds.",
+        )
         self.circuit_breaker_state = gauge(
             "api_circuit_breaker_state", "API circuit breaker: 0 closed, 1 open, 2 half-open."
         )
@@ -236,3 +246,8 @@ class RelayMetrics:
     def breaker_changed(self, state: BreakerState) -> None:
         """Export the breaker's state."""
         self.circuit_breaker_state.set(BREAKER_VALUES[state])
+
+    def clock_offset(self, offset: Offset) -> None:
+        """Export this host's clock offset against the API's."""
+        self.api_clock_offset.set(offset.seconds)
+        self.api_clock_offset_uncertainty.set(offset.uncertainty)

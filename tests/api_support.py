@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
+from service.core.clock_offset import Offset
 from service.core.resilience import BreakerState
 from service.scantrust.client import ClientConfig, ScantrustClient
 from service.simulator.app import running_simulator
@@ -71,6 +72,7 @@ class RecordingObserver:
     throttled_count: int = 0
     ambiguous_count: int = 0
     breaker_states: list[BreakerState] = field(default_factory=list)
+    clock_offsets: list[Offset] = field(default_factory=list)
 
     def request_finished(self, endpoint: str, status_class: str, duration_s: float) -> None:
         self.requests[f"{endpoint} {status_class}"] += 1
@@ -86,6 +88,9 @@ class RecordingObserver:
 
     def breaker_changed(self, state: BreakerState) -> None:
         self.breaker_states.append(state)
+
+    def clock_offset(self, offset: Offset) -> None:
+        self.clock_offsets.append(offset)
 
 
 def config(base_url: str, token: str = TOKEN, **overrides: Any) -> ClientConfig:

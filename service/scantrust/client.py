@@ -19,6 +19,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypeVar
@@ -31,6 +32,7 @@ from aiohttp.tracing import Trace
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from service import __version__
+from service.core.clock_offset import ClockOffset, Offset
 from service.core.resilience import Backoff, BreakerState, CircuitBreaker
 from service.core.slots import Slot
 from service.logs import add_secret
@@ -133,6 +135,9 @@ class ApiObserver(Protocol):
     def breaker_changed(self, state: BreakerState) -> None:
         """The circuit breaker changed state."""
 
+    def clock_offset(self, offset: Offset) -> None:
+        """An answer's `Date` header gave this host's clock offset against the API's."""
+
 
 class NullObserver:
     """Observes nothing (tools and tests that do not count)."""
@@ -150,6 +155,9 @@ class NullObserver:
         """Ignore."""
 
     def breaker_changed(self, state: BreakerState) -> None:
+        """Ignore."""
+
+    def clock_offset(self, offset: Offset) -> None:
         """Ignore."""
 
 
@@ -260,6 +268,7 @@ class ScantrustClient:
         self._base = config.base_url.rstrip("/")
         self._limits = RateLimits(config.upload_rate_per_s, config.overall_rate_per_min)
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
+        self._clock_offset = ClockOffset()
         self._last_failure = "none"
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
         self._token = _TokenFile(config.token, config.token_file)
@@ -562,6 +571,7 @@ class ScantrustClient:
         if session is None:
             raise RuntimeError("ScantrustClient used before start()")
         started = self._now()
+        sent_wall = self._limits.wall()
         try:
             authorization = {"Authorization": f"UAT {self._token.value}"}
             # Redirects are not followed: one is a wrong base URL (http for https, a moved
@@ -575,6 +585,8 @@ class ScantrustClient:
                     headers=authorization,
                     allow_redirects=False,
                 ) as response:
+                    received_wall = self._limits.wall()
+                    self._note_date(sent_wall, received_wall, response.headers.get("Date"))
                     body = await _read_bounded(response, self._config.max_response_bytes)
                     status, retry_after = response.status, response.headers.get("Retry-After")
             finally:
@@ -598,6 +610,19 @@ class ScantrustClient:
             return self._transport_failure(call, started, Ambiguous(reason))
         self._observer.request_finished(call.endpoint, f"{status // 100}xx", self._now() - started)
         return _classify(call, status, body, retry_after, self._observer, self._config)
+
+    def _note_date(self, sent: float, received: float, date: str | None) -> None:
+        """Bound this host's clock offset by an answer's `Date` (ignored when absent or
+        unreadable: a proxy's answer, a malformed header)."""
+        if not date:
+            return
+        try:
+            second = int(parsedate_to_datetime(date).timestamp())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return
+        offset = self._clock_offset.sample(sent, received, second)
+        if offset is not None:
+            self._observer.clock_offset(offset)
 
     def _transport_failure(
         self, call: _Call, started: float, outcome: Unavailable | Ambiguous
