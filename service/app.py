@@ -24,7 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from service import fencing
+from service import fencing, txn_backoff
 from service.core.contract import ContractLimits
 from service.core.resilience import Backoff
 from service.http import build_http_app, serving
@@ -393,6 +393,8 @@ async def _build_relay(
     # Offset commits carry the group generation: a replica whose partitions moved while
     # it was paused can commit nothing (service/fencing.py).
     fencing.install(producer)
+    # Offsets-only transactions back to back without a 100 ms pause (service/txn_backoff.py).
+    txn_backoff.install(producer)
     # The input and the ledger are read by consumers that turn a record batch they cannot
     # decode into UndecodableRecordsError: its partition stops, never the process.
     consumer = DecodingConsumer(

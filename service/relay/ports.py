@@ -236,6 +236,9 @@ class RateShare(Protocol):
     def assigned(self, role: str, owned: Collection[int], partitions: int) -> None:
         """This replica now owns `owned` of the `partitions` partitions of `role`'s topic."""
 
+    def revoking(self, role: str) -> None:
+        """A rebalance began: `role`'s partitions may be another replica's already."""
+
 
 class ScantrustApi(
     UploadApi, StatusApi, TaskLookup, AccountCheck, TokenReload, BreakerView, Protocol

@@ -308,7 +308,8 @@ class _SharingRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # The share stays until the next assignment: uploads still under way at a revoke
-        # finish in this replica's slots.
+        # finish in this replica's slots (never in its window as the only sender).
+        self._share.revoking(self._role)
         await self._inner.on_partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:

@@ -179,6 +179,7 @@ class _Call:
     send_by: float | None = None  # Unix time; see `ScantrustClient.upload`
     deadline: float | None = None  # the event loop's clock; see `ScantrustClient.upload`
     slot: Slot | None = None  # an upload's slot, reserved early or granted by the limits
+    answered_at: float | None = None  # the wall clock when the last attempt's answer came
 
 
 # The upload this task is sending, for `_OnTimeConnector` (a request runs in its caller's
@@ -544,8 +545,14 @@ class ScantrustClient:
             return Unavailable(reason, retry_after_s=retry_in or None)
         try:
             granted_at, call.slot = await self._limits.acquire(call.is_upload, call.slot)
-            _refuse_if_closed(call, granted_at)
-            outcome = await self._exchange(call)
+            call.answered_at = None
+            try:
+                _refuse_if_closed(call, granted_at)
+                outcome = await self._exchange(call)
+            finally:
+                if call.is_upload:
+                    # Counted until a period after its answer (or now: given up or unsent).
+                    self._limits.finished(call.answered_at or self._limits.wall())
         except (_SendByPassed, asyncio.CancelledError):
             # Nothing was sent, or the caller gave the call up: no verdict on the API,
             # and a half-open breaker's probe must not stay taken for good.
@@ -585,7 +592,7 @@ class ScantrustClient:
                     headers=authorization,
                     allow_redirects=False,
                 ) as response:
-                    received_wall = self._limits.wall()
+                    received_wall = call.answered_at = self._limits.wall()
                     self._note_date(sent_wall, received_wall, response.headers.get("Date"))
                     body = await _read_bounded(response, self._config.max_response_bytes)
                     status, retry_after = response.status, response.headers.get("Retry-After")

@@ -3,7 +3,9 @@
 Scantrust's limits are per account (section 2.3 of docs/scantrust-scm-api.md):
 10 uploads per second and 3 000 requests per minute, whatever the number of
 replicas. Uploads take slots on the wall clock that belong to the input partitions
-this replica owns (`service/core/slots.py`, which says why). All requests
+this replica owns (`service/core/slots.py`, which says why), except while it owns
+every one of them: it is then the only sender, and its own window of answered
+uploads lets it send bursts with no margin. All requests
 (uploads, status polls, look-ups) share a sliding minute whose size is the
 account's limit times this replica's part of the partitions it works on (input
 and ledger): it has no rounding to speak of at 3 000 a minute. A client that
@@ -19,7 +21,7 @@ from collections.abc import Callable, Collection
 from typing import Final
 
 from service.core.resilience import SlidingWindowLimiter
-from service.core.slots import Slot, UploadSlots
+from service.core.slots import ALONE, AnsweredWindow, Slot, UploadSlots
 
 # The period of the vendor's overall limit (3000 requests per minute).
 OVERALL_PERIOD_S: Final = 60.0
@@ -31,6 +33,15 @@ OVERALL_MARGIN_S: Final = 0.02
 # offsets between hosts); a slot is used only within SLOT_LATE_S of its start.
 SLOT_MARGIN_S: Final = 0.03
 SLOT_LATE_S: Final = 0.01
+# A gained partition's slots wait one period of the server's window (and the margin):
+# its previous owner may have used them, or sent a burst as the only sender, until its
+# revocation. A replica also waits this long after its first assignment: the process it
+# replaces (a restart, a SIGKILL) may have sent a burst just before it ended.
+SLOT_SETTLE_S: Final = 1.0 + SLOT_MARGIN_S
+# The window of a replica sending alone counts answer times on its own clock: the margin
+# covers the rate at which its clock and the server's may drift apart over a second
+# (NTP slews by at most 0.5 ms a second) and the server's clock resolution.
+ALONE_MARGIN_S: Final = 0.005
 
 INPUT: Final = "input"
 LEDGER: Final = "ledger"
@@ -45,7 +56,11 @@ class RateLimits:
         overall_rate_per_min: int,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._slots = UploadSlots(upload_rate_per_s, SLOT_MARGIN_S, SLOT_LATE_S)
+        self._slots = UploadSlots(upload_rate_per_s, SLOT_MARGIN_S, SLOT_LATE_S, SLOT_SETTLE_S)
+        # Every upload of this process, in both modes: after a switch from sending alone
+        # to the group's slots, its own last second still counts.
+        self._window = AnsweredWindow(max(1, math.floor(upload_rate_per_s)), 1.0 + ALONE_MARGIN_S)
+        self._answered = asyncio.Event()
         self._overall_limit = overall_rate_per_min
         self._overall = SlidingWindowLimiter(
             overall_rate_per_min, OVERALL_PERIOD_S, OVERALL_MARGIN_S
@@ -66,7 +81,7 @@ class RateLimits:
         (INPUT: the input topic, whose owners upload; LEDGER: the ledger, whose owners
         poll task status)."""
         if role == INPUT:
-            self._slots.share(owned, partitions)
+            self._slots.share(owned, partitions, self._wall())
         self._parts[role] = (len(owned), partitions)
         mine = sum(part for part, _ in self._parts.values())
         total = sum(whole for _, whole in self._parts.values())
@@ -76,6 +91,12 @@ class RateLimits:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def revoking(self, role: str) -> None:
+        """A rebalance began: another replica may own some of the input partitions before
+        this one hears of its new share, so it stops sending as the only sender."""
+        if role == INPUT:
+            self._slots.revoking()
+
     def wall(self) -> float:
         """The wall clock the slots are read on."""
         return self._wall()
@@ -83,51 +104,92 @@ class RateLimits:
     def reserve_upload(self) -> Slot | None:
         """Reserve this replica's next upload slot now: the caller then commits the
         upload's intent while the slot comes, instead of waiting for one after the other
-        (None: no input partition owned; `acquire` waits for one)."""
-        return self._slots.reserve(self._wall())
+        (None: no input partition owned, or sending alone, which needs no slot; `acquire`
+        decides then)."""
+        now = self._wall()
+        if self._slots.alone(now):
+            return None
+        return self._slots.reserve(now)
 
     async def acquire(
         self, is_upload: bool, reserved: Slot | None = None
     ) -> tuple[float, Slot | None]:
         """Wait until a request may be written; returns the wall-clock time it may and,
-        for an upload, the slot it goes in (`reserved` when that one is still usable)."""
+        for an upload, its grant: a slot (`reserved` when that one is still usable), or
+        one of the window's while this replica sends alone. Every upload granted must be
+        `finished`."""
         slot = reserved if is_upload else None
         while True:
-            now = self._wall()
             if is_upload:
-                if slot is None:
-                    slot = self._slots.reserve(now)
-                if slot is None:  # no input partition: wait for an assignment
-                    await self._changed.wait()
-                    continue
-                slot = await self._reach(slot)
-                if slot is None:
-                    continue  # woke too late, or the partition moved: the next slot
-                now = self._wall()
+                slot = await self._upload_turn(slot)
+            now = self._wall()
             wait = self._overall.delay(now)
             if wait <= 0:
                 self._overall.try_acquire(now)
+                if is_upload:
+                    self._window.granted()
                 return now, slot
             await asyncio.sleep(wait)
+
+    def finished(self, at: float) -> None:
+        """An upload `acquire` granted ended at `at`: its answer came then, or it was
+        given up then (or never written, which counts the same: a little capacity lost)."""
+        self._window.answered(at)
+        self._answered.set()
+        self._answered = asyncio.Event()
 
     async def on_time(self, slot: Slot) -> Slot:
         """Called once the upload's connection is ready, the last moment before its bytes
         leave: `slot` if it is still usable, else (opening a connection, or an event
         loop busy with other work, took the request past its slot: sent now, it would
         crowd the next slots' requests into one second of the server's window and draw a
-        429) the next slot of this replica, waited for."""
-        while True:
-            if self._slots.usable(slot, self._wall()):
-                return slot
+        429; or a rebalance began while it connected, and it no longer sends alone) the
+        next turn of this replica, waited for."""
+        now = self._wall()
+        if slot.alone and self._slots.alone(now):
+            return slot
+        if not slot.alone and self._slots.usable(slot, now):
+            return slot
+        if not slot.alone:
             self.slots_missed += 1
-            reached: Slot | None = None
-            while reached is None:
-                following = self._slots.reserve(self._wall())
-                if following is None:
-                    await self._changed.wait()
-                    continue
-                reached = await self._reach(following)
-            slot = reached
+        # Its grant is given back while it waits (its own count must not hold it up).
+        self._window.withdrawn()
+        try:
+            return await self._upload_turn(None)
+        finally:
+            self._window.granted()
+
+    async def _upload_turn(self, slot: Slot | None) -> Slot:
+        """Wait for this replica's next turn to upload: its own window's room while it
+        sends alone, else a slot of its partitions (`slot`, reserved before, when still
+        usable) when its own window also has room."""
+        while True:
+            now = self._wall()
+            if self._slots.alone(now):
+                wait = self._window.delay(now)
+                if wait == 0:
+                    return Slot(ALONE, now)
+                await self._wait_for_room(wait)
+                continue
+            if slot is None or slot.alone:
+                slot = self._slots.reserve(now)
+            if slot is None:  # no input partition: wait for an assignment
+                await self._changed.wait()
+                continue
+            slot = await self._reach(slot)
+            if slot is None:
+                continue  # woke too late, or the partition moved: the next slot
+            wait = self._window.delay(self._wall())
+            if wait == 0:
+                return slot
+            slot = None  # this replica's own last second is still full (it sent alone)
+            await self._wait_for_room(wait)
+
+    async def _wait_for_room(self, wait: float | None) -> None:
+        if wait is None:  # only an answer can make room
+            await self._answered.wait()
+        else:
+            await asyncio.sleep(wait)
 
     async def _reach(self, slot: Slot) -> Slot | None:
         """Sleep until `slot` starts; the slot if it is usable then, else None."""

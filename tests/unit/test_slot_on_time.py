@@ -13,12 +13,16 @@ from tests.sim.vloop import VirtualLoop
 
 RATE = 10.0  # slots of (1 + 0.03) / 10 = 0.103 s
 T = TypeVar("T")
+# Another replica owns partition 2 of 3: this one sends in the slots of 0 and 1 (a replica
+# owning every partition sends alone, in its window of answers, and has no slots).
+SHARED, OF = [0, 1], 3
 
 
 def on_virtual_loop(test: Callable[[VirtualLoop, RateLimits], Awaitable[T]]) -> T:
     loop = VirtualLoop()
     try:
         limits = RateLimits(RATE, 3000, wall_clock=loop.time)
+        limits.assigned(INPUT, SHARED, OF)
         return loop.run_until_complete(test(loop, limits))
     finally:
         loop.close()
@@ -112,6 +116,7 @@ async def _upload_late(late_by_s: float, window_s: float) -> tuple[Any, list[byt
 
     busy = [0.0]
     limits = RateLimits(RATE, 3000, wall_clock=lambda: time.time() + busy[0])
+    limits.assigned(INPUT, SHARED, OF)  # its slots come once they settled, a second from now
     granted = limits.acquire
 
     async def acquire_then_busy(is_upload: bool, reserved: Any = None) -> Any:
