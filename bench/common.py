@@ -168,8 +168,11 @@ def values_of(record: bytes) -> list[str]:
     return values
 
 
-async def produce(bootstrap: str, topic: str, records: Iterable[bytes]) -> None:
-    """Publish records keyed by their first code (as upstream is advised to)."""
+async def produce(
+    bootstrap: str, topic: str, records: Iterable[bytes], *, key: bytes | None = None
+) -> None:
+    """Publish records keyed by their first code (as upstream is advised to), or all
+    under `key` (one hot key: one partition)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20
     )
@@ -178,9 +181,11 @@ async def produce(bootstrap: str, topic: str, records: Iterable[bytes]) -> None:
         pending = []
         for record in records:
             # The first code, found without parsing the JSON (a million records at a time).
-            start = record.index(b'"BX') + 1
-            key = record[start : record.index(b'"', start)]
-            pending.append(await producer.send(topic, record, key=key))
+            record_key = key
+            if record_key is None:
+                start = record.index(b'"BX') + 1
+                record_key = record[start : record.index(b'"', start)]
+            pending.append(await producer.send(topic, record, key=record_key))
             if len(pending) >= 20_000:
                 await asyncio.gather(*pending)
                 pending.clear()
@@ -396,6 +401,27 @@ async def first_fetch_to_last_commit(
 
 def rate(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
+
+
+def commit() -> str:
+    """The commit a run measured (short), "unknown" outside a git checkout; with
+    "+changes" when the code differs from it (docs/ aside: the reports written by a run
+    are not what it measured)."""
+    found = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not found:
+        return "unknown"
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{found}+changes" if changed else found
 
 
 def machine() -> dict[str, str]:

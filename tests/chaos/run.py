@@ -17,11 +17,11 @@ import os
 import platform
 import random
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from bench.common import commit
 from tests.chaos.broker import Broker
 from tests.chaos.cases import CASES, Env
 from tests.chaos.harness import SMOKE, Row, Size
@@ -56,14 +56,6 @@ def machine() -> str:
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}"
     )
-
-
-def commit() -> str:
-    """The commit the run measured (short), "unknown" outside a git checkout."""
-    found = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return found or "unknown"
 
 
 def write(path: Path, rows: list[Row], seed: int, names: list[str]) -> None:

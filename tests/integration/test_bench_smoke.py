@@ -32,9 +32,18 @@ def test_every_benchmark_runs_and_the_report_is_written(
     assert throughput["relay"]["events_per_s"] > 0
     assert throughput["relay"]["tasks_finished"] == throughput["relay"]["uploads"]
     assert 1 <= throughput["relay"]["values_per_upload"] <= 1000
-    drain = results["drain"]["relay"]
-    assert drain["values_uploaded"] == sizes["drain"]["values"]
-    assert drain["throttled"] == 0
+    for kind in ("relay", "production"):
+        drain = results["drain"][kind]
+        assert drain["values_uploaded"] == sizes["drain"]["values"], kind
+        assert drain["throttled"] == 0, kind
+    scaled = results["scale_out"]
+    assert [(r["hot"], r["replicas"]) for r in scaled] == [
+        (False, 1),
+        (False, 2),
+        (True, 1),
+        (True, 2),
+    ]
+    assert all(r["uploads"] > 0 and r["throttled"] == 0 for r in scaled), scaled
     memory = results["memory"]
     assert memory["small"]["events_read"] >= sizes["memory"]["small"]
     assert memory["large"]["peak_rss_bytes"] > 10_000_000

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.common import commit
+
 
 def markers(section: str) -> tuple[str, str]:
     """The comments around a section `--write` replaces."""
@@ -151,14 +153,12 @@ def _one(seed: int, *, history: bool) -> int:
 
 def _write(path: Path, section: str, outcomes: list[Outcome], elapsed: float, jobs: int) -> None:
     begin, end = markers(section)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    measured_on = commit()
     failed = [o for o in outcomes if not o.clean]
     lines = [
         begin,
         f"{len(outcomes)} seeds ({outcomes[0].seed}..{outcomes[-1].seed}) on commit "
-        f"`{commit or 'unknown'}`, {datetime.now(UTC).date().isoformat()}: "
+        f"`{measured_on}`, {datetime.now(UTC).date().isoformat()}: "
         f"{len(outcomes) / elapsed:.1f} seeds/s with {jobs} processes; "
         f"{len(outcomes) - len(failed)} clean, {len(failed)} with violations.",
     ]
