@@ -18,9 +18,10 @@ by more than `late_s` is not used.
 A replica owning every input partition (and that has for a settle period) is alone
 in sending uploads, and does not need slots: `AnsweredWindow` lets it send bursts (a
 light load's batches due together, a backlog's first second) with no margin at all,
-because it counts each upload until one period after its answer came. A partition
-gained in a rebalance lends its slots only after the settle period: its previous
-owner may have sent anything up to its revocation.
+because it counts each upload until one period after its answer came (the caller,
+`service/scantrust/limits.py`, decides when it is alone). A partition gained in a
+rebalance lends its slots only after the settle period: its previous owner may have
+sent anything up to its revocation.
 
 Pure: the caller passes the time and sleeps.
 """
@@ -40,7 +41,7 @@ ALONE: int = -1
 @dataclass(frozen=True, slots=True)
 class Slot:
     """A reserved slot: its index and when it starts (wall-clock seconds); index `ALONE`
-    for an upload granted by a replica's own answered window (`UploadSlots.alone`)."""
+    for an upload granted by a replica's own answered window, sending alone."""
 
     index: int
     start: float
@@ -97,8 +98,8 @@ class AnsweredWindow:
         self._open = max(0, self._open - 1)
 
     def answered(self, at: float) -> None:
-        """A granted upload ended at `at`: its answer came, or it was given up (a request
-        never answered counts from then, which is as late as this process can know)."""
+        """A granted upload ended: it counts until one period after `at` (its answer's
+        time, or later for one given up unanswered, which may still reach the server)."""
         self._open = max(0, self._open - 1)
         insort(self._leaving, at + self._period_s)
 
@@ -122,34 +123,17 @@ class UploadSlots:
         # A gained partition's slots are used only `settle_s` after it was gained.
         self._settle_s = settle_s
         self._settled_at: dict[int, float] = {}
-        self._revoking = False  # a rebalance began: other replicas may own partitions
-
-    def revoking(self) -> None:
-        """A rebalance began: this replica no longer sends alone until its next share."""
-        self._revoking = True
 
     def share(self, owned: Collection[int], partitions: int, now: float = -math.inf) -> None:
         """This replica owns `owned` of the input topic's `partitions` partitions from
         `now` (the wall clock)."""
         before = self._owned or frozenset()
-        self._revoking = False
         self._owned = frozenset(p for p in owned if 0 <= p < partitions)
         self._partitions = max(1, partitions)
         settled = now + self._settle_s
         self._settled_at = {
             p: (self._settled_at.get(p, -math.inf) if p in before else settled) for p in self._owned
         }
-
-    def alone(self, now: float) -> bool:
-        """Whether this replica owns every partition, each for the settle period: no
-        other replica sends uploads (or was told so a settle period ago)."""
-        if self._revoking:
-            return False
-        if self._owned is None:
-            return True
-        return len(self._owned) == self._partitions and all(
-            at <= now for at in self._settled_at.values()
-        )
 
     @property
     def fraction(self) -> float:

@@ -179,7 +179,8 @@ class _Call:
     send_by: float | None = None  # Unix time; see `ScantrustClient.upload`
     deadline: float | None = None  # the event loop's clock; see `ScantrustClient.upload`
     slot: Slot | None = None  # an upload's slot, reserved early or granted by the limits
-    answered_at: float | None = None  # the wall clock when the last attempt's answer came
+    written: bool = False  # the last attempt's request may have left (its connection was ready)
+    answered: bool = False  # the last attempt's answer came
 
 
 # The upload this task is sending, for `_OnTimeConnector` (a request runs in its caller's
@@ -267,7 +268,11 @@ class ScantrustClient:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._base = config.base_url.rstrip("/")
-        self._limits = RateLimits(config.upload_rate_per_s, config.overall_rate_per_min)
+        self._limits = RateLimits(
+            config.upload_rate_per_s,
+            config.overall_rate_per_min,
+            unanswered_hold_s=config.request_timeout_s,
+        )
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self._clock_offset = ClockOffset()
         self._last_failure = "none"
@@ -312,8 +317,13 @@ class ScantrustClient:
         one, and is not sent at all once its send window has closed meanwhile (the
         connection is then closed unused: nothing was written)."""
         call = _UPLOADING.get()
-        if call is None or call.slot is None:
+        if call is None:
             return
+        if call.slot is not None:
+            await self._on_time(call, call.slot)
+        call.written = True  # from here its bytes may leave
+
+    async def _on_time(self, call: _Call, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
         # Never past the send window, nor past half the request's own timeout (aiohttp's
         # total timeout runs meanwhile, and firing here would make a request that was
@@ -323,7 +333,7 @@ class ScantrustClient:
             budget = min(budget, call.deadline - loop.time())
         try:
             async with asyncio.timeout(max(0.0, budget)):
-                call.slot = await self._limits.on_time(call.slot)
+                call.slot = await self._limits.on_time(slot)
         except TimeoutError:
             _refuse_if_closed(call, self._limits.wall())
             raise _SendByPassed(Expired(call.send_by or 0.0)) from None
@@ -545,14 +555,13 @@ class ScantrustClient:
             return Unavailable(reason, retry_after_s=retry_in or None)
         try:
             granted_at, call.slot = await self._limits.acquire(call.is_upload, call.slot)
-            call.answered_at = None
+            call.written = call.answered = False
             try:
                 _refuse_if_closed(call, granted_at)
                 outcome = await self._exchange(call)
             finally:
                 if call.is_upload:
-                    # Counted until a period after its answer (or now: given up or unsent).
-                    self._limits.finished(call.answered_at or self._limits.wall())
+                    self._limits_told(call)
         except (_SendByPassed, asyncio.CancelledError):
             # Nothing was sent, or the caller gave the call up: no verdict on the API,
             # and a half-open breaker's probe must not stay taken for good.
@@ -566,6 +575,15 @@ class ScantrustClient:
             self._breaker.record_success()
         self._note_breaker(before)
         return outcome
+
+    def _limits_told(self, call: _Call) -> None:
+        """How a granted upload ended, for the window of a replica sending alone."""
+        if call.answered:
+            self._limits.answered()
+        elif call.written:
+            self._limits.unanswered()
+        else:
+            self._limits.unsent()
 
     def _note_breaker(self, before: BreakerState) -> None:
         after = self._breaker.state
@@ -592,7 +610,8 @@ class ScantrustClient:
                     headers=authorization,
                     allow_redirects=False,
                 ) as response:
-                    received_wall = call.answered_at = self._limits.wall()
+                    call.answered = True
+                    received_wall = self._limits.wall()
                     self._note_date(sent_wall, received_wall, response.headers.get("Date"))
                     body = await _read_bounded(response, self._config.max_response_bytes)
                     status, retry_after = response.status, response.headers.get("Retry-After")

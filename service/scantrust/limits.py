@@ -55,12 +55,24 @@ class RateLimits:
         upload_rate_per_s: float,
         overall_rate_per_min: int,
         wall_clock: Callable[[], float] = time.time,
+        unanswered_hold_s: float = 30.0,
     ) -> None:
         self._slots = UploadSlots(upload_rate_per_s, SLOT_MARGIN_S, SLOT_LATE_S, SLOT_SETTLE_S)
         # Every upload of this process, in both modes: after a switch from sending alone
         # to the group's slots, its own last second still counts.
-        self._window = AnsweredWindow(max(1, math.floor(upload_rate_per_s)), 1.0 + ALONE_MARGIN_S)
+        # On this host's monotonic clock (the event loop's): it measures durations here
+        # only, and a step of the wall clock must not empty it.
+        self._window = _answered_window(upload_rate_per_s)
         self._answered = asyncio.Event()
+        # An upload written but never answered may still reach the server's check later
+        # (a retransmission, a proxy's queue): counted this much longer (the request
+        # timeout) than an answered one.
+        self._unanswered_hold_s = unanswered_hold_s
+        # When this replica may send alone (monotonic clock): owning every input
+        # partition, each for the settle period; None while it does not, or a rebalance
+        # is under way. A client never told of a group sends alone from the start.
+        self._alone_from: float | None = -math.inf
+        self._owned_input: frozenset[int] | None = None
         self._overall_limit = overall_rate_per_min
         self._overall = SlidingWindowLimiter(
             overall_rate_per_min, OVERALL_PERIOD_S, OVERALL_MARGIN_S
@@ -82,6 +94,12 @@ class RateLimits:
         poll task status)."""
         if role == INPUT:
             self._slots.share(owned, partitions, self._wall())
+            before = self._owned_input or frozenset()
+            self._owned_input = frozenset(owned)
+            if len(self._owned_input & set(range(partitions))) < partitions:
+                self._alone_from = None
+            elif self._alone_from is None or not self._owned_input <= before:
+                self._alone_from = _monotonic() + SLOT_SETTLE_S
         self._parts[role] = (len(owned), partitions)
         mine = sum(part for part, _ in self._parts.values())
         total = sum(whole for _, whole in self._parts.values())
@@ -95,21 +113,23 @@ class RateLimits:
         """A rebalance began: another replica may own some of the input partitions before
         this one hears of its new share, so it stops sending as the only sender."""
         if role == INPUT:
-            self._slots.revoking()
+            self._alone_from = None
 
     def wall(self) -> float:
         """The wall clock the slots are read on."""
         return self._wall()
+
+    def _alone(self) -> bool:
+        return self._alone_from is not None and self._alone_from <= _monotonic()
 
     def reserve_upload(self) -> Slot | None:
         """Reserve this replica's next upload slot now: the caller then commits the
         upload's intent while the slot comes, instead of waiting for one after the other
         (None: no input partition owned, or sending alone, which needs no slot; `acquire`
         decides then)."""
-        now = self._wall()
-        if self._slots.alone(now):
+        if self._alone():
             return None
-        return self._slots.reserve(now)
+        return self._slots.reserve(self._wall())
 
     async def acquire(
         self, is_upload: bool, reserved: Slot | None = None
@@ -131,10 +151,25 @@ class RateLimits:
                 return now, slot
             await asyncio.sleep(wait)
 
-    def finished(self, at: float) -> None:
-        """An upload `acquire` granted ended at `at`: its answer came then, or it was
-        given up then (or never written, which counts the same: a little capacity lost)."""
-        self._window.answered(at)
+    def answered(self) -> None:
+        """An upload `acquire` granted has its answer now: counted one more period."""
+        self._ended(_monotonic())
+
+    def unanswered(self) -> None:
+        """An upload `acquire` granted, maybe written, was given up now without an answer:
+        counted one more period and the hold (it may reach the server's check later)."""
+        self._ended(_monotonic() + self._unanswered_hold_s)
+
+    def unsent(self) -> None:
+        """An upload `acquire` granted was never written: its grant is given back."""
+        self._window.withdrawn()
+        self._wake_waiters()
+
+    def _ended(self, counted_from: float) -> None:
+        self._window.answered(counted_from)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         self._answered.set()
         self._answered = asyncio.Event()
 
@@ -146,7 +181,7 @@ class RateLimits:
         429; or a rebalance began while it connected, and it no longer sends alone) the
         next turn of this replica, waited for."""
         now = self._wall()
-        if slot.alone and self._slots.alone(now):
+        if slot.alone and self._alone():
             return slot
         if not slot.alone and self._slots.usable(slot, now):
             return slot
@@ -164,13 +199,13 @@ class RateLimits:
         sends alone, else a slot of its partitions (`slot`, reserved before, when still
         usable) when its own window also has room."""
         while True:
-            now = self._wall()
-            if self._slots.alone(now):
-                wait = self._window.delay(now)
+            if self._alone():
+                wait = self._window.delay(_monotonic())
                 if wait == 0:
-                    return Slot(ALONE, now)
+                    return Slot(ALONE, self._wall())
                 await self._wait_for_room(wait)
                 continue
+            now = self._wall()
             if slot is None or slot.alone:
                 slot = self._slots.reserve(now)
             if slot is None:  # no input partition: wait for an assignment
@@ -179,7 +214,7 @@ class RateLimits:
             slot = await self._reach(slot)
             if slot is None:
                 continue  # woke too late, or the partition moved: the next slot
-            wait = self._window.delay(self._wall())
+            wait = self._window.delay(_monotonic())
             if wait == 0:
                 return slot
             slot = None  # this replica's own last second is still full (it sent alone)
@@ -197,3 +232,21 @@ class RateLimits:
         if slot.start > now:
             await asyncio.sleep(slot.start - now)
         return slot if self._slots.usable(slot, self._wall()) else None
+
+
+def _monotonic() -> float:
+    """The event loop's clock (virtual in the simulation), or the process's monotonic
+    clock outside a loop (which the default loop reads too)."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
+def _answered_window(rate_per_s: float) -> AnsweredWindow:
+    """`rate_per_s` as whole uploads per period: at least one per second, whole ones
+    in a second (2.5/s: 2 a second; the server counts whole requests), and below one a
+    second, one per 1/rate seconds."""
+    if rate_per_s >= 1:
+        return AnsweredWindow(math.floor(rate_per_s), 1.0 + ALONE_MARGIN_S)
+    return AnsweredWindow(1, 1.0 / rate_per_s + ALONE_MARGIN_S)

@@ -67,7 +67,7 @@ def write(path: Path, rows: list[Row], seed: int, names: list[str]) -> None:
         if KEPT_MARK in text:
             kept = text[text.index(KEPT_MARK) :]
             text = text[: text.index(KEPT_MARK)]
-        if dated := re.search(r"on (\d{4}-\d{2}-\d{2})( at commit `\w+`)?", text):
+        if dated := re.search(r"on (\d{4}-\d{2}-\d{2})( at commit `\w+(\+changes)?`)?", text):
             earlier_date = dated.group(1) + (dated.group(2) or "")
         for line in text.splitlines():
             name = line.split("|")[1].strip() if line.startswith("| ") else ""

@@ -92,8 +92,6 @@ def test_a_gained_partition_lends_its_slots_only_after_the_settle_period() -> No
     first = slots.reserve(100.0)
     assert first is not None
     assert first.start >= 101.03
-    assert not slots.alone(101.0)
-    assert slots.alone(101.03)
     slots.share([0], 2, now=200.0)  # gives 1 up, keeps 0: 0's slots at once
     kept = slots.reserve(200.0)
     assert kept is not None
@@ -101,8 +99,6 @@ def test_a_gained_partition_lends_its_slots_only_after_the_settle_period() -> No
     slots.share([0, 1], 2, now=300.0)  # gains 1 again: only 0's slots for a second
     early = [slots.reserve(300.0) for _ in range(5)]
     assert all(s is not None and s.index % 2 == 0 for s in early if s and s.start < 301.03)
-    slots.revoking()
-    assert not slots.alone(400.0), "a rebalance began: another replica may own partitions"
 
 
 def _on_virtual_loop(test: Any) -> Any:
@@ -120,7 +116,7 @@ def test_a_replica_alone_sends_a_burst_where_a_shared_one_waits_for_slots() -> N
         loop.advance(SLOT_SETTLE_S + 10)
         granted = [await limits.acquire(True) for _ in range(5)]
         for _ in granted:
-            limits.finished(loop.time())
+            limits.answered()
         return [at for at, _slot in granted]
 
     async def alone(loop: VirtualLoop, limits: RateLimits) -> list[float]:
@@ -147,7 +143,7 @@ def test_a_replica_that_stops_sending_alone_keeps_its_own_last_second() -> None:
         answered = loop.time() + 0.05
         loop.advance(0.05)
         for _ in range(LIMIT):
-            limits.finished(answered)
+            limits.answered()
         limits.revoking(INPUT)
         limits.assigned(INPUT, [0, 1], 3)
         at, slot = await limits.acquire(True)

@@ -41,8 +41,10 @@ def test_a_full_run_names_no_kept_rows(tmp_path: Path) -> None:
 def test_the_header_names_the_commit_and_kept_rows_keep_theirs(tmp_path: Path) -> None:
     report = tmp_path / "reliability.md"
     write(report, [Row(case=name, fault="f") for name in NAMES], 11, NAMES)
-    assert re.search(r"on \d{4}-\d{2}-\d{2} at commit `\w+`", report.read_text())
-    earlier = re.sub(r"at commit `\w+`", "at commit `abc1234`", report.read_text(), count=1)
+    assert re.search(r"on \d{4}-\d{2}-\d{2} at commit `\w+(\+changes)?`", report.read_text())
+    earlier = re.sub(
+        r"at commit `\w+(\+changes)?`", "at commit `abc1234`", report.read_text(), count=1
+    )
     report.write_text(earlier)
     write(report, [Row(case="second", fault="again")], 11, NAMES)
     assert "other rows kept from " in report.read_text()
