@@ -123,11 +123,20 @@ class UploadSlots:
         # A gained partition's slots are used only `settle_s` after it was gained.
         self._settle_s = settle_s
         self._settled_at: dict[int, float] = {}
+        self._revoked = False  # the next share counts every partition as gained
+
+    def revoked(self) -> None:
+        """A rebalance began: at the next share every partition counts as gained. This
+        replica may have been out of the group meanwhile (paused past its session
+        timeout) while another owned its partitions and used their slots, or sent alone;
+        until that share, uploads under way still use its slots."""
+        self._revoked = True
 
     def share(self, owned: Collection[int], partitions: int, now: float = -math.inf) -> None:
         """This replica owns `owned` of the input topic's `partitions` partitions from
         `now` (the wall clock)."""
-        before = self._owned or frozenset()
+        before = frozenset() if self._revoked else (self._owned or frozenset())
+        self._revoked = False
         self._owned = frozenset(p for p in owned if 0 <= p < partitions)
         self._partitions = max(1, partitions)
         settled = now + self._settle_s

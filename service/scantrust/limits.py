@@ -114,6 +114,7 @@ class RateLimits:
         this one hears of its new share, so it stops sending as the only sender."""
         if role == INPUT:
             self._alone_from = None
+            self._slots.revoked()
 
     def wall(self) -> float:
         """The wall clock the slots are read on."""

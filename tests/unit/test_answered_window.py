@@ -101,6 +101,23 @@ def test_a_gained_partition_lends_its_slots_only_after_the_settle_period() -> No
     assert all(s is not None and s.index % 2 == 0 for s in early if s and s.start < 301.03)
 
 
+def test_after_a_revoke_even_partitions_kept_wait_the_settle_period() -> None:
+    """A replica paused past its session timeout is dropped from the group; another
+    owns its partitions meanwhile and uses their slots (or sends alone). When it comes
+    back with the same partitions, their slots wait the settle period: it cannot tell a
+    partition kept from one regained."""
+    slots = UploadSlots(10.0, 0.03, 0.01, settle_s=1.03)
+    slots.share([0], 2, now=100.0)
+    slots.revoked()
+    during = slots.reserve(150.0)
+    assert during is not None
+    assert during.start < 150.2, "uploads under way at the revoke still use its slots"
+    slots.share([0], 2, now=200.0)
+    after = slots.reserve(200.0)
+    assert after is not None
+    assert after.start >= 201.03
+
+
 def _on_virtual_loop(test: Any) -> Any:
     loop = VirtualLoop()
     try:
