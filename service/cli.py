@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
-from service import __version__
+from service import __version__, early_signals
 from service.settings import SettingsError, load_settings
 from service.tools import commands as tools
 
@@ -140,15 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run() -> int:
-    # A SIGTERM while the relay's modules load (a second or more on a busy node, when a
-    # rolling update or an autoscaler stops a pod that just started) would end it by the
-    # signal's default action: remembered instead, and honoured once the relay's own
-    # handlers are in place (a clean stop, exit 0).
-    signalled: list[int] = []
-    previous = {
-        signum: signal.signal(signum, lambda received, _frame: signalled.append(received))
-        for signum in (signal.SIGTERM, signal.SIGINT)
-    }
+    # SIGTERM and SIGINT are remembered from the entry point's first line (or from here,
+    # when `main` is called directly) and honoured once the relay's own handlers are in
+    # place (service/early_signals.py).
+    signalled = early_signals.capture()
     try:
         from service.app import main as run_main
 
@@ -159,8 +153,7 @@ def _run() -> int:
             return EXIT_USAGE
         return run_main(settings, signalled)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        early_signals.release()
 
 
 def _simulator(args: argparse.Namespace) -> int:

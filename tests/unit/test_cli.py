@@ -105,3 +105,49 @@ def test_a_sigterm_while_the_relay_loads_stops_it_cleanly() -> None:
     )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "relay_stopping_on_early_signal" in result.stdout + result.stderr
+
+
+def test_a_sigterm_while_the_cli_itself_loads_stops_the_relay_cleanly() -> None:
+    # The fault suite's SIGTERMs came while the CLI's own modules loaded (settings,
+    # pydantic): before `_run` could install a handler, three of five ended the relay
+    # with -15. The entry point now captures the signals before importing the CLI.
+    probe = (
+        "import builtins, os, signal, sys\n"
+        "real_import = builtins.__import__\n"
+        "def importing(name, *args, **kwargs):\n"
+        "    if name == 'service.settings':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = importing\n"
+        "sys.argv = ['scm-relay', 'run']\n"
+        "from service.__main__ import main\n"
+        "sys.exit(main())\n"
+    )
+    environment = {
+        "PATH": "/usr/bin:/bin",
+        "SCM_RELAY_API_BASE_URL": "http://127.0.0.1:9",
+        "SCM_RELAY_API_TOKEN": "t0ken-under-test",
+        "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
+        "SCM_RELAY_HTTP_PORT": "0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=environment,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "relay_stopping_on_early_signal" in result.stdout + result.stderr
+
+
+def test_other_commands_keep_the_default_signal_actions() -> None:
+    probe = (
+        "import signal, sys\n"
+        "from service.early_signals import capture_for\n"
+        "capture_for(['validate', 'x.json'])\n"
+        "sys.exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], check=False, timeout=60)
+    assert result.returncode == 0, "a tool's SIGTERM must end it"
