@@ -74,20 +74,9 @@ def test_a_development_command_without_its_module_says_where_to_run_it(
     assert "make demo" in message
 
 
-def test_a_sigterm_while_the_relay_loads_stops_it_cleanly() -> None:
-    # SIGTERM arrives while `scm-relay run` imports the relay (a second or more on a busy
-    # node): the signal's default action would end it with -15; it stops with 0, told.
-    probe = (
-        "import builtins, os, signal, sys\n"
-        "import service.cli as cli\n"
-        "real_import = builtins.__import__\n"
-        "def importing(name, *args, **kwargs):\n"
-        "    if name == 'service.app':\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return real_import(name, *args, **kwargs)\n"
-        "builtins.__import__ = importing\n"
-        "sys.exit(cli.main(['run']))\n"
-    )
+def _stops_cleanly_on_the_early_signal(probe: str) -> None:
+    """Run `probe` (which sends itself SIGTERM while the relay loads) in a process of
+    its own, against no Kafka: it must stop with 0 and say why."""
     environment = {
         "PATH": "/usr/bin:/bin",
         "SCM_RELAY_API_BASE_URL": "http://127.0.0.1:9",
@@ -105,6 +94,23 @@ def test_a_sigterm_while_the_relay_loads_stops_it_cleanly() -> None:
     )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "relay_stopping_on_early_signal" in result.stdout + result.stderr
+
+
+def test_a_sigterm_while_the_relay_loads_stops_it_cleanly() -> None:
+    # SIGTERM arrives while `scm-relay run` imports the relay (a second or more on a busy
+    # node): the signal's default action would end it with -15; it stops with 0, told.
+    probe = (
+        "import builtins, os, signal, sys\n"
+        "import service.cli as cli\n"
+        "real_import = builtins.__import__\n"
+        "def importing(name, *args, **kwargs):\n"
+        "    if name == 'service.app':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = importing\n"
+        "sys.exit(cli.main(['run']))\n"
+    )
+    _stops_cleanly_on_the_early_signal(probe)
 
 
 def test_a_sigterm_while_the_cli_itself_loads_stops_the_relay_cleanly() -> None:
@@ -123,23 +129,7 @@ def test_a_sigterm_while_the_cli_itself_loads_stops_the_relay_cleanly() -> None:
         "from service.__main__ import main\n"
         "sys.exit(main())\n"
     )
-    environment = {
-        "PATH": "/usr/bin:/bin",
-        "SCM_RELAY_API_BASE_URL": "http://127.0.0.1:9",
-        "SCM_RELAY_API_TOKEN": "t0ken-under-test",
-        "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
-        "SCM_RELAY_HTTP_PORT": "0",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=environment,
-    )
-    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
-    assert "relay_stopping_on_early_signal" in result.stdout + result.stderr
+    _stops_cleanly_on_the_early_signal(probe)
 
 
 def test_other_commands_keep_the_default_signal_actions() -> None:
