@@ -74,6 +74,10 @@ async def relay_sigterm(env: Env) -> Row:
     ) as case:
         for stop in range(stops):
             process = await case.relay(f"t{stop}")
+            # Each SIGTERM lands on a relay that runs: once the backlog is drained,
+            # `progress` returns at once, and a SIGTERM sent then reached a process whose
+            # interpreter had not run a line yet (exit -15, an empty log).
+            await case.joined(f"t{stop}")
             await case.progress(env.rng.randint(3, 10), timeout_s=180)
             if await case.stop(process, f"t{stop}") != 0:
                 case.row.notes.append(f"SIGTERM {stop}: exit {process.returncode}")
