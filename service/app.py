@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from service import fencing, txn_backoff
-from service.core.contract import ContractLimits
+from service.core.contract_limits import ContractLimits
 from service.core.resilience import Backoff
 from service.http import build_http_app, serving
 from service.kafka import (

@@ -10,7 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO, Final, TextIO
 
-from service.core.contract import ContractLimits, ParsedEvent, Reason, Rejection, parse_event
+from service.core.contract import ParsedEvent, Reason, Rejection, parse_event
+from service.core.contract_limits import ContractLimits
 from service.tools.terminal import json_text
 
 _READ_CHUNK: Final = 1 << 16

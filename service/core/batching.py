@@ -26,12 +26,8 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Final, NamedTuple
 
-from service.core.contract import (
-    DEFAULT_BATCH_MAX_BYTES,
-    IDENTIFIER_KEYS,
-    ChangeEvent,
-    value_bytes,
-)
+from service.core.contract import IDENTIFIER_KEYS, ChangeEvent, value_bytes
+from service.core.contract_limits import DEFAULT_BATCH_MAX_BYTES
 
 
 class Source(NamedTuple):

@@ -27,7 +27,7 @@ from pydantic_core import SchemaValidator, core_schema
 from service.core.control_chars import RUST_CLASS_BODY
 
 if TYPE_CHECKING:
-    from service.core.contract import ContractLimits
+    from service.core.contract_limits import ContractLimits
 
 # Neither white space nor a control or format character (service/core/control_chars.py):
 # what a value may start and end with. Python's str.strip() removes what str.isspace()

@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, SchemaValidator
 
 from service.core.compiled_contract import compile_contract
+from service.core.contract_limits import ContractLimits
 from service.core.control_chars import SCHEMA_CLASS, describe, first_control
 
 
@@ -120,14 +121,9 @@ _DECODE_REASONS: Final = frozenset(
 
 # The API's limit of constraint keys in one request, and so in one event.
 MAX_CONSTRAINT_KEYS: Final = 5
-# Constraint value bytes per request: with scm_data and the events' sources, a request
-# and its ledger record stay well under Kafka's 1 MiB record limit (1000 values of the
-# longest allowed 1024 characters would be 1 MiB of values alone).
-DEFAULT_BATCH_MAX_BYTES: Final = 256 * 1024
 # Keys that select exactly one code per value: without `expected_codes`, each value
 # of such a key is expected to touch one code.
 IDENTIFIER_KEYS: Final = frozenset({"extended_id", "serial_number"})
-DEFAULT_ONE_CODE_PER_VALUE_KEYS: Final = frozenset({"rfid"})
 # The JSON parser's own recursion limit; deeper input is refused as too_deeply_nested.
 MAX_JSON_NESTING: Final = 200
 KEY_PATTERN: Final = r"^[A-Za-z0-9_-]+$"
@@ -143,24 +139,6 @@ TOP_LEVEL_FIELDS: Final = (
     "reference",
     "expected_codes",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ContractLimits:
-    """Bounds on one event; each is a setting (docs/settings.md) with this default."""
-
-    max_record_bytes: int = 1024 * 1024
-    max_values_per_event: int = 100_000
-    max_scm_data_keys: int = 100
-    max_key_length: int = 128
-    max_value_length: int = 1024
-    max_reference_length: int = 255
-    max_event_id_length: int = 256
-    one_code_per_value_keys: frozenset[str] = DEFAULT_ONE_CODE_PER_VALUE_KEYS
-    # A request's bounds (the settings batch_max_values and batch_max_bytes): an event
-    # with several constraint keys is one request of its own, never split, so must fit.
-    batch_max_values: int = 1000
-    batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
 
 
 DEFAULT_LIMITS: Final = ContractLimits()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
-from service.core.contract import ContractLimits
+from service.core.contract_limits import ContractLimits
 
 # The wall clock the relay reads: the system's, or in the deterministic simulation
 # (tests/sim) each replica's own, drifting one. A context variable, so that several

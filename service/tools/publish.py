@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Final
 
-from service.core.contract import ContractLimits
+from service.core.contract_limits import ContractLimits
 from service.settings import Settings
 from service.tools.output import Printer, tool_start
 from service.tools.sources import (

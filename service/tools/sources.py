@@ -20,13 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Final
 
-from service.core.contract import (
-    ChangeEvent,
-    ContractLimits,
-    ParsedEvent,
-    Rejection,
-    parse_event,
-)
+from service.core.contract import ChangeEvent, ParsedEvent, Rejection, parse_event
+from service.core.contract_limits import ContractLimits
 
 DEFAULT_VALUES_PER_EVENT: Final = 1000  # the API's limit per request
 DEFAULT_MAX_BUFFERED_VALUES: Final = 100_000

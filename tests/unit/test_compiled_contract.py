@@ -13,14 +13,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.core import contract
-from service.core.contract import (
-    DEFAULT_LIMITS,
-    ContractLimits,
-    ParsedEvent,
-    Reason,
-    Rejection,
-    parse_event,
-)
+from service.core.contract import DEFAULT_LIMITS, ParsedEvent, Reason, Rejection, parse_event
+from service.core.contract_limits import ContractLimits
 
 
 def shortcut(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> ParsedEvent | None:

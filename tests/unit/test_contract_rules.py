@@ -7,14 +7,8 @@ from typing import Any
 
 import pytest
 
-from service.core.contract import (
-    ContractLimits,
-    ParsedEvent,
-    Reason,
-    Rejection,
-    Stage,
-    parse_event,
-)
+from service.core.contract import ParsedEvent, Reason, Rejection, Stage, parse_event
+from service.core.contract_limits import ContractLimits
 from tests.unit.relay.support import expected_codes
 
 

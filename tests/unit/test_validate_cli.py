@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from service.core.contract import ContractLimits
+from service.core.contract_limits import ContractLimits
 from service.validate import validate_stream
 
 GOOD = b'{"event_id": "e1", "constraints": {"extended_id": ["0A70X1"]}, "scm_data": {"m": "DE"}}'

@@ -8,13 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.core.batching import Batch, Batcher, GroupKey, PendingEvent, Source
-from service.core.contract import (
-    DEFAULT_LIMITS,
-    ChangeEvent,
-    ContractLimits,
-    ParsedEvent,
-    parse_event,
-)
+from service.core.contract import DEFAULT_LIMITS, ChangeEvent, ParsedEvent, parse_event
+from service.core.contract_limits import ContractLimits
 from service.core.records import TaskLedgerRecord
 from service.scantrust.outcomes import ApiTask, TaskApiState
 
