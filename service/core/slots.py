@@ -83,13 +83,6 @@ class AnsweredWindow:
             return None
         return self._leaving[excess] - now
 
-    def clear_at(self) -> float | None:
-        """When every upload counted now has left the window (None: some wait for an
-        answer); -inf when the window is empty."""
-        if self._open:
-            return None
-        return self._leaving[-1] if self._leaving else -math.inf
-
     def granted(self) -> None:
         self._open += 1
 
@@ -150,10 +143,6 @@ class UploadSlots:
         if self._owned is None:
             return 1.0
         return len(self._owned) / self._partitions
-
-    def owns(self, index: int) -> bool:
-        """Whether slot `index` belongs to this replica now."""
-        return self._owned is None or index % self._partitions in self._owned
 
     def reserve(self, now: float) -> Slot | None:
         """The earliest slot of this replica not yet reserved that can still be used at

@@ -58,10 +58,10 @@ class RateLimits:
         unanswered_hold_s: float = 30.0,
     ) -> None:
         self._slots = UploadSlots(upload_rate_per_s, SLOT_MARGIN_S, SLOT_LATE_S, SLOT_SETTLE_S)
-        # Every upload of this process, in both modes: after a switch from sending alone
-        # to the group's slots, its own last second still counts.
-        # On this host's monotonic clock (the event loop's): it measures durations here
-        # only, and a step of the wall clock must not empty it.
+        # Every upload of this process, in both modes (after a switch from sending alone
+        # to the group's slots, its own last second still counts), on this host's
+        # monotonic clock: it measures durations here only, and a step of the wall clock
+        # must not empty it.
         self._window = _answered_window(upload_rate_per_s)
         self._answered = asyncio.Event()
         # An upload written but never answered may still reach the server's check later
@@ -72,7 +72,6 @@ class RateLimits:
         # partition, each for the settle period; None while it does not, or a rebalance
         # is under way. A client never told of a group sends alone from the start.
         self._alone_from: float | None = -math.inf
-        self._owned_input: frozenset[int] | None = None
         self._overall_limit = overall_rate_per_min
         self._overall = SlidingWindowLimiter(
             overall_rate_per_min, OVERALL_PERIOD_S, OVERALL_MARGIN_S
@@ -94,11 +93,11 @@ class RateLimits:
         poll task status)."""
         if role == INPUT:
             self._slots.share(owned, partitions, self._wall())
-            before = self._owned_input or frozenset()
-            self._owned_input = frozenset(owned)
-            if len(self._owned_input & set(range(partitions))) < partitions:
+            if self._slots.fraction < 1:
                 self._alone_from = None
-            elif self._alone_from is None or not self._owned_input <= before:
+            elif self._alone_from is None:
+                # Owning every partition now and not before (or since a revoke): one
+                # gained at least, which its previous owner may have used until now.
                 self._alone_from = _monotonic() + SLOT_SETTLE_S
         self._parts[role] = (len(owned), partitions)
         mine = sum(part for part, _ in self._parts.values())
@@ -137,8 +136,8 @@ class RateLimits:
     ) -> tuple[float, Slot | None]:
         """Wait until a request may be written; returns the wall-clock time it may and,
         for an upload, its grant: a slot (`reserved` when that one is still usable), or
-        one of the window's while this replica sends alone. Every upload granted must be
-        `finished`."""
+        one of the window's while this replica sends alone. How every upload granted
+        ended must be told: `answered`, `unanswered` or `unsent`."""
         slot = reserved if is_upload else None
         while True:
             if is_upload:
