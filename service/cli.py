@@ -192,7 +192,7 @@ def _simulator(args: argparse.Namespace) -> int:
 
 def _validate(file: str) -> int:
     from service.app import contract_limits
-    from service.validate import validate_stream
+    from service.tools.validate import validate_stream
 
     try:
         settings = load_settings(os.environ)

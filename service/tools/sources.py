@@ -22,6 +22,7 @@ from typing import IO, Any, BinaryIO, Final
 
 from service.core.contract import ChangeEvent, ParsedEvent, Rejection, parse_event
 from service.core.contract_limits import ContractLimits
+from service.tools.validate import read_line
 
 DEFAULT_VALUES_PER_EVENT: Final = 1000  # the API's limit per request
 DEFAULT_MAX_BUFFERED_VALUES: Final = 100_000
@@ -260,7 +261,6 @@ class JsonLinesEvents:
     problems: list[Problem] = field(default_factory=list)
 
     def events(self) -> Iterator[Draft]:
-        from service.validate import read_line
 
         line = 0
         while (read := read_line(self.stream, self.limits.max_record_bytes)) is not None:

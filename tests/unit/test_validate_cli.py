@@ -13,7 +13,7 @@ import pytest
 
 from service.cli import main
 from service.core.contract_limits import ContractLimits
-from service.validate import validate_stream
+from service.tools.validate import validate_stream
 
 GOOD = b'{"event_id": "e1", "constraints": {"extended_id": ["0A70X1"]}, "scm_data": {"m": "DE"}}'
 WARN = b'{"constraints": {"extended_id": "0A70X2"}, "scm_data": {"production_date": "27.11.2026"}}'
