@@ -56,7 +56,8 @@ from service.scantrust.outcomes import (
     retry_wait,
 )
 
-log = structlog.get_logger(__name__)
+# Under the stage's name: its log lines kept their `logger` when this part moved here.
+log = structlog.get_logger("service.relay.uploaders")
 
 
 class UploadAndLookupApi(UploadApi, TaskLookup, Protocol):

@@ -39,7 +39,8 @@ from service.relay.messages import (
 )
 from service.relay.ports import Accounting, TransactionalProducer
 
-log = structlog.get_logger(__name__)
+# Under the stage's name: its log lines kept their `logger` when this part moved here.
+log = structlog.get_logger("service.relay.committer")
 
 
 class WrittenLedger(Protocol):
