@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 
 from pydantic import SecretStr
 
-from service.scantrust.client import ClientConfig, ScantrustClient, UploadRequest, _json_object
+from service.scantrust.client import ClientConfig, ScantrustClient, UploadRequest
+from service.scantrust.exchange import json_object
 from service.scantrust.outcomes import (
     Ambiguous,
     ApiTask,
@@ -55,8 +56,8 @@ async def test_a_redirect_is_a_wrong_base_url_and_is_not_followed() -> None:
 
 
 def test_json_nested_too_deep_is_no_object() -> None:
-    assert _json_object("[" * 100_000 + "]" * 100_000) == {}
-    assert _json_object('{"detail": "x"}') == {"detail": "x"}
+    assert json_object("[" * 100_000 + "]" * 100_000) == {}
+    assert json_object('{"detail": "x"}') == {"detail": "x"}
 
 
 def test_an_undocumented_task_state_is_kept_not_refused() -> None:

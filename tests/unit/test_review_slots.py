@@ -50,8 +50,7 @@ async def _upload(limits: RateLimits, window_s: float, **config: Any) -> tuple[A
     loop = asyncio.get_running_loop()
     async with raw_server(ANSWER, received) as url:
         settings = ClientConfig(base_url=url, token=SecretStr("t0ken-under-test"), **config)
-        async with ScantrustClient(settings) as api:
-            api._limits = limits
+        async with ScantrustClient(settings, limits=limits) as api:
             outcome = await api.upload(
                 REQUEST, send_by=time.time() + window_s, deadline=loop.time() + window_s
             )
@@ -63,7 +62,7 @@ async def test_an_upload_left_without_input_partitions_while_connecting_is_not_a
     granted a slot opens its connection (the share changes at the assignment; uploads
     under way go on). `on_time` then waits on `_changed` inside the connector, outside
     aiohttp's connect timeout, until the request's total timeout fires: aiohttp raises
-    TimeoutError and `_exchange` reports `Ambiguous("no answer before timeout")` for an
+    TimeoutError and `HttpExchange.send` reports `Ambiguous("no answer before timeout")` for an
     upload that was never written. The uploader then reconciles (look-ups, the list's
     lag) a batch it knows nothing of, and the breaker counts an outage; meanwhile the
     upload held a pooled connection for the whole request timeout."""
@@ -83,7 +82,7 @@ async def test_a_wall_clock_stepped_back_while_connecting_is_not_ambiguous() -> 
     reserves the next one from `_next`, which still counts from before the step, then
     sleeps the step's length for it: the total timeout fires first and the never-sent
     upload is reported Ambiguous. The clock-jump check that would say Expired runs only
-    after that wait (`send_window_closed` in `_connection_ready`)."""
+    after that wait (`send_window_closed` in `_on_time`)."""
 
     def step_back(_limits: RateLimits, offset: list[float]) -> None:
         offset[0] -= 5.0
@@ -117,9 +116,8 @@ async def test_a_probe_upload_whose_window_closes_at_the_connection_frees_the_br
             breaker_failures=1,
             breaker_cooldown_s=0.05,
         )
-        async with ScantrustClient(config) as api:
-            api._limits = limits
-            api._breaker.record_failure(api._now())  # an outage opened it
+        async with ScantrustClient(config, limits=limits) as api:
+            api._breaker.record(Unavailable("connection refused"))  # an outage opened it
             await asyncio.sleep(0.1)  # its cool-down passed: the next call is the probe
             outcome = await api.upload(
                 REQUEST, send_by=time.time() + 0.25, deadline=loop.time() + 0.25

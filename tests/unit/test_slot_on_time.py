@@ -129,8 +129,7 @@ async def _upload_late(late_by_s: float, window_s: float) -> tuple[Any, list[byt
     loop = asyncio.get_running_loop()
     async with raw_server(REQUEST_ANSWER, received) as url:
         config = ClientConfig(base_url=url, token=SecretStr("t0ken-under-test"))
-        async with ScantrustClient(config) as api:
-            api._limits = limits
+        async with ScantrustClient(config, limits=limits) as api:
             outcome = await api.upload(
                 UploadRequest(constraints={"extended_id": ["a"]}, scm_data={"x": "1"}),
                 send_by=time.time() + window_s,
