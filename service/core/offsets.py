@@ -17,7 +17,7 @@ itself, cut at 3 500 characters: scattered ones were lost, and their events sent
 again after a crash; `decode_done` still reads that form, from an older relay.)
 
 A partition is read at most `max_read_ahead` offsets beyond its commit point, so the
-record and this tracker stay bounded (service/relay/intake.py pauses it there).
+record and this tracker stay bounded (service/relay/reader.py pauses it there).
 """
 
 from __future__ import annotations

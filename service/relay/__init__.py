@@ -2,9 +2,10 @@
 
 One module per stage, each owning its state and its loop, under one supervisor:
 
-- intake (`intake.py`, with `admission.py` and `book.py`): reads the input topic,
-  validates, holds back changes that would overtake an unfinished one, batches
-  the rest, pauses while a bound is reached or the API is unavailable;
+- intake (`intake.py`, with `reader.py`, `judging.py`, `admission.py`, `claims.py`,
+  `book.py`, `rebalance.py` and `catch_up.py`): reads the input topic, validates,
+  holds back changes that would overtake an unfinished one, batches the rest,
+  pauses while a bound is reached or the API is unavailable;
 - uploaders (`uploaders.py`): upload ready batches and own their retries;
 - committer (`committer.py`): the one transactional writer of ledger records,
   dead letters, results, tombstones and input offsets;

@@ -1,6 +1,7 @@
 """Intake's offset book: which input records were read, which left intake in a batch
 not yet recorded, which are accounted for (so their offsets may be committed), and
-which partitions this intake owns, since when.
+which partitions this intake owns, since when (`PartitionOwnership`,
+service/relay/ownership.py).
 
 Intake owns it. The committer is the one other caller, through the `Accounting`
 protocol, and only inside its transaction: a batch is accounted for in the same
@@ -13,18 +14,16 @@ event loop and these calls never await, so no caller sees the book half-changed.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Collection, Iterable
 
 from service.core.batching import Batch, Done, Part, Source
 from service.core.offsets import Checkpoint, OffsetTracker, PartitionOffsets, Progress
 from service.core.records import IntentRecord
+from service.relay.ownership import PartitionOwnership
 
 # Batch ids recorded here remembered until their closures are read back: far more than
 # the ledger view can lag behind the committer by.
 CLOSED_HERE_KEPT = 10_000
-
-Ownership = dict[tuple[str, int], int]
 
 
 class OffsetBook:
@@ -41,14 +40,7 @@ class OffsetBook:
         self._intents_seen: dict[str, IntentRecord] = {}
         self._settled = asyncio.Event()
         self._settled.set()
-        # Ownership: a token per owned partition, new whenever the partition may have had
-        # another owner since (see `assigned`); the batch remembers the tokens it was
-        # handed on under, and is this intake's only while they are unchanged.
-        self._tokens: Ownership = {}
-        self._batch_tokens: dict[str, Ownership] = {}
-        self._next_token = itertools.count(1)
-        self._generation: int | None = None
-        self._between = False  # partitions revoked, not yet assigned again
+        self._ownership = PartitionOwnership()
 
     # -- intake ------------------------------------------------------------------------
 
@@ -156,9 +148,7 @@ class OffsetBook:
         self._in_flight[batch.batch_id] = batch
         if intent_in_ledger:
             self._intent_written.add(batch.batch_id)
-        self._batch_tokens[batch.batch_id] = {
-            key: self._tokens.get(key, 0) for key in _partitions(batch)
-        }
+        self._ownership.handed_on(batch)
         for part in batch.parts:
             if part.covered is not None:
                 source = part.event.source
@@ -174,7 +164,7 @@ class OffsetBook:
             batch = self._in_flight.pop(batch_id, None)
             self._intents_seen.pop(batch_id, None)
             self._intent_written.discard(batch_id)
-            self._batch_tokens.pop(batch_id, None)
+            self._ownership.let_go(batch_id)
             if batch is not None:
                 for part in batch.parts:
                     source = part.event.source
@@ -212,54 +202,35 @@ class OffsetBook:
         """Constraint values in batches queued or being uploaded."""
         return sum(batch.size for batch in self._in_flight.values())
 
-    # -- ownership ---------------------------------------------------------------------
+    # -- ownership (PartitionOwnership) ----------------------------------------------
 
     def revoked(self) -> None:
-        """The group took every partition back (an eager rebalance): until the next
-        assignment nothing is owned."""
-        self._between = True
+        """The group took every partition back: until the next assignment nothing is
+        owned."""
+        self._ownership.revoked()
 
     @property
     def between_assignments(self) -> bool:
         """Partitions revoked and not assigned again yet."""
-        return self._between
+        return self._ownership.between_assignments
 
     def assigned(self, partitions: Collection[tuple[str, int]], generation: int | None) -> None:
-        """The group assigned `partitions` in `generation`. A partition owned in the
-        generation just before keeps its token (nobody else can have owned it between
-        two consecutive generations); any other gets a new one, so that a batch handed
-        on before is no longer this intake's. Without a known generation (a consumer
-        without a group), every partition keeps its token."""
-        continuous = generation is not None and self._generation == generation - 1
-        tokens: Ownership = {}
-        for key in partitions:
-            if key in self._tokens and (continuous or generation is None):
-                tokens[key] = self._tokens[key]
-            else:
-                tokens[key] = next(self._next_token)
-        self._tokens = tokens
-        self._generation = generation
-        self._between = False
+        """The group assigned `partitions` in `generation` (see PartitionOwnership)."""
+        self._ownership.assigned(partitions, generation)
 
     def token(self, topic: str, partition: int) -> int | None:
         """The partition's ownership token now (None: not owned)."""
-        return None if self._between else self._tokens.get((topic, partition))
+        return self._ownership.token(topic, partition)
 
     def owns_partition(self, topic: str, partition: int, token: int | None = None) -> bool:
         """Whether the partition is this intake's (under `token`, when given)."""
-        current = self.token(topic, partition)
-        return current is not None and (token is None or current == token)
+        return self._ownership.owns_partition(topic, partition, token)
 
     def owns(self, batch: Batch) -> bool:
         """Whether every partition of `batch`'s events is still this intake's, as it was
         when the batch was handed on: before every send, renewal, lookup and intent, the
         uploaders ask (a batch whose partitions moved is the new owner's to resolve)."""
-        if self._between:
-            return False
-        tokens = self._batch_tokens.get(batch.batch_id)
-        if tokens is None:
-            return False
-        return all(self._tokens.get(key) == token for key, token in tokens.items())
+        return self._ownership.owns(batch)
 
     # -- the committer (Accounting) -----------------------------------------------------
 
@@ -291,7 +262,7 @@ class OffsetBook:
         self._closed_here[batch.batch_id] = None
         if len(self._closed_here) > CLOSED_HERE_KEPT:
             del self._closed_here[next(iter(self._closed_here))]
-        self._batch_tokens.pop(batch.batch_id, None)
+        self._ownership.let_go(batch.batch_id)
         for part in batch.parts:
             source = part.event.source
             if part.covered is None:
@@ -331,7 +302,3 @@ class OffsetBook:
     def _note_settled(self) -> None:
         if not self._in_flight:
             self._settled.set()
-
-
-def _partitions(batch: Batch) -> set[tuple[str, int]]:
-    return {(part.event.source.topic, part.event.source.partition) for part in batch.parts}

@@ -130,9 +130,8 @@ async def test_a_resolution_revoked_while_waiting_for_room_is_handed_out_again()
     from tests.unit.relay.test_intake import rig, running
     from tests.unit.relay.test_intents import intent
 
-    subject = rig(rebalance_timeout_s=0.2)
     queue = FullQueue()
-    subject.intake._uploaders = queue
+    subject = rig(rebalance_timeout_s=0.2, queue=queue)
     tp = TopicPartition("in", 0)
     offset = subject.consumer.append(change(["a"]))
     orphan = intent(["a"], [(0, offset)], resolve_in_s=-1)

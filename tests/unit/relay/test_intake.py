@@ -4,7 +4,7 @@ pausing, hand-off, rebalances and the shutdown flush, with no broker."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,12 +102,19 @@ class Rig:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def rig(room: int = 100, partitions: int = 1, clock: Any = None, **settings: Any) -> Rig:
+def rig(
+    room: int = 100,
+    partitions: int = 1,
+    clock: Any = None,
+    queue: Queue | None = None,
+    generation: Callable[[], int | None] = lambda: None,
+    **settings: Any,
+) -> Rig:
     cfg = config(**settings)
     consumer, inbox, queue, committer = (
         FakeConsumer("in", partitions),
         Mailbox[IntakeMessage](100),
-        Queue(room),
+        queue or Queue(room),
         Committer(),
     )
     book, health, admin = OffsetBook(), ApiHealth(), FakeAdmin()
@@ -130,6 +137,7 @@ def rig(room: int = 100, partitions: int = 1, clock: Any = None, **settings: Any
         health=health,
         metrics=RelayMetrics(CollectorRegistry()),
         clock=clock or (lambda: asyncio.get_running_loop().time()),
+        generation=generation,
     )
     return Rig(intake, consumer, inbox, queue, committer, book, health, admin)
 

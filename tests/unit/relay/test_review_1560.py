@@ -124,7 +124,7 @@ async def test_a_batch_given_up_before_the_assignment_costs_no_other_partition_i
     keeps another partition. Intake learnt of the batch given up between the revoke and
     the assignment and held its share of an event cut across batches (value "a") behind
     the intent, as if read again here. When the new owner resolves the intent and closes
-    it, the share is read in again (`_still_unsent` knows nothing of a partition not
+    it, the share is read in again (`Claims.still_unsent` knows nothing of a partition not
     tracked) and batched with an event of the partition this replica does own (value
     "d"). The uploaders refuse the batch (`owns`: a partition not this intake's), give
     it up with no intent, and intake forgets it: "d" was read already and is never read

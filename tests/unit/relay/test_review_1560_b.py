@@ -1,9 +1,9 @@
 """Second review of the seed-1560 fixes (the deferred `BatchAbandoned`, own closures).
 
-`_settling` is true from `OffsetBook.revoked()` to the end of the next assignment's
-restore. `partitions_revoked` calls `revoked()` only after its settle wait, which waits
-for exactly the batches an uploader may give up meanwhile; and it drops the held events
-(`forget_held`) before that wait. A batch given up during the wait is seen to at once,
+`InputRebalance.settling` is true from `OffsetBook.revoked()` to the end of the next
+assignment's restore. `partitions_revoked` calls `revoked()` only after its settle wait,
+which waits for exactly the batches an uploader may give up meanwhile; and it drops the
+held events (`forget_held`) before that wait. A batch given up during the wait is seen to at once,
 by the tracker of the assignment that is ending.
 
 An intent another process closed while this process's batch was in flight now counts
@@ -35,7 +35,7 @@ async def test_a_batch_given_up_while_a_revoke_waits_for_it_is_held_once() -> No
     batch is no longer this intake's (`owns`) and the event, read again, is skipped as
     in flight. The group rebalances again before the uploader's next step:
     `partitions_revoked` drops the held events, then waits for the batch to settle;
-    the uploader gives it up during that wait. `_settling` is false until `revoked()`,
+    the uploader gives it up during that wait. `settling` is false until `revoked()`,
     so `_abandoned` runs at once, with the ending assignment's tracker (read past the
     event) and tokens (owned): it holds the event behind the intent, after
     `forget_held`. The partition comes back and the event is read and held a second
@@ -43,9 +43,8 @@ async def test_a_batch_given_up_while_a_revoke_waits_for_it_is_held_once() -> No
     dead-letters the one event twice. (Had the partition gone to another member, the
     stale hold would be read in again at the closure, as in test_review_1560's third
     test.)"""
-    subject = rig(batch_max_values=3, rebalance_timeout_s=0.5)
     generation = [1]
-    subject.intake._generation = lambda: generation[0]
+    subject = rig(batch_max_values=3, rebalance_timeout_s=0.5, generation=lambda: generation[0])
     tp = TopicPartition("in", 0)
     subject.consumer.append(change(["a", "b", "c"]))
     await subject.intake.partitions_assigned({tp})
