@@ -178,7 +178,7 @@ class Committer:
             if fence is not None:
                 # Offset 0 of the task's ledger partition for the poller group, whose member
                 # never reads: the commit carries the generation the result was polled under.
-                marker = {TopicPartition(self._config.tasks_topic, fence.ledger_partition): 0}
+                marker = {TopicPartition(self._config.kafka.tasks_topic, fence.ledger_partition): 0}
                 await self._producer.send_offsets_to_transaction(marker, fence.group)
             else:
                 advanced = self._accounting.checkpoints()
@@ -187,7 +187,7 @@ class Committer:
                         # The partition's progress, in the transaction that commits its
                         # offset (whose metadata names this record).
                         await self._producer.send(
-                            self._config.tasks_topic,
+                            self._config.kafka.tasks_topic,
                             key=progress_key(topic, partition).encode(),
                             value=point.progress,
                         )
@@ -196,7 +196,11 @@ class Committer:
                 } or self._fence_points()
                 if points:
                     offsets = {TopicPartition(t, p): point for (t, p), point in points.items()}
-                    group = self._membership.group() if self._membership else self._config.group_id
+                    group = (
+                        self._membership.group()
+                        if self._membership
+                        else self._config.kafka.group_id
+                    )
                     await self._producer.send_offsets_to_transaction(offsets, group)
             await self._producer.commit_transaction()
         except (GroupFencedError, ProducerFenced) as exc:
@@ -266,7 +270,7 @@ class Committer:
                 return
             intent = intent_key(item.record.batch_id)
             await producer.send(
-                config.tasks_topic,
+                config.kafka.tasks_topic,
                 key=intent.encode(),
                 value=item.record.model_dump_json().encode(),
             )
@@ -279,7 +283,7 @@ class Committer:
                 return
             for record in (item.record, *item.more):
                 await producer.send(
-                    config.tasks_topic,
+                    config.kafka.tasks_topic,
                     key=record.task_id.encode(),
                     value=record.model_dump_json().encode(),
                 )
@@ -302,7 +306,7 @@ class Committer:
                 item.raw, config.dead_letter_max_bytes, config.dead_letter_prefix_bytes
             )
             await producer.send(
-                config.dlq_topic, key=item.key, value=value, headers=headers.to_kafka()
+                config.kafka.dlq_topic, key=item.key, value=value, headers=headers.to_kafka()
             )
             source = item.source
             self._accounting.dead_lettered(source.topic, source.partition, source.offset)
@@ -321,13 +325,13 @@ class Committer:
             outcome = item.outcome
             key = outcome.task_id.encode()
             await producer.send(
-                config.results_topic, key=key, value=outcome.model_dump_json().encode()
+                config.kafka.results_topic, key=key, value=outcome.model_dump_json().encode()
             )
-            await producer.send(config.tasks_topic, key=key, value=None)
+            await producer.send(config.kafka.tasks_topic, key=key, value=None)
             finished.append(item.done)
         elif isinstance(item, Progress):
             await producer.send(
-                config.results_topic,
+                config.kafka.results_topic,
                 key=item.progress.task_id.encode(),
                 value=item.progress.model_dump_json().encode(),
             )
@@ -345,7 +349,7 @@ class Committer:
         exactly when what it promised is written."""
         key = intent_key(batch_id)
         closure = IntentClosure(batch_id=batch_id, outcome=outcome, task_ids=task_ids)
-        topic = self._config.tasks_topic
+        topic = self._config.kafka.tasks_topic
         await self._producer.send(topic, key=key.encode(), value=closure.model_dump_json().encode())
         self._written.remember_intent(key, closure)
         await self._producer.send(topic, key=key.encode(), value=None)
@@ -385,7 +389,7 @@ class Committer:
             raw, self._config.dead_letter_max_bytes, self._config.dead_letter_prefix_bytes
         )
         await self._producer.send(
-            self._config.dlq_topic, key=key, value=value, headers=bounded.to_kafka()
+            self._config.kafka.dlq_topic, key=key, value=value, headers=bounded.to_kafka()
         )
 
 

@@ -638,7 +638,7 @@ class Intake:
             return
         self._stopped.due()  # their retry time came: read again from where they stopped
         paused = set(self._stopped.paused()) if self._stopped else set()
-        limit = self._config.max_read_ahead
+        limit = self._config.batching.max_read_ahead
         for tp in assignment:
             if self._book.read_ahead(tp.topic, tp.partition) >= limit:
                 needed = self._intents.needed_up_to(tp.topic, tp.partition)
@@ -678,9 +678,9 @@ class Intake:
             return "API refuses the relay's requests (configuration)"
         if self._health.degraded:
             return "API unavailable"
-        if self.buffered_values >= self._config.max_buffered_values:
+        if self.buffered_values >= self._config.batching.max_buffered_values:
             return "buffer full"
-        if len(self._ledger_tasks) >= self._config.max_unfinished_tasks:
+        if len(self._ledger_tasks) >= self._config.batching.max_unfinished_tasks:
             return "too many unfinished tasks"
         return None
 
@@ -877,7 +877,7 @@ class Intake:
         dropped += self._intents.forget_held(under_way=self._book.under_way_or_closed_here)
         self._reclaim_intents()
         try:
-            async with asyncio.timeout(self._config.rebalance_timeout_s):
+            async with asyncio.timeout(self._config.batching.rebalance_timeout_s):
                 await self._book.settled()
                 # Accounted is not committed: offsets of partitions that move away would
                 # be lost with their trackers. Then no transaction until the assignment.
@@ -902,7 +902,7 @@ class Intake:
 
     async def _restore(self, assigned: set[TopicPartition]) -> None:
         committed = await self._group_offsets.list_consumer_group_offsets(
-            self._config.group_id, partitions=sorted(assigned)
+            self._config.kafka.group_id, partitions=sorted(assigned)
         )
         for tp in assigned:
             point = committed.get(tp)
@@ -923,7 +923,7 @@ class Intake:
         if self._ledger is None:
             return None
         try:
-            async with asyncio.timeout(timeout_s or self._config.rebalance_timeout_s):
+            async with asyncio.timeout(timeout_s or self._config.batching.rebalance_timeout_s):
                 return await self._ledger.end_offsets()
         except (TimeoutError, KafkaError) as exc:
             log.warning("ledger_end_unknown_at_assignment", error=type(exc).__name__)

@@ -115,10 +115,10 @@ class Uploaders:
         self._health = health
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
+        self._backoff = Backoff(config.api.retry_initial_s, config.api.retry_max_backoff_s)
         # None tells one worker to end.
         self._queue: asyncio.Queue[Batch | Resolution | None] = asyncio.Queue(
-            maxsize=config.max_in_flight_requests * 2
+            maxsize=config.batching.max_in_flight_requests * 2
         )
         self._workers: list[asyncio.Task[None]] = []
         self._sending: set[asyncio.Task[Any]] = set()  # workers with a request under way
@@ -152,7 +152,7 @@ class Uploaders:
             async with asyncio.TaskGroup() as group:
                 self._workers = [
                     group.create_task(self._work(), name=f"uploader-{n}")
-                    for n in range(self._config.max_in_flight_requests)
+                    for n in range(self._config.batching.max_in_flight_requests)
                 ]
         finally:
             self._finished.set()
@@ -166,7 +166,7 @@ class Uploaders:
                 while pending:
                     await self._queue.put(pending[0])
                     pending.pop(0)
-                for _ in range(self._config.max_in_flight_requests):
+                for _ in range(self._config.batching.max_in_flight_requests):
                     await self._queue.put(None)
                 await self._finished.wait()
         except TimeoutError:
@@ -290,7 +290,7 @@ class Uploaders:
                     if not found:
                         # None listed: once more after the list's lag, the one a task just
                         # created may need to show (docs/design.md section 10).
-                        await asyncio.sleep(self._config.list_lag_s)
+                        await asyncio.sleep(self._config.api.list_lag_s)
                         found = await self._look_up(job, bound)
                         if found is None:
                             await self._abandon(job, intent, bound)
@@ -468,7 +468,7 @@ class Uploaders:
 
     def _lookup_wait(self, failure: Failure, attempt: int) -> float:
         if isinstance(failure, Rejected | AuthFailed | Misconfigured | PagesExceeded):
-            return self._config.retry_max_backoff_s
+            return self._config.api.retry_max_backoff_s
         return round(retry_wait(failure, attempt, self._backoff, self._rng), 2)
 
 

@@ -56,7 +56,7 @@ from service.scantrust.outcomes import (
     retry_wait,
     throttle_wait,
 )
-from service.settings import clean_token
+from service.settings import ApiSettings, clean_token, require_token
 
 log = structlog.get_logger(__name__)
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -88,33 +88,6 @@ class UploadRequest(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The JSON body: absent optional fields are left out, not sent as null."""
         return self.model_dump(exclude_none=True)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientConfig:
-    """Everything the client needs; built from the settings by the composition root."""
-
-    base_url: str
-    token: SecretStr
-    connect_timeout_s: float = 5.0
-    request_timeout_s: float = 30.0
-    max_connections: int = 10
-    max_response_bytes: int = 1024 * 1024
-    ca_file: Path | None = None
-    upload_rate_per_s: float = 10.0
-    overall_rate_per_min: int = 3000
-    retry_initial_s: float = 0.5
-    retry_max_backoff_s: float = 30.0
-    retry_after_max_s: float = 300.0
-    # The file the token came from (a mounted Secret): read again when it changes.
-    token_file: Path | None = None
-    retry_max_elapsed_s: float = 120.0
-    breaker_failures: int = 5
-    breaker_cooldown_s: float = 30.0
-    status_chunk_size: int = 100
-
-    def __repr__(self) -> str:
-        return f"ClientConfig(base_url={self.base_url!r}, token=SecretStr('**********'), ...)"
 
 
 class ApiObserver(Protocol):
@@ -256,7 +229,7 @@ class ScantrustClient:
 
     def __init__(
         self,
-        config: ClientConfig,
+        config: ApiSettings,
         observer: ApiObserver | None = None,
         *,
         rng: random.Random | None = None,
@@ -267,17 +240,17 @@ class ScantrustClient:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
-        self._base = config.base_url.rstrip("/")
+        self._base = str(config.base_url).rstrip("/")
         self._limits = RateLimits(
             config.upload_rate_per_s,
-            config.overall_rate_per_min,
+            config.rate_per_min,
             unanswered_hold_s=config.request_timeout_s,
         )
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self._clock_offset = ClockOffset()
         self._last_failure = "none"
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
-        self._token = _TokenFile(config.token, config.token_file)
+        self._token = _TokenFile(require_token(config), config.token_file)
 
     @property
     def limits(self) -> RateLimits:
@@ -718,7 +691,7 @@ def _classify(
     body: str,
     retry_after: str | None,
     observer: ApiObserver,
-    config: ClientConfig,
+    config: ApiSettings,
 ) -> _Response | Failure:
     """One HTTP answer as the outcome the relay acts on."""
     if 200 <= status < 300:

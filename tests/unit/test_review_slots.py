@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
+from pydantic import AnyHttpUrl, SecretStr
 
 from service.cli import main
-from service.scantrust.client import ClientConfig, ScantrustClient, UploadRequest
+from service.scantrust.client import ScantrustClient, UploadRequest
 from service.scantrust.limits import INPUT, RateLimits
 from service.scantrust.outcomes import Ambiguous, Expired, Unavailable
+from service.settings import ApiSettings
 from tests.api_support import raw_server
 from tests.settings_support import clear_relay_environment
 
@@ -49,7 +50,9 @@ async def _upload(limits: RateLimits, window_s: float, **config: Any) -> tuple[A
     received: list[bytes] = []
     loop = asyncio.get_running_loop()
     async with raw_server(ANSWER, received) as url:
-        settings = ClientConfig(base_url=url, token=SecretStr("t0ken-under-test"), **config)
+        settings = ApiSettings(
+            base_url=AnyHttpUrl(url), token=SecretStr("t0ken-under-test"), **config
+        )
         async with ScantrustClient(settings) as api:
             api._limits = limits
             outcome = await api.upload(
@@ -111,8 +114,8 @@ async def test_a_probe_upload_whose_window_closes_at_the_connection_frees_the_br
     received: list[bytes] = []
     loop = asyncio.get_running_loop()
     async with raw_server(ANSWER, received) as url:
-        config = ClientConfig(
-            base_url=url,
+        config = ApiSettings(
+            base_url=AnyHttpUrl(url),
             token=SecretStr("t0ken-under-test"),
             breaker_failures=1,
             breaker_cooldown_s=0.05,

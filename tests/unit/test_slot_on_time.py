@@ -109,9 +109,10 @@ async def _upload_late(late_by_s: float, window_s: float) -> tuple[Any, list[byt
     server received, and the limits."""
     import time
 
-    from pydantic import SecretStr
+    from pydantic import AnyHttpUrl, SecretStr
 
-    from service.scantrust.client import ClientConfig, ScantrustClient, UploadRequest
+    from service.scantrust.client import ScantrustClient, UploadRequest
+    from service.settings import ApiSettings
     from tests.api_support import raw_server
 
     busy = [0.0]
@@ -128,7 +129,7 @@ async def _upload_late(late_by_s: float, window_s: float) -> tuple[Any, list[byt
     received: list[bytes] = []
     loop = asyncio.get_running_loop()
     async with raw_server(REQUEST_ANSWER, received) as url:
-        config = ClientConfig(base_url=url, token=SecretStr("t0ken-under-test"))
+        config = ApiSettings(base_url=AnyHttpUrl(url), token=SecretStr("t0ken-under-test"))
         async with ScantrustClient(config) as api:
             api._limits = limits
             outcome = await api.upload(

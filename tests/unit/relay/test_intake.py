@@ -113,10 +113,10 @@ def rig(room: int = 100, partitions: int = 1, clock: Any = None, **settings: Any
     book, health, admin = OffsetBook(), ApiHealth(), FakeAdmin()
     health.accepted("me")  # the start-up check answered
     batcher = Batcher(
-        max_values=cfg.batch_max_values,
+        max_values=cfg.batching.batch_max_values,
         max_keys=1,
         linger_s=cfg.batch_linger_s,
-        max_open_batches=cfg.max_open_batches,
+        max_open_batches=cfg.batching.max_open_batches,
     )
     intake = Intake(
         cfg,
