@@ -186,6 +186,8 @@ def test_settings_are_frozen() -> None:
     settings = load_settings({})
     with pytest.raises(ValueError, match="frozen"):
         settings.operations.http_port = 1  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frozen"):
+        settings.operations = OperationsSettings()  # type: ignore[misc]
 
 
 def test_docs_settings_md_is_generated_from_the_class() -> None:
@@ -235,3 +237,66 @@ def test_record_bounds_are_cut_to_the_topics_limits() -> None:
     assert small.limits.batch_max_bytes == small.batching.batch_max_bytes
     large = fitted_to_record_limits(config, {"dlq": 8 << 20, "tasks": 8 << 20, "out": 8 << 20})
     assert large == config, "the producer's 1 MiB bounds what larger topics allow"
+
+
+def test_the_relay_takes_its_sections_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.relay.config import RelayConfig
+
+    monkeypatch.setenv("SCM_RELAY_KAFKA_GROUP_ID", "factory-relay")
+    monkeypatch.setenv("SCM_RELAY_API_REQUEST_TIMEOUT_S", "12")
+    monkeypatch.setenv("SCM_RELAY_BATCH_LINGER_MS", "250")
+    monkeypatch.setenv("SCM_RELAY_POLL_MAX_S", "7")
+    monkeypatch.setenv("SCM_RELAY_MAX_KEY_LENGTH", "64")
+    settings = load_settings({})
+    config = RelayConfig.of(settings)
+    assert config.kafka is settings.kafka
+    assert config.kafka.group_id == "factory-relay"
+    assert config.api is settings.api
+    assert config.batching is settings.batching
+    assert config.tracking.poll_max_s == 7
+    assert config.limits is settings.limits
+    assert config.limits.max_key_length == 64
+    # Derived once, here: both follow the API's request timeout.
+    assert (config.upload_grace_s, config.reconcile_after_s) == (12, 12)
+    assert config.batch_linger_s == 0.25
+
+
+def test_a_bad_request_bound_is_reported_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limits take the request bounds from the batching settings: one bad value
+    is one line, naming the setting, not one more for the limits' copy."""
+    monkeypatch.setenv("SCM_RELAY_BATCH_MAX_VALUES", "soon")
+    with pytest.raises(SettingsError) as raised:
+        load_settings({})
+    lines = str(raised.value).splitlines()[1:]
+    assert len(lines) == 1, lines
+    assert lines[0].strip().startswith("SCM_RELAY_BATCH_MAX_VALUES: Input should be a valid")
+
+
+def test_whole_sections_keep_the_request_bounds_in_step() -> None:
+    from service.settings import BatchingSettings
+
+    with pytest.raises(SettingsError, match=r"limits\.batch_max_values must equal batching"):
+        load_settings({}, batching=BatchingSettings(batch_max_values=5))
+
+
+def test_each_setting_is_read_from_its_own_variable_in_any_case(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("scm_relay_kafka_bootstrap_servers", "kafka-1:9092")
+    monkeypatch.setenv("SCM_RELAY_UPLOAD_RATE_PER_S", "4")
+    monkeypatch.setenv("SCM_RELAY_API_RATE_PER_MIN", "600")
+    monkeypatch.setenv("SCM_RELAY_BOOTSTRAP_SERVERS", "not-a-setting:1")  # the short name
+    monkeypatch.setenv("SCM_RELAY_KAFKA", "{}")  # a section's name is no variable
+    settings = load_settings({})
+    assert settings.kafka.bootstrap_servers == "kafka-1:9092"
+    assert (settings.api.upload_rate_per_s, settings.api.rate_per_min) == (4, 600)
+
+
+def test_the_client_needs_the_token_its_section_may_lack() -> None:
+    from service.scantrust.client import ScantrustClient
+    from service.settings import ApiSettings
+
+    with pytest.raises(
+        SettingsError, match=re.escape("SCM_RELAY_API_TOKEN (or SCM_RELAY_API_TOKEN_FILE)")
+    ):
+        ScantrustClient(ApiSettings())
