@@ -2,8 +2,8 @@
 
 Only this module (and the CLI that calls it) builds Kafka clients, the HTTP
 session and the logger configuration. Signal handlers only set an event;
-shutdown then runs in a fixed order inside `Relay.run`. Settings become each
-part's own config here and nowhere else.
+shutdown then runs in a fixed order inside `Relay.run`. Each part takes its
+section of the settings whole (service/settings.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from service import fencing, txn_backoff
-from service.core.contract_limits import ContractLimits
 from service.core.resilience import Backoff
 from service.http import build_http_app, serving
 from service.kafka import (
+    DEAD_LETTER_OVERHEAD_BYTES,
+    PRODUCER_MAX_REQUEST_BYTES,
+    RECORD_OVERHEAD_BYTES,
     DecodingConsumer,
-    KafkaConfig,
     KafkaSetupError,
     KafkaUnreachableError,
-    RelayTopics,
     check_topics,
     client_options,
     record_limits,
@@ -46,8 +46,15 @@ from service.logs import configure_logging, log_loop_exceptions
 from service.metrics import RelayMetrics
 from service.relay import Relay, RelayConfig
 from service.relay.committer import ReplicaFencedError
-from service.scantrust.client import ClientConfig, ScantrustClient
-from service.settings import Settings, SettingsError, insecure_choices
+from service.scantrust.client import ScantrustClient
+from service.settings import (
+    KafkaSettings,
+    Settings,
+    SettingsError,
+    insecure_choices,
+    require_token,
+    secrets,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -67,64 +74,6 @@ MAX_POLL_INTERVAL_MS = 60_000
 TRANSACTION_TIMEOUT_MS = 10_000
 
 
-def contract_limits(settings: Settings) -> ContractLimits:
-    """The event-contract limits the settings set."""
-    return ContractLimits(
-        max_record_bytes=settings.max_record_bytes,
-        max_values_per_event=settings.max_values_per_event,
-        max_scm_data_keys=settings.max_scm_data_keys,
-        max_key_length=settings.max_key_length,
-        max_value_length=settings.max_value_length,
-        max_reference_length=settings.max_reference_length,
-        max_event_id_length=settings.max_event_id_length,
-        one_code_per_value_keys=settings.one_code_per_value_keys,
-        batch_max_values=settings.batch_max_values,
-        batch_max_bytes=settings.batch_max_bytes,
-    )
-
-
-def relay_config(settings: Settings) -> RelayConfig:
-    """The relay's view of the settings."""
-    return RelayConfig(
-        input_topic=settings.input_topic,
-        results_topic=settings.results_topic,
-        dlq_topic=settings.dlq_topic,
-        tasks_topic=settings.tasks_topic,
-        group_id=settings.kafka_group_id,
-        limits=contract_limits(settings),
-        batch_max_values=settings.batch_max_values,
-        batch_max_bytes=settings.batch_max_bytes,
-        batch_max_keys=settings.batch_max_keys,
-        batch_linger_s=settings.batch_linger_ms / 1000,
-        max_in_flight_requests=settings.max_in_flight_requests,
-        max_open_batches=settings.max_open_batches,
-        max_buffered_values=settings.max_buffered_values,
-        max_read_ahead=settings.max_read_ahead,
-        max_unfinished_tasks=settings.max_unfinished_tasks,
-        shutdown_timeout_s=settings.shutdown_timeout_s,
-        upload_grace_s=settings.api_request_timeout_s,
-        rebalance_timeout_s=settings.rebalance_timeout_s,
-        poll_initial_s=settings.poll_initial_s,
-        poll_factor=settings.poll_factor,
-        poll_max_s=settings.poll_max_s,
-        task_stuck_after_s=settings.task_stuck_after_s,
-        status_chunk_size=settings.api_status_chunk_size,
-        retry_initial_s=settings.api_retry_initial_s,
-        retry_max_backoff_s=settings.api_retry_max_backoff_s,
-        reconcile_after_s=settings.api_request_timeout_s,
-        list_lag_s=settings.api_list_lag_s,
-    )
-
-
-# What a ledger or result record holds besides its constraint values, at the most: the
-# events' sources (up to 1000), scm_data (up to 100 keys), a failed task's details.
-RECORD_OVERHEAD_BYTES: Final = 256 * 1024
-# Headers and framing of a dead letter besides its value.
-DEAD_LETTER_OVERHEAD_BYTES: Final = 16 * 1024
-# The producer's max.request.size (aiokafka's default, which the relay keeps).
-PRODUCER_MAX_REQUEST_BYTES: Final = 1024 * 1024
-
-
 def fitted_to_record_limits(config: RelayConfig, limits: Mapping[str, int]) -> RelayConfig:
     """The config with its byte bounds cut so that every record the relay writes fits
     the topic it goes to (`max.message.bytes`, read at start) and the producer."""
@@ -132,15 +81,17 @@ def fitted_to_record_limits(config: RelayConfig, limits: Mapping[str, int]) -> R
     def limit(topic: str) -> int:
         return min(PRODUCER_MAX_REQUEST_BYTES, limits.get(topic, PRODUCER_MAX_REQUEST_BYTES))
 
+    topics = config.kafka
     dead_letter_max = max(
         1024,
-        min(config.dead_letter_max_bytes, limit(config.dlq_topic) - DEAD_LETTER_OVERHEAD_BYTES),
+        min(config.dead_letter_max_bytes, limit(topics.dlq_topic) - DEAD_LETTER_OVERHEAD_BYTES),
     )
     record_room = (
-        min(limit(config.tasks_topic), limit(config.results_topic)) - RECORD_OVERHEAD_BYTES
+        min(limit(topics.tasks_topic), limit(topics.results_topic)) - RECORD_OVERHEAD_BYTES
     )
-    batch_bytes = max(4096, min(config.batch_max_bytes, record_room))
-    if batch_bytes < config.batch_max_bytes or dead_letter_max < config.dead_letter_max_bytes:
+    asked = config.batching.batch_max_bytes
+    batch_bytes = max(4096, min(asked, record_room))
+    if batch_bytes < asked or dead_letter_max < config.dead_letter_max_bytes:
         log.warning(
             "record_bounds_cut_to_topic_limits",
             topic_limits=dict(limits),
@@ -149,67 +100,12 @@ def fitted_to_record_limits(config: RelayConfig, limits: Mapping[str, int]) -> R
         )
     return replace(
         config,
-        batch_max_bytes=batch_bytes,
+        batching=config.batching.model_copy(update={"batch_max_bytes": batch_bytes}),
         # The contract refuses an event with several constraint keys over this bound: it
         # is one request, never split.
         limits=replace(config.limits, batch_max_bytes=batch_bytes),
         dead_letter_max_bytes=dead_letter_max,
         dead_letter_prefix_bytes=min(config.dead_letter_prefix_bytes, dead_letter_max // 2),
-    )
-
-
-def client_config(settings: Settings) -> ClientConfig:
-    """The API client's view of the settings; the token is required."""
-    if settings.api_token is None:
-        raise SettingsError(
-            "SCM_RELAY_API_TOKEN (or SCM_RELAY_API_TOKEN_FILE) is required to call the API"
-        )
-    return ClientConfig(
-        base_url=str(settings.api_base_url),
-        token=settings.api_token,
-        connect_timeout_s=settings.api_connect_timeout_s,
-        request_timeout_s=settings.api_request_timeout_s,
-        max_connections=settings.api_max_connections,
-        max_response_bytes=settings.api_max_response_bytes,
-        ca_file=settings.api_ca_file,
-        upload_rate_per_s=settings.upload_rate_per_s,
-        overall_rate_per_min=settings.api_rate_per_min,
-        retry_initial_s=settings.api_retry_initial_s,
-        retry_max_backoff_s=settings.api_retry_max_backoff_s,
-        retry_after_max_s=settings.api_retry_after_max_s,
-        retry_max_elapsed_s=settings.api_retry_max_elapsed_s,
-        breaker_failures=settings.api_breaker_failures,
-        breaker_cooldown_s=settings.api_breaker_cooldown_s,
-        status_chunk_size=settings.api_status_chunk_size,
-        token_file=settings.api_token_file,
-    )
-
-
-def kafka_config(settings: Settings) -> KafkaConfig:
-    """How to reach Kafka, from the settings."""
-    return KafkaConfig(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=settings.kafka_group_id,
-        security_protocol=settings.kafka_security_protocol,
-        sasl_mechanism=settings.kafka_sasl_mechanism,
-        sasl_username=settings.kafka_sasl_username,
-        sasl_password=settings.kafka_sasl_password,
-        ssl_cafile=settings.kafka_ssl_cafile,
-        ssl_certfile=settings.kafka_ssl_certfile,
-        ssl_keyfile=settings.kafka_ssl_keyfile,
-        ssl_key_password=settings.kafka_ssl_key_password,
-        transactional_id=settings.kafka_transactional_id,
-        sasl_password_file=settings.kafka_sasl_password_file,
-    )
-
-
-def relay_topics(settings: Settings) -> RelayTopics:
-    """The topic names the settings give."""
-    return RelayTopics(
-        input=settings.input_topic,
-        results=settings.results_topic,
-        dlq=settings.dlq_topic,
-        tasks=settings.tasks_topic,
     )
 
 
@@ -241,7 +137,7 @@ async def run_relay(
     such a signal came before the handlers were installed here (see `main`)."""
     stop = stop or asyncio.Event()
     try:
-        api_config = client_config(settings)
+        require_token(settings.api)
     except SettingsError as exc:
         log.error("settings_invalid", problem=str(exc))
         return EXIT_CONFIG
@@ -257,7 +153,7 @@ async def run_relay(
         stop.set()
     try:
         async with AsyncExitStack() as stack:
-            kafka = kafka_config(settings)
+            kafka = settings.kafka
             options = client_options(kafka)
             # Every Kafka client built, for a rotated SASL password file (weak: the
             # clients of an incarnation that ended go away).
@@ -270,12 +166,12 @@ async def run_relay(
             starting = _Starting()
             http_app = build_http_app(registry, starting.readiness, starting.last_beat)
             port = await stack.enter_async_context(
-                serving(http_app, settings.http_host, settings.http_port)
+                serving(http_app, settings.operations.http_host, settings.operations.http_port)
             )
             reached = await wait_for_kafka(
                 kafka,
                 options,
-                wait_s=settings.kafka_startup_wait_s,
+                wait_s=settings.kafka.startup_wait_s,
                 stop=stop,
                 alive=starting.beat,
             )
@@ -287,10 +183,10 @@ async def run_relay(
             clients.add(admin)
             await admin.start()
             stack.push_async_callback(admin.close)
-            await check_topics(admin, relay_topics(settings))
-            limits = await record_limits(admin, relay_topics(settings))
-            config = fitted_to_record_limits(relay_config(settings), limits)
-            client = await stack.enter_async_context(ScantrustClient(api_config, metrics))
+            await check_topics(admin, settings.kafka)
+            limits = await record_limits(admin, settings.kafka)
+            config = fitted_to_record_limits(RelayConfig.of(settings), limits)
+            client = await stack.enter_async_context(ScantrustClient(settings.api, metrics))
 
             async def build(incarnation: AsyncExitStack) -> Relay:
                 relay = await _build_relay(
@@ -298,10 +194,10 @@ async def run_relay(
                 )
                 log.info(
                     "relay_started",
-                    http=f"http://{settings.http_host}:{port}",
-                    input_topic=settings.input_topic,
-                    group_id=settings.kafka_group_id,
-                    api=str(settings.api_base_url),
+                    http=f"http://{settings.operations.http_host}:{port}",
+                    input_topic=settings.kafka.input_topic,
+                    group_id=settings.kafka.group_id,
+                    api=str(settings.api.base_url),
                 )
                 return relay
 
@@ -374,7 +270,7 @@ async def _build_relay(
     stack: AsyncExitStack,
     settings: Settings,
     config: RelayConfig,
-    kafka: KafkaConfig,
+    kafka: KafkaSettings,
     options: dict[str, Any],
     client: ScantrustClient,
     admin: AIOKafkaAdminClient,
@@ -398,7 +294,7 @@ async def _build_relay(
     # The input and the ledger are read by consumers that turn a record batch they cannot
     # decode into UndecodableRecordsError: its partition stops, never the process.
     consumer = DecodingConsumer(
-        group_id=settings.kafka_group_id,
+        group_id=settings.kafka.group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
@@ -407,7 +303,7 @@ async def _build_relay(
         **options,
     )
     ledger_reader = DecodingConsumer(
-        settings.tasks_topic,
+        settings.kafka.tasks_topic,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -418,7 +314,7 @@ async def _build_relay(
     # fetches nothing and asks where partitions end, so it reads uncommitted (the high
     # watermark, past any transaction a killed relay left open).
     poller_member = AIOKafkaConsumer(
-        group_id=f"{settings.kafka_group_id}.task-poller",
+        group_id=f"{settings.kafka.group_id}.task-poller",
         rebalance_timeout_ms=rebalance_timeout_ms(settings),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -434,17 +330,17 @@ async def _build_relay(
         admin=admin,
         client=client,
         metrics=metrics,
-        membership=_GroupMembership(consumer, settings.kafka_group_id),
+        membership=_GroupMembership(consumer, settings.kafka.group_id),
         # Results are published under the poller group's generation (ResultFence).
-        result_membership=_GroupMembership(poller_member, f"{settings.kafka_group_id}.task-poller"),
+        result_membership=_GroupMembership(poller_member, f"{settings.kafka.group_id}.task-poller"),
         # The account's limits are divided by the partitions each replica owns.
         rate_share=client.limits,
         partitions_of=lambda topic: (
-            consumer if topic == settings.input_topic else poller_member
+            consumer if topic == settings.kafka.input_topic else poller_member
         ).partitions_for_topic(topic),
     )
     clients.update((producer, consumer, ledger_reader, poller_member))
-    consumer.subscribe([settings.input_topic], listener=relay.rebalance_listener())
+    consumer.subscribe([settings.kafka.input_topic], listener=relay.rebalance_listener())
     for kafka_consumer in (ledger_reader, poller_member, consumer):
         await kafka_consumer.start()
         # aiokafka's stop() does not call the revoke listener: Relay.run flushes and
@@ -463,7 +359,7 @@ def rebalance_timeout_ms(settings: Settings) -> int:
     """The group's rebalance timeout for the relay's members (aiokafka's default is the
     session timeout, 10 s, shorter than the revoke callback's own bound: a member still
     flushing was dropped, and its uploads raced the partitions' new owner)."""
-    return int((settings.rebalance_timeout_s + REBALANCE_MARGIN_S) * 1000)
+    return int((settings.batching.rebalance_timeout_s + REBALANCE_MARGIN_S) * 1000)
 
 
 class _GroupMembership:
@@ -494,17 +390,13 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def secrets(settings: Settings) -> list[str]:
-    """Every secret the settings hold: none of them may reach a log line."""
-    held = (settings.api_token, settings.kafka_sasl_password, settings.kafka_ssl_key_password)
-    return [secret.get_secret_value() for secret in held if secret is not None]
-
-
 def main(settings: Settings, signalled: Sequence[int] = ()) -> int:
     """Entry point of `scm-relay run`: a crash in any stage is logged and exits non-zero.
     `signalled`: SIGTERM or SIGINT received before the relay's handlers were in place
     (filled by the caller's own handler until then)."""
-    configure_logging(settings.log_format, settings.log_level, secrets(settings))
+    configure_logging(
+        settings.operations.log_format, settings.operations.log_level, secrets(settings)
+    )
     tune_garbage_collector()
     try:
         return asyncio.run(run_relay(settings, signalled=signalled))

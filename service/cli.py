@@ -191,7 +191,6 @@ def _simulator(args: argparse.Namespace) -> int:
 
 
 def _validate(file: str) -> int:
-    from service.app import contract_limits
     from service.tools.validate import validate_stream
 
     try:
@@ -209,6 +208,6 @@ def _validate(file: str) -> int:
             except OSError as exc:
                 print(f"scm-relay validate: cannot read {file}: {exc.strerror}", file=sys.stderr)
                 return EXIT_USAGE
-        summary = validate_stream(source, sys.stdout, contract_limits(settings))
+        summary = validate_stream(source, sys.stdout, settings.limits)
     print(f"scm-relay validate: {summary.describe()}", file=sys.stderr)
     return EXIT_OK if summary.invalid == 0 else EXIT_INVALID

@@ -269,10 +269,10 @@ async def run_demo(
         print(f"relay metrics on {summary.metrics_url} while the demo runs", file=sys.stderr)
         settings = demo_settings(bootstrap, api_url, run, metrics_port)
         topics = {
-            "changes": settings.input_topic,
-            "results": settings.results_topic,
-            "dlq": settings.dlq_topic,
-            "tasks": settings.tasks_topic,
+            "changes": settings.kafka.input_topic,
+            "results": settings.kafka.results_topic,
+            "dlq": settings.kafka.dlq_topic,
+            "tasks": settings.kafka.tasks_topic,
         }
         await _create_topics(bootstrap, topics)
         records, summary.invalid_published = sample_events(lines, codes_per_line)
@@ -373,13 +373,12 @@ async def _fix_and_replay(settings: Settings, summary: DemoSummary) -> None:
     """What an operator does with the `status` dead letter: fix it (the key is
     `activation_status`), replay it (`scm-relay dlq replay --fixed`), and follow its
     task (`scm-relay tasks show`). The tools' own code runs, printing what they print."""
-    from service.app import contract_limits
     from service.tools.dlq import Replay, Selection, read_dead_letters
     from service.tools.output import Printer
     from service.tools.tasks import show
 
     letter = None
-    async for candidate in read_dead_letters(settings, settings.dlq_topic):
+    async for candidate in read_dead_letters(settings, settings.kafka.dlq_topic):
         if candidate.headers.reason is Reason.SCM_DATA_KEY_STATUS:
             letter = candidate
     if letter is None:
@@ -395,7 +394,7 @@ async def _fix_and_replay(settings: Settings, summary: DemoSummary) -> None:
         settings=settings,
         selection=Selection(offsets=(letter.partition, letter.offset, letter.offset)),
         fixed={position: json.dumps(event).encode()},
-        limits=contract_limits(settings),
+        limits=settings.limits,
     )
     await replay.run(printer)
     result = await _result_carrying(settings, FIXED_EVENT_ID)
@@ -410,8 +409,8 @@ async def _fix_and_replay(settings: Settings, summary: DemoSummary) -> None:
 async def _result_carrying(settings: Settings, event_id: str) -> dict[str, Any]:
     """The result of the task that carried `event_id` (waits up to WAIT_LIMIT_S)."""
     reader = AIOKafkaConsumer(
-        settings.results_topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        settings.kafka.results_topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
         isolation_level="read_committed",
         auto_offset_reset="earliest",
         enable_auto_commit=False,

@@ -1,4 +1,4 @@
-"""Kafka adapter helpers: client options from a `KafkaConfig`, and topic checks.
+"""Kafka adapter helpers: client options from the Kafka settings, and topic checks.
 
 Errors from Kafka are classified here into `KafkaSetupError` (bad configuration:
 stop loudly, never retry) at start-up; errors while running are fatal to the
@@ -14,7 +14,6 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,10 +31,10 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
-from pydantic import SecretStr
 
 from service.core.resilience import Backoff
 from service.logs import add_secret
+from service.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
 
@@ -47,38 +46,18 @@ LEDGER_TOPIC_CONFIG: Final = {
     "min.compaction.lag.ms": "0",
 }
 
+# What a ledger or result record holds besides its constraint values, at the most: the
+# events' sources (up to 1000), scm_data (up to 100 keys), a failed task's details.
+RECORD_OVERHEAD_BYTES: Final = 256 * 1024
+# Headers and framing of a dead letter besides its value.
+DEAD_LETTER_OVERHEAD_BYTES: Final = 16 * 1024
+# The producer's max.request.size (aiokafka's default, which the relay keeps).
+PRODUCER_MAX_REQUEST_BYTES: Final = 1024 * 1024
+
 # Waiting for Kafka at start: each probe is bounded; retries back off to half a minute.
 STARTUP_PROBE_TIMEOUT_S: Final = 15.0
 STARTUP_RETRY_INITIAL_S: Final = 1.0
 STARTUP_RETRY_MAX_S: Final = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaConfig:
-    """How the relay reaches Kafka; built from the settings by the composition root."""
-
-    bootstrap_servers: str
-    group_id: str
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_key_password: SecretStr | None = None
-    transactional_id: str | None = None
-    sasl_password_file: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RelayTopics:
-    """The topics the relay reads and writes."""
-
-    input: str
-    results: str
-    dlq: str
-    tasks: str
 
 
 class KafkaSetupError(Exception):
@@ -191,7 +170,7 @@ class DecodingConsumer(AIOKafkaConsumer):  # type: ignore[misc]
         return fetched
 
 
-def client_options(config: KafkaConfig) -> dict[str, Any]:
+def client_options(config: KafkaSettings) -> dict[str, Any]:
     """Connection and security options shared by every aiokafka client of the relay.
 
     Raises KafkaSetupError when a TLS file named by a setting cannot be used."""
@@ -261,7 +240,7 @@ def use_sasl_password(clients: Iterable[Any], password: str) -> None:
 
 
 async def watch_sasl_password(
-    config: KafkaConfig,
+    config: KafkaSettings,
     options: dict[str, Any],
     clients: Iterable[Any],
     every_s: float = PASSWORD_FILE_EVERY_S,
@@ -279,7 +258,7 @@ async def watch_sasl_password(
             use_sasl_password(list(clients), password)
 
 
-def tls_context(config: KafkaConfig) -> ssl.SSLContext:
+def tls_context(config: KafkaSettings) -> ssl.SSLContext:
     """The client TLS context: the CA file (or the system's CAs) and, when set, a client
     certificate. Hostname checking is always on."""
     cafile = config.ssl_cafile
@@ -307,7 +286,7 @@ def tls_context(config: KafkaConfig) -> ssl.SSLContext:
 
 
 async def probe_connection(
-    config: KafkaConfig, options: dict[str, Any], timeout_s: float = 15.0
+    config: KafkaSettings, options: dict[str, Any], timeout_s: float = 15.0
 ) -> None:
     """Connect to the bootstrap servers as every client will, and ask for metadata.
 
@@ -378,7 +357,7 @@ async def probe_connection(
 
 
 async def wait_for_kafka(
-    config: KafkaConfig,
+    config: KafkaSettings,
     options: dict[str, Any],
     *,
     wait_s: float,
@@ -429,7 +408,7 @@ async def wait_for_kafka(
         return True
 
 
-def transactional_id(config: KafkaConfig) -> str:
+def transactional_id(config: KafkaSettings) -> str:
     """The producer's transactional id: the setting, or one unique to this live process
     (group id, host name and process id), so replicas never fence each other."""
     if config.transactional_id:
@@ -437,7 +416,7 @@ def transactional_id(config: KafkaConfig) -> str:
     return f"{config.group_id}-{socket.gethostname()}-{os.getpid()}"
 
 
-async def check_topics(admin: AIOKafkaAdminClient, topics: RelayTopics) -> None:
+async def check_topics(admin: AIOKafkaAdminClient, topics: KafkaSettings) -> None:
     """The input, results and dead-letter topics must exist; the ledger topic is created
     (compacted) when missing, and refused when it exists without compaction or with
     `delete` beside it (`ledger_cleanup_problem`)."""
@@ -445,18 +424,18 @@ async def check_topics(admin: AIOKafkaAdminClient, topics: RelayTopics) -> None:
     missing = [
         f"{name} ({env})"
         for name, env in (
-            (topics.input, "SCM_RELAY_INPUT_TOPIC"),
-            (topics.results, "SCM_RELAY_RESULTS_TOPIC"),
-            (topics.dlq, "SCM_RELAY_DLQ_TOPIC"),
+            (topics.input_topic, "SCM_RELAY_INPUT_TOPIC"),
+            (topics.results_topic, "SCM_RELAY_RESULTS_TOPIC"),
+            (topics.dlq_topic, "SCM_RELAY_DLQ_TOPIC"),
         )
         if name not in existing
     ]
     if missing:
         raise KafkaSetupError(f"missing Kafka topics: {', '.join(missing)}; create them first")
-    if topics.tasks not in existing:
-        partitions, replicas = await _layout(admin, topics.input)
+    if topics.tasks_topic not in existing:
+        partitions, replicas = await _layout(admin, topics.input_topic)
         topic = NewTopic(
-            name=topics.tasks,
+            name=topics.tasks_topic,
             num_partitions=partitions,
             replication_factor=replicas,
             topic_configs=LEDGER_TOPIC_CONFIG,
@@ -464,15 +443,15 @@ async def check_topics(admin: AIOKafkaAdminClient, topics: RelayTopics) -> None:
         response = await admin.create_topics([topic])
         errors = [error for error in response.topic_errors if error[1] not in (0, 36)]
         if errors:
-            raise KafkaSetupError(f"cannot create the ledger topic {topics.tasks}: {errors}")
+            raise KafkaSetupError(f"cannot create the ledger topic {topics.tasks_topic}: {errors}")
         return
-    resource = ConfigResource(ConfigResourceType.TOPIC, topics.tasks)
+    resource = ConfigResource(ConfigResourceType.TOPIC, topics.tasks_topic)
     (described,) = await admin.describe_configs([resource])
     configs = {entry[0]: entry[1] for entry in described.resources[0][4]}
     problem = ledger_cleanup_problem(configs.get("cleanup.policy"))
     if problem is not None:
         raise KafkaSetupError(
-            f"the ledger topic {topics.tasks} (SCM_RELAY_TASKS_TOPIC) must have "
+            f"the ledger topic {topics.tasks_topic} (SCM_RELAY_TASKS_TOPIC) must have "
             f"cleanup.policy=compact, {problem}"
         )
 
@@ -495,10 +474,10 @@ def ledger_cleanup_problem(policy: str | None) -> str | None:
     return None
 
 
-async def record_limits(admin: AIOKafkaAdminClient, topics: RelayTopics) -> dict[str, int]:
+async def record_limits(admin: AIOKafkaAdminClient, topics: KafkaSettings) -> dict[str, int]:
     """`max.message.bytes` of each topic the relay writes (results, dead letters,
     ledger): a record over it is refused and its transaction with it."""
-    names = (topics.results, topics.dlq, topics.tasks)
+    names = (topics.results_topic, topics.dlq_topic, topics.tasks_topic)
     resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     limits: dict[str, int] = {}
     for response in await admin.describe_configs(resources):

@@ -1,4 +1,12 @@
-"""Settings: one frozen class, read from `SCM_RELAY_*` environment variables.
+"""Settings: one frozen class of sections, read from `SCM_RELAY_*` environment variables.
+
+Each section is what one part of the relay takes whole: `KafkaSettings` the Kafka
+adapter (service/kafka.py), `ApiSettings` the API client, `BatchingSettings` and
+`TrackingSettings` the relay's stages, `ContractLimits` (service/core) the event
+contract, `OperationsSettings` the endpoints and the logs. A setting keeps its flat
+name, the environment variable without its prefix (`kafka_bootstrap_servers`), as
+its field's alias: `Settings` sorts flat names into their sections, so the
+environment, the TOML file and `load_settings(..., name=value)` all speak them.
 
 Precedence, highest first: environment variables, the TOML file named by
 `SCM_RELAY_CONFIG` (keys are the setting names in lower case, without the
@@ -9,30 +17,35 @@ keeps the two in step. Only the composition root and the CLI call
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Final, Literal, Self, get_type_hints
 
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 from service.core.contract import DEFAULT_LIMITS
+from service.core.contract_limits import ContractLimits
 
 ENV_PREFIX = "SCM_RELAY_"
 CONFIG_FILE_ENV = "SCM_RELAY_CONFIG"
@@ -41,39 +54,68 @@ CONFIG_FILE_ENV = "SCM_RELAY_CONFIG"
 _config_file: ContextVar[Path | None] = ContextVar("scm_relay_config_file", default=None)
 
 
+# The contract's bounds of one request (an event with several constraint keys is one
+# request, never split): settings of the batching section that the limits take too.
+REQUEST_BOUNDS: Final = ("batch_max_values", "batch_max_bytes")
+
+
 class SettingsError(Exception):
     """Settings that cannot start the service; the message names each bad setting."""
 
 
-class _KafkaSettings(BaseModel):
-    """How the relay reaches Kafka, and its topics (a part of `Settings`)."""
+class _Section(BaseModel):
+    """A part of the settings that one part of the relay takes whole. A field's alias,
+    when it has one, is its flat name; tests and tools may give either."""
 
-    kafka_bootstrap_servers: str = Field(
-        default="localhost:9092", min_length=1, description="comma-separated `host:port` list"
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, validate_by_name=True
     )
-    kafka_group_id: str = Field(
-        default="scm-relay", min_length=1, description="consumer group of the relay replicas"
+
+
+class KafkaSettings(_Section):
+    """How the relay reaches Kafka, and its topics: what the Kafka adapter and the
+    relay's stages take (the connection part is what Quix Streams calls a
+    `ConnectionConfig`)."""
+
+    bootstrap_servers: str = Field(
+        validation_alias="kafka_bootstrap_servers",
+        default="localhost:9092",
+        min_length=1,
+        description="comma-separated `host:port` list",
     )
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        default="PLAINTEXT", description="`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`"
+    group_id: str = Field(
+        validation_alias="kafka_group_id",
+        default="scm-relay",
+        min_length=1,
+        description="consumer group of the relay replicas",
     )
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        validation_alias="kafka_security_protocol",
+        default="PLAINTEXT",
+        description="`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`",
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        validation_alias="kafka_sasl_mechanism",
         default=None,
         description=(
             "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with a `SASL_*` protocol"
         ),
     )
-    kafka_sasl_username: str | None = Field(
-        default=None, description="required with a `SASL_*` protocol"
+    sasl_username: str | None = Field(
+        validation_alias="kafka_sasl_username",
+        default=None,
+        description="required with a `SASL_*` protocol",
     )
-    kafka_sasl_password: SecretStr | None = Field(
+    sasl_password: SecretStr | None = Field(
+        validation_alias="kafka_sasl_password",
         default=None,
         description=(
             "secret; required with a `SASL_*` protocol (or `SCM_RELAY_KAFKA_SASL_PASSWORD_FILE`);"
             " never logged"
         ),
     )
-    kafka_sasl_password_file: Path | None = Field(
+    sasl_password_file: Path | None = Field(
+        validation_alias="kafka_sasl_password_file",
         default=None,
         description=(
             "read the SASL password from this file instead (e.g. a mounted secret; white space "
@@ -81,28 +123,36 @@ class _KafkaSettings(BaseModel):
             "setting both is an error"
         ),
     )
-    kafka_allow_plaintext_sasl: bool = Field(
+    allow_plaintext_sasl: bool = Field(
+        validation_alias="kafka_allow_plaintext_sasl",
         default=False,
         description=(
             "accept `PLAIN` over `SASL_PLAINTEXT`: the password then crosses the network in "
             "clear text; a warning is logged at every start"
         ),
     )
-    kafka_ssl_cafile: Path | None = Field(
-        default=None, description="CA bundle (PEM) to verify the brokers"
+    ssl_cafile: Path | None = Field(
+        validation_alias="kafka_ssl_cafile",
+        default=None,
+        description="CA bundle (PEM) to verify the brokers",
     )
-    kafka_ssl_certfile: Path | None = Field(
+    ssl_certfile: Path | None = Field(
+        validation_alias="kafka_ssl_certfile",
         default=None,
         description="client certificate (PEM, may hold the key too) for brokers that ask for one",
     )
-    kafka_ssl_keyfile: Path | None = Field(
+    ssl_keyfile: Path | None = Field(
+        validation_alias="kafka_ssl_keyfile",
         default=None,
         description="the client certificate's private key (PEM), when not in the certificate file",
     )
-    kafka_ssl_key_password: SecretStr | None = Field(
-        default=None, description="secret; the password of an encrypted client key; never logged"
+    ssl_key_password: SecretStr | None = Field(
+        validation_alias="kafka_ssl_key_password",
+        default=None,
+        description="secret; the password of an encrypted client key; never logged",
     )
-    kafka_transactional_id: str | None = Field(
+    transactional_id: str | None = Field(
+        validation_alias="kafka_transactional_id",
         default=None,
         min_length=1,
         description=(
@@ -111,7 +161,8 @@ class _KafkaSettings(BaseModel):
         ),
         json_schema_extra={"default_doc": "group id, host name and process id"},
     )
-    kafka_startup_wait_s: float = Field(
+    startup_wait_s: float = Field(
+        validation_alias="kafka_startup_wait_s",
         default=600.0,
         ge=0,
         le=86_400,
@@ -121,18 +172,28 @@ class _KafkaSettings(BaseModel):
         ),
     )
     input_topic: str = Field(
-        default="scm.changes", min_length=1, description="change events from upstream"
+        validation_alias="input_topic",
+        default="scm.changes",
+        min_length=1,
+        description="change events from upstream",
     )
     results_topic: str = Field(
-        default="scm.results", min_length=1, description="one outcome per finished task"
+        validation_alias="results_topic",
+        default="scm.results",
+        min_length=1,
+        description="one outcome per finished task",
     )
     dlq_topic: str = Field(
+        validation_alias="dlq_topic",
         default="scm.dlq",
         min_length=1,
         description="refused records, original bytes plus error headers",
     )
     tasks_topic: str = Field(
-        default="scm.tasks", min_length=1, description="compacted ledger of unfinished tasks"
+        validation_alias="tasks_topic",
+        default="scm.tasks",
+        min_length=1,
+        description="compacted ledger of unfinished tasks",
     )
 
     @model_validator(mode="before")
@@ -143,8 +204,8 @@ class _KafkaSettings(BaseModel):
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> Self:
-        if self.kafka_security_protocol.startswith("SASL_") and not (
-            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        if self.security_protocol.startswith("SASL_") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
         ):
             raise ValueError(
                 "SCM_RELAY_KAFKA_SECURITY_PROTOCOL is SASL: set SCM_RELAY_KAFKA_SASL_MECHANISM, "
@@ -155,7 +216,7 @@ class _KafkaSettings(BaseModel):
 
     @model_validator(mode="after")
     def _no_clear_text_password(self) -> Self:
-        if plain_password_in_clear(self) and not self.kafka_allow_plaintext_sasl:
+        if plain_password_in_clear(self) and not self.allow_plaintext_sasl:
             raise ValueError(
                 "SCM_RELAY_KAFKA_SASL_MECHANISM PLAIN over SCM_RELAY_KAFKA_SECURITY_PROTOCOL "
                 "SASL_PLAINTEXT sends the password in clear text: use SASL_SSL, or SCRAM-SHA-256 "
@@ -167,20 +228,20 @@ class _KafkaSettings(BaseModel):
     @model_validator(mode="after")
     def _tls_consistent(self) -> Self:
         tls_files = {
-            "SCM_RELAY_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
-            "SCM_RELAY_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
-            "SCM_RELAY_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
-            "SCM_RELAY_KAFKA_SSL_KEY_PASSWORD": self.kafka_ssl_key_password,
+            "SCM_RELAY_KAFKA_SSL_CAFILE": self.ssl_cafile,
+            "SCM_RELAY_KAFKA_SSL_CERTFILE": self.ssl_certfile,
+            "SCM_RELAY_KAFKA_SSL_KEYFILE": self.ssl_keyfile,
+            "SCM_RELAY_KAFKA_SSL_KEY_PASSWORD": self.ssl_key_password,
         }
         given = [name for name, value in tls_files.items() if value is not None]
         # A CA or certificate that is silently ignored would leave the operator
         # believing the connection is verified.
-        if given and self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        if given and self.security_protocol not in ("SSL", "SASL_SSL"):
             raise ValueError(
                 f"{', '.join(given)} set but SCM_RELAY_KAFKA_SECURITY_PROTOCOL is "
-                f"{self.kafka_security_protocol}; use SSL or SASL_SSL, or unset them"
+                f"{self.security_protocol}; use SSL or SASL_SSL, or unset them"
             )
-        if (self.kafka_ssl_keyfile or self.kafka_ssl_key_password) and not self.kafka_ssl_certfile:
+        if (self.ssl_keyfile or self.ssl_key_password) and not self.ssl_certfile:
             raise ValueError(
                 "SCM_RELAY_KAFKA_SSL_KEYFILE and SCM_RELAY_KAFKA_SSL_KEY_PASSWORD need "
                 "SCM_RELAY_KAFKA_SSL_CERTFILE (the client certificate)"
@@ -188,10 +249,12 @@ class _KafkaSettings(BaseModel):
         return self
 
 
-class _ApiSettings(BaseModel):
-    """How the relay calls the Scantrust API (a part of `Settings`)."""
+class ApiSettings(_Section):
+    """How the relay calls the Scantrust API, and the account's rate limits: what the
+    API client takes (and the relay's stages, for its timeouts and backoff)."""
 
-    api_base_url: AnyHttpUrl = Field(
+    base_url: AnyHttpUrl = Field(
+        validation_alias="api_base_url",
         default=AnyHttpUrl("https://api.scantrust.com"),
         description=(
             "staging: `https://api.staging.scantrust.io`; `https://` only (`http://` to a "
@@ -199,7 +262,8 @@ class _ApiSettings(BaseModel):
             "query or fragment"
         ),
     )
-    api_allow_insecure_http: bool = Field(
+    allow_insecure_http: bool = Field(
+        validation_alias="api_allow_insecure_http",
         default=False,
         description=(
             "accept an `http://` base URL to a host other than a loopback address (a simulator "
@@ -207,30 +271,36 @@ class _ApiSettings(BaseModel):
             "warning is logged at every start"
         ),
     )
-    api_token: SecretStr | None = Field(
-        default=None, description="the UAT token; secret, never logged"
+    token: SecretStr | None = Field(
+        validation_alias="api_token",
+        default=None,
+        description="the UAT token; secret, never logged",
     )
-    api_token_file: Path | None = Field(
+    token_file: Path | None = Field(
+        validation_alias="api_token_file",
         default=None,
         description=(
             "read the token from this file instead (e.g. a mounted secret); setting both is an "
             "error"
         ),
     )
-    api_ca_file: Path | None = Field(
+    ca_file: Path | None = Field(
+        validation_alias="api_ca_file",
         default=None,
         description=(
             "extra CA bundle (PEM) for the API's TLS certificate, added to the system's "
             "trusted CAs; verification (host name included) is always on"
         ),
     )
-    api_connect_timeout_s: float = Field(
+    connect_timeout_s: float = Field(
+        validation_alias="api_connect_timeout_s",
         default=5.0,
         gt=0,
         le=300,
         description="seconds to open a connection (a timeout here is an outage: retried)",
     )
-    api_request_timeout_s: float = Field(
+    request_timeout_s: float = Field(
+        validation_alias="api_request_timeout_s",
         default=30.0,
         gt=0,
         le=600,
@@ -238,7 +308,8 @@ class _ApiSettings(BaseModel):
             "seconds for a whole request and its answer (a timeout after sending is ambiguous)"
         ),
     )
-    api_list_lag_s: float = Field(
+    list_lag_s: float = Field(
+        validation_alias="api_list_lag_s",
         default=5.0,
         ge=0,
         le=600,
@@ -248,13 +319,22 @@ class _ApiSettings(BaseModel):
             "this before the batch is sent again"
         ),
     )
-    api_max_connections: int = Field(
-        default=10, ge=1, le=1000, description="open connections to the API"
+    max_connections: int = Field(
+        validation_alias="api_max_connections",
+        default=10,
+        ge=1,
+        le=1000,
+        description="open connections to the API",
     )
-    api_max_response_bytes: int = Field(
-        default=1 << 20, ge=1024, le=64 << 20, description="larger answers are refused"
+    max_response_bytes: int = Field(
+        validation_alias="api_max_response_bytes",
+        default=1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="larger answers are refused",
     )
-    api_rate_per_min: int = Field(
+    rate_per_min: int = Field(
+        validation_alias="api_rate_per_min",
         default=3000,
         ge=1,
         le=1_000_000,
@@ -263,43 +343,69 @@ class _ApiSettings(BaseModel):
             "replica of the consumer group by the partitions each owns"
         ),
     )
-    api_retry_initial_s: float = Field(
+    upload_rate_per_s: float = Field(
+        validation_alias="upload_rate_per_s",
+        default=10.0,
+        gt=0,
+        le=1000,
+        description=(
+            "upload requests per second of the account (the API's `scm_update` limit), shared "
+            "by every replica of the consumer group by the input partitions each owns"
+        ),
+    )
+    retry_initial_s: float = Field(
+        validation_alias="api_retry_initial_s",
         default=0.5,
         gt=0,
         le=60,
         description="first backoff ceiling; each retry doubles it (full jitter)",
     )
-    api_retry_max_backoff_s: float = Field(
-        default=30.0, gt=0, le=3600, description="the most one backoff waits"
+    retry_max_backoff_s: float = Field(
+        validation_alias="api_retry_max_backoff_s",
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="the most one backoff waits",
     )
-    api_retry_after_max_s: float = Field(
+    retry_after_max_s: float = Field(
+        validation_alias="api_retry_after_max_s",
         default=300.0,
         gt=0,
         le=86_400,
         description="the longest wait a 429 or 5xx answer (`Retry-After`, or the seconds in a "
         "429 body) may impose; longer ones are cut to this",
     )
-    api_retry_max_elapsed_s: float = Field(
+    retry_max_elapsed_s: float = Field(
+        validation_alias="api_retry_max_elapsed_s",
         default=120.0,
         ge=0,
         le=86_400,
         description="a read (task status) stops retrying after this long and reports its last "
         "outcome; an upload is retried by the uploaders until it is answered or the relay stops",
     )
-    api_breaker_failures: int = Field(
-        default=5, ge=1, le=1000, description="consecutive outages that open the circuit breaker"
+    breaker_failures: int = Field(
+        validation_alias="api_breaker_failures",
+        default=5,
+        ge=1,
+        le=1000,
+        description="consecutive outages that open the circuit breaker",
     )
-    api_breaker_cooldown_s: float = Field(
+    breaker_cooldown_s: float = Field(
+        validation_alias="api_breaker_cooldown_s",
         default=30.0,
         ge=0,
         le=3600,
         description="an open breaker lets one probe through after this long",
     )
-    api_status_chunk_size: int = Field(
-        default=100, ge=1, le=1000, description="task ids per bulk status request"
+    status_chunk_size: int = Field(
+        validation_alias="api_status_chunk_size",
+        default=100,
+        ge=1,
+        le=1000,
+        description="task ids per bulk status request",
     )
 
-    @field_validator("api_base_url")
+    @field_validator("base_url")
     @classmethod
     def _base_url_is_plain(cls, url: AnyHttpUrl) -> AnyHttpUrl:
         # The token goes with every request to this URL: credentials in it would be sent
@@ -317,8 +423,8 @@ class _ApiSettings(BaseModel):
 
     @model_validator(mode="after")
     def _https_unless_loopback_or_allowed(self) -> Self:
-        url = self.api_base_url
-        if url.scheme == "http" and not self.api_allow_insecure_http and not is_loopback(url):
+        url = self.base_url
+        if url.scheme == "http" and not self.allow_insecure_http and not is_loopback(url):
             raise ValueError(
                 f"SCM_RELAY_API_BASE_URL {str(url)!r} is http:// to a host that is not a "
                 "loopback address: the token would cross the network in clear text; use "
@@ -327,7 +433,7 @@ class _ApiSettings(BaseModel):
             )
         return self
 
-    @field_validator("api_token", mode="before")
+    @field_validator("token", mode="before")
     @classmethod
     def _token_is_one_word(cls, value: Any) -> Any:
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
@@ -340,18 +446,10 @@ class _ApiSettings(BaseModel):
         return secret_from_file(data, "api_token")
 
 
-class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
-    """Every knob of scm-relay, validated at start-up."""
+class BatchingSettings(_Section):
+    """How events gather into requests, and the bounds of what the relay holds: what
+    the relay's stages take (intake, the batcher, the uploaders)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        case_sensitive=False,
-        frozen=True,
-        extra="forbid",
-        validate_default=True,
-    )
-
-    # Batching
     batch_max_values: int = Field(
         default=DEFAULT_LIMITS.batch_max_values,
         ge=1,
@@ -386,15 +484,6 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         description=(
             "a batch is sent when its oldest event has waited this long and an uploader is "
             "free; while all are busy it keeps filling (up to `SCM_RELAY_BATCH_MAX_VALUES`)"
-        ),
-    )
-    upload_rate_per_s: float = Field(
-        default=10.0,
-        gt=0,
-        le=1000,
-        description=(
-            "upload requests per second of the account (the API's `scm_update` limit), shared "
-            "by every replica of the consumer group by the input partitions each owns"
         ),
     )
     max_in_flight_requests: int = Field(default=4, ge=1, le=100, description="uploads sent at once")
@@ -453,7 +542,10 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         ),
     )
 
-    # Task tracking
+
+class TrackingSettings(_Section):
+    """How the relay follows a submitted task until it finishes: what the poller takes."""
+
     poll_initial_s: float = Field(
         default=1.0,
         gt=0,
@@ -482,64 +574,10 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         ),
     )
 
-    # Event contract limits
-    max_record_bytes: int = Field(
-        default=DEFAULT_LIMITS.max_record_bytes,
-        ge=1024,
-        le=64 << 20,
-        description="bytes of one record value (`record_too_large`)",
-    )
-    max_values_per_event: int = Field(
-        default=DEFAULT_LIMITS.max_values_per_event,
-        ge=1,
-        le=10_000_000,
-        description="constraint values in one event (`too_many_values`)",
-    )
-    max_scm_data_keys: int = Field(
-        default=DEFAULT_LIMITS.max_scm_data_keys,
-        ge=1,
-        le=10_000,
-        description="keys in `scm_data` (`scm_data_too_many_keys`)",
-    )
-    max_key_length: int = Field(
-        default=DEFAULT_LIMITS.max_key_length,
-        ge=1,
-        le=10_000,
-        description=(
-            "characters of a constraint or scm_data key (`constraint_key_invalid`, "
-            "`scm_data_key_invalid`)"
-        ),
-    )
-    max_value_length: int = Field(
-        default=DEFAULT_LIMITS.max_value_length,
-        ge=1,
-        le=1_000_000,
-        description=(
-            "characters of a value (`constraint_value_too_long`, `scm_data_value_too_long`)"
-        ),
-    )
-    max_reference_length: int = Field(
-        default=DEFAULT_LIMITS.max_reference_length,
-        ge=1,
-        le=10_000,
-        description="characters of `reference` (`reference_too_long`)",
-    )
-    max_event_id_length: int = Field(
-        default=DEFAULT_LIMITS.max_event_id_length,
-        ge=1,
-        le=10_000,
-        description="characters of `event_id` (`event_id_too_long`)",
-    )
-    one_code_per_value_keys: Annotated[frozenset[str], NoDecode] = Field(
-        default=(DEFAULT_LIMITS.one_code_per_value_keys),
-        description=(
-            "comma-separated constraint keys whose every value is one code, besides `extended_id`"
-            " and `serial_number`; they set the expected code count of events without "
-            "`expected_codes`"
-        ),
-    )
 
-    # Operations
+class OperationsSettings(_Section):
+    """The endpoints and the logs: what the composition root and the CLI take."""
+
     http_port: int = Field(
         default=8080,
         ge=0,
@@ -559,18 +597,60 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         default="INFO", description="`DEBUG`, `INFO`, `WARNING` or `ERROR`"
     )
 
-    @field_validator("one_code_per_value_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: Any) -> Any:
-        """Accept `rfid,case_id` from the environment as well as a TOML list."""
-        if isinstance(value, str):
-            return frozenset(part.strip() for part in value.split(",") if part.strip())
-        return value
-
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """Every knob of scm-relay, validated at start-up, in the sections the parts take."""
+
+    # The environment is read by `_FlatEnvironment` (see settings_customise_sources).
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    limits: ContractLimits = Field(default_factory=ContractLimits)
+    operations: OperationsSettings = Field(default_factory=OperationsSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _into_sections(cls, data: Any) -> Any:
+        """Flat names (the environment's, the TOML file's) sorted into their sections;
+        a key of no section stays where it is, to be refused as unknown."""
+        if not isinstance(data, dict):
+            return data
+        places = flat_names()
+        grouped: dict[str, Any] = {}
+        for key, value in data.items():
+            name = key.lower() if isinstance(key, str) else key
+            if name not in places:
+                grouped[key] = value
+                continue
+            for section in places[name]:
+                part = grouped.setdefault(section, {})
+                if not isinstance(part, dict):
+                    raise TypeError(f"give the section {section} whole or its settings, not both")
+                part[name] = value
+        return grouped
+
+    @model_validator(mode="after")
+    def _limits_take_the_request_bounds(self) -> Self:
+        # The contract refuses an event with several constraint keys that does not fit one
+        # request: its bounds are the batching settings (flat names set both; see
+        # REQUEST_BOUNDS), and a caller giving whole sections must keep them equal.
+        for name in REQUEST_BOUNDS:
+            if getattr(self.limits, name) != getattr(self.batching, name):
+                raise ValueError(f"limits.{name} must equal batching.{name}")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -581,7 +661,7 @@ class Settings(BaseSettings, _ApiSettings, _KafkaSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _FlatEnvironment(settings_cls)]
         config_file = _config_file.get()
         if config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
@@ -607,12 +687,9 @@ def secret_from_file(data: Any, field: str) -> Any:
     return {**data, field: secret}
 
 
-def plain_password_in_clear(settings: _KafkaSettings) -> bool:
+def plain_password_in_clear(kafka: KafkaSettings) -> bool:
     """Whether the SASL password crosses the network as it is (PLAIN without TLS)."""
-    return (
-        settings.kafka_security_protocol == "SASL_PLAINTEXT"
-        and settings.kafka_sasl_mechanism == "PLAIN"
-    )
+    return kafka.security_protocol == "SASL_PLAINTEXT" and kafka.sasl_mechanism == "PLAIN"
 
 
 def clean_token(raw: str) -> str:
@@ -643,27 +720,99 @@ def insecure_choices(settings: Settings) -> list[tuple[str, str]]:
     """What the settings allow that weakens the relay's security: (setting, risk) pairs
     the relay logs as warnings at every start, so that nobody forgets one is set."""
     choices = []
-    if settings.api_base_url.scheme == "http" and not is_loopback(settings.api_base_url):
+    base_url = settings.api.base_url
+    if base_url.scheme == "http" and not is_loopback(base_url):
         choices.append(
             (
                 "SCM_RELAY_API_ALLOW_INSECURE_HTTP",
-                f"the API token goes in clear text to {settings.api_base_url.host}",
+                f"the API token goes in clear text to {base_url.host}",
             )
         )
-    if plain_password_in_clear(settings):
+    if plain_password_in_clear(settings.kafka):
         choices.append(
             (
                 "SCM_RELAY_KAFKA_ALLOW_PLAINTEXT_SASL",
                 "the Kafka SASL password goes in clear text (PLAIN over SASL_PLAINTEXT) to "
-                f"{settings.kafka_bootstrap_servers}",
+                f"{settings.kafka.bootstrap_servers}",
             )
         )
     return choices
 
 
+def secrets(settings: Settings) -> list[str]:
+    """Every secret the settings hold: none of them may reach a log line."""
+    held = (settings.api.token, settings.kafka.sasl_password, settings.kafka.ssl_key_password)
+    return [secret.get_secret_value() for secret in held if secret is not None]
+
+
+def require_token(api: ApiSettings) -> SecretStr:
+    """The API token; `SettingsError` when neither it nor its file is set (the relay
+    and the tools that call the API need it, the others do not)."""
+    if api.token is None:
+        raise SettingsError(
+            "SCM_RELAY_API_TOKEN (or SCM_RELAY_API_TOKEN_FILE) is required to call the API"
+        )
+    return api.token
+
+
 def env_name(field: str) -> str:
-    """The environment variable of a setting."""
+    """The environment variable of a setting (by its flat name)."""
     return f"{ENV_PREFIX}{field.upper()}"
+
+
+def section_fields(section: Any) -> dict[str, FieldInfo]:
+    """The fields of a section: a pydantic model's, or a dataclass's (`ContractLimits`,
+    whose constraints are in its annotations) read the way pydantic reads them."""
+    if issubclass(section, BaseModel):
+        return dict(section.model_fields)
+    hints = get_type_hints(section, include_extras=True)
+    return {
+        field.name: FieldInfo.from_annotated_attribute(hints[field.name], field.default)
+        for field in dataclasses.fields(section)
+    }
+
+
+def setting_fields() -> Iterator[tuple[str, str, str, FieldInfo]]:
+    """(section, attribute, flat name, field) of every setting, in the order the
+    sections declare them; the limits' request bounds are the batching settings,
+    listed there only."""
+    for section, holder in Settings.model_fields.items():
+        for attribute, field in section_fields(holder.annotation).items():
+            if section == "limits" and attribute in REQUEST_BOUNDS:
+                continue
+            alias = field.validation_alias
+            yield section, attribute, alias if isinstance(alias, str) else attribute, field
+
+
+@cache
+def flat_names() -> dict[str, tuple[str, ...]]:
+    """Each setting's flat name and the sections that take it."""
+    places: dict[str, tuple[str, ...]] = {}
+    for section, _attribute, name, _field in setting_fields():
+        places[name] = (section, "limits") if name in REQUEST_BOUNDS else (section,)
+    return places
+
+
+def flat_values(settings: Settings) -> dict[str, Any]:
+    """Every setting by its flat name: what `load_settings` takes back."""
+    return {
+        name: getattr(getattr(settings, section), attribute)
+        for section, attribute, name, _field in setting_fields()
+    }
+
+
+class _FlatEnvironment(PydanticBaseSettingsSource):
+    """`SCM_RELAY_<FLAT NAME>` of every setting, in any case, as the string it is (a
+    list setting splits its own commas); `Settings` sorts them into sections."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        wanted = {env_name(name).lower(): name for name in flat_names()}
+        return {
+            wanted[key.lower()]: value for key, value in os.environ.items() if key.lower() in wanted
+        }
 
 
 def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -692,7 +841,9 @@ def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
 def _describe(error: ValidationError) -> str:
     lines = []
     for problem in error.errors(include_url=False):
-        location = problem["loc"]
+        location = _flat_location(problem["loc"])
+        if location is None:
+            continue
         message = problem["msg"].removeprefix("Value error, ")
         if location:
             name = env_name(str(location[0]))
@@ -702,6 +853,22 @@ def _describe(error: ValidationError) -> str:
         else:
             lines.append(message)
     return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _flat_location(location: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
+    """The error's place from its setting's flat name on (empty: the section's own
+    rule, whose message names its settings); None for an error the batching section
+    reports already (a request bound the limits take too)."""
+    if not location or location[0] not in Settings.model_fields:
+        return location
+    section, rest = location[0], location[1:]
+    if not rest:
+        return ()
+    if section == "limits" and rest[0] in REQUEST_BOUNDS:
+        return None
+    holder = Settings.model_fields[str(section)].annotation
+    alias = section_fields(holder).get(str(rest[0]), FieldInfo()).validation_alias
+    return (alias, *rest[1:]) if isinstance(alias, str) else rest
 
 
 def _shown_input(problem: Mapping[str, Any]) -> str:

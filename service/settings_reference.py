@@ -1,4 +1,4 @@
-"""docs/settings.md, generated from the Settings class (`make settings-doc`).
+"""docs/settings.md, generated from the sections of the Settings class (`make settings-doc`).
 
 Every row comes from a field: its environment variable, its default and its
 description, so the reference cannot drift from the code (a test compares).
@@ -12,27 +12,28 @@ from typing import Any, Final
 
 from pydantic.fields import FieldInfo
 
-from service.settings import Settings, env_name
+from service.settings import Settings, env_name, setting_fields
 
-# A section starts at its first field, in the order the class declares them.
+# The title and introduction of each section of `Settings`, in the order it declares them.
 SECTIONS: Final[dict[str, tuple[str, str]]] = {
-    "kafka_bootstrap_servers": ("Kafka", ""),
-    "api_base_url": ("Scantrust API", ""),
-    "batch_max_values": ("Batching", ""),
-    "poll_initial_s": ("Task tracking", ""),
-    "max_record_bytes": (
+    "kafka": ("Kafka", ""),
+    "api": ("Scantrust API", ""),
+    "batching": ("Batching", ""),
+    "tracking": ("Task tracking", ""),
+    "limits": (
         "Event contract limits",
         "See docs/event-contract.md. An event over a limit goes to the dead-letter topic "
         "with the reason in brackets.\n\n",
     ),
-    "http_port": ("Operations", ""),
+    "operations": ("Operations", ""),
 }
 
 HEADER: Final = """\
 # Settings reference
 
-<!-- Generated from service/settings.py by `make settings-doc`; edit the field
-descriptions there, not this file. A test fails when the two differ. -->
+<!-- Generated from service/settings.py by `make settings-doc` (the event contract
+limits from service/core/contract_limits.py); edit the field descriptions there,
+not this file. A test fails when the two differ. -->
 
 Every setting is an environment variable with the prefix `SCM_RELAY_`, or a
 key (lower case, without the prefix) in the TOML file named by
@@ -78,20 +79,22 @@ def default_text(field: FieldInfo) -> str:
 
 
 def _rows() -> Iterator[str]:
-    for name, field in Settings.model_fields.items():
-        if name in SECTIONS:
-            title, intro = SECTIONS[name]
+    current = None
+    for section, attribute, name, field in setting_fields():
+        if section != current:
+            current = section
+            title, intro = SECTIONS[section]
             yield f"\n## {title}\n\n{intro}| variable | default | meaning |\n|---|---|---|\n"
         if not field.description:
-            raise ValueError(f"Settings.{name} has no description for docs/settings.md")
+            raise ValueError(f"Settings.{section}.{attribute} has no description for docs")
         yield f"| `{env_name(name)}` | {default_text(field)} | {field.description} |\n"
 
 
 def render() -> str:
     """The whole of docs/settings.md."""
-    first = next(iter(Settings.model_fields))
-    if first not in SECTIONS:
-        raise ValueError(f"the first setting {first} must start a section")
+    untitled = set(Settings.model_fields) - set(SECTIONS)
+    if untitled:
+        raise ValueError(f"sections without a title in SECTIONS: {sorted(untitled)}")
     tooling = "".join(f"| `{name}` | {use} |\n" for name, use in TOOLING.items())
     return (
         HEADER

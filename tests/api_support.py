@@ -14,7 +14,8 @@ from pydantic import SecretStr
 
 from service.core.clock_offset import Offset
 from service.core.resilience import BreakerState
-from service.scantrust.client import ClientConfig, ScantrustClient
+from service.scantrust.client import ScantrustClient
+from service.settings import ApiSettings
 from service.simulator.app import running_simulator
 from service.simulator.seed import default_seed
 from service.simulator.state import Account, Faults
@@ -93,7 +94,7 @@ class RecordingObserver:
         self.clock_offsets.append(offset)
 
 
-def config(base_url: str, token: str = TOKEN, **overrides: Any) -> ClientConfig:
+def config(base_url: str, token: str = TOKEN, **overrides: Any) -> ApiSettings:
     """A client configuration with quick retries for tests."""
     values: dict[str, Any] = {
         "base_url": base_url,
@@ -105,7 +106,8 @@ def config(base_url: str, token: str = TOKEN, **overrides: Any) -> ClientConfig:
         "connect_timeout_s": 2.0,
     }
     values.update(overrides)
-    return ClientConfig(**values)
+    # Not validated, so a test may go below a setting's floor (a 100-byte body limit).
+    return ApiSettings.model_construct(**values)
 
 
 @asynccontextmanager

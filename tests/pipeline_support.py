@@ -15,7 +15,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from service.app import run_relay
-from service.settings import Settings
+from service.settings import Settings, flat_values
 from tests.api_support import TOKEN
 from tests.kafka_support import TopicFactory, committed_reader, read_all, unique_name
 
@@ -193,7 +193,7 @@ async def wait_for_commit(
 def relay_environment(settings: Settings) -> dict[str, str]:
     """The environment that gives `scm-relay run` in a subprocess these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCM_RELAY_")}
-    for name, value in settings.model_dump().items():
+    for name, value in flat_values(settings).items():
         if value is None:
             continue
         if hasattr(value, "get_secret_value"):

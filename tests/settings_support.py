@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from structlog.testing import capture_logs
 
-from service.settings import ENV_PREFIX, Settings, load_settings
+from service.core.contract import DEFAULT_LIMITS
+from service.relay.config import RelayConfig
+from service.settings import (
+    ENV_PREFIX,
+    ApiSettings,
+    BatchingSettings,
+    KafkaSettings,
+    Settings,
+    TrackingSettings,
+    load_settings,
+)
 
 
 def clear_relay_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,3 +65,36 @@ async def start_warnings(
         for entry in logs
         if entry["event"] == "security_weakened_by_setting" and entry["log_level"] == "warning"
     ]
+
+
+def relay_config(**values: Any) -> RelayConfig:
+    """A relay config for tests, from flat names: an attribute of one of the relay's
+    sections (`max_in_flight_requests`, `poll_max_s`, ...), a field of the config
+    itself, or `batch_linger_s` (the linger in seconds). The sections are not
+    validated, so a test may go below a setting's floor, as the stages allow."""
+    sections: dict[str, type[BaseModel]] = {
+        "kafka": KafkaSettings,
+        "api": ApiSettings,
+        "batching": BatchingSettings,
+        "tracking": TrackingSettings,
+    }
+    if "batch_linger_s" in values:
+        values["batch_linger_ms"] = round(values.pop("batch_linger_s") * 1000)
+    own = {field.name for field in dataclasses.fields(RelayConfig)}
+    parts: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    rest: dict[str, Any] = {"limits": DEFAULT_LIMITS, "upload_grace_s": 30.0}
+    for key, value in values.items():
+        owners = [name for name, section in sections.items() if key in section.model_fields]
+        if key in own:
+            rest[key] = value
+        elif len(owners) == 1:
+            parts[owners[0]][key] = value
+        else:
+            raise TypeError(f"{key} is no setting of the relay's sections")
+    return RelayConfig(
+        kafka=KafkaSettings.model_construct(**parts["kafka"]),
+        api=ApiSettings.model_construct(**parts["api"]),
+        batching=BatchingSettings.model_construct(**parts["batching"]),
+        tracking=TrackingSettings.model_construct(**parts["tracking"]),
+        **rest,
+    )

@@ -172,7 +172,7 @@ class TaskLookups:
 
     def _wait(self, failure: Failure, attempt: int) -> float:
         if isinstance(failure, Rejected | AuthFailed | Misconfigured | PagesExceeded):
-            return self._config.retry_max_backoff_s
+            return self._config.api.retry_max_backoff_s
         return round(retry_wait(failure, attempt, self._backoff, self._rng), 2)
 
 
@@ -203,7 +203,7 @@ class BatchUploader:
         self._health = health
         self._metrics = metrics
         self._rng = rng
-        self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
+        self._backoff = Backoff(config.api.retry_initial_s, config.api.retry_max_backoff_s)
         self._shutdown = shutdown
         self._lookups = TaskLookups(
             config,
@@ -299,7 +299,7 @@ class BatchUploader:
                     if not found:
                         # None listed: once more after the list's lag, the one a task just
                         # created may need to show (docs/design.md section 10).
-                        await asyncio.sleep(self._config.list_lag_s)
+                        await asyncio.sleep(self._config.api.list_lag_s)
                         found = await self._lookups.look_up(job, bound)
                         if found is None:
                             await self._abandon(job, intent, bound)

@@ -159,7 +159,7 @@ class Committer:
             if fence is not None:
                 # Offset 0 of the task's ledger partition for the poller group, whose member
                 # never reads: the commit carries the generation the result was polled under.
-                marker = {TopicPartition(self._config.tasks_topic, fence.ledger_partition): 0}
+                marker = {TopicPartition(self._config.kafka.tasks_topic, fence.ledger_partition): 0}
                 await self._producer.send_offsets_to_transaction(marker, fence.group)
             else:
                 advanced = self._accounting.checkpoints()
@@ -168,7 +168,7 @@ class Committer:
                         # The partition's progress, in the transaction that commits its
                         # offset (whose metadata names this record).
                         await self._producer.send(
-                            self._config.tasks_topic,
+                            self._config.kafka.tasks_topic,
                             key=progress_key(topic, partition).encode(),
                             value=point.progress,
                         )
@@ -177,7 +177,11 @@ class Committer:
                 } or self._fence_points()
                 if points:
                     offsets = {TopicPartition(t, p): point for (t, p), point in points.items()}
-                    group = self._membership.group() if self._membership else self._config.group_id
+                    group = (
+                        self._membership.group()
+                        if self._membership
+                        else self._config.kafka.group_id
+                    )
                     await self._producer.send_offsets_to_transaction(offsets, group)
             await self._producer.commit_transaction()
         except (GroupFencedError, ProducerFenced) as exc:

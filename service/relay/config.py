@@ -1,6 +1,7 @@
-"""The relay's configuration: what its stages need from the settings, and nothing else.
+"""The relay's configuration: the sections of the settings its stages take, whole.
 
-Built from the settings in one place, the composition root (service/app.py).
+`RelayConfig.of(settings)` builds it; the composition root (service/app.py) then fits
+its byte bounds to the topics' limits.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from datetime import UTC, datetime
 from typing import Final
 
 from service.core.contract_limits import ContractLimits
+from service.settings import (
+    ApiSettings,
+    BatchingSettings,
+    KafkaSettings,
+    Settings,
+    TrackingSettings,
+)
 
 # The wall clock the relay reads: the system's, or in the deterministic simulation
 # (tests/sim) each replica's own, drifting one. A context variable, so that several
@@ -24,39 +32,21 @@ WALL_CLOCK: Final[ContextVar[Callable[[], float]]] = ContextVar(
 
 @dataclass(frozen=True)
 class RelayConfig:
-    """Topics, bounds, timeouts and polling of the relay's stages."""
+    """The sections of the settings the relay's stages take, whole, and what the relay
+    derives from them: `of(settings)` in production, sections of their own in tests."""
 
-    input_topic: str
-    results_topic: str
-    dlq_topic: str
-    tasks_topic: str
-    group_id: str
+    # Topics and the consumer group.
+    kafka: KafkaSettings
+    # Request timeout, list lag, status chunk and backoff of the API the relay calls.
+    api: ApiSettings
+    batching: BatchingSettings
+    tracking: TrackingSettings
     limits: ContractLimits
-    batch_max_values: int = 1000
-    batch_max_bytes: int = 256 * 1024
-    batch_max_keys: int = 1
-    batch_linger_s: float = 1.0
-    max_in_flight_requests: int = 4
-    max_open_batches: int = 1000
-    max_buffered_values: int = 200_000
-    max_read_ahead: int = 50_000
-    max_unfinished_tasks: int = 200
-    shutdown_timeout_s: float = 30.0
-    upload_grace_s: float = 30.0
-    rebalance_timeout_s: float = 20.0
-    poll_initial_s: float = 1.0
-    poll_factor: float = 1.5
-    poll_max_s: float = 30.0
-    task_stuck_after_s: float = 900.0
-    status_chunk_size: int = 100
-    retry_initial_s: float = 0.5
-    retry_max_backoff_s: float = 30.0
+    # How long uploads already sent get to finish at shutdown: the API request timeout.
+    upload_grace_s: float
     # After an ambiguous upload, how long until the original request can no longer
     # create a task: the API request timeout (see service/relay/reconcile.py).
-    reconcile_after_s: float = 30.0
-    # How long a new task may take to show in the API's task list (an assumption: the
-    # vendor does not say): a lookup that found none looks again after it.
-    list_lag_s: float = 5.0
+    reconcile_after_s: float
     # An intent allows its writer to send the upload this long after it is committed
     # (then it is renewed); another process may resolve it once `send_by` is this far
     # behind: the request timeout, once more for a request the API still processes,
@@ -67,6 +57,24 @@ class RelayConfig:
     # Bounds that keep every record under the topics' max.message.bytes (read at start).
     dead_letter_max_bytes: int = 512 * 1024
     dead_letter_prefix_bytes: int = 64 * 1024
+
+    @classmethod
+    def of(cls, settings: Settings) -> RelayConfig:
+        """The relay's sections of the settings."""
+        return cls(
+            kafka=settings.kafka,
+            api=settings.api,
+            batching=settings.batching,
+            tracking=settings.tracking,
+            limits=settings.limits,
+            upload_grace_s=settings.api.request_timeout_s,
+            reconcile_after_s=settings.api.request_timeout_s,
+        )
+
+    @property
+    def batch_linger_s(self) -> float:
+        """How long the oldest event of a batch waits before the batch is sent."""
+        return self.batching.batch_linger_ms / 1000
 
     @property
     def intent_resolve_delay_s(self) -> float:

@@ -98,7 +98,7 @@ class Intake:
             committer=committer,
             metrics=metrics,
             clock=clock,
-            max_read_ahead=config.max_read_ahead,
+            max_read_ahead=config.batching.max_read_ahead,
             timeout_ms=self._poll_timeout_ms,
             needed_up_to=self._claims.needed_up_to,
             handle=self._handle,
@@ -108,11 +108,11 @@ class Intake:
             book=book,
             closed_in=self._claims.closed_in,
             clock=clock,
-            timeout_s=config.rebalance_timeout_s,
+            timeout_s=config.batching.rebalance_timeout_s,
         )
         self._rebalance = InputRebalance(
-            group_id=config.group_id,
-            timeout_s=config.rebalance_timeout_s,
+            group_id=config.kafka.group_id,
+            timeout_s=config.batching.rebalance_timeout_s,
             consumer=consumer,
             group_offsets=group_offsets,
             reader=self._reader,
@@ -234,9 +234,9 @@ class Intake:
             return "API refuses the relay's requests (configuration)"
         if self._health.degraded:
             return "API unavailable"
-        if self.buffered_values >= self._config.max_buffered_values:
+        if self.buffered_values >= self._config.batching.max_buffered_values:
             return "buffer full"
-        if self._claims.unfinished_tasks >= self._config.max_unfinished_tasks:
+        if self._claims.unfinished_tasks >= self._config.batching.max_unfinished_tasks:
             return "too many unfinished tasks"
         return None
 

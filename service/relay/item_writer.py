@@ -83,7 +83,7 @@ class ItemWriter:
                 return
             intent = intent_key(item.record.batch_id)
             await producer.send(
-                config.tasks_topic,
+                config.kafka.tasks_topic,
                 key=intent.encode(),
                 value=item.record.model_dump_json().encode(),
             )
@@ -96,7 +96,7 @@ class ItemWriter:
                 return
             for record in (item.record, *item.more):
                 await producer.send(
-                    config.tasks_topic,
+                    config.kafka.tasks_topic,
                     key=record.task_id.encode(),
                     value=record.model_dump_json().encode(),
                 )
@@ -119,7 +119,7 @@ class ItemWriter:
                 item.raw, config.dead_letter_max_bytes, config.dead_letter_prefix_bytes
             )
             await producer.send(
-                config.dlq_topic, key=item.key, value=value, headers=headers.to_kafka()
+                config.kafka.dlq_topic, key=item.key, value=value, headers=headers.to_kafka()
             )
             source = item.source
             self._accounting.dead_lettered(source.topic, source.partition, source.offset)
@@ -138,13 +138,13 @@ class ItemWriter:
             outcome = item.outcome
             key = outcome.task_id.encode()
             await producer.send(
-                config.results_topic, key=key, value=outcome.model_dump_json().encode()
+                config.kafka.results_topic, key=key, value=outcome.model_dump_json().encode()
             )
-            await producer.send(config.tasks_topic, key=key, value=None)
+            await producer.send(config.kafka.tasks_topic, key=key, value=None)
             finished.append(item.done)
         elif isinstance(item, Progress):
             await producer.send(
-                config.results_topic,
+                config.kafka.results_topic,
                 key=item.progress.task_id.encode(),
                 value=item.progress.model_dump_json().encode(),
             )
@@ -162,7 +162,7 @@ class ItemWriter:
         exactly when what it promised is written."""
         key = intent_key(batch_id)
         closure = IntentClosure(batch_id=batch_id, outcome=outcome, task_ids=task_ids)
-        topic = self._config.tasks_topic
+        topic = self._config.kafka.tasks_topic
         await self._producer.send(topic, key=key.encode(), value=closure.model_dump_json().encode())
         self._written.remember_intent(key, closure)
         await self._producer.send(topic, key=key.encode(), value=None)
@@ -202,5 +202,5 @@ class ItemWriter:
             raw, self._config.dead_letter_max_bytes, self._config.dead_letter_prefix_bytes
         )
         await self._producer.send(
-            self._config.dlq_topic, key=key, value=value, headers=bounded.to_kafka()
+            self._config.kafka.dlq_topic, key=key, value=value, headers=bounded.to_kafka()
         )

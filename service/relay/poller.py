@@ -118,19 +118,19 @@ class TaskPoller:
         self._rebuilding: dict[int, int] = {}
         self._unknown_states: dict[str, str] = {}  # task id -> the undocumented state seen
         self.schedule = PollSchedule(
-            initial_s=config.poll_initial_s,
-            factor=config.poll_factor,
-            max_s=config.poll_max_s,
-            stuck_after_s=config.task_stuck_after_s,
+            initial_s=config.tracking.poll_initial_s,
+            factor=config.tracking.poll_factor,
+            max_s=config.tracking.poll_max_s,
+            stuck_after_s=config.tracking.task_stuck_after_s,
             # Rounds gather the tasks of one poll interval into one bulk request.
-            gather_s=config.poll_initial_s,
-            round_size=config.status_chunk_size,
+            gather_s=config.tracking.poll_initial_s,
+            round_size=config.api.status_chunk_size,
         )
 
     async def run(self) -> None:
         """Follow the owned tasks for ever (cancelled at shutdown: polls only read)."""
         listener = self._wrap_listener(_PollerRebalance(self))
-        self._member.subscribe([self._config.tasks_topic], listener=listener)
+        self._member.subscribe([self._config.kafka.tasks_topic], listener=listener)
         while True:
             # Keeps the membership alive; nothing is fetched, the partitions are paused.
             await self._member.getmany(timeout_ms=0)
@@ -177,7 +177,7 @@ class TaskPoller:
         """Results being published must land before the new owner rebuilds, or it would
         publish them again: wait (bounded) until the committer has committed them."""
         try:
-            async with asyncio.timeout(self._config.rebalance_timeout_s):
+            async with asyncio.timeout(self._config.batching.rebalance_timeout_s):
                 await self._committer.flush()
         except TimeoutError:
             log.warning("poller_revoke_deadline", partitions=sorted(tp.partition for tp in revoked))

@@ -87,7 +87,7 @@ class Relay:
         self.last_beat = 0.0
         self.kafka_reachable = True
         self.health = ApiHealth(metrics)
-        self._backoff = Backoff(config.retry_initial_s, config.retry_max_backoff_s)
+        self._backoff = Backoff(config.api.retry_initial_s, config.api.retry_max_backoff_s)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         book = OffsetBook()
         written = WrittenRecords()
@@ -115,11 +115,11 @@ class Relay:
             known=known,
         )
         batcher = Batcher(
-            max_values=config.batch_max_values,
-            max_bytes=config.batch_max_bytes,
-            max_keys=config.batch_max_keys,
+            max_values=config.batching.batch_max_values,
+            max_bytes=config.batching.batch_max_bytes,
+            max_keys=config.batching.batch_max_keys,
             linger_s=config.batch_linger_s,
-            max_open_batches=config.max_open_batches,
+            max_open_batches=config.batching.max_open_batches,
         )
         self._intake = Intake(
             config,
@@ -159,13 +159,15 @@ class Relay:
             health=self.health,
             metrics=metrics,
             clock=self._clock,
-            wrap_listener=lambda inner: self._sharing(inner, LEDGER, config.tasks_topic),
+            wrap_listener=lambda inner: self._sharing(inner, LEDGER, config.kafka.tasks_topic),
             membership=result_membership,
         )
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
         """The listener to subscribe the input consumer with."""
-        return self._sharing(self._intake.rebalance_listener(), INPUT, self._config.input_topic)
+        return self._sharing(
+            self._intake.rebalance_listener(), INPUT, self._config.kafka.input_topic
+        )
 
     def _sharing(
         self, inner: ConsumerRebalanceListener, role: str, topic: str
@@ -185,7 +187,9 @@ class Relay:
             check = group.create_task(self._check_api(), name="api-check")
             final = await self._intake.run(stop)
             config = self._config
-            await self._uploaders.drain(final, config.shutdown_timeout_s, config.upload_grace_s)
+            await self._uploaders.drain(
+                final, config.batching.shutdown_timeout_s, config.upload_grace_s
+            )
             poller.cancel()
             try:
                 async with asyncio.timeout(COMMIT_DEADLINE_S):
@@ -203,7 +207,7 @@ class Relay:
         partitions = self._ledger.partitions()
         if not partitions:
             return {}  # still starting: intake waits for the whole ledger anyway
-        topic = self._config.tasks_topic
+        topic = self._config.kafka.tasks_topic
         ends = await self._poller_member.end_offsets([TopicPartition(topic, p) for p in partitions])
         return {tp.partition: end for tp, end in ends.items()}
 

@@ -72,7 +72,7 @@ class Uploaders:
         )
         # None tells one worker to end.
         self._queue: asyncio.Queue[Batch | Resolution | None] = asyncio.Queue(
-            maxsize=config.max_in_flight_requests * 2
+            maxsize=config.batching.max_in_flight_requests * 2
         )
         self._workers: list[asyncio.Task[None]] = []
         self._finished = asyncio.Event()  # every worker has ended
@@ -103,7 +103,7 @@ class Uploaders:
             async with asyncio.TaskGroup() as group:
                 self._workers = [
                     group.create_task(self._work(), name=f"uploader-{n}")
-                    for n in range(self._config.max_in_flight_requests)
+                    for n in range(self._config.batching.max_in_flight_requests)
                 ]
         finally:
             self._finished.set()
@@ -117,7 +117,7 @@ class Uploaders:
                 while pending:
                     await self._queue.put(pending[0])
                     pending.pop(0)
-                for _ in range(self._config.max_in_flight_requests):
+                for _ in range(self._config.batching.max_in_flight_requests):
                     await self._queue.put(None)
                 await self._finished.wait()
         except TimeoutError:

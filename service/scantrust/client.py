@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 from urllib.parse import quote, urlencode, urljoin, urlsplit, urlunsplit
 
 import structlog
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.core.resilience import Backoff, BreakerState
 from service.core.slots import Slot
@@ -43,6 +41,7 @@ from service.scantrust.outcomes import (
     UploadOutcome,
 )
 from service.scantrust.read_retries import ReadRetries
+from service.settings import ApiSettings
 
 log = structlog.get_logger(__name__)
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -72,33 +71,6 @@ class UploadRequest(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The JSON body: absent optional fields are left out, not sent as null."""
         return self.model_dump(exclude_none=True)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientConfig:
-    """Everything the client needs; built from the settings by the composition root."""
-
-    base_url: str
-    token: SecretStr
-    connect_timeout_s: float = 5.0
-    request_timeout_s: float = 30.0
-    max_connections: int = 10
-    max_response_bytes: int = 1024 * 1024
-    ca_file: Path | None = None
-    upload_rate_per_s: float = 10.0
-    overall_rate_per_min: int = 3000
-    retry_initial_s: float = 0.5
-    retry_max_backoff_s: float = 30.0
-    retry_after_max_s: float = 300.0
-    # The file the token came from (a mounted Secret): read again when it changes.
-    token_file: Path | None = None
-    retry_max_elapsed_s: float = 120.0
-    breaker_failures: int = 5
-    breaker_cooldown_s: float = 30.0
-    status_chunk_size: int = 100
-
-    def __repr__(self) -> str:
-        return f"ClientConfig(base_url={self.base_url!r}, token=SecretStr('**********'), ...)"
 
 
 class _SendByPassed(Exception):
@@ -143,7 +115,7 @@ class ScantrustClient:
 
     def __init__(
         self,
-        config: ClientConfig,
+        config: ApiSettings,
         observer: ApiObserver | None = None,
         *,
         rng: random.Random | None = None,
@@ -153,10 +125,10 @@ class ScantrustClient:
         self._config = config
         self._observer: ApiObserver = observer or NullObserver()
         self._clock = clock
-        self._base = config.base_url.rstrip("/")
+        self._base = str(config.base_url).rstrip("/")
         self._limits = limits or RateLimits(
             config.upload_rate_per_s,
-            config.overall_rate_per_min,
+            config.rate_per_min,
             unanswered_hold_s=config.request_timeout_s,
         )
         self._breaker = ReportedBreaker(

@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import aiohttp
 import structlog
@@ -44,34 +44,13 @@ from service.scantrust.outcomes import (
     Unavailable,
     throttle_wait,
 )
-from service.settings import clean_token
+from service.settings import ApiSettings, clean_token, require_token
 
 # Under the client's name: its log lines kept their `logger` when this part moved here.
 log = structlog.get_logger("service.scantrust.client")
 
 ITEM_ENDPOINTS: Final = frozenset({"task", "task_group"})
 _CHUNK: Final = 64 * 1024
-
-
-class ExchangeConfig(Protocol):
-    """The settings an exchange reads (`ClientConfig` has them)."""
-
-    @property
-    def token(self) -> SecretStr: ...
-    @property
-    def token_file(self) -> Path | None: ...
-    @property
-    def connect_timeout_s(self) -> float: ...
-    @property
-    def request_timeout_s(self) -> float: ...
-    @property
-    def max_connections(self) -> int: ...
-    @property
-    def max_response_bytes(self) -> int: ...
-    @property
-    def ca_file(self) -> Path | None: ...
-    @property
-    def retry_after_max_s(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +115,7 @@ class HttpExchange:
 
     def __init__(
         self,
-        config: ExchangeConfig,
+        config: ApiSettings,
         observer: ApiObserver,
         *,
         ready: Callable[[ApiCall], Awaitable[None]],
@@ -150,7 +129,7 @@ class HttpExchange:
         self._now = now
         self._session: aiohttp.ClientSession | None = None
         self._clock_offset = ClockOffset()
-        self._token = _TokenFile(config.token, config.token_file)
+        self._token = _TokenFile(require_token(config), config.token_file)
 
     async def start(self) -> None:
         """Open the HTTP session (idempotent)."""
@@ -310,7 +289,7 @@ def _classify(
     body: str,
     retry_after: str | None,
     observer: ApiObserver,
-    config: ExchangeConfig,
+    config: ApiSettings,
 ) -> ApiResponse | Failure:
     """One HTTP answer as the outcome the relay acts on."""
     if 200 <= status < 300:

@@ -23,7 +23,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from service.kafka import (
-    KafkaConfig,
+    PRODUCER_MAX_REQUEST_BYTES,
+    RECORD_OVERHEAD_BYTES,
     KafkaSetupError,
     KafkaUnreachableError,
     client_options,
@@ -34,7 +35,15 @@ from service.kafka import (
 )
 from service.scantrust.client import ScantrustClient
 from service.scantrust.outcomes import AuthFailed, Misconfigured, Rejected, Throttled, Unavailable
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import (
+    ApiSettings,
+    KafkaSettings,
+    Settings,
+    SettingsError,
+    load_settings,
+    require_token,
+    secrets,
+)
 from service.tools.output import Printer, quiet_logs
 
 CALL_TIMEOUT_S = 20.0
@@ -67,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         checks = [Check("settings", Status.FAIL, str(exc), "fix the SCM_RELAY_* variable named")]
         return _report(checks, Printer(as_json=args.json))
-    from service.app import secrets
-
-    quiet_logs(settings.log_level, secrets(settings))
+    quiet_logs(settings.operations.log_level, secrets(settings))
     checks = asyncio.run(run_checks(settings))
     return _report(checks, Printer(as_json=args.json, secrets=secrets(settings)))
 
@@ -95,13 +102,11 @@ def _report(checks: list[Check], printer: Printer) -> int:
 
 async def run_checks(settings: Settings) -> list[Check]:
     """Every check, in order; Kafka's later checks are skipped when it is unreachable."""
-    from service.app import client_config, kafka_config
-
     checks = [
         Check("settings", Status.PASS, "every SCM_RELAY_* setting is valid"),
         _check_codecs(),
     ]
-    config = kafka_config(settings)
+    config = settings.kafka
     kafka = await _check_kafka(config)
     checks.append(kafka)
     if kafka.status is Status.PASS:
@@ -118,11 +123,11 @@ async def run_checks(settings: Settings) -> list[Check]:
             await admin.close()
         checks.append(await _check_transactions(config, options))
     try:
-        api = client_config(settings)
+        require_token(settings.api)
     except SettingsError as exc:
         checks.append(Check("api token", Status.FAIL, str(exc), "set SCM_RELAY_API_TOKEN"))
         return checks
-    checks.append(await _check_api(api))
+    checks.append(await _check_api(settings.api))
     return checks
 
 
@@ -143,7 +148,7 @@ def _check_codecs() -> Check:
     return Check("codecs", Status.PASS, found)
 
 
-async def _check_kafka(config: KafkaConfig) -> Check:
+async def _check_kafka(config: KafkaSettings) -> Check:
     try:
         await probe_connection(config, client_options(config), timeout_s=10.0)
     except (KafkaSetupError, KafkaUnreachableError) as exc:
@@ -171,13 +176,11 @@ async def _replicas(admin: AIOKafkaAdminClient, topic: str) -> tuple[int, int]:
 
 
 async def _check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> list[Check]:
-    from service.app import PRODUCER_MAX_REQUEST_BYTES, RECORD_OVERHEAD_BYTES
-
     roles = [
-        ("input topic", settings.input_topic, "SCM_RELAY_INPUT_TOPIC"),
-        ("results topic", settings.results_topic, "SCM_RELAY_RESULTS_TOPIC"),
-        ("dead-letter topic", settings.dlq_topic, "SCM_RELAY_DLQ_TOPIC"),
-        ("ledger topic", settings.tasks_topic, "SCM_RELAY_TASKS_TOPIC"),
+        ("input topic", settings.kafka.input_topic, "SCM_RELAY_INPUT_TOPIC"),
+        ("results topic", settings.kafka.results_topic, "SCM_RELAY_RESULTS_TOPIC"),
+        ("dead-letter topic", settings.kafka.dlq_topic, "SCM_RELAY_DLQ_TOPIC"),
+        ("ledger topic", settings.kafka.tasks_topic, "SCM_RELAY_TASKS_TOPIC"),
     ]
     existing = set(await admin.list_topics())
     present = [name for _role, name, _env in roles if name in existing]
@@ -214,7 +217,7 @@ async def _check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> list[
         elif replicas < 3 or min_isr < 2:
             warnings.append("production wants replication 3 and min.insync.replicas 2")
         written = role in ("results topic", "ledger topic")
-        if written and max_bytes < settings.batch_max_bytes + RECORD_OVERHEAD_BYTES:
+        if written and max_bytes < settings.batching.batch_max_bytes + RECORD_OVERHEAD_BYTES:
             warnings.append(
                 f"max.message.bytes below SCM_RELAY_BATCH_MAX_BYTES + "
                 f"{RECORD_OVERHEAD_BYTES // 1024} KiB: the relay cuts its batches to fit"
@@ -229,7 +232,7 @@ async def _check_topics(admin: AIOKafkaAdminClient, settings: Settings) -> list[
 
 
 async def _check_group(admin: AIOKafkaAdminClient, settings: Settings) -> Check:
-    group = settings.kafka_group_id
+    group = settings.kafka.group_id
     try:
         offsets = await _retrying(lambda: admin.list_consumer_group_offsets(group))
     except KafkaError as exc:
@@ -259,7 +262,7 @@ async def _retrying(call: Callable[[], Awaitable[_T]]) -> _T:
         await asyncio.sleep(0.5)
 
 
-async def _check_transactions(config: KafkaConfig, options: dict[str, Any]) -> Check:
+async def _check_transactions(config: KafkaSettings, options: dict[str, Any]) -> Check:
     # Stable (a new id per run would leave one more transactional state on the brokers
     # each time) and under the relay's own prefix, so that prefixed ACLs apply.
     probe_id = f"{config.transactional_id or config.group_id}-check"
@@ -287,10 +290,10 @@ async def _check_transactions(config: KafkaConfig, options: dict[str, Any]) -> C
     return Check("transactions", Status.PASS, f"a transaction opened and aborted as {probe_id}")
 
 
-async def _check_api(config: Any) -> Check:
+async def _check_api(config: ApiSettings) -> Check:
     async with ScantrustClient(config) as client:
         outcome = await client.me(retry=False)
-    where = config.base_url
+    where = str(config.base_url)
     if isinstance(outcome, dict):
         who = outcome.get("email") or outcome.get("username") or outcome.get("id") or "a user"
         return Check("api", Status.PASS, f"{where} accepted the token (user {who})")

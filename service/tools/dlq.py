@@ -235,9 +235,9 @@ async def apply_markers(
             for marker in reversed(found):
                 problem, proof = _marker_claim(settings, letter, marker)
                 if problem is None:
-                    tp = TopicPartition(settings.input_topic, marker.body["input_partition"])
+                    tp = TopicPartition(settings.kafka.input_topic, marker.body["input_partition"])
                     problem, proof = await _copy_proves(
-                        consumer, tp, marker.body["input_offset"], settings.dlq_topic, letter
+                        consumer, tp, marker.body["input_offset"], settings.kafka.dlq_topic, letter
                     )
                 if problem is None:
                     letter.replayed = {**marker.body, "proof": proof}
@@ -254,7 +254,7 @@ def _marker_claim(
     if marker.partition != letter.partition or marker.offset <= letter.offset:
         return "not after its dead letter in the same partition", None
     body = marker.body
-    if body.get("input_topic") != settings.input_topic:
+    if body.get("input_topic") != settings.kafka.input_topic:
         return f"names the input topic {body.get('input_topic')!r}", None
     if not all(
         isinstance(body.get(name), int) and not isinstance(body.get(name), bool)
@@ -304,8 +304,6 @@ def run(args: argparse.Namespace) -> int:
     if started is None:
         return EXIT_USAGE
     settings, printer = started
-    from service.app import contract_limits
-
     try:
         selection = Selection(
             reason=args.reason,
@@ -319,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             settings=settings,
             selection=selection,
             fixed=fixed,
-            limits=contract_limits(settings),
+            limits=settings.limits,
             dry_run=args.dry_run,
             force=args.force,
         )
@@ -338,7 +336,7 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
     markers: dict[str, list[Marker]] = {}
     matched = 0
     try:
-        letters = read_dead_letters(settings, settings.dlq_topic, selection.since_ms, markers)
+        letters = read_dead_letters(settings, settings.kafka.dlq_topic, selection.since_ms, markers)
         async for letter in letters:
             if selection.takes(letter):
                 matched += 1
@@ -351,10 +349,10 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
         return EXIT_KAFKA
     rows = [letter.row() for letter in shown]
     if printer.as_json:
-        printer.json({"topic": settings.dlq_topic, "matched": matched, "dead_letters": rows})
+        printer.json({"topic": settings.kafka.dlq_topic, "matched": matched, "dead_letters": rows})
         return EXIT_OK
     printer.table(
-        f"dead letters in {settings.dlq_topic}",
+        f"dead letters in {settings.kafka.dlq_topic}",
         ["offset", "time", "reason", "field", "message", "source", "replayed"],
         [{**row, "time": _minute(row["time"]), "replayed": _replayed_cell(row)} for row in rows],
     )
@@ -436,7 +434,7 @@ class Replay:
 
     @property
     def transactional_id(self) -> str:
-        return f"{self.settings.kafka_group_id}-dlq-replay"
+        return f"{self.settings.kafka.group_id}-dlq-replay"
 
     async def run(self, printer: Printer) -> int:
         from aiokafka.errors import KafkaError
@@ -448,7 +446,9 @@ class Replay:
                 plan = await self._plan()
                 return self._report(plan, printer, published=False)
             async with transactional_producer(self.settings, self.transactional_id) as producer:
-                await require_topic(producer, self.settings.input_topic, "SCM_RELAY_INPUT_TOPIC")
+                await require_topic(
+                    producer, self.settings.kafka.input_topic, "SCM_RELAY_INPUT_TOPIC"
+                )
                 plan = await self._plan()  # after start: an earlier replay is fenced or done
                 if any(item.problem for item in plan) or not plan:
                     return self._report(plan, printer, published=False)
@@ -476,7 +476,9 @@ class Replay:
 
         markers: dict[str, list[Marker]] = {}
         try:
-            letters = read_dead_letters(self.settings, self.settings.dlq_topic, markers=markers)
+            letters = read_dead_letters(
+                self.settings, self.settings.kafka.dlq_topic, markers=markers
+            )
             selected = [letter async for letter in letters if self.selection.takes(letter)]
         except MissingTopicError as exc:
             raise UsageError(f"{exc} (SCM_RELAY_DLQ_TOPIC)") from exc
@@ -496,7 +498,7 @@ class Replay:
 
     async def _judge(self, letter: DeadLetter) -> Planned:
         source = letter.headers.source_topic
-        if source != self.settings.input_topic:
+        if source != self.settings.kafka.input_topic:
             # The relay dead-letters only records of its input topic: a dead letter naming
             # another was not written by it, and its "original" is no record to copy.
             return Planned(
@@ -504,7 +506,7 @@ class Replay:
                 other_source=True,
                 problem=(
                     f"its source header names the topic {source!r}, not the input topic "
-                    f"{self.settings.input_topic!r} (SCM_RELAY_INPUT_TOPIC): only dead "
+                    f"{self.settings.kafka.input_topic!r} (SCM_RELAY_INPUT_TOPIC): only dead "
                     "letters of the input topic are replayed"
                 ),
             )
@@ -571,14 +573,16 @@ class Replay:
         letter, settings = item.letter, self.settings
         assert item.value is not None  # noqa: S101 - only planned items without a problem are sent
         headers = [
-            (HEADER_REPLAY_TOPIC, settings.dlq_topic.encode()),
+            (HEADER_REPLAY_TOPIC, settings.kafka.dlq_topic.encode()),
             (HEADER_REPLAY_PARTITION, str(letter.partition).encode()),
             (HEADER_REPLAY_OFFSET, str(letter.offset).encode()),
             (HEADER_REPLAY_REASON, letter.headers.reason.value.encode()),
         ]
         if item.fixed:
             headers.append((HEADER_REPLAY_FIXED, b"true"))
-        return await producer.send(settings.input_topic, item.value, key=item.key, headers=headers)
+        return await producer.send(
+            settings.kafka.input_topic, item.value, key=item.key, headers=headers
+        )
 
     async def _send_marker(self, producer: Any, item: Planned, copy: Any) -> Any:
         letter, settings = item.letter, self.settings
@@ -586,13 +590,13 @@ class Replay:
             "replayed_at": dt.datetime.now(dt.UTC)
             .isoformat(timespec="seconds")
             .replace("+00:00", "Z"),
-            "input_topic": settings.input_topic,
+            "input_topic": settings.kafka.input_topic,
             "input_partition": copy.partition,
             "input_offset": copy.offset,
             "fixed": item.fixed,
         }
         return await producer.send(
-            settings.dlq_topic,
+            settings.kafka.dlq_topic,
             json.dumps(marker).encode(),
             key=f"replayed:{letter.position}".encode(),
             partition=letter.partition,
@@ -641,14 +645,14 @@ class Replay:
         _say_ignored_markers(self.ignored_markers, printer)
         if other_source:
             printer.line(
-                f"{other_source} name a source topic other than {self.settings.input_topic}: "
+                f"{other_source} name a source topic other than {self.settings.kafka.input_topic}: "
                 "nothing published (leave them out with --offsets, or find who wrote them)"
             )
         if refused:
             printer.line(f"{len(refused)} would be refused again: nothing published")
         elif published:
             printer.line(
-                f"replayed {len(plan)} dead letter(s) to {self.settings.input_topic} in one "
+                f"replayed {len(plan)} dead letter(s) to {self.settings.kafka.input_topic} in one "
                 f"transaction ({self.transactional_id})"
             )
         elif self.dry_run:

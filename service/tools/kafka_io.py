@@ -23,10 +23,9 @@ class MissingTopicError(Exception):
 
 
 def options(settings: Settings) -> dict[str, Any]:
-    from service.app import kafka_config
     from service.kafka import client_options
 
-    return client_options(kafka_config(settings))
+    return client_options(settings.kafka)
 
 
 async def read_to_end(

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from service.logs import Redactor, configure_logging
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings, secrets
 from service.tools.terminal import cut, json_text, printable
 
 
@@ -36,14 +36,12 @@ def quiet_logs(log_level: str, secrets: Iterable[str]) -> None:
 def tool_start(command: str, as_json: bool) -> tuple[Settings, Printer] | None:
     """A tool's settings (as the relay reads them) and its printer, its logs quieted; None
     when the settings are invalid (said on stderr: the tool exits 2)."""
-    from service.app import secrets
-
     try:
         settings = load_settings(os.environ)
     except SettingsError as exc:
         print(f"scm-relay {command}: {exc}", file=sys.stderr)
         return None
-    quiet_logs(settings.log_level, secrets(settings))
+    quiet_logs(settings.operations.log_level, secrets(settings))
     return settings, Printer(as_json=as_json, secrets=secrets(settings))
 
 

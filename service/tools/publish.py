@@ -131,12 +131,10 @@ def run(args: argparse.Namespace) -> int:
     if tool is None:
         return EXIT_USAGE
     settings, printer = tool
-    from service.app import contract_limits
-
     with ExitStack() as stack:
         try:
             path = stack.enter_context(_readable(args.file))
-            request = _request(args, path, settings, contract_limits(settings))
+            request = _request(args, path, settings, settings.limits)
         except UsageError as exc:
             printer.error(f"scm-relay publish: {exc}")
             return EXIT_USAGE
@@ -179,7 +177,7 @@ def _request(
         path=path,
         source=source,
         format=fmt,
-        topic=args.topic or settings.input_topic,
+        topic=args.topic or settings.kafka.input_topic,
         limits=limits,
         constraint=args.constraint,
         campaign=args.campaign,
@@ -278,7 +276,7 @@ async def _send(request: Request, settings: Settings, report: Report, printer: P
 
     from service.tools.kafka_io import MissingTopicError, require_topic, transactional_producer
 
-    report.transactional_id = f"{settings.kafka_group_id}-publish-{report.sha256[:16]}"
+    report.transactional_id = f"{settings.kafka.group_id}-publish-{report.sha256[:16]}"
     progress = printer.progress("publishing", total=report.events)
     try:
         async with transactional_producer(settings, report.transactional_id) as producer:

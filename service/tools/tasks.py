@@ -20,7 +20,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from service.core.records import INTENT_KEY_PREFIX, PROGRESS_KEY_PREFIX, TaskLedgerRecord
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, require_token
 from service.tools.output import Printer, tool_start
 
 EXIT_OK: Final = 0
@@ -95,7 +95,7 @@ async def read_views(settings: Settings, wanted: str | None = None) -> dict[str,
     def view(task_id: str) -> TaskView:
         return views.setdefault(task_id, TaskView(task_id))
 
-    async for record in read_to_end(settings, settings.tasks_topic):
+    async for record in read_to_end(settings, settings.kafka.tasks_topic):
         key = (record.key or b"").decode(errors="replace")
         if key.startswith((INTENT_KEY_PREFIX, PROGRESS_KEY_PREFIX)) or (
             wanted is not None and key != wanted
@@ -110,7 +110,7 @@ async def read_views(settings: Settings, wanted: str | None = None) -> dict[str,
         except ValidationError:
             continue
         view(ledger.task_id).ledger = ledger.model_dump(mode="json")
-    async for record in read_to_end(settings, settings.results_topic):
+    async for record in read_to_end(settings, settings.kafka.results_topic):
         try:
             document = json.loads(record.value or b"")
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -178,14 +178,13 @@ def _api_failure(outcome: Any) -> str:
 
 async def _api(settings: Settings, call: str, argument: str) -> tuple[Any, str | None]:
     """The API's view (a model dumped to JSON), or why there is none."""
-    from service.app import client_config
     from service.scantrust.client import ScantrustClient
 
     try:
-        config = client_config(settings)
+        require_token(settings.api)
     except SettingsError as exc:
         return None, str(exc)
-    async with ScantrustClient(config) as client:
+    async with ScantrustClient(settings.api) as client:
         outcome = await getattr(client, call)(argument)
     if hasattr(outcome, "model_dump"):
         return outcome.model_dump(mode="json"), None

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from service.metrics import RelayMetrics
 from service.relay.supervisor import COMMIT_DEADLINE_S
-from service.settings import Settings, env_name
+from service.settings import env_name, flat_names
 from tests.settings_support import load_as_the_relay
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +146,7 @@ def test_settings_are_real_load_and_hold_no_secret(
     env = {entry["name"]: entry for entry in container.get("env", [])}
     relay_env = {name for name in env if name.startswith("SCM_RELAY_")}
     variables = set(data) | relay_env
-    assert variables - {env_name(name) for name in Settings.model_fields} == set()
+    assert variables - {env_name(name) for name in flat_names()} == set()
     secret = {"SCM_RELAY_API_TOKEN", "SCM_RELAY_KAFKA_SASL_PASSWORD"}
     assert not secret & set(data)
     for name in secret & set(env):
@@ -164,8 +164,8 @@ def test_settings_are_real_load_and_hold_no_secret(
         name: expand(entry["value"], pod) for name, entry in env.items() if "value" in entry
     }
     settings = load_as_the_relay(monkeypatch, {**data, **secrets, **expanded})
-    assert settings.api_token is not None
-    assert settings.kafka_transactional_id == "scm-relay.scm-relay.scm-relay-1"
+    assert settings.api.token is not None
+    assert settings.kafka.transactional_id == "scm-relay.scm-relay.scm-relay-1"
 
 
 def expand(value: str, variables: dict[str, str]) -> str:

@@ -22,9 +22,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
-from service.app import EXIT_CONFIG, EXIT_FAILED, kafka_config, run_relay
+from service.app import EXIT_CONFIG, EXIT_FAILED, run_relay
 from service.kafka import KafkaSetupError, client_options, probe_connection
-from service.settings import Settings
+from service.settings import Settings, load_settings
 from tests.api_support import FAST, simulator
 from tests.kafka_support import TopicFactory, admin_client, unique_name
 from tests.pipeline_support import (
@@ -98,8 +98,8 @@ async def test_every_client_the_relay_builds_works_through_each_secure_listener(
             "kafka_ssl_certfile": broker.certificates.client_cert,
             "kafka_ssl_keyfile": broker.certificates.client_key,
         }
-    settings = Settings(**security(broker, protocol, **fields))
-    kafka = kafka_config(settings)
+    settings = load_settings({}, **security(broker, protocol, **fields))
+    kafka = settings.kafka
     options = client_options(kafka)
     await probe_connection(kafka, options)
     topic = await plain_topics.create("secure")
@@ -268,7 +268,8 @@ def test_the_relay_process_prints_no_secret_when_kafka_refuses_it(
 
 
 async def test_no_listener_at_all_exits_as_unavailable_after_the_startup_wait() -> None:
-    settings = Settings(
+    settings = load_settings(
+        {},
         kafka_bootstrap_servers="127.0.0.1:1",
         api_token=SecretStr("t"),
         kafka_startup_wait_s=3,
@@ -286,11 +287,11 @@ async def test_no_listener_at_all_exits_as_unavailable_after_the_startup_wait() 
 def test_an_unreadable_ca_file_names_the_setting(tmp_path: Path) -> None:
     bogus = tmp_path / "ca.pem"
     bogus.write_text("not a certificate")
-    settings = Settings(
-        kafka_security_protocol="SSL", kafka_ssl_cafile=bogus, api_token=SecretStr("t")
+    settings = load_settings(
+        {}, kafka_security_protocol="SSL", kafka_ssl_cafile=bogus, api_token=SecretStr("t")
     )
     with pytest.raises(KafkaSetupError, match="SCM_RELAY_KAFKA_SSL_CAFILE"):
-        client_options(kafka_config(settings))
+        client_options(settings.kafka)
 
 
 async def test_a_rotated_password_file_reaches_the_clients_already_built(
@@ -304,13 +305,14 @@ async def test_a_rotated_password_file_reaches_the_clients_already_built(
 
     password_file = tmp_path / "kafka-password"
     password_file.write_text("stale-password\n")
-    settings = Settings(
+    settings = load_settings(
+        {},
         **(
             security(broker, "SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512")
             | {"kafka_sasl_password": None, "kafka_sasl_password_file": password_file}
-        )
+        ),
     )
-    kafka = kafka_config(settings)
+    kafka = settings.kafka
     options = client_options(kafka)
     producer = AIOKafkaProducer(**options)
     admin = AIOKafkaAdminClient(**options)

@@ -317,7 +317,11 @@ async def test_a_stop_while_status_polls_retry_against_a_failing_api_keeps_its_d
         await asyncio.sleep(1.5)
         assert sim.account.stats.statuses["5xx"] > statuses_before, "no status poll failed"
         elapsed = await stop_and_time(relay)
-        bound = settings.shutdown_timeout_s + settings.api_request_timeout_s + COMMIT_DEADLINE_S
+        bound = (
+            settings.batching.shutdown_timeout_s
+            + settings.api.request_timeout_s
+            + COMMIT_DEADLINE_S
+        )
         print(f"stopped while status polls retried: exited in {elapsed:.1f} s")
         assert elapsed < bound, f"the shutdown took {elapsed:.1f} s, over its {bound} s bound"
         tasks = await ledger_task_ids(kafka_bootstrap, topics.tasks)

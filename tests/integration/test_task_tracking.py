@@ -166,8 +166,12 @@ async def test_each_task_yields_exactly_one_result_across_kills_and_a_takeover(
                 await sim.wait_uploads(sim.account.stats.uploads_accepted + 6)
                 process.send_signal(signal.SIGKILL)
                 assert await process.wait() == -signal.SIGKILL, kill
-        first = base.model_copy(update={"kafka_transactional_id": f"{topics.group}-first"})
-        second = base.model_copy(update={"kafka_transactional_id": f"{topics.group}-second"})
+        first, second = (
+            base.model_copy(
+                update={"kafka": base.kafka.model_copy(update={"transactional_id": txn_id})}
+            )
+            for txn_id in (f"{topics.group}-first", f"{topics.group}-second")
+        )
         async with relay_process(first, log) as survivor:
             async with relay_process(second, tmp_path / "leaver.log") as leaver:
                 # A SIGTERM while it still starts up (a loaded machine) would take nothing

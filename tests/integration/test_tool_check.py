@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from service.kafka import RelayTopics, check_topics
+from service.kafka import check_topics
+from service.settings import KafkaSettings
 from tests.api_support import TOKEN, simulator
 from tests.kafka_support import TopicFactory, admin_client
 from tests.pipeline_support import Topics, make_topics
@@ -143,7 +144,13 @@ async def test_a_ledger_the_relay_created_passes(
     topics = await make_topics(topic_factory)
     async with admin_client(kafka_bootstrap) as admin:
         await check_topics(
-            admin, RelayTopics(topics.input, topics.results, topics.dlq, topics.tasks)
+            admin,
+            KafkaSettings(
+                input_topic=topics.input,
+                results_topic=topics.results,
+                dlq_topic=topics.dlq,
+                tasks_topic=topics.tasks,
+            ),
         )
     async with simulator() as sim:
         run = await check(kafka_bootstrap, sim.base_url, topics)

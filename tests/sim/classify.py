@@ -57,7 +57,7 @@ def classify(verdict: Verdict, world: World) -> list[str]:
     """The known windows this history shows (several may apply), else 'other'."""
     kinds: list[str] = []
     history = "\n".join(world.history)
-    batch_max = world.scenario.config.batch_max_values
+    batch_max = world.scenario.config.batching.batch_max_values
     split_codes = {
         code
         for record, _offset in world.published

@@ -30,11 +30,11 @@ from prometheus_client import CollectorRegistry
 
 from service.app import REBALANCE_MARGIN_S
 from service.core import batching
-from service.core.contract import DEFAULT_LIMITS
 from service.fencing import GroupGeneration
 from service.metrics import RelayMetrics
 from service.relay.config import WALL_CLOCK, RelayConfig
 from service.relay.supervisor import Relay
+from tests.settings_support import relay_config
 from tests.sim.api import EPOCH, ApiFaults, SimApiClient, VendorApi
 from tests.sim.kafka import Broker, SimAdmin, SimConsumer, SimProducer
 from tests.sim.oracle import Verdict, judge
@@ -69,13 +69,12 @@ def draw(seed: int) -> Scenario:
     partitions = rng.randint(1, 6) if not backlog else rng.randint(1, 2)
     replicas = rng.randint(1, 3)
     request_timeout = rng.choice([2.0, 5.0, 10.0])
-    config = RelayConfig(
+    config = relay_config(
         input_topic=INPUT,
         results_topic=RESULTS,
         dlq_topic=DLQ,
         tasks_topic=TASKS,
         group_id=GROUP,
-        limits=DEFAULT_LIMITS,
         batch_max_values=rng.choice([5, 10, 20, 50, 100]),
         batch_linger_s=rng.choice([0.05, 0.2, 1.0]),
         max_in_flight_requests=rng.randint(1, 4),
@@ -233,7 +232,7 @@ class World:
         producer = SimProducer(self.broker, f"{GROUP}-host{replica.host}-{replica.name}")
         await producer.start()
         # As service/app.py builds them: the group waits for a member's revoke callback.
-        rebalance_timeout_s = config.rebalance_timeout_s + REBALANCE_MARGIN_S
+        rebalance_timeout_s = config.batching.rebalance_timeout_s + REBALANCE_MARGIN_S
         consumer = SimConsumer(
             self.broker,
             client_id=f"{client_id}-in",
@@ -414,7 +413,7 @@ class World:
         s = self.scenario
         return (
             f"{s.partitions} partitions, {s.replicas} replicas, {len(self.workload.records)} "
-            f"records, batches of {s.config.batch_max_values}, faults "
+            f"records, batches of {s.config.batching.batch_max_values}, faults "
             + (", ".join(f"{kind} r{index} at {at:.1f}s" for at, kind, index in s.faults) or "none")
             + f"; ended at {self.loop.time():.0f} s virtual"
         )
@@ -476,7 +475,7 @@ def simulate(seed: int) -> tuple[Verdict, World]:
     workload = generate(
         random.Random(seed + 3),
         partitions=scenario.partitions,
-        batch_max_values=scenario.config.batch_max_values,
+        batch_max_values=scenario.config.batching.batch_max_values,
         backlog=scenario.backlog,
     )
     world = World(scenario, workload)

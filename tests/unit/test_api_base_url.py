@@ -40,7 +40,7 @@ def test_http_to_another_host_is_refused(url: str, monkeypatch: pytest.MonkeyPat
 )
 def test_https_and_loopback_http_are_accepted(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_as_the_relay(monkeypatch, {"SCM_RELAY_API_BASE_URL": url})
-    assert settings.api_base_url.scheme in ("http", "https")
+    assert settings.api.base_url.scheme in ("http", "https")
 
 
 def test_the_insecure_setting_allows_http_to_another_host(
@@ -53,7 +53,7 @@ def test_the_insecure_setting_allows_http_to_another_host(
             "SCM_RELAY_API_ALLOW_INSECURE_HTTP": "true",
         },
     )
-    assert str(settings.api_base_url) == "http://simulator:8000/"
+    assert str(settings.api.base_url) == "http://simulator:8000/"
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from pydantic import SecretStr
+from pydantic import AnyHttpUrl, SecretStr
 
-from service.scantrust.client import ClientConfig, ScantrustClient, UploadRequest
+from service.scantrust.client import ScantrustClient, UploadRequest
 from service.scantrust.exchange import json_object
 from service.scantrust.outcomes import (
     Ambiguous,
@@ -19,6 +19,7 @@ from service.scantrust.outcomes import (
     TaskPage,
     Unavailable,
 )
+from service.settings import ApiSettings
 from tests.api_support import raw_server
 
 REQUEST = UploadRequest(constraints={"extended_id": ["a"]}, scm_data={"x": "1"})
@@ -26,8 +27,8 @@ REQUEST = UploadRequest(constraints={"extended_id": ["a"]}, scm_data={"x": "1"})
 
 def client(base_url: str) -> ScantrustClient:
     return ScantrustClient(
-        ClientConfig(
-            base_url=base_url,
+        ApiSettings(
+            base_url=AnyHttpUrl(base_url),
             token=SecretStr("t0ken-under-test"),
             request_timeout_s=5.0,
             retry_max_elapsed_s=0.2,

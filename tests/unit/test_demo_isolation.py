@@ -56,14 +56,14 @@ def test_the_demo_relay_takes_no_setting_from_the_environment(
     settings = demo.demo_settings(*loopback)
 
     assert settings == clean
-    assert settings.kafka_bootstrap_servers == "127.0.0.1:39092"
-    assert str(settings.api_base_url).startswith("http://127.0.0.1:38000")
-    assert settings.api_token is not None
-    assert settings.api_token.get_secret_value() == demo.DEMO_TOKEN
-    assert settings.kafka_security_protocol == "PLAINTEXT"
-    assert settings.kafka_sasl_password is None
-    assert settings.http_host == "127.0.0.1"
-    assert settings.input_topic == "scm.changes.demo-run1"
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:39092"
+    assert str(settings.api.base_url).startswith("http://127.0.0.1:38000")
+    assert settings.api.token is not None
+    assert settings.api.token.get_secret_value() == demo.DEMO_TOKEN
+    assert settings.kafka.security_protocol == "PLAINTEXT"
+    assert settings.kafka.sasl_password is None
+    assert settings.operations.http_host == "127.0.0.1"
+    assert settings.kafka.input_topic == "scm.changes.demo-run1"
 
 
 def test_the_broker_script_gets_no_relay_setting(

@@ -49,7 +49,7 @@ def test_tls_scram_or_the_explicit_setting_are_accepted(
     settings = load_as_the_relay(
         monkeypatch, {**SASL, "SCM_RELAY_KAFKA_SASL_PASSWORD": SECRET, **change}
     )
-    assert settings.kafka_sasl_password is not None
+    assert settings.kafka.sasl_password is not None
 
 
 async def test_every_start_with_plain_in_clear_text_warns(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,8 +78,8 @@ def test_the_password_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             "SCM_RELAY_KAFKA_SASL_PASSWORD_FILE": str(password_file),
         },
     )
-    assert settings.kafka_sasl_password is not None
-    assert settings.kafka_sasl_password.get_secret_value() == SECRET
+    assert settings.kafka.sasl_password is not None
+    assert settings.kafka.sasl_password.get_secret_value() == SECRET
     assert SECRET not in repr(settings)
 
 

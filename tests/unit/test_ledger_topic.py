@@ -7,9 +7,15 @@ from typing import Any
 
 import pytest
 
-from service.kafka import KafkaSetupError, RelayTopics, check_topics
+from service.kafka import KafkaSetupError, check_topics
+from service.settings import KafkaSettings
 
-TOPICS = RelayTopics("scm.changes", "scm.results", "scm.dlq", "scm.tasks")
+TOPICS = KafkaSettings(
+    input_topic="scm.changes",
+    results_topic="scm.results",
+    dlq_topic="scm.dlq",
+    tasks_topic="scm.tasks",
+)
 
 
 @dataclass
@@ -24,11 +30,11 @@ class LedgerAdmin:
         self.policy = policy
 
     async def list_topics(self) -> list[str]:
-        return [TOPICS.input, TOPICS.results, TOPICS.dlq, TOPICS.tasks]
+        return [TOPICS.input_topic, TOPICS.results_topic, TOPICS.dlq_topic, TOPICS.tasks_topic]
 
     async def describe_configs(self, resources: list[Any]) -> list[_Described]:
         entries = [("cleanup.policy", self.policy), ("retention.ms", "604800000")]
-        return [_Described([(0, "", 2, TOPICS.tasks, entries)])]
+        return [_Described([(0, "", 2, TOPICS.tasks_topic, entries)])]
 
 
 @pytest.mark.parametrize("policy", ["compact,delete", "delete,compact", "delete, compact"])

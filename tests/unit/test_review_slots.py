@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
+from pydantic import AnyHttpUrl, SecretStr
 
 from service.cli import main
-from service.scantrust.client import ClientConfig, ScantrustClient, UploadRequest
+from service.scantrust.client import ScantrustClient, UploadRequest
 from service.scantrust.limits import INPUT, RateLimits
 from service.scantrust.outcomes import Ambiguous, Expired, Unavailable
+from service.settings import ApiSettings
 from tests.api_support import raw_server
 from tests.settings_support import clear_relay_environment
 
@@ -49,7 +50,9 @@ async def _upload(limits: RateLimits, window_s: float, **config: Any) -> tuple[A
     received: list[bytes] = []
     loop = asyncio.get_running_loop()
     async with raw_server(ANSWER, received) as url:
-        settings = ClientConfig(base_url=url, token=SecretStr("t0ken-under-test"), **config)
+        settings = ApiSettings(
+            base_url=AnyHttpUrl(url), token=SecretStr("t0ken-under-test"), **config
+        )
         async with ScantrustClient(settings, limits=limits) as api:
             outcome = await api.upload(
                 REQUEST, send_by=time.time() + window_s, deadline=loop.time() + window_s
@@ -110,8 +113,8 @@ async def test_a_probe_upload_whose_window_closes_at_the_connection_frees_the_br
     received: list[bytes] = []
     loop = asyncio.get_running_loop()
     async with raw_server(ANSWER, received) as url:
-        config = ClientConfig(
-            base_url=url,
+        config = ApiSettings(
+            base_url=AnyHttpUrl(url),
             token=SecretStr("t0ken-under-test"),
             breaker_failures=1,
             breaker_cooldown_s=0.05,
@@ -135,7 +138,7 @@ def test_run_with_invalid_settings_leaves_the_signal_handlers_as_it_found_them(
     """`_run` replaces SIGTERM's and SIGINT's handlers with ones that only append to a
     list, and only the event loop's `add_signal_handler` (later, in `run_relay`) ever
     replaces them again. When `scm-relay run` returns before that (settings refused by
-    `load_settings`, or `client_config` in `run_relay`), an in-process caller, such as
+    `load_settings`, or the API client refusing a missing token in `run_relay`), an in-process caller, such as
     a test session that calls `cli.main(["run"])`, is left with Ctrl-C and SIGTERM
     silently swallowed for the rest of its life."""
     clear_relay_environment(monkeypatch)

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from service.app import secrets
 from service.logs import REDACTED, configure_logging
-from service.settings import SettingsError, load_settings
+from service.settings import SettingsError, load_settings, secrets, setting_fields
 from tests.settings_support import clear_relay_environment
 
 TOKEN = "uat-7f3c9a1e5b2d4c6e"
@@ -76,8 +75,8 @@ def test_a_token_with_a_trailing_newline_is_used_without_it(
     clear_relay_environment(monkeypatch)
     monkeypatch.setenv("SCM_RELAY_API_TOKEN", f"{TOKEN}\n")
     settings = load_settings(os.environ)
-    assert settings.api_token is not None
-    assert settings.api_token.get_secret_value() == TOKEN
+    assert settings.api.token is not None
+    assert settings.api.token.get_secret_value() == TOKEN
 
 
 @pytest.mark.parametrize("inside", [" ", "\t", "\x07", "\u2028"])
@@ -108,7 +107,7 @@ def test_every_secret_setting_is_known_to_the_redactor(monkeypatch: pytest.Monke
     assert set(secrets(settings)) == {TOKEN, PASSWORD}
     secret_fields = {
         name
-        for name, field in type(settings).model_fields.items()
+        for _section, _attribute, name, field in setting_fields()
         if "Secret" in str(field.annotation)
     }
     assert secret_fields == {"api_token", "kafka_sasl_password", "kafka_ssl_key_password"}
@@ -117,9 +116,10 @@ def test_every_secret_setting_is_known_to_the_redactor(monkeypatch: pytest.Monke
 async def test_a_rotated_token_file_is_read_again_without_a_restart(tmp_path: Path) -> None:
     import asyncio
 
-    from pydantic import SecretStr
+    from pydantic import AnyHttpUrl, SecretStr
 
-    from service.scantrust.client import ClientConfig, ScantrustClient
+    from service.scantrust.client import ScantrustClient
+    from service.settings import ApiSettings
 
     seen: list[bytes] = []
 
@@ -136,8 +136,10 @@ async def test_a_rotated_token_file_is_read_again_without_a_restart(tmp_path: Pa
     port = server.sockets[0].getsockname()[1]
     token_file = tmp_path / "api-token"
     token_file.write_text(f"{TOKEN}\n")
-    config = ClientConfig(
-        base_url=f"http://127.0.0.1:{port}", token=SecretStr(TOKEN), token_file=token_file
+    config = ApiSettings(
+        base_url=AnyHttpUrl(f"http://127.0.0.1:{port}"),
+        token=SecretStr(TOKEN),
+        token_file=token_file,
     )
     try:
         async with ScantrustClient(config) as api:

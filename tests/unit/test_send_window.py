@@ -7,16 +7,16 @@ import asyncio
 import time
 
 import pytest
-from pydantic import SecretStr
+from pydantic import AnyHttpUrl, SecretStr
 
 from service.scantrust.client import (
     CLOCK_JUMP_S,
-    ClientConfig,
     ScantrustClient,
     UploadRequest,
     send_window_closed,
 )
 from service.scantrust.outcomes import Accepted, Expired
+from service.settings import ApiSettings
 from tests.api_support import raw_server
 
 REQUEST = UploadRequest(constraints={"extended_id": ["a"]}, scm_data={"x": "1"})
@@ -28,7 +28,9 @@ ANSWER = (
 
 
 def client(base_url: str) -> ScantrustClient:
-    return ScantrustClient(ClientConfig(base_url=base_url, token=SecretStr("t0ken-under-test")))
+    return ScantrustClient(
+        ApiSettings(base_url=AnyHttpUrl(base_url), token=SecretStr("t0ken-under-test"))
+    )
 
 
 async def test_an_upload_is_sent_only_within_its_window_by_both_clocks() -> None:

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 
 from service import settings_reference
-from service.app import contract_limits
-from service.settings import Settings, SettingsError, env_name, load_settings
+from service.settings import (
+    OperationsSettings,
+    SettingsError,
+    env_name,
+    flat_names,
+    load_settings,
+)
 from tests.settings_support import clear_relay_environment
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
@@ -23,15 +28,18 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults_match_the_design() -> None:
     settings = load_settings({})
-    assert settings.kafka_bootstrap_servers == "localhost:9092"
-    assert settings.kafka_group_id == "scm-relay"
-    assert (settings.input_topic, settings.results_topic) == ("scm.changes", "scm.results")
-    assert (settings.dlq_topic, settings.tasks_topic) == ("scm.dlq", "scm.tasks")
-    assert str(settings.api_base_url) == "https://api.scantrust.com/"
-    assert (settings.batch_max_values, settings.batch_max_keys) == (1000, 1)
-    assert settings.upload_rate_per_s == 10
-    assert settings.http_port == 8080
-    assert settings.api_token is None
+    assert settings.kafka.bootstrap_servers == "localhost:9092"
+    assert settings.kafka.group_id == "scm-relay"
+    assert (settings.kafka.input_topic, settings.kafka.results_topic) == (
+        "scm.changes",
+        "scm.results",
+    )
+    assert (settings.kafka.dlq_topic, settings.kafka.tasks_topic) == ("scm.dlq", "scm.tasks")
+    assert str(settings.api.base_url) == "https://api.scantrust.com/"
+    assert (settings.batching.batch_max_values, settings.batching.batch_max_keys) == (1000, 1)
+    assert settings.api.upload_rate_per_s == 10
+    assert settings.operations.http_port == 8080
+    assert settings.api.token is None
 
 
 def test_environment_variables_set_values(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,9 +49,9 @@ def test_environment_variables_set_values(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("SCM_RELAY_MAX_VALUES_PER_EVENT", "7")
     monkeypatch.setenv("SCM_RELAY_BATCH_MAX_BYTES", "100000")
     settings = load_settings({})
-    assert settings.batch_max_values == 500
-    assert settings.log_level == "DEBUG"
-    limits = contract_limits(settings)
+    assert settings.batching.batch_max_values == 500
+    assert settings.operations.log_level == "DEBUG"
+    limits = settings.limits
     assert limits.one_code_per_value_keys == frozenset({"rfid", "case_id"})
     assert limits.max_values_per_event == 7
     # An event with several constraint keys must fit one request of these bounds.
@@ -83,7 +91,7 @@ def test_sasl_needs_mechanism_and_credentials(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SCM_RELAY_KAFKA_SASL_USERNAME", "relay")
     monkeypatch.setenv("SCM_RELAY_KAFKA_SASL_PASSWORD", "pw-secret")
     settings = load_settings({})
-    assert settings.kafka_sasl_password is not None
+    assert settings.kafka.sasl_password is not None
     assert "pw-secret" not in repr(settings)
 
 
@@ -92,7 +100,7 @@ def test_tls_files_without_a_tls_protocol_are_refused(monkeypatch: pytest.Monkey
     with pytest.raises(SettingsError, match="SCM_RELAY_KAFKA_SSL_CAFILE set but"):
         load_settings({})
     monkeypatch.setenv("SCM_RELAY_KAFKA_SECURITY_PROTOCOL", "SSL")
-    assert load_settings({}).kafka_ssl_cafile is not None
+    assert load_settings({}).kafka.ssl_cafile is not None
 
 
 def test_a_client_key_needs_its_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,14 +109,14 @@ def test_a_client_key_needs_its_certificate(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(SettingsError, match="need SCM_RELAY_KAFKA_SSL_CERTFILE"):
         load_settings({})
     monkeypatch.setenv("SCM_RELAY_KAFKA_SSL_CERTFILE", "/etc/client.pem")
-    assert load_settings({}).kafka_ssl_keyfile is not None
+    assert load_settings({}).kafka.ssl_keyfile is not None
 
 
 def test_token_is_secret_and_never_in_repr_or_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCM_RELAY_API_TOKEN", "tok-123-secret")
     settings = load_settings({})
-    assert settings.api_token is not None
-    assert settings.api_token.get_secret_value() == "tok-123-secret"
+    assert settings.api.token is not None
+    assert settings.api.token.get_secret_value() == "tok-123-secret"
     assert "tok-123-secret" not in repr(settings)
     assert "tok-123-secret" not in str(settings.model_dump())
     monkeypatch.setenv("SCM_RELAY_HTTP_PORT", "-1")
@@ -122,8 +130,8 @@ def test_token_from_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     token_file.write_text("file-token\n")
     monkeypatch.setenv("SCM_RELAY_API_TOKEN_FILE", str(token_file))
     settings = load_settings({})
-    assert settings.api_token is not None
-    assert settings.api_token.get_secret_value() == "file-token"
+    assert settings.api.token is not None
+    assert settings.api.token.get_secret_value() == "file-token"
 
 
 @pytest.mark.parametrize(("content", "fragment"), [(None, "cannot be read"), ("  \n", "is empty")])
@@ -156,9 +164,9 @@ def test_config_file_sets_values_and_environment_wins(
     config.write_text('batch_linger_ms = 250\ninput_topic = "factory.scm"\nhttp_port = 9000\n')
     monkeypatch.setenv("SCM_RELAY_HTTP_PORT", "9100")
     settings = load_settings({"SCM_RELAY_CONFIG": str(config)})
-    assert settings.batch_linger_ms == 250
-    assert settings.input_topic == "factory.scm"
-    assert settings.http_port == 9100
+    assert settings.batching.batch_linger_ms == 250
+    assert settings.kafka.input_topic == "factory.scm"
+    assert settings.operations.http_port == 9100
 
 
 def test_config_file_problems_are_clear(tmp_path: Path) -> None:
@@ -177,7 +185,9 @@ def test_config_file_problems_are_clear(tmp_path: Path) -> None:
 def test_settings_are_frozen() -> None:
     settings = load_settings({})
     with pytest.raises(ValueError, match="frozen"):
-        settings.http_port = 1  # type: ignore[misc]
+        settings.operations.http_port = 1  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frozen"):
+        settings.operations = OperationsSettings()  # type: ignore[misc]
 
 
 def test_docs_settings_md_is_generated_from_the_class() -> None:
@@ -188,7 +198,7 @@ def test_docs_settings_md_is_generated_from_the_class() -> None:
 
 def test_the_reference_lists_every_setting_and_tooling_names_no_setting() -> None:
     documented = set(re.findall(r"`(SCM_RELAY_[A-Z0-9_]+)`", settings_reference.render()))
-    settings = {env_name(name) for name in Settings.model_fields}
+    settings = {env_name(name) for name in flat_names()}
     assert settings <= documented
     assert not settings & set(settings_reference.TOOLING)
     assert documented - settings - set(settings_reference.TOOLING) == set()
@@ -197,7 +207,7 @@ def test_the_reference_lists_every_setting_and_tooling_names_no_setting() -> Non
 def test_a_setting_without_a_description_cannot_be_rendered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    field = Settings.model_fields["http_port"]
+    field = OperationsSettings.model_fields["http_port"]
     monkeypatch.setattr(field, "description", None)
     with pytest.raises(ValueError, match="http_port has no description"):
         settings_reference.render()
@@ -207,20 +217,86 @@ def test_record_bounds_are_cut_to_the_topics_limits() -> None:
     from service.app import fitted_to_record_limits
     from service.relay.config import RelayConfig
 
-    config = RelayConfig(
-        input_topic="in",
-        results_topic="out",
-        dlq_topic="dlq",
-        tasks_topic="tasks",
-        group_id="g",
-        limits=contract_limits(load_settings({}, api_token="t")),
+    config = RelayConfig.of(
+        load_settings(
+            {},
+            api_token="t",
+            input_topic="in",
+            results_topic="out",
+            dlq_topic="dlq",
+            tasks_topic="tasks",
+            kafka_group_id="g",
+        )
     )
     assert fitted_to_record_limits(config, {}) == config
     small = fitted_to_record_limits(config, {"dlq": 200_000, "tasks": 400_000})
     assert small.dead_letter_max_bytes == 200_000 - 16 * 1024
     assert small.dead_letter_prefix_bytes <= small.dead_letter_max_bytes // 2
-    assert small.batch_max_bytes == 400_000 - 256 * 1024
+    assert small.batching.batch_max_bytes == 400_000 - 256 * 1024
     # The contract refuses an event with several keys (never split) over the cut bound.
-    assert small.limits.batch_max_bytes == small.batch_max_bytes
+    assert small.limits.batch_max_bytes == small.batching.batch_max_bytes
     large = fitted_to_record_limits(config, {"dlq": 8 << 20, "tasks": 8 << 20, "out": 8 << 20})
     assert large == config, "the producer's 1 MiB bounds what larger topics allow"
+
+
+def test_the_relay_takes_its_sections_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.relay.config import RelayConfig
+
+    monkeypatch.setenv("SCM_RELAY_KAFKA_GROUP_ID", "factory-relay")
+    monkeypatch.setenv("SCM_RELAY_API_REQUEST_TIMEOUT_S", "12")
+    monkeypatch.setenv("SCM_RELAY_BATCH_LINGER_MS", "250")
+    monkeypatch.setenv("SCM_RELAY_POLL_MAX_S", "7")
+    monkeypatch.setenv("SCM_RELAY_MAX_KEY_LENGTH", "64")
+    settings = load_settings({})
+    config = RelayConfig.of(settings)
+    assert config.kafka is settings.kafka
+    assert config.kafka.group_id == "factory-relay"
+    assert config.api is settings.api
+    assert config.batching is settings.batching
+    assert config.tracking.poll_max_s == 7
+    assert config.limits is settings.limits
+    assert config.limits.max_key_length == 64
+    # Derived once, here: both follow the API's request timeout.
+    assert (config.upload_grace_s, config.reconcile_after_s) == (12, 12)
+    assert config.batch_linger_s == 0.25
+
+
+def test_a_bad_request_bound_is_reported_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limits take the request bounds from the batching settings: one bad value
+    is one line, naming the setting, not one more for the limits' copy."""
+    monkeypatch.setenv("SCM_RELAY_BATCH_MAX_VALUES", "soon")
+    with pytest.raises(SettingsError) as raised:
+        load_settings({})
+    lines = str(raised.value).splitlines()[1:]
+    assert len(lines) == 1, lines
+    assert lines[0].strip().startswith("SCM_RELAY_BATCH_MAX_VALUES: Input should be a valid")
+
+
+def test_whole_sections_keep_the_request_bounds_in_step() -> None:
+    from service.settings import BatchingSettings
+
+    with pytest.raises(SettingsError, match=r"limits\.batch_max_values must equal batching"):
+        load_settings({}, batching=BatchingSettings(batch_max_values=5))
+
+
+def test_each_setting_is_read_from_its_own_variable_in_any_case(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("scm_relay_kafka_bootstrap_servers", "kafka-1:9092")
+    monkeypatch.setenv("SCM_RELAY_UPLOAD_RATE_PER_S", "4")
+    monkeypatch.setenv("SCM_RELAY_API_RATE_PER_MIN", "600")
+    monkeypatch.setenv("SCM_RELAY_BOOTSTRAP_SERVERS", "not-a-setting:1")  # the short name
+    monkeypatch.setenv("SCM_RELAY_KAFKA", "{}")  # a section's name is no variable
+    settings = load_settings({})
+    assert settings.kafka.bootstrap_servers == "kafka-1:9092"
+    assert (settings.api.upload_rate_per_s, settings.api.rate_per_min) == (4, 600)
+
+
+def test_the_client_needs_the_token_its_section_may_lack() -> None:
+    from service.scantrust.client import ScantrustClient
+    from service.settings import ApiSettings
+
+    with pytest.raises(
+        SettingsError, match=re.escape("SCM_RELAY_API_TOKEN (or SCM_RELAY_API_TOKEN_FILE)")
+    ):
+        ScantrustClient(ApiSettings())

@@ -8,7 +8,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from pydantic import AnyHttpUrl, SecretStr
+
+from service.scantrust.client import ScantrustClient, UploadRequest
 from service.scantrust.limits import INPUT, RateLimits
+from service.settings import ApiSettings
 from tests.sim.vloop import VirtualLoop
 
 RATE = 10.0  # slots of (1 + 0.03) / 10 = 0.103 s
@@ -109,9 +113,6 @@ async def _upload_late(late_by_s: float, window_s: float) -> tuple[Any, list[byt
     server received, and the limits."""
     import time
 
-    from pydantic import SecretStr
-
-    from service.scantrust.client import ClientConfig, ScantrustClient, UploadRequest
     from tests.api_support import raw_server
 
     busy = [0.0]
@@ -128,7 +129,7 @@ async def _upload_late(late_by_s: float, window_s: float) -> tuple[Any, list[byt
     received: list[bytes] = []
     loop = asyncio.get_running_loop()
     async with raw_server(REQUEST_ANSWER, received) as url:
-        config = ClientConfig(base_url=url, token=SecretStr("t0ken-under-test"))
+        config = ApiSettings(base_url=AnyHttpUrl(url), token=SecretStr("t0ken-under-test"))
         async with ScantrustClient(config, limits=limits) as api:
             outcome = await api.upload(
                 UploadRequest(constraints={"extended_id": ["a"]}, scm_data={"x": "1"}),

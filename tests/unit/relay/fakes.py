@@ -14,7 +14,6 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ProducerFenced
 
 from service.core.batching import Batch, Done, Source
-from service.core.contract import DEFAULT_LIMITS
 from service.core.offsets import Checkpoint
 from service.core.resilience import BreakerState
 from service.fencing import GroupFencedError, GroupGeneration
@@ -30,6 +29,7 @@ from service.scantrust.outcomes import (
     TaskPage,
     UploadOutcome,
 )
+from tests.settings_support import relay_config
 
 
 def config(**overrides: Any) -> RelayConfig:
@@ -40,7 +40,6 @@ def config(**overrides: Any) -> RelayConfig:
         "dlq_topic": "dlq",
         "tasks_topic": "tasks",
         "group_id": "g",
-        "limits": DEFAULT_LIMITS,
         "batch_linger_s": 0.05,
         "max_in_flight_requests": 2,
         "poll_initial_s": 0.01,
@@ -52,7 +51,7 @@ def config(**overrides: Any) -> RelayConfig:
         "list_lag_s": 0.05,
     }
     values.update(overrides)
-    return RelayConfig(**values)
+    return relay_config(**values)
 
 
 def change(values: list[str], market: str = "DE", **fields: Any) -> bytes:

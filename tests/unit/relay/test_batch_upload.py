@@ -65,7 +65,7 @@ def lookups(
         owns=still_owned,
         shutdown=shutdown,
         metrics=metrics,
-        backoff=Backoff(stage_config.retry_initial_s, stage_config.retry_max_backoff_s),
+        backoff=Backoff(stage_config.api.retry_initial_s, stage_config.api.retry_max_backoff_s),
         rng=random.Random(7),
     )
     return found, metrics

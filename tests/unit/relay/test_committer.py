@@ -162,7 +162,7 @@ async def test_results_commit_under_the_poller_generation_they_were_polled_under
     await stage.flush()
     by_group = {tuple(t.groups): t for t in producer.committed}
     assert set(by_group) == {
-        (config().group_id,),
+        (config().kafka.group_id,),
         ("poller-generation-3",),
         ("poller-generation-4",),
     }
@@ -173,10 +173,10 @@ async def test_results_commit_under_the_poller_generation_they_were_polled_under
         b"t3",
     ]
     assert set(by_group[("poller-generation-4",)].offsets) == {
-        TopicPartition(config().tasks_topic, 2)
+        TopicPartition(config().kafka.tasks_topic, 2)
     }
     assert all(
-        tp.topic == config().tasks_topic for tp in by_group[("poller-generation-3",)].offsets
+        tp.topic == config().kafka.tasks_topic for tp in by_group[("poller-generation-3",)].offsets
     )
     await stage.close()
     await runner

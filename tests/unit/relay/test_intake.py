@@ -120,10 +120,10 @@ def rig(
     book, health, admin = OffsetBook(), ApiHealth(), FakeAdmin()
     health.accepted("me")  # the start-up check answered
     batcher = Batcher(
-        max_values=cfg.batch_max_values,
+        max_values=cfg.batching.batch_max_values,
         max_keys=1,
         linger_s=cfg.batch_linger_s,
-        max_open_batches=cfg.max_open_batches,
+        max_open_batches=cfg.batching.max_open_batches,
     )
     intake = Intake(
         cfg,
