@@ -4,7 +4,8 @@ Each round takes what the other stages queued (intents, ledger records of
 uploaded batches, dead letters, API rejections, results with their tombstones,
 progress records) and writes it in one Kafka transaction together with the
 input offsets it accounts for. Nothing a stage hands it counts as done until
-that transaction commits: `write_intent`, `record` and `flush` return only then.
+that transaction commits: `write_intent` and `flush` return only then, and a
+`LedgerAppend` submitted resolves its `recorded` only then.
 What each item becomes in the transaction is `ItemWriter`'s (item_writer.py).
 
 Every transaction is fenced: its offset commit carries the input consumer's
