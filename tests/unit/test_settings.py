@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service import settings_reference
+from devkit import settings_reference
 from service.app import contract_limits
 from service.settings import Settings, SettingsError, env_name, load_settings
 from tests.settings_support import clear_relay_environment
