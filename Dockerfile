@@ -47,10 +47,12 @@ USER 10001:10001
 ENTRYPOINT ["scm-relay"]
 
 # The API simulator for deploy/compose.yaml only (docker build --target simulator): the
-# wheel leaves the development tools out, so its source is copied in beside the package.
+# wheel holds no development kit, so the kit's simulator (and the package file it sits
+# in, nothing else of the kit) is copied in beside the relay's package.
 FROM base AS simulator
 ARG PYTHON_VERSION
-COPY service/simulator /opt/scm-relay/lib/python${PYTHON_VERSION}/site-packages/service/simulator
+COPY devkit/__init__.py /opt/scm-relay/lib/python${PYTHON_VERSION}/site-packages/devkit/__init__.py
+COPY devkit/simulator /opt/scm-relay/lib/python${PYTHON_VERSION}/site-packages/devkit/simulator
 EXPOSE 8000
 CMD ["simulator", "--host", "0.0.0.0", "--port", "8000"]
 

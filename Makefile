@@ -62,10 +62,10 @@ lock: | $(UV) ## re-resolve requirements/*.lock from pyproject.toml
 	$(UV) pip compile requirements/build.in --generate-hashes --universal --python-version 3.11 -q -o requirements/build.lock
 
 schemas: setup ## regenerate schemas/*.schema.json from the models
-	$(BIN)/python -m service.schemas write schemas
+	$(BIN)/python -m devkit.schemas write schemas
 
 settings-doc: setup ## regenerate docs/settings.md from the Settings class
-	$(BIN)/python -m service.settings_reference > docs/settings.md
+	$(BIN)/python -m devkit.settings_reference > docs/settings.md
 
 k8s-rules: setup ## regenerate the PrometheusRule in deploy/k8s from deploy/prometheus/alerts.yml
 	$(BIN)/python deploy/k8s/prometheusrule.py > deploy/k8s/base/prometheusrule.yaml

@@ -28,10 +28,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.simulator.app import running_simulator
+from devkit.simulator.seed import default_seed
+from devkit.simulator.state import Account, Faults, Task
 from service.http import free_port
-from service.simulator.app import running_simulator
-from service.simulator.seed import default_seed
-from service.simulator.state import Account, Faults, Task
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_LOCAL = REPO / "deploy" / "local-kafka" / "kafka-local"

@@ -8,7 +8,6 @@ Subcommands are added here as the parts they drive exist.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -23,9 +22,9 @@ from service.tools import commands as tools
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
-# The development tools a production installation leaves out (pyproject.toml excludes
-# them from the wheel): imported only when their command runs.
-DEVELOPMENT_MODULES = frozenset({"service.demo", "service.simulator"})
+# The development kit (the repository's `devkit` package: simulator, demo, generators),
+# which the production wheel and image leave out: imported only when its command runs.
+DEVELOPMENT_KIT = "devkit"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,19 +114,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args.file)
     try:
         if args.command == "demo":
-            from service.demo import main as demo_main
+            from devkit.demo import main as demo_main
 
             return demo_main(os.environ, quick=args.quick)
         if args.command == "simulator":
-            return _simulator(args)
+            from devkit.simulator.command import main as simulator_main
+
+            return simulator_main(args, os.environ)
     except ModuleNotFoundError as exc:
-        if ".".join((exc.name or "").split(".")[:2]) not in DEVELOPMENT_MODULES:
+        if (exc.name or "").split(".")[0] != DEVELOPMENT_KIT:
             raise
         print(
-            f"scm-relay {args.command}: not part of this installation. The production wheel "
-            "and image hold the relay and the operator tools only; the demo and the simulator "
-            "are development tools: run them from a source checkout (`make demo`, or "
-            f"`make setup` then `.venv/bin/scm-relay {args.command}`).",
+            f"scm-relay {args.command}: not part of this installation. It needs the "
+            f"development kit (the `{DEVELOPMENT_KIT}` package of the repository), which the "
+            "production wheel and image leave out: they hold the relay and the operator tools "
+            "only. Install the kit from a source checkout with `make setup`, then run "
+            f"`.venv/bin/scm-relay {args.command}` (or `make demo` for the demo).",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -154,40 +156,6 @@ def _run() -> int:
         return run_main(settings, signalled)
     finally:
         early_signals.release()
-
-
-def _simulator(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from service.simulator.app import serve
-    from service.simulator.seed import default_seed, load_seed
-    from service.simulator.state import Account, Faults
-
-    token = args.token or os.environ.get("SCM_RELAY_API_TOKEN")
-    if not token:
-        print("scm-relay simulator: give --token or set SCM_RELAY_API_TOKEN", file=sys.stderr)
-        return EXIT_USAGE
-    knobs: dict[str, str] = {}
-    for item in args.fault:
-        name, sep, value = item.partition("=")
-        if not sep:
-            print(f"scm-relay simulator: --fault {item!r} is not KNOB=VALUE", file=sys.stderr)
-            return EXIT_USAGE
-        knobs[name.strip()] = value.strip()
-    try:
-        if args.seed:
-            seed = load_seed(args.seed)
-        elif args.codes_per_campaign is not None:
-            seed = default_seed(args.codes_per_campaign)
-        else:
-            seed = default_seed()
-        faults = Faults.model_validate(knobs)
-    except (OSError, ValidationError) as exc:
-        print(f"scm-relay simulator: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    account = Account(seed, faults, rng_seed=args.rng_seed)
-    asyncio.run(serve(account, token, args.host, args.port))
-    return EXIT_OK
 
 
 def _validate(file: str) -> int:

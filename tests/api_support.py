@@ -12,13 +12,13 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
+from devkit.simulator.app import running_simulator
+from devkit.simulator.seed import default_seed
+from devkit.simulator.state import Account, Faults
 from service.core.clock_offset import Offset
 from service.core.resilience import BreakerState
 from service.scantrust.client import ScantrustClient
 from service.settings import ApiSettings
-from service.simulator.app import running_simulator
-from service.simulator.seed import default_seed
-from service.simulator.state import Account, Faults
 
 TOKEN = "sim-token-3f9a"
 # Instant task processing; tests that need delays set them.

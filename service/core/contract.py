@@ -605,7 +605,7 @@ NO_SPACE_AROUND: Final = r"^(?:\S(?:[\s\S]*\S)?)?$"
 # "does not contain one" rather than an anchored "[^...]*$": in Python's `re` (the
 # `jsonschema` library) `$` also matches before a final line break, so the anchored form
 # would pass "a\n". The `type` keeps the rule off the null of optional fields.
-# (service/schemas.py writes it once, under $defs, and refers to it.)
+# (devkit/schemas.py writes it once, under $defs, and refers to it.)
 CONTROL_CHARACTER_SCHEMA: Final = {"type": "string", "pattern": SCHEMA_CLASS}
 _NO_CONTROL: Final = {"not": CONTROL_CHARACTER_SCHEMA}
 _KEY_SCHEMA: Final = {

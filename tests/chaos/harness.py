@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.simulator.state import Faults
+from devkit.simulator.state import Faults
 from tests.api_support import Simulator, simulator
 from tests.chaos.backlog import INVALID, Backlog, publish_lanes
 from tests.integration.test_exactly_once import a_b_a_events, everything_settled

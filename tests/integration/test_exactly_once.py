@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from service.simulator.state import Faults
+from devkit.simulator.state import Faults
 from tests.api_support import Simulator, simulator
 from tests.integration.test_pipeline_resilience import (
     STEADY,

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.simulator.state import Faults
 from service.http import free_port
-from service.simulator.state import Faults
 from tests.api_support import simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (

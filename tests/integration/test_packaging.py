@@ -1,5 +1,6 @@
 """The built wheel stands alone: installed without dev dependencies, outside the repository,
-and holds the relay and the operator tools only (no simulator, demo or broker script)."""
+and holds the relay and the operator tools only (no development kit: no simulator, demo,
+schema or settings generator, and no broker script)."""
 
 from __future__ import annotations
 
@@ -90,14 +91,20 @@ def test_the_wheel_holds_no_development_tool(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "service/cli.py" in names
     assert "service/tools/dlq.py" in names
+    assert "service/settings.py" in names
     development = [
         name
         for name in names
-        if name.startswith(("service/simulator/", "service/_kafka_local/"))
-        or name == "service/demo.py"
+        if name.split("/")[0] in {"devkit", "bench", "tests", "deploy"}
+        # The kit's modules where they lived before it: the simulator, the demo, the
+        # schema and settings-reference generators.
+        or name.startswith(("service/simulator/", "service/_kafka_local/"))
+        or name in {"service/demo.py", "service/schemas.py", "service/settings_reference.py"}
         or Path(name).name in {"kafka-local", "fetch_jars.py", "jars.lock", "probe_metadata.py"}
     ]
     assert development == []
+    # Nor anything that could reach the kit from the checkout: no .pth file.
+    assert [name for name in names if name.endswith(".pth")] == []
 
 
 @pytest.mark.parametrize("command", [["demo", "--quick"], ["simulator", "--port", "0"]])
@@ -107,4 +114,6 @@ def test_a_development_command_of_the_installed_wheel_says_it_is_not_there(
     refused = run(installed, *command, cwd=tmp_path)
     assert refused.returncode == 2
     assert f"scm-relay {command[0]}: not part of this installation".encode() in refused.stderr
+    assert b"development kit (the `devkit` package" in refused.stderr
+    assert b"make setup" in refused.stderr
     assert b"Traceback" not in refused.stderr

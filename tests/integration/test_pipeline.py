@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from devkit.simulator.state import Faults
 from service.core.records import DeadLetterHeaders
-from service.simulator.state import Faults
 from tests.api_support import FAST, Simulator, simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import structlog
 
+from devkit.simulator.state import Faults
 from service import app
 from service.http import free_port
 from service.relay.supervisor import COMMIT_DEADLINE_S
-from service.simulator.state import Faults
 from tests.api_support import Simulator, simulator
 from tests.integration.test_observability import get_json, scrape, value
 from tests.kafka_support import TopicFactory

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from devkit.simulator.state import Faults
 from service.http import free_port
-from service.simulator.state import Faults
 from tests.api_support import simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (

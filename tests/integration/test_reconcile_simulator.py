@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from devkit.simulator.state import Faults
 from service.relay.reconcile import Reconciler
 from service.scantrust.client import UploadRequest
 from service.scantrust.outcomes import Accepted, ApiTask
-from service.simulator.state import Faults
 from tests.api_support import client, simulator
 from tests.unit.relay.support import batch
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from service.simulator.state import Faults
+from devkit.simulator.state import Faults
 from tests.api_support import simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (

@@ -9,6 +9,7 @@ import socket
 import pytest
 from structlog.testing import capture_logs
 
+from devkit.simulator.state import Faults
 from service.core.resilience import BreakerState
 from service.scantrust.client import ScantrustClient, UploadRequest
 from service.scantrust.outcomes import (
@@ -23,7 +24,6 @@ from service.scantrust.outcomes import (
     Throttled,
     Unavailable,
 )
-from service.simulator.state import Faults
 from tests.api_support import TOKEN, RecordingObserver, client, config, simulator, wait_for
 
 MARKET = UploadRequest(

@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.simulator.seed import Seed, SeedCampaign, SeedCode
-from service.simulator.state import USER_SCOPE, Faults
+from devkit.simulator.seed import Seed, SeedCampaign, SeedCode
+from devkit.simulator.state import USER_SCOPE, Faults
 from tests.api_support import TOKEN, Simulator, simulator
 
 AUTH = {"Authorization": f"UAT {TOKEN}"}

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from service.demo import run_demo
-from service.simulator.state import Faults
+from devkit.demo import run_demo
+from devkit.simulator.state import Faults
 from tests.api_support import simulator
 from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (

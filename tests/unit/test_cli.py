@@ -36,12 +36,12 @@ def test_python_dash_m_service_runs_the_same_cli() -> None:
 
 
 def test_the_cli_imports_no_development_tool_until_its_command_runs() -> None:
-    # The production wheel leaves the simulator and the demo out: the CLI must start,
-    # build its parser and run the relay's commands without them.
+    # The production wheel leaves the development kit out: the CLI must start, build its
+    # parser and run the relay's commands without it.
     probe = (
-        "import sys; from service.cli import build_parser; build_parser(); "
-        "print(sorted(m for m in sys.modules "
-        "if m.split('.')[:2] in (['service', 'simulator'], ['service', 'demo'])))"
+        "import sys; import service.__main__; from service.cli import build_parser; "
+        "build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'devkit'))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
@@ -50,14 +50,27 @@ def test_the_cli_imports_no_development_tool_until_its_command_runs() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_development_kit_is_there_to_be_found_in_the_checkout() -> None:
+    # The probe above sees no kit module; here the kit is importable, so "none loaded"
+    # means "not imported", not "not installed".
+    probe = "import devkit.demo, devkit.simulator.command; print('found')"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "found"
+
+
 @pytest.mark.parametrize(
     ("command", "missing"),
     [
-        (["demo", "--quick"], "service.demo"),
-        (["simulator", "--token", "t"], "service.simulator"),
+        (["demo", "--quick"], "devkit"),
+        (["demo", "--quick"], "devkit.demo"),
+        (["simulator", "--token", "t"], "devkit"),
+        (["simulator", "--token", "t"], "devkit.simulator"),
     ],
 )
-def test_a_development_command_without_its_module_says_where_to_run_it(
+def test_a_development_command_without_the_kit_says_what_to_install(
     command: list[str],
     missing: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -70,8 +83,22 @@ def test_a_development_command_without_its_module_says_where_to_run_it(
     assert main(command) == 2
     message = capsys.readouterr().err
     assert f"scm-relay {command[0]}: not part of this installation" in message
-    assert "source checkout" in message
+    assert "development kit (the `devkit` package" in message
+    assert "source checkout with `make setup`" in message
     assert "make demo" in message
+
+
+def test_a_missing_module_outside_the_kit_is_not_reported_as_the_kit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only the kit's own absence gets the "install the kit" message: any other missing
+    # module is a real fault and surfaces as one.
+    for loaded in [m for m in sys.modules if m.split(".")[0] in {"aiohttp", "devkit"}]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setitem(sys.modules, "aiohttp", None)
+    with pytest.raises(ModuleNotFoundError) as missing:
+        main(["simulator", "--token", "t"])
+    assert missing.value.name == "aiohttp"
 
 
 def _stops_cleanly_on_the_early_signal(probe: str) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
+from devkit.schemas import schema_of
 from service.core.contract import ChangeEvent, ParsedEvent, Reason, Rejection, parse_event
 from service.core.contract_limits import ContractLimits
-from service.schemas import schema_of
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "schemas" / "examples"
 VALID = sorted((EXAMPLES / "valid").glob("*.json"))

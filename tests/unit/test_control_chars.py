@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 from pydantic_core import SchemaValidator, core_schema
 
+from devkit.schemas import render, schema_of
 from service.core.compiled_contract import NOT_CONTROL, NOT_SPACE_OR_CONTROL
 from service.core.contract import ChangeEvent
 from service.core.control_chars import (
@@ -26,7 +27,6 @@ from service.core.control_chars import (
     first_control,
     is_control,
 )
-from service.schemas import render, schema_of
 
 # Surrogates cannot be in UTF-8, so never in a decoded JSON string.
 CODE_POINTS = [cp for cp in range(sys.maxunicode + 1) if not 0xD800 <= cp <= 0xDFFF]

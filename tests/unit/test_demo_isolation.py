@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service import demo
+from devkit import demo
 from tests.settings_support import clear_relay_environment
 
 PRODUCTION_TOKEN = "uat-production-0a1b2c3d"

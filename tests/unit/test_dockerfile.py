@@ -67,14 +67,40 @@ def test_the_compose_simulator_is_built_from_the_simulator_stage() -> None:
     assert services["simulator"]["image"] != services["relay"]["image"]
     simulator = image_of("simulator")[-1]
     assert any(
-        keyword == "COPY" and rest.startswith("service/simulator ")
+        keyword == "COPY" and rest.startswith("devkit/simulator ")
         for keyword, rest in simulator.instructions
     )
 
 
+def copied_sources(stage: Stage) -> list[str]:
+    """The source paths of a stage's COPY and ADD instructions (not --from copies)."""
+    return [
+        source
+        for keyword, rest in stage.instructions
+        if keyword in {"COPY", "ADD"} and not rest.startswith("--from=")
+        for source in rest.split()[:-1]
+    ]
+
+
+def test_the_relay_image_installs_no_development_kit() -> None:
+    # The runtime image takes /opt/scm-relay whole from the build stage, so the sources
+    # that stage copies are all the image can hold: the relay's package, never the kit.
+    build = {stage.name: stage for stage in stages((ROOT / "Dockerfile").read_text())}["build"]
+    sources = copied_sources(build)
+    assert "service" in sources
+    assert [s for s in sources if s == "." or s.split("/")[0] in {"devkit", "deploy"}] == []
+    runs = [command for stage in [build, *image_of("runtime")] for command in commands(stage)]
+    assert [command for command in runs if "devkit" in command] == []
+    # The compose stack's simulator image gets the simulator only, not the demo or the
+    # generators of the kit.
+    simulator = copied_sources(image_of("simulator")[-1])
+    assert simulator == ["devkit/__init__.py", "devkit/simulator"]
+
+
 def test_the_stage_reader_sees_a_copied_development_tool() -> None:
-    broken = "FROM python AS runtime\nCOPY service/demo.py /x\n"
-    assert stages(broken)[0].instructions == [("COPY", "service/demo.py /x")]
+    broken = "FROM python AS runtime\nCOPY devkit/demo.py /x\n"
+    assert stages(broken)[0].instructions == [("COPY", "devkit/demo.py /x")]
+    assert copied_sources(stages(broken)[0]) == ["devkit/demo.py"]
 
 
 def commands(stage: Stage) -> list[str]:

@@ -138,9 +138,9 @@ def test_run_with_invalid_settings_leaves_the_signal_handlers_as_it_found_them(
     """`_run` replaces SIGTERM's and SIGINT's handlers with ones that only append to a
     list, and only the event loop's `add_signal_handler` (later, in `run_relay`) ever
     replaces them again. When `scm-relay run` returns before that (settings refused by
-    `load_settings`, or the API client refusing a missing token in `run_relay`), an in-process caller, such as
-    a test session that calls `cli.main(["run"])`, is left with Ctrl-C and SIGTERM
-    silently swallowed for the rest of its life."""
+    `load_settings`, or the API client refusing a missing token in `run_relay`), an
+    in-process caller, such as a test session that calls `cli.main(["run"])`, is left
+    with Ctrl-C and SIGTERM silently swallowed for the rest of its life."""
     clear_relay_environment(monkeypatch)
     monkeypatch.setenv("SCM_RELAY_HTTP_PORT", "not-a-port")
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from service.schemas import SCHEMA_FILES, drifted, main, render, schema_of
+from devkit.schemas import SCHEMA_FILES, drifted, main, render, schema_of
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service import settings_reference
+from devkit import settings_reference
 from service.settings import (
     OperationsSettings,
     SettingsError,

@@ -1,6 +1,7 @@
 """The simulator is the oracle every API test is judged by: it shares no code with the
 relay it judges. Its modules may import the standard library, aiohttp, pydantic,
-structlog and service.simulator itself, and nothing else (read from their source, so
+structlog and devkit.simulator itself, and nothing else: not the relay, nor the rest of
+the development kit, whose demo and generators use the relay (read from their source, so
 an import inside a function counts too)."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-SIMULATOR = Path(__file__).resolve().parents[2] / "service" / "simulator"
-PACKAGE = "service.simulator"
+SIMULATOR = Path(__file__).resolve().parents[2] / "devkit" / "simulator"
+PACKAGE = "devkit.simulator"
 ALLOWED_THIRD_PARTY = frozenset({"aiohttp", "pydantic", "structlog"})
 
 
@@ -46,7 +47,7 @@ def forbidden(module: str) -> bool:
     root = module.split(".")[0]
     if module == PACKAGE or module.startswith(f"{PACKAGE}."):
         return False
-    if root == "service" or module.startswith("<"):
+    if root in {"service", "devkit"} or module.startswith("<"):
         return True
     return root not in sys.stdlib_module_names and root not in ALLOWED_THIRD_PARTY
 
@@ -75,6 +76,9 @@ def test_the_simulator_imports_nothing_of_the_relay() -> None:
         "def f():\n    from service.core import contract\n",
         "import importlib\nimportlib.import_module('service.core.contract')",
         "__import__('service.core')",
+        "from devkit import demo",
+        "from devkit.schemas import schema_of",
+        "from .. import settings_reference",
     ],
 )
 def test_the_check_catches_every_way_of_reaching_the_relay(source: str) -> None:
@@ -90,7 +94,7 @@ def test_the_check_catches_every_way_of_reaching_the_relay(source: str) -> None:
         "from aiohttp import web",
         "from pydantic import BaseModel",
         "import structlog",
-        "from service.simulator.seed import Seed",
+        "from devkit.simulator.seed import Seed",
         "from .state import Account",
         "from . import seed",
     ],

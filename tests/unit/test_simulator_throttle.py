@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from service.simulator.seed import default_seed
-from service.simulator.state import UPLOAD_SCOPE, USER_SCOPE, Account, Faults
-from service.simulator.throttling import RateThrottle, retry_after, throttled_body
+from devkit.simulator.seed import default_seed
+from devkit.simulator.state import UPLOAD_SCOPE, USER_SCOPE, Account, Faults
+from devkit.simulator.throttling import RateThrottle, retry_after, throttled_body
 
 TOKEN = "t"
 

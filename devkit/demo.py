@@ -8,7 +8,7 @@ prints a summary and stops everything it started.
 
 It never reads the relay's SCM_RELAY_* settings: run where a production relay is
 configured, it must not publish sample updates to the real API or create topics on
-the real cluster. A development tool, left out of the production wheel.
+the real cluster. Part of the development kit, left out of the production wheel.
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from devkit.simulator.app import running_simulator
+from devkit.simulator.seed import default_seed
+from devkit.simulator.state import Account, Faults
 from service.app import run_relay
 from service.core.contract import Reason
 from service.core.records import HEADER_REASON, INTENT_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from service.http import free_port
 from service.logs import configure_logging
 from service.settings import Settings
-from service.simulator.app import running_simulator
-from service.simulator.seed import default_seed
-from service.simulator.state import Account, Faults
 
 # The broker script of the source checkout the demo runs from.
 SOURCE_KAFKA_LOCAL: Final = (

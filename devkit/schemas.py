@@ -1,6 +1,6 @@
 """JSON Schemas of the records scm-relay reads and writes, generated from the models.
 
-`python -m service.schemas write DIR` regenerates the files in `schemas/`
+`python -m devkit.schemas write DIR` regenerates the files in `schemas/`
 (`make schemas`); `check DIR` exits 1 when the committed files have drifted
 from the models. The schemas use the default contract limits.
 """
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`write DIR` or `check DIR`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2 or args[0] not in ("write", "check"):
-        print("usage: python -m service.schemas write|check DIR", file=sys.stderr)
+        print("usage: python -m devkit.schemas write|check DIR", file=sys.stderr)
         return 2
     command, directory = args[0], Path(args[1])
     if command == "write":

@@ -1,6 +1,6 @@
 """The simulated Scantrust account: codes, campaigns, tasks, throttles and faults.
 
-No HTTP here: `service.simulator.app` translates requests into these calls.
+No HTTP here: `devkit.simulator.app` translates requests into these calls.
 Where the vendor documents a behaviour the simulator follows it, with the
 vendor's wording; where the documentation is silent it takes the strict choice
 and docs/scantrust-api.md says so.
@@ -19,8 +19,8 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.simulator.seed import Seed
-from service.simulator.throttling import RateThrottle, check_throttles
+from devkit.simulator.seed import Seed
+from devkit.simulator.throttling import RateThrottle, check_throttles
 
 MAX_CONSTRAINT_KEYS: Final = 5
 MAX_CONSTRAINT_VALUES: Final = 1000

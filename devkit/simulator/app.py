@@ -18,8 +18,8 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from service.simulator.state import Account, Faults, Task, UploadInvalid
-from service.simulator.throttling import retry_after, throttled_body
+from devkit.simulator.state import Account, Faults, Task, UploadInvalid
+from devkit.simulator.throttling import retry_after, throttled_body
 
 log = structlog.get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every row comes from a field: its environment variable, its default and its
 description, so the reference cannot drift from the code (a test compares).
-Run `python -m service.settings_reference > docs/settings.md` to regenerate.
+Run `python -m devkit.settings_reference > docs/settings.md` to regenerate.
 """
 
 from __future__ import annotations
