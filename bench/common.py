@@ -32,6 +32,7 @@ from service.http import free_port
 from service.simulator.app import running_simulator
 from service.simulator.seed import default_seed
 from service.simulator.state import Account, Faults, Task
+from tests.wait_support import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_LOCAL = REPO / "deploy" / "local-kafka" / "kafka-local"
@@ -348,17 +349,6 @@ async def relay_process(
                 await process.wait()
 
 
-async def wait_for(condition: Any, *, timeout_s: float, every_s: float = 0.05, what: str) -> float:
-    """Await `condition()` until true; returns the time.monotonic() it became true."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if await condition():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(every_s)
-
-
 @dataclass(frozen=True)
 class Span:
     """A relay's run over a backlog: from its first fetch to its last offset committed."""
@@ -389,10 +379,10 @@ async def first_fetch_to_last_commit(
             relay.check_alive()
             return await committed(admin, topics.group, topics.input) == ends
 
-        first_fetch = await wait_for(fetched, timeout_s=120, every_s=0.01, what="a fetch")
+        first_fetch = await wait_until(fetched, timeout_s=120, interval_s=0.01, what="a fetch")
         cpu_before = relay.cpu_seconds()
-        last_commit = await wait_for(
-            all_committed, timeout_s=timeout_s, every_s=every_s, what="the last offset committed"
+        last_commit = await wait_until(
+            all_committed, timeout_s=timeout_s, interval_s=every_s, what="the last offset committed"
         )
         return Span(first_fetch, last_commit, relay.cpu_seconds() - cpu_before)
     finally:

@@ -379,16 +379,6 @@ async def drain(consumer: Any, *partitions: TopicPartition) -> list[tuple[Any, .
             records += [(r.partition, r.offset, r.key, r.value) for r in batch]
 
 
-async def until(
-    condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = CALL_TIMEOUT_S
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await condition():
-        assert loop.time() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 def numbers(partitions: Collection[TopicPartition]) -> list[int]:
     return sorted(tp.partition for tp in partitions)
 

@@ -46,8 +46,9 @@ from tests.unit.relay.fakes import (
     config,
 )
 from tests.unit.relay.support import api_task, batch, ledger_record, pending
-from tests.unit.relay.test_intake import eventually, rig, running
+from tests.unit.relay.test_intake import rig, running
 from tests.unit.relay.test_uploaders import Recorder, run_until_drained
+from tests.wait_support import eventually
 
 
 def intent(
