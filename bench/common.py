@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -25,13 +24,15 @@ from typing import Any, Final
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.http import free_port
 from service.simulator.app import running_simulator
 from service.simulator.seed import default_seed
 from service.simulator.state import Account, Faults, Task
+from tests.kafka_support import TopicFactory, Topics, admin_client
+from tests.pipeline_support import make_topics
 from tests.wait_support import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,46 +83,10 @@ async def kafka() -> AsyncIterator[str]:
         await asyncio.to_thread(kafka_local, "stop")
 
 
-@dataclass(frozen=True)
-class Topics:
-    input: str
-    results: str
-    dlq: str
-    tasks: str
-    group: str
-
-    def settings(self) -> dict[str, str]:
-        return {
-            "input_topic": self.input,
-            "results_topic": self.results,
-            "dlq_topic": self.dlq,
-            "tasks_topic": self.tasks,
-            "kafka_group_id": self.group,
-        }
-
-
 async def create_topics(bootstrap: str, partitions: int = 3) -> Topics:
-    run = uuid.uuid4().hex[:8]
-    topics = Topics(
-        input=f"bench.changes.{run}",
-        results=f"bench.results.{run}",
-        dlq=f"bench.dlq.{run}",
-        tasks=f"bench.tasks.{run}",
-        group=f"bench-relay-{run}",
-    )
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(topics.input, num_partitions=partitions, replication_factor=1),
-                NewTopic(topics.results, num_partitions=partitions, replication_factor=1),
-                NewTopic(topics.dlq, num_partitions=1, replication_factor=1),
-            ]
-        )
-    finally:
-        await admin.close()
-    return topics
+    """Fresh topics for one run, as the tests make them (the relay creates the ledger)."""
+    async with admin_client(bootstrap) as admin:
+        return await make_topics(TopicFactory(admin), partitions)
 
 
 def make_events(

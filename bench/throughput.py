@@ -36,7 +36,6 @@ from aiokafka import AIOKafkaConsumer
 from bench.common import (
     INSTANT_API,
     REPO,
-    Topics,
     best_fill,
     create_topics,
     first_fetch_to_last_commit,
@@ -49,6 +48,7 @@ from bench.common import (
     simulator,
 )
 from service.core.contract import parse_event
+from tests.kafka_support import Topics
 from tests.wait_support import wait_until
 
 STATUS_ROUTES = ("task", "tasks_bulk", "task_list", "task_group")

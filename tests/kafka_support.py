@@ -80,6 +80,27 @@ class LocalBroker:
 
 
 @dataclass
+class Topics:
+    """A fresh set of relay topics, and the relay's consumer group on them."""
+
+    input: str
+    results: str
+    dlq: str
+    tasks: str
+    group: str
+
+    def settings(self) -> dict[str, str]:
+        """The relay's settings that name these topics and the group."""
+        return {
+            "input_topic": self.input,
+            "results_topic": self.results,
+            "dlq_topic": self.dlq,
+            "tasks_topic": self.tasks,
+            "kafka_group_id": self.group,
+        }
+
+
+@dataclass
 class TopicFactory:
     """Creates uuid-named topics on the test broker through one admin client."""
 

@@ -17,18 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from service.app import run_relay
 from service.settings import Settings
 from tests.api_support import TOKEN
-from tests.kafka_support import TopicFactory, committed_reader, read_all, unique_name
-
-
-@dataclass
-class Topics:
-    """A fresh set of relay topics."""
-
-    input: str
-    results: str
-    dlq: str
-    tasks: str
-    group: str
+from tests.kafka_support import TopicFactory, Topics, committed_reader, read_all, unique_name
 
 
 async def make_topics(factory: TopicFactory, partitions: int = 3) -> Topics:

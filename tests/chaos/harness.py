@@ -31,9 +31,8 @@ from tests.api_support import Simulator, simulator
 from tests.chaos.backlog import INVALID, Backlog, publish_lanes
 from tests.integration.test_exactly_once import a_b_a_events, everything_settled
 from tests.integration.test_pipeline_resilience import GROUP, by_code, one_code_events
-from tests.kafka_support import TopicFactory, admin_client
+from tests.kafka_support import TopicFactory, Topics, admin_client
 from tests.pipeline_support import (
-    Topics,
     holds_partitions,
     ledger_task_ids,
     make_topics,

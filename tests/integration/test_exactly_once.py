@@ -28,9 +28,8 @@ from tests.integration.test_pipeline_resilience import (
     by_code,
     one_code_events,
 )
-from tests.kafka_support import TopicFactory
+from tests.kafka_support import TopicFactory, Topics
 from tests.pipeline_support import (
-    Topics,
     event,
     holds_partitions,
     ledger_task_ids,
