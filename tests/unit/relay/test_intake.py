@@ -103,7 +103,9 @@ class Rig:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def rig(room: int = 100, partitions: int = 1, clock: Any = None, **settings: Any) -> Rig:
+def rig(
+    room: int = 100, partitions: int = 1, clock: Any = None, ledger: Any = None, **settings: Any
+) -> Rig:
     cfg = config(**settings)
     consumer, inbox, queue, committer = (
         FakeConsumer("in", partitions),
@@ -131,6 +133,7 @@ def rig(room: int = 100, partitions: int = 1, clock: Any = None, **settings: Any
         health=health,
         metrics=RelayMetrics(CollectorRegistry()),
         clock=clock or (lambda: asyncio.get_running_loop().time()),
+        ledger=ledger,
     )
     return Rig(intake, consumer, inbox, queue, committer, book, health, admin)
 

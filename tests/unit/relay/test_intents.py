@@ -21,6 +21,7 @@ from service.core.batching import Done, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
 from service.core.records import IntentOutcome, IntentRecord
 from service.metrics import RelayMetrics
+from service.relay.book import OffsetBook
 from service.relay.committer import Committer, ReplicaFencedError
 from service.relay.health import ApiHealth
 from service.relay.intents import IntentWatch
@@ -348,7 +349,7 @@ class Membership:
         return "group-at-generation-7"
 
 
-def committer(producer: FakeProducer, accounting: FakeAccounting) -> Committer:
+def committer(producer: FakeProducer, accounting: FakeAccounting | OffsetBook) -> Committer:
     return Committer(
         config(),
         producer=producer,
