@@ -5,13 +5,11 @@ good. They fail on the reviewed change on purpose (the owner fixes the service).
 from __future__ import annotations
 
 import asyncio
-import random
 from contextlib import suppress
 from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry
 
 from service.core.batching import Batch, Batcher, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
@@ -23,9 +21,7 @@ from service.core.offsets import (
     progress_digest,
 )
 from service.core.records import IntentRecord
-from service.metrics import RelayMetrics
 from service.relay.book import OffsetBook
-from service.relay.health import ApiHealth
 from service.relay.intents import carried, resolution_batch
 from service.relay.messages import (
     BatchAbandoned,
@@ -38,11 +34,11 @@ from service.relay.messages import (
 )
 from service.relay.uploaders import Uploaders
 from service.scantrust.outcomes import Throttled
-from tests.unit.relay.fakes import FakeApi, Inbox, change, config
+from tests.unit.relay.fakes import FakeApi, Inbox, change
 from tests.unit.relay.support import batch, dead_letter
 from tests.unit.relay.test_intake import Rig, rig, running, values
 from tests.unit.relay.test_intents import committer, intent
-from tests.unit.relay.test_uploaders import Recorder
+from tests.unit.relay.test_uploaders import Recorder, uploaders
 from tests.wait_support import eventually
 
 # -- 1. A progress record newer than the commit point the new owner fetched ------------
@@ -201,16 +197,7 @@ class SlowLookupApi(FakeApi):
 def _uploaders(
     api: FakeApi, recorder: Recorder, inbox: Inbox, owned: list[bool], **settings: Any
 ) -> Uploaders:
-    return Uploaders(
-        config(**settings),
-        api=api,
-        committer=recorder,
-        intake=inbox,
-        health=ApiHealth(),
-        metrics=RelayMetrics(CollectorRegistry()),
-        owns=lambda _batch: owned[0],
-        rng=random.Random(7),
-    )
+    return uploaders(api, recorder, inbox, owns=lambda _batch: owned[0], **settings)
 
 
 def _recorded(recorder: Recorder) -> list[str]:
