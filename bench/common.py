@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -25,13 +24,16 @@ from typing import Any, Final
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.simulator.app import running_simulator
 from devkit.simulator.seed import default_seed
 from devkit.simulator.state import Account, Faults, Task
 from service.http import free_port
+from tests.kafka_support import TopicFactory, Topics, admin_client
+from tests.pipeline_support import make_topics
+from tests.wait_support import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_LOCAL = REPO / "deploy" / "local-kafka" / "kafka-local"
@@ -81,46 +83,10 @@ async def kafka() -> AsyncIterator[str]:
         await asyncio.to_thread(kafka_local, "stop")
 
 
-@dataclass(frozen=True)
-class Topics:
-    input: str
-    results: str
-    dlq: str
-    tasks: str
-    group: str
-
-    def settings(self) -> dict[str, str]:
-        return {
-            "input_topic": self.input,
-            "results_topic": self.results,
-            "dlq_topic": self.dlq,
-            "tasks_topic": self.tasks,
-            "kafka_group_id": self.group,
-        }
-
-
 async def create_topics(bootstrap: str, partitions: int = 3) -> Topics:
-    run = uuid.uuid4().hex[:8]
-    topics = Topics(
-        input=f"bench.changes.{run}",
-        results=f"bench.results.{run}",
-        dlq=f"bench.dlq.{run}",
-        tasks=f"bench.tasks.{run}",
-        group=f"bench-relay-{run}",
-    )
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(topics.input, num_partitions=partitions, replication_factor=1),
-                NewTopic(topics.results, num_partitions=partitions, replication_factor=1),
-                NewTopic(topics.dlq, num_partitions=1, replication_factor=1),
-            ]
-        )
-    finally:
-        await admin.close()
-    return topics
+    """Fresh topics for one run, as the tests make them (the relay creates the ledger)."""
+    async with admin_client(bootstrap) as admin:
+        return await make_topics(TopicFactory(admin), partitions)
 
 
 def make_events(
@@ -348,17 +314,6 @@ async def relay_process(
                 await process.wait()
 
 
-async def wait_for(condition: Any, *, timeout_s: float, every_s: float = 0.05, what: str) -> float:
-    """Await `condition()` until true; returns the time.monotonic() it became true."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if await condition():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(every_s)
-
-
 @dataclass(frozen=True)
 class Span:
     """A relay's run over a backlog: from its first fetch to its last offset committed."""
@@ -389,10 +344,10 @@ async def first_fetch_to_last_commit(
             relay.check_alive()
             return await committed(admin, topics.group, topics.input) == ends
 
-        first_fetch = await wait_for(fetched, timeout_s=120, every_s=0.01, what="a fetch")
+        first_fetch = await wait_until(fetched, timeout_s=120, interval_s=0.01, what="a fetch")
         cpu_before = relay.cpu_seconds()
-        last_commit = await wait_for(
-            all_committed, timeout_s=timeout_s, every_s=every_s, what="the last offset committed"
+        last_commit = await wait_until(
+            all_committed, timeout_s=timeout_s, interval_s=every_s, what="the last offset committed"
         )
         return Span(first_fetch, last_commit, relay.cpu_seconds() - cpu_before)
     finally:

@@ -34,8 +34,8 @@ from bench.common import (
     say,
     simulator,
     values_of,
-    wait_for,
 )
+from tests.wait_support import wait_until
 
 LIGHT_LOAD_GROUPS = 5
 
@@ -85,7 +85,7 @@ async def run(rate_per_s: float, seconds: float, linger_ms: int) -> dict[str, An
                     ready = metrics.get("scm_relay_ready", 0) == 1
                     return ready and metrics.get("scm_relay_intake_paused", 1) == 0
 
-                await wait_for(reading, timeout_s=60, what="the relay to read")
+                await wait_until(reading, timeout_s=60, what="the relay to read")
                 say(f"latency: {rate_per_s} events/s for {seconds} s, linger {linger_ms} ms")
                 produced = await paced_produce(bootstrap, topics.input, rate_per_s, seconds)
 
@@ -93,7 +93,7 @@ async def run(rate_per_s: float, seconds: float, linger_ms: int) -> dict[str, An
                     relay.check_alive()
                     return produced.keys() <= account.arrivals.keys()
 
-                await wait_for(all_arrived, timeout_s=60, every_s=0.2, what="every upload")
+                await wait_until(all_arrived, timeout_s=60, interval_s=0.2, what="every upload")
     latencies_ms = [(account.arrivals[code] - at) * 1000 for code, at in produced.items()]
     p50 = statistics.median(latencies_ms)
     p99 = percentile(latencies_ms, 0.99)

@@ -37,9 +37,9 @@ from bench.common import (
     relay_process,
     say,
     simulator,
-    wait_for,
 )
 from bench.drain import API_UPLOADS_PER_S, API_VALUES_PER_UPLOAD, REAL_LIMITS, backlog
+from tests.wait_support import wait_until
 
 PARTITIONS = 6
 
@@ -81,9 +81,9 @@ async def scale_out_drain(
                     relay.check_alive()
                 return await committed(admin, topics.group, topics.input) == ends
 
-            await wait_for(fetched, timeout_s=120, every_s=0.01, what="a fetch")
+            await wait_until(fetched, timeout_s=120, interval_s=0.01, what="a fetch")
             started = time.monotonic()
-            await wait_for(all_committed, timeout_s=1200, every_s=0.05, what="the last commit")
+            await wait_until(all_committed, timeout_s=1200, interval_s=0.05, what="the last commit")
             seconds = time.monotonic() - started
         finally:
             await admin.close()

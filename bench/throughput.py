@@ -36,7 +36,6 @@ from aiokafka import AIOKafkaConsumer
 from bench.common import (
     INSTANT_API,
     REPO,
-    Topics,
     best_fill,
     create_topics,
     first_fetch_to_last_commit,
@@ -47,9 +46,10 @@ from bench.common import (
     relay_process,
     say,
     simulator,
-    wait_for,
 )
 from service.core.contract import parse_event
+from tests.kafka_support import Topics
+from tests.wait_support import wait_until
 
 STATUS_ROUTES = ("task", "tasks_bulk", "task_list", "task_group")
 
@@ -113,7 +113,7 @@ async def relay_end_to_end(
                 metrics.get("scm_relay_tasks_finished_total", 0) >= account.stats.uploads_accepted
             )
 
-        await wait_for(all_finished, timeout_s=300, every_s=0.2, what="every task finished")
+        await wait_until(all_finished, timeout_s=300, interval_s=0.2, what="every task finished")
         finished = (await relay.metrics()).get("scm_relay_tasks_finished_total", 0)
     stats = account.stats
     status_requests = sum(stats.requests[route] for route in STATUS_ROUTES)

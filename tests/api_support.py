@@ -119,14 +119,6 @@ async def client(
         yield started
 
 
-async def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
-    """Poll an async predicate."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 @asynccontextmanager
 async def raw_server(answer: bytes, received: list[bytes] | None = None) -> AsyncIterator[str]:
     """A TCP server that answers every request with these bytes, then closes; the head of

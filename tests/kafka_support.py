@@ -11,7 +11,7 @@ import asyncio
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.wait_support import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = REPO_ROOT / "deploy" / "local-kafka" / "kafka-local"
@@ -78,6 +80,27 @@ class LocalBroker:
 
 
 @dataclass
+class Topics:
+    """A fresh set of relay topics, and the relay's consumer group on them."""
+
+    input: str
+    results: str
+    dlq: str
+    tasks: str
+    group: str
+
+    def settings(self) -> dict[str, str]:
+        """The relay's settings that name these topics and the group."""
+        return {
+            "input_topic": self.input,
+            "results_topic": self.results,
+            "dlq_topic": self.dlq,
+            "tasks_topic": self.tasks,
+            "kafka_group_id": self.group,
+        }
+
+
+@dataclass
 class TopicFactory:
     """Creates uuid-named topics on the test broker through one admin client."""
 
@@ -130,22 +153,6 @@ async def admin_client(bootstrap_servers: str) -> AsyncIterator[AIOKafkaAdminCli
         yield admin
     finally:
         await admin.close()
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]],
-    *,
-    what: str,
-    timeout_s: float = CALL_TIMEOUT_S,
-    interval_s: float = 0.2,
-) -> None:
-    """Poll `condition` until it is true; fail naming `what` after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await condition():
-        if loop.time() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(interval_s)
 
 
 def committed_reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,19 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from service.app import run_relay
 from service.settings import Settings, flat_values
-from tests.api_support import TOKEN
-from tests.kafka_support import TopicFactory, committed_reader, read_all, unique_name
-
-
-@dataclass
-class Topics:
-    """A fresh set of relay topics."""
-
-    input: str
-    results: str
-    dlq: str
-    tasks: str
-    group: str
+from tests.api_support import TOKEN, Simulator
+from tests.kafka_support import TopicFactory, Topics, committed_reader, read_all, unique_name
 
 
 async def make_topics(factory: TopicFactory, partitions: int = 3) -> Topics:
@@ -229,6 +219,24 @@ async def relay_process(
             if process.returncode is None:
                 process.kill()
             await process.wait()
+
+
+async def sigkill_while_uploading(
+    settings: Settings,
+    log: Path,
+    sim: Simulator,
+    kills: int,
+    *,
+    uploads: int = 5,
+    timeout_s: float = 60,
+) -> None:
+    """Start the relay process `kills` times, and SIGKILL it each time once the simulator
+    has accepted `uploads` more uploads; each must die of that signal."""
+    for kill in range(kills):
+        async with relay_process(settings, log) as process:
+            await sim.wait_uploads(sim.account.stats.uploads_accepted + uploads, timeout_s)
+            process.send_signal(signal.SIGKILL)
+            assert await process.wait() == -signal.SIGKILL, kill
 
 
 def holds_partitions(log: Path) -> bool:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from service.settings import Settings
-from tests.pipeline_support import Topics, relay_environment, relay_settings
+from tests.kafka_support import Topics
+from tests.pipeline_support import relay_environment, relay_settings
 
 
 @dataclass

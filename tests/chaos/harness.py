@@ -31,9 +31,8 @@ from tests.api_support import Simulator, simulator
 from tests.chaos.backlog import INVALID, Backlog, publish_lanes
 from tests.integration.test_exactly_once import a_b_a_events, everything_settled
 from tests.integration.test_pipeline_resilience import GROUP, by_code, one_code_events
-from tests.kafka_support import TopicFactory, admin_client
+from tests.kafka_support import TopicFactory, Topics, admin_client
 from tests.pipeline_support import (
-    Topics,
     holds_partitions,
     ledger_task_ids,
     make_topics,
@@ -42,6 +41,7 @@ from tests.pipeline_support import (
     relay_process,
     relay_settings,
 )
+from tests.wait_support import wait_until
 
 STEADY = Faults(pending_delay_s=0.05, progress_delay_s=0.05, jitter_s=0.05)
 
@@ -155,10 +155,12 @@ class Case:
 
     async def joined(self, name: str, timeout_s: float = 90) -> None:
         """Wait until relay `name` has been assigned input partitions."""
-        deadline = time.monotonic() + timeout_s
-        while not holds_partitions(self.log_path(name)):
-            assert time.monotonic() < deadline, f"relay {name} never got partitions"
-            await asyncio.sleep(0.2)
+        await wait_until(
+            lambda: holds_partitions(self.log_path(name)),
+            what=f"relay {name} to get partitions",
+            timeout_s=timeout_s,
+            interval_s=0.2,
+        )
 
     async def progress(self, uploads: int, timeout_s: float = 120) -> None:
         """Wait until `uploads` more uploads were accepted (or the backlog's last one)."""

@@ -37,9 +37,8 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from tests.api_support import Simulator, simulator
 from tests.clients.publishers import CLIENTS, CODECS, KAFKA_LOCAL, Outgoing, publish
-from tests.kafka_support import TopicFactory, admin_client, unique_name
+from tests.kafka_support import TopicFactory, Topics, admin_client, unique_name
 from tests.pipeline_support import (
-    Topics,
     committed_offsets,
     end_offsets,
     relay_settings,

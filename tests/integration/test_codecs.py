@@ -31,7 +31,7 @@ from tests.clients.codec_matrix import (
     topic_cases,
 )
 from tests.clients.publishers import CODECS, Outgoing, publish
-from tests.kafka_support import TopicFactory, wait_until
+from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     committed_offsets,
     end_offsets,
@@ -40,6 +40,7 @@ from tests.pipeline_support import (
     relay_settings,
     running_relay,
 )
+from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 

@@ -28,9 +28,8 @@ from tests.integration.test_pipeline_resilience import (
     by_code,
     one_code_events,
 )
-from tests.kafka_support import TopicFactory
+from tests.kafka_support import TopicFactory, Topics
 from tests.pipeline_support import (
-    Topics,
     event,
     holds_partitions,
     ledger_task_ids,
@@ -42,8 +41,10 @@ from tests.pipeline_support import (
     relay_settings,
     results,
     running_relay,
+    sigkill_while_uploading,
     wait_for_commit,
 )
+from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -125,10 +126,11 @@ async def everything_settled(
     """Wait until the input is committed to its end, no intent is open and every task the
     simulator created has a result; returns the results."""
     await wait_for_commit(bootstrap, topics, timeout_s=timeout_s)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while await open_intents(bootstrap, topics.tasks):
-        assert asyncio.get_running_loop().time() < deadline, "an intent never closed"
-        await asyncio.sleep(0.5)
+
+    async def all_closed() -> bool:
+        return not await open_intents(bootstrap, topics.tasks)
+
+    await wait_until(all_closed, what="every intent to close", timeout_s=timeout_s, interval_s=0.5)
     outcomes = await results(bootstrap, topics.results, expected=len(sim.account.tasks))
     return [o for o in outcomes if o.get("kind", "result") == "result"]
 
@@ -208,11 +210,7 @@ async def test_sigkills_with_lost_answers_and_5xx_update_no_code_twice(
         )
         await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
         log = tmp_path / "relay.log"
-        for kill in range(kills):
-            async with relay_process(settings, log) as process:
-                await sim.wait_uploads(sim.account.stats.uploads_accepted + 5, timeout_s=90)
-                process.send_signal(signal.SIGKILL)
-                assert await process.wait() == -signal.SIGKILL, kill
+        await sigkill_while_uploading(settings, log, sim, kills, timeout_s=90)
         async with relay_process(settings, log) as process:
             finished = await everything_settled(kafka_bootstrap, topics, sim, timeout_s=240)
             process.send_signal(signal.SIGTERM)
@@ -351,10 +349,12 @@ async def test_a_paused_replica_neither_uploads_nor_commits_after_its_partitions
         async with relay_process(first, log_a) as paused, relay_process(second, log_b) as other:
             await sim.wait_uploads(20, timeout_s=90)
             # Paused while it holds partitions (it may still be starting on a busy machine).
-            deadline = asyncio.get_running_loop().time() + 90
-            while not (holds_partitions(log_a) and holds_partitions(log_b)):
-                assert asyncio.get_running_loop().time() < deadline, "a replica never joined"
-                await asyncio.sleep(0.2)
+            await wait_until(
+                lambda: holds_partitions(log_a) and holds_partitions(log_b),
+                what="both replicas to join",
+                timeout_s=90,
+                interval_s=0.2,
+            )
             paused.send_signal(signal.SIGSTOP)
             at_pause = sim.account.stats.uploads_accepted
             await asyncio.sleep(30)

@@ -24,8 +24,8 @@ from tests.kafka_support import (
     TopicFactory,
     committed_reader,
     read_all,
-    wait_until,
 )
+from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 

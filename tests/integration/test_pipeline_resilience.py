@@ -35,8 +35,10 @@ from tests.pipeline_support import (
     relay_settings,
     results,
     running_relay,
+    sigkill_while_uploading,
     wait_for_commit,
 )
+from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 STEADY = Faults(pending_delay_s=0.05, progress_delay_s=0.05, jitter_s=0.05)
@@ -114,11 +116,7 @@ async def test_sigkill_mid_stream_loses_nothing(
         )
         await publish(kafka_bootstrap, topics.input, one_code_events(count), key_of=by_code)
         log = tmp_path / "relay.log"
-        for kill in range(kills):
-            async with relay_process(settings, log) as process:
-                await sim.wait_uploads(sim.account.stats.uploads_accepted + 5, timeout_s=60)
-                process.send_signal(signal.SIGKILL)
-                assert await process.wait() == -signal.SIGKILL, kill
+        await sigkill_while_uploading(settings, log, sim, kills)
         async with relay_process(settings, log) as process:
             await wait_for_commit(kafka_bootstrap, topics, timeout_s=120)
             process.send_signal(signal.SIGTERM)
@@ -345,11 +343,12 @@ async def test_a_stop_while_uploads_are_parked_after_a_403_is_not_held_up(
         await publish(kafka_bootstrap, topics.input, one_code_events(20), key_of=by_code)
         stop = asyncio.Event()
         relay = RunningRelay(stop, asyncio.create_task(app.run_relay(settings, stop)))
-        deadline = asyncio.get_running_loop().time() + 30
-        while sim.account.stats.statuses["4xx"] == 0:
+
+        def called() -> bool:
             relay.check_alive()
-            assert asyncio.get_running_loop().time() < deadline, "the API was never called"
-            await asyncio.sleep(0.1)
+            return sim.account.stats.statuses["4xx"] > 0
+
+        await wait_until(called, what="the API to be called", timeout_s=30, interval_s=0.1)
         await asyncio.sleep(0.5)
         elapsed = await stop_and_time(relay)
         print(f"stopped while uploads were parked after a 403: exited in {elapsed:.1f} s")

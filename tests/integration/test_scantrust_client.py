@@ -24,7 +24,8 @@ from service.scantrust.outcomes import (
     Throttled,
     Unavailable,
 )
-from tests.api_support import TOKEN, RecordingObserver, client, config, simulator, wait_for
+from tests.api_support import TOKEN, RecordingObserver, client, config, simulator
+from tests.wait_support import wait_until
 
 MARKET = UploadRequest(
     constraints={"extended_id": ["11X000001", "11X000002", "unknown-code"]},
@@ -49,7 +50,7 @@ async def finished(api: ScantrustClient, task_id: str) -> ApiTask:
         result = answer
         return answer.finished
 
-    await wait_for(done)
+    await wait_until(done, what=f"task {task_id} to finish", timeout_s=10.0, interval_s=0.02)
     assert result is not None
     return result
 

@@ -27,8 +27,10 @@ from tests.pipeline_support import (
     relay_settings,
     results,
     running_relay,
+    sigkill_while_uploading,
     wait_for_commit,
 )
+from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -161,11 +163,7 @@ async def test_each_task_yields_exactly_one_result_across_kills_and_a_takeover(
         base = relay_settings(kafka_bootstrap, sim.base_url, topics, upload_rate_per_s=5)
         log = tmp_path / "relay.log"
         await publish(kafka_bootstrap, topics.input, events)
-        for kill in range(3):
-            async with relay_process(base, log) as process:
-                await sim.wait_uploads(sim.account.stats.uploads_accepted + 6)
-                process.send_signal(signal.SIGKILL)
-                assert await process.wait() == -signal.SIGKILL, kill
+        await sigkill_while_uploading(base, log, sim, 3, uploads=6)
         first, second = (
             base.model_copy(
                 update={"kafka": base.kafka.model_copy(update={"transactional_id": txn_id})}
@@ -176,7 +174,12 @@ async def test_each_task_yields_exactly_one_result_across_kills_and_a_takeover(
             async with relay_process(second, tmp_path / "leaver.log") as leaver:
                 # A SIGTERM while it still starts up (a loaded machine) would take nothing
                 # over: it leaves once it holds partitions.
-                await _holds_partitions(tmp_path / "leaver.log")
+                await wait_until(
+                    lambda: holds_partitions(tmp_path / "leaver.log"),
+                    what="the leaver to get partitions",
+                    timeout_s=90,
+                    interval_s=0.2,
+                )
                 await asyncio.sleep(4)
                 leaver.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(leaver.wait(), 60) == 0
@@ -198,13 +201,6 @@ async def test_each_task_yields_exactly_one_result_across_kills_and_a_takeover(
     assert sorted(set(counts) - created) == [], "a result names a task the API did not create"
     assert sorted(n for n in counts.values() if n != 1) == [], "a task has two results"
     assert sorted(recorded) == sorted(created), "a task created at the API is not recorded once"
-
-
-async def _holds_partitions(log: Path, timeout_s: float = 90) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not holds_partitions(log):
-        assert asyncio.get_running_loop().time() < deadline, "the relay never got partitions"
-        await asyncio.sleep(0.2)
 
 
 async def _results_until(

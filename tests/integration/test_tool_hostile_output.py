@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaProducer
 
 from service.core.contract import Reason, Stage
 from service.core.records import DeadLetterHeaders
-from tests.kafka_support import TopicFactory
-from tests.pipeline_support import Topics, make_topics
+from tests.kafka_support import TopicFactory, Topics
+from tests.pipeline_support import make_topics
 from tests.tool_support import ToolRun, scm_relay, tool_settings
 
 pytestmark = pytest.mark.kafka

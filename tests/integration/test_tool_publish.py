@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.kafka_support import TopicFactory
-from tests.pipeline_support import Topics, make_topics, read_topic, relay_environment
+from tests.kafka_support import TopicFactory, Topics
+from tests.pipeline_support import make_topics, read_topic, relay_environment
 from tests.tool_support import ToolRun, scm_relay, tool_settings
 
 pytestmark = pytest.mark.kafka

@@ -29,6 +29,7 @@ from tests.integration.test_kafka_features import started  # the model's clients
 from tests.kafka_support import CALL_TIMEOUT_S, TopicFactory, unique_name
 from tests.sim.kafka import Broker, SimAdmin, SimConsumer, SimProducer
 from tests.sim.vloop import REPLICA, VirtualLoop
+from tests.wait_support import wait_until
 
 T = TypeVar("T")
 
@@ -175,11 +176,9 @@ class KafkaCluster(Cluster):
             async with started(self.consumer(topic, read_committed=False)) as reader:
                 return len(await drain(reader)) < records
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while not await cleaned():
-            assert loop.time() < deadline, f"the log cleaner did not compact {topic}"
-            await asyncio.sleep(0.5)
+        await wait_until(
+            cleaned, what=f"the log cleaner to compact {topic}", timeout_s=60, interval_s=0.5
+        )
 
     def spawn(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> Frozen:
         thread = _Thread(name, body)
@@ -377,16 +376,6 @@ async def drain(consumer: Any, *partitions: TopicPartition) -> list[tuple[Any, .
             return records
         for batch in batches.values():
             records += [(r.partition, r.offset, r.key, r.value) for r in batch]
-
-
-async def until(
-    condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = CALL_TIMEOUT_S
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await condition():
-        assert loop.time() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def numbers(partitions: Collection[TopicPartition]) -> list[int]:

@@ -41,8 +41,8 @@ from tests.sim.model_support import (
     of,
     on_both,
     send,
-    until,
 )
+from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -226,7 +226,7 @@ async def fenced_commits(cluster: Cluster) -> list[Any]:
                 await first.getmany(timeout_ms=100)
                 return cluster.membership(first, group).generation_id > stale.generation_id
 
-            await until(first_rejoined, "the first member to rejoin")
+            await wait_until(first_rejoined, what="the first member to rejoin")
             current = cluster.membership(first, group)
             seen.append(("rejoined", current.generation_id, numbers(first.assignment())))
             seen.append(("stale", await commit_in_transaction(producer, sink, tp, 9, stale)))
@@ -391,7 +391,9 @@ async def transaction_timeouts(cluster: Cluster) -> list[Any]:
             await producer.begin_transaction()
             await send(producer, topic, b"too slow", partition=partition)
             sent.append(loop.time())
-        await until(aborts, "the broker to abort both transactions", 3 * TXN_SWEEP_S)
+        await wait_until(
+            aborts, what="the broker to abort both transactions", timeout_s=3 * TXN_SWEEP_S
+        )
         for partition, producer in enumerate(producers):
             # Past the timeout, by at most a sweep (and the reader's fetch, under a second).
             late = aborted[partition] - sent[partition] <= 1.0 + TXN_SWEEP_S + 1.0
@@ -508,8 +510,12 @@ async def joining(cluster: Cluster) -> list[Any]:
         b = member(cluster, "b", topic, group, events, times)
         async with started(b):
             seen.append(("b started with", numbers(b.assignment())))
-            await until(lambda: has(events, Event("a", "assigned", (0, 2, 4), 2, True)), "a")
-        await until(lambda: has(events, Event("a", "assigned", (0, 1, 2, 3, 4), 3, True)), "a")
+            await wait_until(
+                lambda: has(events, Event("a", "assigned", (0, 2, 4), 2, True)), what="a"
+            )
+        await wait_until(
+            lambda: has(events, Event("a", "assigned", (0, 1, 2, 3, 4), 3, True)), what="a"
+        )
         polling.stopped = True
         await poller
     seen.append(("a", of(events, "a")))
@@ -565,21 +571,31 @@ async def eviction(cluster: Cluster) -> list[Any]:
                 await a.getmany(timeout_ms=100)
 
     frozen_a = cluster.spawn("a", run_a)
-    await until(lambda: has(events, Event("a", "assigned", (0, 1, 2, 3), 1, True)), "a")
+    await wait_until(lambda: has(events, Event("a", "assigned", (0, 1, 2, 3), 1, True)), what="a")
     b = member(cluster, "b", topic, group, events, times)
     async with started(b):
         polling = Poller(b, "b", events, note=False)
         poller = asyncio.create_task(polling.run())
-        await until(lambda: has(events, Event("a", "assigned", (0, 2), 2, True)), "a rejoined")
+        await wait_until(
+            lambda: has(events, Event("a", "assigned", (0, 2), 2, True)), what="a rejoined"
+        )
         froze = asyncio.get_running_loop().time()
         frozen_a.freeze(8.0)
         took_all = Event("b", "assigned", (0, 1, 2, 3), 3, True)
-        await until(lambda: has(events, took_all), "b to take a's partitions", 20.0)
+        await wait_until(
+            lambda: has(events, took_all), what="b to take a's partitions", timeout_s=20.0
+        )
         evicted = times[took_all] - froze
         in_window = SESSION_MS / 1000 - HEARTBEAT_MS / 1000 <= evicted <= SESSION_MS / 1000 + 1.5
         seen.append(("evicted after the session timeout", in_window))
-        await until(lambda: has(events, Event("a", "assigned", (0, 2), 4, True)), "a back", 20)
-        await until(lambda: has(events, Event("b", "assigned", (1, 3), 4, True)), "b", 20)
+        await wait_until(
+            lambda: has(events, Event("a", "assigned", (0, 2), 4, True)),
+            what="a back",
+            timeout_s=20,
+        )
+        await wait_until(
+            lambda: has(events, Event("b", "assigned", (1, 3), 4, True)), what="b", timeout_s=20
+        )
         polling.stopped = True
         stopped[0] = True
         await poller
@@ -617,8 +633,12 @@ async def laggard(cluster: Cluster) -> list[Any]:
         async with started(b):
             b_polling = Poller(b, "b", events, note=False)
             b_poller = asyncio.create_task(b_polling.run())
-            await until(lambda: has(events, Event("b", "assigned", (1, 3), 3, True)), "b", 20)
-            await until(lambda: has(events, Event("a", "assigned", (0, 2), 3, True)), "a", 20)
+            await wait_until(
+                lambda: has(events, Event("b", "assigned", (1, 3), 3, True)), what="b", timeout_s=20
+            )
+            await wait_until(
+                lambda: has(events, Event("a", "assigned", (0, 2), 3, True)), what="a", timeout_s=20
+            )
             polling.stopped = b_polling.stopped = True
             await asyncio.gather(poller, b_poller)
     return [("a", of(events, "a")), ("b", of(events, "b"))]
@@ -649,7 +669,9 @@ async def slow_revocation(cluster: Cluster) -> list[Any]:
     a = member(cluster, "a", topic, group, events, times, revoke_s=8.0, rebalance_timeout_ms=12_000)
     b = member(cluster, "b", topic, group, events, times, rebalance_timeout_ms=12_000)
     async with started(a), started(b):
-        await until(lambda: has(events, Event("a", "assigned", (0, 2), 2, True)), "a", 20)
+        await wait_until(
+            lambda: has(events, Event("a", "assigned", (0, 2), 2, True)), what="a", timeout_s=20
+        )
     return [("a", of(events, "a")), ("b", of(events, "b"))]
 
 
@@ -675,8 +697,12 @@ async def poll_timeout(cluster: Cluster) -> list[Any]:
         poller = asyncio.create_task(polling.run())
         await asyncio.sleep(0.5)
         polling.idle_s = 2.5
-        await until(lambda: has(events, Event("a", "polls again")), "a to poll again", 10)
-        await until(lambda: has(events, Event("a", "assigned", (0, 1), 3, True)), "a", 10)
+        await wait_until(
+            lambda: has(events, Event("a", "polls again")), what="a to poll again", timeout_s=10
+        )
+        await wait_until(
+            lambda: has(events, Event("a", "assigned", (0, 1), 3, True)), what="a", timeout_s=10
+        )
         polling.stopped = True
         await poller
     return of(events, "a")

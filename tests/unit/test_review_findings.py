@@ -5,12 +5,11 @@ good. They fail on the reviewed change on purpose (the owner fixes the service).
 from __future__ import annotations
 
 import asyncio
-import random
+from contextlib import suppress
 from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry
 
 from service.core.batching import Batch, Batcher, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
@@ -21,28 +20,26 @@ from service.core.offsets import (
     encode_progress,
     progress_digest,
 )
-from service.metrics import RelayMetrics
-from service.relay.admission import Admission
+from service.core.records import IntentRecord
 from service.relay.book import OffsetBook
-from service.relay.health import ApiHealth
-from service.relay.intake import Intake
 from service.relay.intents import carried, resolution_batch
 from service.relay.messages import (
     BatchAbandoned,
     BatchRevokedError,
-    IntakeMessage,
+    IntentOpened,
     IntentWrite,
     LedgerAppend,
     LedgerCaughtUp,
-    Mailbox,
     Resolution,
 )
 from service.relay.uploaders import Uploaders
 from service.scantrust.outcomes import Throttled
-from tests.unit.relay.fakes import FakeAdmin, FakeApi, FakeConsumer, Inbox, change, config
-from tests.unit.relay.support import batch
-from tests.unit.relay.test_intake import Committer, Queue, values
-from tests.unit.relay.test_uploaders import Recorder
+from tests.unit.relay.fakes import FakeApi, Inbox, change
+from tests.unit.relay.support import batch, dead_letter
+from tests.unit.relay.test_intake import Rig, rig, running, values
+from tests.unit.relay.test_intents import committer, intent
+from tests.unit.relay.test_uploaders import Recorder, uploaders
+from tests.wait_support import eventually
 
 # -- 1. A progress record newer than the commit point the new owner fetched ------------
 
@@ -81,28 +78,29 @@ class Ledger:
         return self._progress.get((topic, partition))
 
 
-def ledger_intake(
-    consumer: FakeConsumer, admin: FakeAdmin, ledger: Any
-) -> tuple[Intake, Mailbox[IntakeMessage], Queue]:
-    """Intake over the fakes, one value per batch, with the ledger view given."""
-    inbox, queue = Mailbox[IntakeMessage](100), Queue()
-    health = ApiHealth()
-    health.accepted("me")
-    intake = Intake(
-        config(batch_max_values=1),
-        consumer=consumer,
-        group_offsets=admin,
-        inbox=inbox,
-        admission=Admission(Batcher(max_values=1, max_keys=1, linger_s=0.05, max_open_batches=100)),
-        book=OffsetBook(),
-        uploaders=queue,
-        committer=Committer(),
-        health=health,
-        metrics=RelayMetrics(CollectorRegistry()),
-        clock=lambda: asyncio.get_running_loop().time(),
-        ledger=ledger,
-    )
-    return intake, inbox, queue
+async def resuming_intake(ledger: Any, named: bytes, codes: str) -> Rig:
+    """Intake over the fakes, one value per batch, with the ledger view given, taking
+    over partition 0 (one event per code) whose group offset 0 names the progress record
+    `named` by its digest; assigned and told the ledger has caught up."""
+    subject = rig(batch_max_values=1, max_open_batches=100, ledger=ledger)
+    tp = TopicPartition("in", 0)
+    subject.admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(named))
+    for code in codes:
+        subject.consumer.append(change([code]))
+    await subject.intake.partitions_assigned({tp})
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    return subject
+
+
+async def with_an_orphan() -> tuple[Rig, IntentRecord]:
+    """Intake (a short revoke deadline) holding one event, "a", at an intent of another
+    process's that is open and due to be resolved; told the ledger has caught up."""
+    subject = rig(rebalance_timeout_s=0.2)
+    offset = subject.consumer.append(change(["a"]))
+    orphan = intent(["a"], [(0, offset)], resolve_in_s=-1)
+    await subject.inbox.tell(IntentOpened(orphan))
+    await subject.inbox.tell(LedgerCaughtUp(0))
+    return subject, orphan
 
 
 async def test_intake_does_not_resend_what_a_newer_committed_progress_record_covers() -> None:
@@ -111,25 +109,13 @@ async def test_intake_does_not_resend_what_a_newer_committed_progress_record_cov
     newer one, committed with offset 2. Events 0 and 1 are recorded already."""
     older = encode_progress("in", 0, Progress(0, (), {}))
     newer = encode_progress("in", 0, Progress(2, (), {}))
-    consumer, admin = FakeConsumer("in", 1), FakeAdmin()
-    intake, inbox, queue = ledger_intake(consumer, admin, Ledger({("in", 0): newer}))
-    tp = TopicPartition("in", 0)
-    admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(older))
-    for code in "abc":
-        consumer.append(change([code]))
-    await intake.partitions_assigned({tp})
-    await inbox.tell(LedgerCaughtUp(0))
-    stop = asyncio.Event()
-    task = asyncio.create_task(intake.run(stop))
-    try:
-        async with asyncio.timeout(2):
-            while not queue.batches:  # noqa: ASYNC110 - the fakes do not notify
-                await asyncio.sleep(0.01)
+    subject = await resuming_intake(Ledger({("in", 0): newer}), older, "abc")
+    async with running(subject):
+        await eventually(lambda: subject.queue.batches)
         await asyncio.sleep(0.2)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
-    assert values(queue.batches) == [["c"]], "events the newer record covers were sent again"
+    assert values(subject.queue.batches) == [["c"]], (
+        "events the newer record covers were sent again"
+    )
 
 
 # -- 2. An event held in flight that the other owner finished: the partition stalls -----
@@ -208,17 +194,10 @@ class SlowLookupApi(FakeApi):
         return page
 
 
-def _uploaders(api: FakeApi, recorder: Recorder, inbox: Inbox, owned: list[bool]) -> Uploaders:
-    return Uploaders(
-        config(),
-        api=api,
-        committer=recorder,
-        intake=inbox,
-        health=ApiHealth(),
-        metrics=RelayMetrics(CollectorRegistry()),
-        owns=lambda _batch: owned[0],
-        rng=random.Random(7),
-    )
+def _uploaders(
+    api: FakeApi, recorder: Recorder, inbox: Inbox, owned: list[bool], **settings: Any
+) -> Uploaders:
+    return uploaders(api, recorder, inbox, owns=lambda _batch: owned[0], **settings)
 
 
 def _recorded(recorder: Recorder) -> list[str]:
@@ -258,9 +237,7 @@ async def test_a_lookup_answered_after_the_revoke_does_not_record_the_task_the_n
             resolution_batch(intent, []), intent, [carried(source) for source in intent.events]
         )
     )
-    async with asyncio.timeout(5):
-        while not resolver.items:  # noqa: ASYNC110 - the fakes do not notify
-            await asyncio.sleep(0.01)
+    await eventually(lambda: resolver.items, timeout_s=5)
     api.answer.set()  # R1's lookup answers now
     await asyncio.sleep(0.3)
     await r1.drain([], 1.0, 1.0)
@@ -314,21 +291,10 @@ async def test_a_batch_given_up_at_a_refused_renewal_names_the_intent_it_wrote()
     owned = [True]
     recorder, inbox = RefusingRecorder(owned), Inbox()
     api = ThrottledApi(owned)
-    stage = Uploaders(
-        config(intent_send_window_s=0.1),
-        api=api,
-        committer=recorder,
-        intake=inbox,
-        health=ApiHealth(),
-        metrics=RelayMetrics(CollectorRegistry()),
-        owns=lambda _batch: owned[0],
-        rng=random.Random(7),
-    )
+    stage = _uploaders(api, recorder, inbox, owned, intent_send_window_s=0.1)
     runner = asyncio.create_task(stage.run())
     await stage.put(batch(["a"]))
-    async with asyncio.timeout(5):
-        while not inbox.messages:  # noqa: ASYNC110 - the fakes do not notify
-            await asyncio.sleep(0.01)
+    await eventually(lambda: inbox.messages, timeout_s=5)
     await stage.drain([], 1.0, 1.0)
     await asyncio.wait_for(runner, 5)
     (abandoned,) = [m for m in inbox.messages if isinstance(m, BatchAbandoned)]
@@ -366,12 +332,8 @@ async def test_an_orphan_whose_events_span_past_the_read_ahead_bound_is_still_re
     await subject.inbox.tell(IntentOpened(orphan))
     await subject.inbox.tell(LedgerCaughtUp(0))
     async with running(subject):
-        try:
-            async with asyncio.timeout(2):
-                while not subject.queue.resolutions:  # noqa: ASYNC110 - the fakes do not notify
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            pass
+        with suppress(TimeoutError):  # the assertion below says what was not reached
+            await eventually(lambda: subject.queue.resolutions, interval_s=0.02)
     read_to = subject.consumer.positions[0]
     assert subject.queue.resolutions, (
         f"the orphan was never resolved: the partition paused at offset {read_to}, "
@@ -466,21 +428,11 @@ async def test_an_orphan_is_resolved_once_although_a_rebalance_came_while_it_was
     read and held again, and `due()` hands the same intent out once more: two uploaders
     resolve one intent. When the API answers, both find no task and both send the
     batch (two tasks, codes updated twice), or both adopt the one task (recorded twice)."""
-    from service.relay.messages import IntentOpened
-    from tests.unit.relay.test_intake import rig, running
-    from tests.unit.relay.test_intents import intent
-
-    subject = rig(rebalance_timeout_s=0.2)
+    subject, orphan = await with_an_orphan()
     tp = TopicPartition("in", 0)
-    offset = subject.consumer.append(change(["a"]))
-    orphan = intent(["a"], [(0, offset)], resolve_in_s=-1)
-    await subject.inbox.tell(IntentOpened(orphan))
-    await subject.inbox.tell(LedgerCaughtUp(0))
     started: list[Resolution] = []
     async with running(subject):
-        async with asyncio.timeout(2):
-            while not subject.queue.resolutions:  # noqa: ASYNC110 - the fakes do not notify
-                await asyncio.sleep(0.01)
+        await eventually(lambda: subject.queue.resolutions)
         # An uploader took it and is looking the task up (not queued any more).
         started += subject.queue.resolutions
         subject.queue.resolutions = []
@@ -522,24 +474,12 @@ async def test_intake_waits_for_the_progress_record_its_commit_point_names() -> 
     once, here nothing, and sends again the event the committed record says is done."""
     record = encode_progress("in", 0, Progress(0, (1,), {}))
     ledger = LaggingLedger({("in", 0): record})
-    consumer, admin = FakeConsumer("in", 1), FakeAdmin()
-    intake, inbox, queue = ledger_intake(consumer, admin, ledger)
-    tp = TopicPartition("in", 0)
-    admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(record))
-    for code in "abc":
-        consumer.append(change([code]))
-    await intake.partitions_assigned({tp})
-    await inbox.tell(LedgerCaughtUp(0))
-    stop = asyncio.Event()
-    task = asyncio.create_task(intake.run(stop))
-    try:
+    subject = await resuming_intake(ledger, record, "abc")
+    async with running(subject):
         await asyncio.sleep(0.3)
         ledger.caught_up = True  # the view reads the record now
         await asyncio.sleep(1.5)  # intake asks where the ledger ends once a second
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
-    assert values(queue.batches) == [["a"], ["c"]], (
+    assert values(subject.queue.batches) == [["a"], ["c"]], (
         "an event the committed record covers went again"
     )
 
@@ -554,34 +494,13 @@ async def test_a_hold_whose_flush_timed_out_does_not_hold_the_committer_after_re
     and the transaction that commits it holds the committer again, now for good: nothing
     is committed until the next rebalance (uploads wait for their records, intents are
     never written, intake fills up and pauses)."""
-    from service.core.contract import Reason, Stage
-    from service.core.records import DeadLetterHeaders
-    from service.relay.committer import Committer as RealCommitter
-    from service.relay.ledger import WrittenRecords
-    from service.relay.messages import DeadLetter
     from tests.unit.relay.fakes import FakeAccounting, FakeProducer
-    from tests.unit.relay.test_intents import Membership
 
     producer, accounting = FakeProducer(), FakeAccounting()
-    stage = RealCommitter(
-        config(),
-        producer=producer,
-        accounting=accounting,
-        written=WrittenRecords(),
-        metrics=RelayMetrics(CollectorRegistry()),
-        membership=Membership(),
-    )
+    stage = committer(producer, accounting)
     runner = asyncio.create_task(stage.run())
     producer.hold_commit = asyncio.Event()  # the broker is slow to commit
-    headers = DeadLetterHeaders(
-        stage=Stage.DECODE,
-        reason=Reason.INVALID_JSON,
-        message="x",
-        source_topic="in",
-        source_partition=0,
-        source_offset=0,
-    )
-    await stage.submit(DeadLetter(Source("in", 0, 0), b"{", None, headers))
+    await stage.submit(dead_letter(0))
     await asyncio.sleep(0.05)  # its transaction waits for the broker
     try:
         async with asyncio.timeout(0.1):  # intake's revoke deadline

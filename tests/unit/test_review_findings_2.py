@@ -9,16 +9,16 @@ import asyncio
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry
 
-from service.core.offsets import METADATA_PREFIX, Progress, encode_progress, progress_digest
-from service.metrics import RelayMetrics
+from service.core.offsets import Progress, encode_progress
 from service.relay.book import OffsetBook
 from service.relay.messages import IntentOpened, LedgerCaughtUp, Resolution
-from tests.unit.relay.fakes import FakeAdmin, FakeConsumer, change, config
-from tests.unit.relay.test_intake import Queue, values
-from tests.unit.test_review_findings import ledger_intake as _intake
+from tests.unit.relay.fakes import change
+from tests.unit.relay.support import dead_letter
+from tests.unit.relay.test_intake import Queue, running, values
+from tests.unit.relay.test_intents import committer
+from tests.unit.test_review_findings import resuming_intake, with_an_orphan
+from tests.wait_support import eventually
 
 # -- 1. An older progress record with the same commit point passes for the named one ----
 
@@ -62,24 +62,12 @@ async def test_an_older_record_with_the_same_commit_point_is_not_taken_for_the_n
     older = encode_progress("in", 0, Progress(0, (1,), {}))
     newer = encode_progress("in", 0, Progress(0, (1, 2), {}))
     ledger = LaggingLedger(older, newer)
-    consumer, admin = FakeConsumer("in", 1), FakeAdmin()
-    intake, inbox, queue = _intake(consumer, admin, ledger)
-    tp = TopicPartition("in", 0)
-    admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(newer))
-    for code in "abcd":
-        consumer.append(change([code]))
-    await intake.partitions_assigned({tp})
-    await inbox.tell(LedgerCaughtUp(0))
-    stop = asyncio.Event()
-    task = asyncio.create_task(intake.run(stop))
-    try:
+    subject = await resuming_intake(ledger, newer, "abcd")
+    async with running(subject):
         await asyncio.sleep(0.3)
         ledger.caught_up = True  # the view reads the named record now
         await asyncio.sleep(1.5)  # intake asks where the ledger ends once a second
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
-    assert values(queue.batches) == [["a"], ["d"]], (
+    assert values(subject.queue.batches) == [["a"], ["d"]], (
         "an event the committed (named) record says is done went again"
     )
 
@@ -164,21 +152,10 @@ async def test_a_resolution_revoked_while_waiting_for_room_is_handed_out_again()
 
 
 def _committer(book: OffsetBook) -> Any:
-    from service.relay.committer import Committer as RealCommitter
-    from service.relay.ledger import WrittenRecords
     from tests.unit.relay.fakes import FakeProducer
-    from tests.unit.relay.test_intents import Membership
 
     producer = FakeProducer()
-    stage = RealCommitter(
-        config(),
-        producer=producer,
-        accounting=book,
-        written=WrittenRecords(),
-        metrics=RelayMetrics(CollectorRegistry()),
-        membership=Membership(),
-    )
-    return stage, producer
+    return committer(producer, book), producer
 
 
 def _moved_book() -> tuple[OffsetBook, Any]:
@@ -231,23 +208,10 @@ async def test_a_dead_letter_committed_after_its_partition_moved_is_not_written(
     passed (the committer slow, finding 10's scenario) is committed after the next
     assignment although its partition went to another member, which reads the record
     again (this process never committed past it) and dead-letters it too."""
-    from service.core.batching import Source
-    from service.core.contract import Reason, Stage
-    from service.core.records import DeadLetterHeaders
-    from service.relay.messages import DeadLetter
-
     book, _ = _moved_book()
     stage, producer = _committer(book)
     runner = asyncio.create_task(stage.run())
-    headers = DeadLetterHeaders(
-        stage=Stage.DECODE,
-        reason=Reason.INVALID_JSON,
-        message="x",
-        source_topic="in",
-        source_partition=0,
-        source_offset=2,
-    )
-    await stage.submit(DeadLetter(Source("in", 0, 2), b"{", None, headers))
+    await stage.submit(dead_letter(2))
     await asyncio.wait_for(stage.flush(), 2)
     await stage.close()
     await asyncio.wait_for(runner, 2)
@@ -270,24 +234,14 @@ async def test_a_stale_offset_fetch_is_not_trusted_when_the_ledger_end_is_unknow
     older = encode_progress("in", 0, Progress(0, (), {}))
     newer = encode_progress("in", 0, Progress(2, (), {}))
     ledger = LaggingLedger(older, newer)
-    consumer, admin = FakeConsumer("in", 1), FakeAdmin()
-    intake, inbox, queue = _intake(consumer, admin, ledger)
-    tp = TopicPartition("in", 0)
-    admin.committed[tp] = OffsetAndMetadata(0, METADATA_PREFIX + progress_digest(older))
-    for code in "abc":
-        consumer.append(change([code]))
-    await intake.partitions_assigned({tp})
-    await inbox.tell(LedgerCaughtUp(0))
-    stop = asyncio.Event()
-    task = asyncio.create_task(intake.run(stop))
-    try:
+    subject = await resuming_intake(ledger, older, "abc")
+    async with running(subject):
         await asyncio.sleep(0.3)
         ledger.caught_up = True  # the previous owner's transaction commits; the view reads it
         await asyncio.sleep(1.5)  # intake asks where the ledger ends once a second
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
-    assert values(queue.batches) == [["c"]], "events the newer committed record covers went again"
+    assert values(subject.queue.batches) == [["c"]], (
+        "events the newer committed record covers went again"
+    )
 
 
 # -- 5. A record far ahead of where reading starts: one set entry per offset -------------
@@ -325,20 +279,10 @@ async def test_a_resolution_recorded_before_its_closure_is_read_back_is_not_hand
     longer in flight, marked the still-open intent not resolving, and after the
     assignment `due()` handed it out again: the same task adopted and recorded twice,
     with two results."""
-    from service.relay.messages import IntentOpened
-    from tests.unit.relay.test_intake import rig, running
-    from tests.unit.relay.test_intents import intent
-
-    subject = rig(rebalance_timeout_s=0.2)
+    subject, orphan = await with_an_orphan()
     tp = TopicPartition("in", 0)
-    offset = subject.consumer.append(change(["a"]))
-    orphan = intent(["a"], [(0, offset)], resolve_in_s=-1)
-    await subject.inbox.tell(IntentOpened(orphan))
-    await subject.inbox.tell(LedgerCaughtUp(0))
     async with running(subject):
-        async with asyncio.timeout(2):
-            while not subject.queue.resolutions:  # noqa: ASYNC110 - the fakes do not notify
-                await asyncio.sleep(0.01)
+        await eventually(lambda: subject.queue.resolutions)
         (first,) = subject.queue.resolutions
         subject.queue.resolutions = []
         subject.book.batch_recorded(first.batch)  # the committer wrote record and closure

@@ -8,9 +8,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.core.batching import Batch, Batcher, GroupKey, PendingEvent, Source
-from service.core.contract import DEFAULT_LIMITS, ChangeEvent, ParsedEvent, parse_event
+from service.core.contract import (
+    DEFAULT_LIMITS,
+    ChangeEvent,
+    ParsedEvent,
+    Reason,
+    Stage,
+    parse_event,
+)
 from service.core.contract_limits import ContractLimits
-from service.core.records import TaskLedgerRecord
+from service.core.records import DeadLetterHeaders, TaskLedgerRecord
+from service.relay.messages import DeadLetter
 from service.scantrust.outcomes import ApiTask, TaskApiState
 
 _offsets = itertools.count()
@@ -38,6 +46,19 @@ def batch(values: list[str], market: str = "DE", reference: str | None = None) -
     ready, _ = batcher.add(pending(values, market, reference=reference), 0.0)
     (full,) = ready
     return full
+
+
+def dead_letter(offset: int) -> DeadLetter:
+    """Intake's dead letter of a record at `offset` of partition 0 that is not JSON."""
+    headers = DeadLetterHeaders(
+        stage=Stage.DECODE,
+        reason=Reason.INVALID_JSON,
+        message="not JSON",
+        source_topic="in",
+        source_partition=0,
+        source_offset=offset,
+    )
+    return DeadLetter(Source("in", 0, offset), b"{", b"k", headers)
 
 
 def ledger_record(

@@ -25,8 +25,9 @@ from service.relay.messages import (
     TaskRecorded,
 )
 from tests.unit.relay.fakes import change
-from tests.unit.relay.test_intake import eventually, rig, running, values
+from tests.unit.relay.test_intake import rig, running, values
 from tests.unit.relay.test_intents import intent
+from tests.wait_support import eventually
 
 
 def _cut_event(offset: int, codes: list[str]) -> list[Batch]:

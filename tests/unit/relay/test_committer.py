@@ -10,15 +10,11 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from service.core.batching import Source
-from service.core.contract import Reason, Stage
-from service.core.records import DeadLetterHeaders
 from service.metrics import RelayMetrics
 from service.relay.committer import Committer, ReplicaFencedError
 from service.relay.ledger import WrittenRecords
 from service.relay.messages import (
     ApiRejection,
-    DeadLetter,
     LedgerAppend,
     ResultFence,
     TaskFinished,
@@ -26,7 +22,7 @@ from service.relay.messages import (
 from service.relay.poller import task_outcome
 from service.scantrust.outcomes import Rejected, TaskApiState
 from tests.unit.relay.fakes import FakeAccounting, FakeProducer, config
-from tests.unit.relay.support import api_task, batch, ledger_record
+from tests.unit.relay.support import api_task, batch, dead_letter, ledger_record
 
 
 async def recorded(stage: Committer, append: LedgerAppend) -> None:
@@ -47,18 +43,6 @@ def committer(
         metrics=RelayMetrics(CollectorRegistry()),
     )
     return stage, written
-
-
-def dead_letter(offset: int) -> DeadLetter:
-    headers = DeadLetterHeaders(
-        stage=Stage.DECODE,
-        reason=Reason.INVALID_JSON,
-        message="not JSON",
-        source_topic="in",
-        source_partition=0,
-        source_offset=offset,
-    )
-    return DeadLetter(Source("in", 0, offset), b"{", b"k", headers)
 
 
 async def test_a_ledger_record_and_the_offsets_it_releases_commit_together() -> None:

@@ -31,6 +31,7 @@ from service.relay.messages import (
     TaskRecorded,
 )
 from tests.unit.relay.fakes import FakeAdmin, FakeConsumer, change, config
+from tests.wait_support import eventually
 
 
 class Queue:
@@ -108,6 +109,7 @@ def rig(
     clock: Any = None,
     queue: Queue | None = None,
     generation: Callable[[], int | None] = lambda: None,
+    ledger: Any = None,
     **settings: Any,
 ) -> Rig:
     cfg = config(**settings)
@@ -138,6 +140,7 @@ def rig(
         metrics=RelayMetrics(CollectorRegistry()),
         clock=clock or (lambda: asyncio.get_running_loop().time()),
         generation=generation,
+        ledger=ledger,
     )
     return Rig(intake, consumer, inbox, queue, committer, book, health, admin)
 
@@ -150,12 +153,6 @@ async def running(subject: Rig) -> AsyncIterator[asyncio.Task[list[Batch]]]:
     finally:
         subject.stop.set()
         await asyncio.wait_for(task, 5)
-
-
-async def eventually(condition: Any, timeout_s: float = 2.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 - the fakes do not notify
-            await asyncio.sleep(0.01)
 
 
 def values(batches: list[Batch]) -> list[list[str]]:

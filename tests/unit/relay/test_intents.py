@@ -21,6 +21,7 @@ from service.core.batching import Done, PendingEvent, Source
 from service.core.contract import ParsedEvent, parse_event
 from service.core.records import IntentOutcome, IntentRecord
 from service.metrics import RelayMetrics
+from service.relay.book import OffsetBook
 from service.relay.committer import Committer, ReplicaFencedError
 from service.relay.health import ApiHealth
 from service.relay.intents import IntentWatch
@@ -46,8 +47,9 @@ from tests.unit.relay.fakes import (
     config,
 )
 from tests.unit.relay.support import api_task, batch, ledger_record, pending
-from tests.unit.relay.test_intake import eventually, rig, running
+from tests.unit.relay.test_intake import rig, running
 from tests.unit.relay.test_uploaders import Recorder, run_until_drained
+from tests.wait_support import eventually
 
 
 def intent(
@@ -347,7 +349,7 @@ class Membership:
         return "group-at-generation-7"
 
 
-def committer(producer: FakeProducer, accounting: FakeAccounting) -> Committer:
+def committer(producer: FakeProducer, accounting: FakeAccounting | OffsetBook) -> Committer:
     return Committer(
         config(),
         producer=producer,

@@ -30,12 +30,7 @@ from service.relay.poller import TaskPoller, bounded_details
 from service.scantrust.outcomes import ApiTask, AuthFailed, TaskApiState, Unavailable
 from tests.unit.relay.fakes import FakeApi, FakeConsumer, FakeMember, Inbox, config
 from tests.unit.relay.support import api_task, ledger_record
-
-
-async def eventually(condition: Any, timeout_s: float = 2.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 - the fakes do not notify
-            await asyncio.sleep(0.01)
+from tests.wait_support import eventually
 
 
 def ledger_view(

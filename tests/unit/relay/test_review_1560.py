@@ -34,8 +34,9 @@ from service.relay.messages import (
 from service.scantrust.outcomes import Rejected
 from tests.unit.relay.fakes import FakeAccounting, FakeProducer, change
 from tests.unit.relay.test_committer import committer
-from tests.unit.relay.test_intake import Rig, eventually, rig, running, values
+from tests.unit.relay.test_intake import Rig, rig, running, values
 from tests.unit.relay.test_intents import intent
+from tests.wait_support import eventually
 
 
 async def _under_way_when_revoked(subject: Rig, codes: list[str]) -> Batch:

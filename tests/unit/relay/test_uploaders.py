@@ -66,7 +66,12 @@ class Recorder:
 
 
 def uploaders(
-    api: FakeApi, recorder: Recorder, inbox: Inbox, health: ApiHealth | None = None, **settings: Any
+    api: FakeApi,
+    recorder: Recorder,
+    inbox: Inbox,
+    health: ApiHealth | None = None,
+    owns: Callable[[Batch], bool] = lambda _batch: True,
+    **settings: Any,
 ) -> Uploaders:
     return Uploaders(
         config(**settings),
@@ -75,6 +80,7 @@ def uploaders(
         intake=inbox,
         health=health or ApiHealth(),
         metrics=RelayMetrics(CollectorRegistry()),
+        owns=owns,
         rng=random.Random(7),
     )
 
