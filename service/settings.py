@@ -664,8 +664,27 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, _FlatEnvironment(settings_cls)]
         config_file = _config_file.get()
         if config_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            sources.append(_FlatToml(settings_cls, toml_file=config_file))
         return tuple(sources)
+
+
+class _FlatToml(TomlConfigSettingsSource):
+    """The TOML file, read by the flat names the environment uses (docs/settings.md).
+    A table named after a section (`[api]`, `[kafka]`, ...) is refused: its keys would
+    skip the rules the flat names go through (a secret's file read, "one or the
+    other", the request bounds kept in step), so it is an error, not a second way."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        for key, value in data.items():
+            section = str(key).lower()
+            if isinstance(value, dict) and section in Settings.model_fields:
+                example = next(name for name, of in flat_names().items() if section in of)
+                raise ValueError(
+                    f"[{key}] is not read: the file takes the flat names of "
+                    f"docs/settings.md (e.g. {example} = ...), as the environment does"
+                )
+        return data
 
 
 def secret_from_file(data: Any, field: str) -> Any:

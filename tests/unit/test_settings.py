@@ -182,6 +182,33 @@ def test_config_file_problems_are_clear(tmp_path: Path) -> None:
         load_settings({"SCM_RELAY_CONFIG": str(broken)})
 
 
+@pytest.mark.parametrize(
+    ("table", "example"),
+    [
+        ('[api]\ntoken_file = "{secret}"\n', "api_"),
+        ('[api]\ntoken = "t0ken"\ntoken_file = "{secret}"\n', "api_"),
+        ("[batching]\nbatch_max_bytes = 5000\n", "batch_"),
+    ],
+)
+def test_a_config_file_table_named_after_a_section_is_refused(
+    tmp_path: Path, table: str, example: str
+) -> None:
+    """A section's table would skip what the flat names go through: the token's file
+    read (the relay would then call the token missing), "one or the other", and the
+    request bounds kept in step (an error naming no setting)."""
+    secret = tmp_path / "token"
+    secret.write_text("t0ken-from-file\n")
+    config = tmp_path / "relay.toml"
+    config.write_text(table.format(secret=secret))
+    section = table.split("]")[0].lstrip("[")
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"SCM_RELAY_CONFIG": str(config)})
+    message = str(refused.value)
+    assert message.startswith("SCM_RELAY_CONFIG: "), message
+    assert f"[{section}] is not read" in message, message
+    assert f"(e.g. {example}" in message, message
+
+
 def test_settings_are_frozen() -> None:
     settings = load_settings({})
     with pytest.raises(ValueError, match="frozen"):
