@@ -56,8 +56,7 @@ from service.scantrust.outcomes import (
     retry_wait,
 )
 
-# Under the stage's name: its log lines kept their `logger` when this part moved here.
-log = structlog.get_logger("service.relay.uploaders")
+log = structlog.get_logger(__name__)
 
 
 class UploadAndLookupApi(UploadApi, TaskLookup, Protocol):

@@ -39,8 +39,7 @@ from service.relay.messages import (
 )
 from service.relay.ports import Accounting, TransactionalProducer
 
-# Under the stage's name: its log lines kept their `logger` when this part moved here.
-log = structlog.get_logger("service.relay.committer")
+log = structlog.get_logger(__name__)
 
 
 class WrittenLedger(Protocol):

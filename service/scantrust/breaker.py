@@ -16,8 +16,7 @@ from service.scantrust.exchange import ApiResponse
 from service.scantrust.observer import ApiObserver
 from service.scantrust.outcomes import Ambiguous, Failure, Unavailable
 
-# Under the client's name: its log lines kept their `logger` when this part moved here.
-log = structlog.get_logger("service.scantrust.client")
+log = structlog.get_logger(__name__)
 
 
 class ReportedBreaker:

@@ -46,8 +46,7 @@ from service.scantrust.outcomes import (
 )
 from service.settings import ApiSettings, clean_token, require_token
 
-# Under the client's name: its log lines kept their `logger` when this part moved here.
-log = structlog.get_logger("service.scantrust.client")
+log = structlog.get_logger(__name__)
 
 ITEM_ENDPOINTS: Final = frozenset({"task", "task_group"})
 _CHUNK: Final = 64 * 1024

@@ -19,8 +19,7 @@ from service.scantrust.exchange import ApiCall, ApiResponse
 from service.scantrust.observer import ApiObserver
 from service.scantrust.outcomes import RETRYABLE, Failure, retry_wait
 
-# Under the client's name: its log lines kept their `logger` when this part moved here.
-log = structlog.get_logger("service.scantrust.client")
+log = structlog.get_logger(__name__)
 
 
 class ReadRetries:
