@@ -638,7 +638,11 @@ class Settings(BaseSettings):
             for section in places[name]:
                 part = grouped.setdefault(section, {})
                 if not isinstance(part, dict):
-                    raise TypeError(f"give the section {section} whole or its settings, not both")
+                    # ValueError, not TypeError: pydantic reports it as a settings error
+                    # instead of letting it escape load_settings as a traceback.
+                    raise ValueError(  # noqa: TRY004 (see above)
+                        f"give the section {section} whole or its settings, not both"
+                    )
                 part[name] = value
         return grouped
 
@@ -670,15 +674,15 @@ class Settings(BaseSettings):
 
 class _FlatToml(TomlConfigSettingsSource):
     """The TOML file, read by the flat names the environment uses (docs/settings.md).
-    A table named after a section (`[api]`, `[kafka]`, ...) is refused: its keys would
+    A table or key named after a section (`[api]`, `api = ...`) is refused: its keys would
     skip the rules the flat names go through (a secret's file read, "one or the
     other", the request bounds kept in step), so it is an error, not a second way."""
 
     def __call__(self) -> dict[str, Any]:
         data = super().__call__()
-        for key, value in data.items():
+        for key in data:
             section = str(key).lower()
-            if isinstance(value, dict) and section in Settings.model_fields:
+            if section in Settings.model_fields:
                 example = next(name for name, of in flat_names().items() if section in of)
                 raise ValueError(
                     f"[{key}] is not read: the file takes the flat names of "

@@ -188,6 +188,7 @@ def test_config_file_problems_are_clear(tmp_path: Path) -> None:
         ('[api]\ntoken_file = "{secret}"\n', "api_"),
         ('[api]\ntoken = "t0ken"\ntoken_file = "{secret}"\n', "api_"),
         ("[batching]\nbatch_max_bytes = 5000\n", "batch_"),
+        ('api = "whole"\napi_token = "t0ken"\n', "api_"),
     ],
 )
 def test_a_config_file_table_named_after_a_section_is_refused(
@@ -200,7 +201,7 @@ def test_a_config_file_table_named_after_a_section_is_refused(
     secret.write_text("t0ken-from-file\n")
     config = tmp_path / "relay.toml"
     config.write_text(table.format(secret=secret))
-    section = table.split("]")[0].lstrip("[")
+    section = re.split(r"[]\s=]", table.lstrip("["), maxsplit=1)[0]
     with pytest.raises(SettingsError) as refused:
         load_settings({"SCM_RELAY_CONFIG": str(config)})
     message = str(refused.value)
