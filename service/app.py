@@ -231,6 +231,9 @@ async def _run_incarnations(
     over, rejoins the group: what a restart of the process would do, without depending on
     a supervisor to restart it (docs/design.md section 11)."""
     loop = asyncio.get_running_loop()
+    # Written out, not on tenacity (service/retrying.py): the restart count starts again
+    # after an incarnation that ran FENCED_STABLE_S, where tenacity's only grows, and a
+    # return or a stop between incarnations ends the loop, not a result.
     backoff = Backoff(FENCED_RESTART_INITIAL_S, FENCED_RESTART_MAX_S)
     rng = random.Random()  # noqa: S311 - jitter, not cryptography
     restarts = 0

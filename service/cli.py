@@ -2,7 +2,8 @@
 
 argparse (standard library) parses it: the commands take few options, and
 settings come from the environment through `service.settings`, not from flags.
-Subcommands are added here as the parts they drive exist.
+One table, `COMMANDS`, names every subcommand with what adds its parser and what
+runs it; the runners import what they drive only when they run.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Final
 
 from service import __version__, early_signals
 from service.settings import SettingsError, load_settings
@@ -39,6 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS.values():
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = COMMANDS.get(args.command)
+    if command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    return command.run(args)
+
+
+def _add_run(commands: Any) -> None:
     commands.add_parser(
         "run",
         help="run the relay (settings from SCM_RELAY_* variables)",
@@ -47,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
             "publish its outcome, until SIGTERM or SIGINT. See docs/settings.md."
         ),
     )
+
+
+def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
         help="run the relay end to end locally (Kafka, simulator, sample events) and summarise",
@@ -59,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--quick", action="store_true", help="fewer events (about a minute)")
+
+
+def _add_validate(commands: Any) -> None:
     validate = commands.add_parser(
         "validate",
         help="validate JSON-lines change events offline",
@@ -71,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "file", nargs="?", default="-", help="a JSON-lines file, or - for standard input"
     )
+
+
+def _add_simulator(commands: Any) -> None:
     simulator = commands.add_parser(
         "simulator",
         help="run a local simulator of the Scantrust SCM API (not Scantrust)",
@@ -100,47 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a fault knob at start, e.g. --fault error_rate=0.1 (repeatable; GET /_sim/faults)",
     )
     simulator.add_argument("--rng-seed", type=int, default=0, help="seed of the fault dice (0)")
-    tools.add_parsers(commands)
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI and return the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "run":
-        return _run()
-    if args.command == "validate":
-        return _validate(args.file)
-    try:
-        if args.command == "demo":
-            from devkit.demo import main as demo_main
-
-            return demo_main(os.environ, quick=args.quick)
-        if args.command == "simulator":
-            from devkit.simulator.command import main as simulator_main
-
-            return simulator_main(args, os.environ)
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] != DEVELOPMENT_KIT:
-            raise
-        print(
-            f"scm-relay {args.command}: not part of this installation. It needs the "
-            f"development kit (the `{DEVELOPMENT_KIT}` package of the repository), which the "
-            "production wheel and image leave out: they hold the relay and the operator tools "
-            "only. Install the kit from a source checkout with `make setup`, then run "
-            f"`.venv/bin/scm-relay {args.command}` (or `make demo` for the demo).",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    code = tools.run(args)
-    if code is not None:
-        return code
-    parser.print_help()
-    return EXIT_USAGE
-
-
-def _run() -> int:
+def _run(_args: argparse.Namespace) -> int:
     # SIGTERM and SIGINT are remembered from the entry point's first line (or from here,
     # when `main` is called directly) and honoured once the relay's own handlers are in
     # place (service/early_signals.py).
@@ -158,8 +148,10 @@ def _run() -> int:
         early_signals.release()
 
 
-def _validate(file: str) -> int:
+def _validate(args: argparse.Namespace) -> int:
     from service.tools.validate import validate_stream
+
+    file: str = args.file
 
     try:
         settings = load_settings(os.environ)
@@ -179,3 +171,88 @@ def _validate(file: str) -> int:
         summary = validate_stream(source, sys.stdout, settings.limits)
     print(f"scm-relay validate: {summary.describe()}", file=sys.stderr)
     return EXIT_OK if summary.invalid == 0 else EXIT_INVALID
+
+
+def _demo(args: argparse.Namespace) -> int:
+    def demo() -> int:
+        from devkit.demo import main as demo_main
+
+        return demo_main(os.environ, quick=args.quick)
+
+    return _from_development_kit(args.command, demo)
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    def simulator() -> int:
+        from devkit.simulator.command import main as simulator_main
+
+        return simulator_main(args, os.environ)
+
+    return _from_development_kit(args.command, simulator)
+
+
+def _from_development_kit(command: str, run: Callable[[], int]) -> int:
+    """`run()`, or one clear line and EXIT_USAGE when the development kit is not installed
+    (the production wheel and image leave it out); any other missing module is an error
+    of its own."""
+    try:
+        return run()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != DEVELOPMENT_KIT:
+            raise
+        print(
+            f"scm-relay {command}: not part of this installation. It needs the "
+            f"development kit (the `{DEVELOPMENT_KIT}` package of the repository), which the "
+            "production wheel and image leave out: they hold the relay and the operator tools "
+            "only. Install the kit from a source checkout with `make setup`, then run "
+            f"`.venv/bin/scm-relay {command}` (or `make demo` for the demo).",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+# Each tool's module is imported when its command runs, so that `scm-relay --help` stays
+# quick and imports neither Kafka's client nor the development kit.
+def _check(args: argparse.Namespace) -> int:
+    from service.tools import check
+
+    return check.run(args)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from service.tools import publish
+
+    return publish.run(args)
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from service.tools import dlq
+
+    return dlq.run(args)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from service.tools import tasks
+
+    return tasks.run(args)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: what adds its parser, and what runs it and returns the exit code."""
+
+    add_parser: Callable[[Any], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# Every subcommand, in the order `scm-relay --help` lists them: the one dispatch table.
+COMMANDS: Final[dict[str, Command]] = {
+    "run": Command(_add_run, _run),
+    "demo": Command(_add_demo, _demo),
+    "validate": Command(_add_validate, _validate),
+    "simulator": Command(_add_simulator, _simulator),
+    "check": Command(tools.add_check, _check),
+    "publish": Command(tools.add_publish, _publish),
+    "dlq": Command(tools.add_dlq, _dlq),
+    "tasks": Command(tools.add_tasks, _tasks),
+}

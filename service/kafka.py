@@ -31,9 +31,11 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
+from tenacity import RetryCallState, retry_if_exception_type
 
 from service.core.resilience import Backoff
 from service.logs import add_secret
+from service.retrying import call_with_retries, last_failure, retries_before
 from service.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
@@ -378,34 +380,57 @@ async def wait_for_kafka(
     rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    attempt = 0
-    while True:
+    retried = 0
+
+    async def probe() -> None:
         alive()
         probe_timeout = min(STARTUP_PROBE_TIMEOUT_S, max(1.0, deadline - loop.time()))
-        try:
-            await probe_connection(config, options, probe_timeout)
-        except KafkaUnreachableError as exc:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise KafkaUnreachableError(f"after waiting {wait_s:g} s: {exc}") from exc
-            pause = min(left, backoff.delay(attempt, rng))
-            log.warning(
-                "kafka_waiting",
-                attempt=attempt + 1,
-                retry_in_s=round(pause, 1),
-                gives_up_in_s=round(left),
-                problem=str(exc),
-            )
-            attempt += 1
-            with suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await stop.wait()
-            if stop.is_set():
-                return False
-            continue
-        if attempt:
-            log.info("kafka_reachable_at_start", attempts=attempt + 1)
-        return True
+        await probe_connection(config, options, probe_timeout)
+
+    def pause(state: RetryCallState) -> float:
+        return min(deadline - loop.time(), backoff.delay(retries_before(state), rng))
+
+    def waiting(state: RetryCallState) -> None:
+        nonlocal retried
+        retried += 1
+        log.warning(
+            "kafka_waiting",
+            attempt=state.attempt_number,
+            retry_in_s=round(state.upcoming_sleep, 1),
+            gives_up_in_s=round(deadline - loop.time()),
+            problem=str(last_failure(state)),
+        )
+
+    def gave_up(state: RetryCallState) -> None:
+        exc = last_failure(state)
+        raise KafkaUnreachableError(f"after waiting {wait_s:g} s: {exc}") from exc
+
+    async def sleep_unless_stopped(seconds: float) -> None:
+        with suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stop.wait()
+        if stop.is_set():
+            raise _StopWaiting
+
+    try:
+        await call_with_retries(
+            probe,
+            retry=retry_if_exception_type(KafkaUnreachableError),
+            wait=pause,
+            stop=lambda _state: deadline - loop.time() <= 0,
+            before_sleep=waiting,
+            give_up=gave_up,
+            sleep=sleep_unless_stopped,
+        )
+    except _StopWaiting:
+        return False
+    if retried:
+        log.info("kafka_reachable_at_start", attempts=retried + 1)
+    return True
+
+
+class _StopWaiting(Exception):
+    """The relay was asked to stop while waiting for Kafka at start."""
 
 
 def transactional_id(config: KafkaSettings) -> str:

@@ -20,6 +20,7 @@ from typing import Final
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from tenacity import RetryCallState, retry_if_result
 
 from service.core.batching import Batcher
 from service.core.resilience import Backoff, BreakerState
@@ -42,6 +43,7 @@ from service.relay.ports import (
     TransactionalProducer,
 )
 from service.relay.uploaders import Uploaders
+from service.retrying import backoff_wait, call_with_retries, last_result
 from service.scantrust.limits import INPUT, LEDGER
 from service.scantrust.outcomes import AuthFailed, Misconfigured
 
@@ -266,15 +268,17 @@ class Relay:
         """Before intake reads anything: does the API accept the token and the base URL?
         One attempt per probe: a refusal is probed again with backoff until fixed; an
         outage is not a refusal, and intake starts (uploads wait the outage out)."""
-        attempt = 0
-        while True:
-            outcome = await self._client.me(retry=False)
-            if not isinstance(outcome, AuthFailed | Misconfigured):
-                self.health.accepted("me")
-                return
-            self.health.refused("me", outcome)
-            await asyncio.sleep(self._backoff.delay(attempt, self._rng))
-            attempt += 1
+
+        def refused(state: RetryCallState) -> None:
+            self.health.refused("me", last_result(state))
+
+        await call_with_retries(
+            lambda: self._client.me(retry=False),
+            retry=retry_if_result(lambda outcome: isinstance(outcome, AuthFailed | Misconfigured)),
+            wait=backoff_wait(self._backoff, self._rng),
+            before_sleep=refused,
+        )
+        self.health.accepted("me")
 
     async def probe_kafka(self) -> None:
         """One metadata request, bounded: the client libraries reconnect silently, so

@@ -8,13 +8,14 @@ here: its caller, the uploaders, owns its retries.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Awaitable, Callable
 
 import structlog
+from tenacity import RetryCallState, retry_if_result
 
 from service.core.resilience import Backoff
+from service.retrying import call_with_retries, last_result, retries_before
 from service.scantrust.exchange import ApiCall, ApiResponse
 from service.scantrust.observer import ApiObserver
 from service.scantrust.outcomes import RETRYABLE, Failure, retry_wait
@@ -45,28 +46,43 @@ class ReadRetries:
     async def call(self, call: ApiCall) -> ApiResponse | Failure:
         """Attempt a read until it succeeds, fails for good, or the retry budget is spent."""
         loop_deadline = self._now() + self._budget_s
-        attempt = 0
-        while True:
-            outcome = await self._attempt(call)
-            if isinstance(outcome, ApiResponse) or not isinstance(outcome, RETRYABLE):
-                return outcome
-            wait = retry_wait(outcome, attempt, self._backoff, self._rng)
-            if self._now() + wait > loop_deadline:
-                log.warning(
-                    "api_retries_exhausted",
-                    endpoint=call.endpoint,
-                    outcome=type(outcome).__name__,
-                    attempts=attempt + 1,
-                )
-                return outcome
-            self._observer.retry_scheduled(call.endpoint, type(outcome).__name__, wait)
+
+        def wait(state: RetryCallState) -> float:
+            # Seen by tenacity's `wait` with the failure itself: a 429's wait or a
+            # `Retry-After` is honoured here, before the budget is asked.
+            return retry_wait(last_result(state), retries_before(state), self._backoff, self._rng)
+
+        def past_budget(state: RetryCallState) -> bool:
+            return self._now() + state.upcoming_sleep > loop_deadline
+
+        def exhausted(state: RetryCallState) -> Failure:
+            outcome: Failure = last_result(state)
+            log.warning(
+                "api_retries_exhausted",
+                endpoint=call.endpoint,
+                outcome=type(outcome).__name__,
+                attempts=state.attempt_number,
+            )
+            return outcome
+
+        def scheduled(state: RetryCallState) -> None:
+            outcome = last_result(state)
+            wait_s = state.upcoming_sleep
+            self._observer.retry_scheduled(call.endpoint, type(outcome).__name__, wait_s)
             log.info(
                 "api_retry",
                 endpoint=call.endpoint,
                 outcome=type(outcome).__name__,
                 reason=getattr(outcome, "reason", None),
-                wait_s=round(wait, 3),
-                attempt=attempt + 1,
+                wait_s=round(wait_s, 3),
+                attempt=state.attempt_number,
             )
-            await asyncio.sleep(wait)
-            attempt += 1
+
+        return await call_with_retries(
+            lambda: self._attempt(call),
+            retry=retry_if_result(lambda outcome: isinstance(outcome, RETRYABLE)),
+            wait=wait,
+            stop=past_budget,
+            before_sleep=scheduled,
+            give_up=exhausted,
+        )

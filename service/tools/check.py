@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
+from tenacity import retry_if_exception, wait_fixed
 
 from service.kafka import (
     PRODUCER_MAX_REQUEST_BYTES,
@@ -33,6 +34,7 @@ from service.kafka import (
     readable_codecs,
     stop_client,
 )
+from service.retrying import call_with_retries
 from service.scantrust.client import ScantrustClient
 from service.scantrust.outcomes import AuthFailed, Misconfigured, Rejected, Throttled, Unavailable
 from service.settings import (
@@ -252,14 +254,14 @@ async def _retrying(call: Callable[[], Awaitable[_T]]) -> _T:
     """`call`, again while Kafka answers with a retriable error (a fresh cluster creates
     its offsets topic at the first group call: "coordinator not available"), up to
     RETRIABLE_FOR_S."""
-    deadline = asyncio.get_running_loop().time() + RETRIABLE_FOR_S
-    while True:
-        try:
-            return await call()
-        except KafkaError as exc:
-            if not exc.retriable or asyncio.get_running_loop().time() > deadline:
-                raise
-        await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RETRIABLE_FOR_S
+    return await call_with_retries(
+        call,
+        retry=retry_if_exception(lambda exc: isinstance(exc, KafkaError) and exc.retriable),
+        wait=wait_fixed(0.5),
+        stop=lambda _state: loop.time() > deadline,
+    )
 
 
 async def _check_transactions(config: KafkaSettings, options: dict[str, Any]) -> Check:

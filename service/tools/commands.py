@@ -1,11 +1,10 @@
-"""The tools' subcommands: their parsers (argparse only, so `scm-relay --help` stays
-quick), and the dispatch to the module that runs each, imported when it runs."""
+"""The tools' subcommands' parsers (argparse only, so `scm-relay --help` stays quick);
+service/cli.py's table dispatches them."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-from typing import Any, Final
+from typing import Any
 
 JSON_HELP = "print one JSON document (for scripts) instead of a table"
 
@@ -21,8 +20,7 @@ def positive(text: str) -> int:
     return value
 
 
-def add_parsers(commands: Any) -> None:
-    """Add `check`, `publish`, `dlq` and `tasks` to the CLI's subparsers."""
+def add_check(commands: Any) -> None:
     check = commands.add_parser(
         "check",
         help="check the settings, Kafka, the topics, the group's rights and the API token",
@@ -35,9 +33,6 @@ def add_parsers(commands: Any) -> None:
         ),
     )
     check.add_argument("--json", action="store_true", help=JSON_HELP)
-    add_publish(commands)
-    add_dlq(commands)
-    add_tasks(commands)
 
 
 def add_publish(commands: Any) -> None:
@@ -137,15 +132,3 @@ def add_tasks(commands: Any) -> None:
     group.add_argument("reference")
     for parser in (listing, show, group):
         parser.add_argument("--json", action="store_true", help=JSON_HELP)
-
-
-TOOLS: Final = ("check", "publish", "dlq", "tasks")
-
-
-def run(args: argparse.Namespace) -> int | None:
-    """Run the tool `args` names (its module, imported now); None when it names none."""
-    if args.command not in TOOLS:
-        return None
-    tool = importlib.import_module(f"service.tools.{args.command}")
-    code: int = tool.run(args)
-    return code
