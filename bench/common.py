@@ -29,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.simulator.app import running_simulator
 from devkit.simulator.seed import default_seed
-from devkit.simulator.state import Account, Faults, Task
+from devkit.simulator.state import Account, Faults
+from devkit.simulator.tasks import Task
 from service.http import free_port
 from tests.kafka_support import TopicFactory, Topics, admin_client
 from tests.pipeline_support import make_topics

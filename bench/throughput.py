@@ -47,7 +47,7 @@ from bench.common import (
     say,
     simulator,
 )
-from service.core.contract import parse_event
+from service.core.parsing import parse_event
 from tests.kafka_support import Topics
 from tests.wait_support import wait_until
 

@@ -35,7 +35,7 @@ from devkit.simulator.app import running_simulator
 from devkit.simulator.seed import default_seed
 from devkit.simulator.state import Account, Faults
 from service.app import run_relay
-from service.core.contract import Reason
+from service.core.reasons import Reason
 from service.core.records import HEADER_REASON, INTENT_KEY_PREFIX, PROGRESS_KEY_PREFIX
 from service.http import free_port
 from service.logs import configure_logging

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.core.batching import FlushReason
 from service.core.clock_offset import Offset
-from service.core.contract import Reason, Stage
+from service.core.reasons import Reason, Stage
 from service.core.resilience import BreakerState
 
 PREFIX: Final = "scm_relay"

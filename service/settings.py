@@ -44,8 +44,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from service.core.contract import DEFAULT_LIMITS
-from service.core.contract_limits import ContractLimits
+from service.core.contract_limits import DEFAULT_LIMITS, ContractLimits
 
 ENV_PREFIX = "SCM_RELAY_"
 CONFIG_FILE_ENV = "SCM_RELAY_CONFIG"

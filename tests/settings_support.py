@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 from structlog.testing import capture_logs
 
-from service.core.contract import DEFAULT_LIMITS
+from service.core.contract_limits import DEFAULT_LIMITS
 from service.relay.config import RelayConfig
 from service.settings import (
     ENV_PREFIX,

@@ -18,8 +18,10 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from devkit.simulator.state import Account, Faults, Task, UploadInvalid
+from devkit.simulator.state import Account, Faults
+from devkit.simulator.tasks import Task
 from devkit.simulator.throttling import retry_after, throttled_body
+from devkit.simulator.validation import UploadInvalid
 
 log = structlog.get_logger(__name__)
 

@@ -62,6 +62,26 @@ class RateThrottle:
         return remaining_duration / available_requests
 
 
+class ThrottleHistories:
+    """DRF's cache of throttle histories: one per scope and token, outliving the
+    throttles built over it."""
+
+    def __init__(self) -> None:
+        # (scope, token) -> arrival times of the allowed requests, newest first.
+        self._histories: dict[tuple[str, str], deque[float]] = {}
+
+    def throttle(self, scope: str, token: str, num_requests: int, duration: float) -> RateThrottle:
+        """The throttle of `scope` for `token` at the rate of the moment."""
+        # Built per request with the rate of the moment over a history that stays, as DRF
+        # does: a rate changed at run time applies to the history already there.
+        history = self._histories.setdefault((scope, token), deque())
+        return RateThrottle(num_requests, duration, history)
+
+    def arrivals(self, scope: str, token: str) -> list[float]:
+        """When the requests counted for `token` in `scope` arrived, oldest first."""
+        return list(reversed(self._histories.get((scope, token), ())))
+
+
 def check_throttles(throttles: list[RateThrottle], now: float) -> float | None:
     """DRF's `APIView.check_throttles`: every throttle is asked (each one that allows the
     request records it, even when another refuses it); the answer is 0.0 when all

@@ -26,8 +26,9 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Final, NamedTuple
 
-from service.core.contract import IDENTIFIER_KEYS, ChangeEvent, value_bytes
+from service.core.contract import ChangeEvent
 from service.core.contract_limits import DEFAULT_BATCH_MAX_BYTES
+from service.core.rules import IDENTIFIER_KEYS, value_bytes
 
 
 class Source(NamedTuple):

@@ -10,7 +10,7 @@ the record's bytes: about 2.5 µs, as fast as `json.loads`.
 It is only ever a shortcut: it accepts a subset of what the contract accepts,
 with exactly the contract's result, and anything it does not accept (an int
 constraint value, a float in scm_data, any mistake) is judged again by
-`ChangeEvent`'s validators, which give the reason. `contract.parse_event` runs
+`ChangeEvent`'s validators, which give the reason. `parsing.parse_event` runs
 the few checks a schema cannot express (forbidden keys, duplicate values, the
 request bounds of an event with several constraint keys, warnings) on what this
 returns. `tests/unit/test_compiled_contract.py` holds the

@@ -92,3 +92,6 @@ class ContractLimits:
     # batch_max_bytes (the batching section validates and documents them).
     batch_max_values: int = 1000
     batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
+
+
+DEFAULT_LIMITS: Final = ContractLimits()

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
-from service.core.contract import Reason, Stage
+from service.core.reasons import Reason, Stage
 
 SCHEMA_VERSION: Final = 1
 

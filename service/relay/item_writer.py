@@ -17,7 +17,7 @@ from typing import Protocol
 import structlog
 
 from service.core.batching import Batch, Done, Source
-from service.core.contract import Reason, Stage
+from service.core.reasons import Reason, Stage
 from service.core.records import (
     DeadLetterHeaders,
     IntentClosure,

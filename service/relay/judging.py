@@ -8,8 +8,9 @@ from collections.abc import Callable
 import structlog
 
 from service.core.batching import PendingEvent, Source
-from service.core.contract import ParsedEvent, Rejection, parse_event
 from service.core.contract_limits import ContractLimits
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Rejection
 from service.core.records import DeadLetterHeaders
 from service.metrics import RelayMetrics
 from service.relay.messages import DeadLetter

@@ -21,7 +21,8 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from service.core.polling import PollSchedule
-from service.core.records import TaskLedgerRecord, TaskOutcome, TaskProgress, TaskState
+from service.core.records import TaskLedgerRecord, TaskOutcome, TaskProgress
+from service.core.task_outcomes import task_outcome
 from service.metrics import RelayMetrics
 from service.relay.committer import Membership
 from service.relay.config import RelayConfig, utcnow
@@ -249,7 +250,7 @@ class TaskPoller:
             if not self._still_held(task_id, polled):
                 moved += 1  # moved while the failure's details were read
                 continue
-            outcome = task_outcome(entry, task, details)
+            outcome = task_outcome(entry, task, details, published_at=utcnow())
             self._count(outcome, entry)
             done = functools.partial(self._forget, task_id)
             await self._committer.submit(TaskFinished(outcome, done, self._fence(task_id, polled)))
@@ -377,39 +378,6 @@ def bounded_details(details: dict[str, Any]) -> dict[str, Any]:
         return details
     cut = text.encode()[:MAX_DETAILS_BYTES].decode(errors="ignore")
     return {"truncated": True, "start": cut}
-
-
-def task_outcome(
-    entry: TaskLedgerRecord, task: ApiTask, api_details: dict[str, Any] | None = None
-) -> TaskOutcome:
-    """The result record of a finished task."""
-    state = TaskState.COMPLETE if task.state is TaskApiState.COMPLETE else TaskState.FAILED
-    shortfall: int | None = None
-    excess: int | None = None
-    if state is TaskState.COMPLETE and entry.expected_codes is not None:
-        shortfall = max(0, entry.expected_codes - (task.codes_affected or 0))
-        excess = max(0, (task.codes_affected or 0) - entry.expected_codes)
-    return TaskOutcome(
-        task_id=entry.task_id,
-        state=state,
-        codes_affected=task.codes_affected,
-        expected_codes=entry.expected_codes,
-        shortfall=shortfall,
-        short=bool(shortfall),
-        excess=excess,
-        over=bool(excess),
-        api_details=api_details,
-        campaign=entry.campaign,
-        reference=entry.reference,
-        scm_data=entry.scm_data,
-        constraints=entry.constraints,
-        events=entry.events,
-        submitted_at=entry.submitted_at,
-        created_at=task.created_at,
-        started_at=task.started_at,
-        completed_at=task.completed_at,
-        published_at=utcnow(),
-    )
 
 
 class _PollerRebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -44,8 +44,8 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from service.core.contract import ParsedEvent, parse_event
 from service.core.contract_limits import ContractLimits
+from service.core.parsing import ParsedEvent, parse_event
 from service.core.records import DeadLetterHeaders
 from service.settings import Settings
 from service.tools.output import Printer, tool_start

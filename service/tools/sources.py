@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Final
 
-from service.core.contract import ChangeEvent, ParsedEvent, Rejection, parse_event
+from service.core.contract import ChangeEvent
 from service.core.contract_limits import ContractLimits
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Rejection
 from service.tools.validate import read_line
 
 DEFAULT_VALUES_PER_EVENT: Final = 1000  # the API's limit per request

@@ -10,8 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO, Final, TextIO
 
-from service.core.contract import ParsedEvent, Reason, Rejection, parse_event
 from service.core.contract_limits import ContractLimits
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Reason, Rejection
 from service.tools.terminal import json_text
 
 _READ_CHUNK: Final = 1 << 16

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from service.core.contract import Reason
+from service.core.reasons import Reason
 from tests.api_support import simulator
 from tests.integration.test_pipeline_resilience import STEADY, applied, one_code_events
 from tests.kafka_support import TopicFactory

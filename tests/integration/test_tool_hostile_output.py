@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from service.core.contract import Reason, Stage
+from service.core.reasons import Reason, Stage
 from service.core.records import DeadLetterHeaders
 from tests.kafka_support import TopicFactory, Topics
 from tests.pipeline_support import make_topics

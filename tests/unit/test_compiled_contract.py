@@ -12,17 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.core import contract
-from service.core.contract import DEFAULT_LIMITS, ParsedEvent, Reason, Rejection, parse_event
-from service.core.contract_limits import ContractLimits
+from service.core import parsing
+from service.core.contract_limits import DEFAULT_LIMITS, ContractLimits
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Reason, Rejection
 
 
 def shortcut(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> ParsedEvent | None:
-    return contract._accept_compiled(raw, limits)
+    return parsing._accept_compiled(raw, limits)
 
 
 def judged(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> ParsedEvent | Rejection:
-    return contract._judge(raw, limits)
+    return parsing._judge(raw, limits)
 
 
 def assert_same_verdict(raw: bytes, limits: ContractLimits = DEFAULT_LIMITS) -> None:
@@ -60,7 +61,7 @@ def test_the_shortcut_is_the_compiled_schema_not_the_models_own_validators() -> 
     # to them. If pydantic-core reused the model's own validator, this would pass it.
     raw = encode({"constraints": {"extended_id": [7]}, "scm_data": {"lot": "L1"}})
     with pytest.raises(ValidationError):
-        contract._compiled(DEFAULT_LIMITS).validate_json(raw)
+        parsing._compiled(DEFAULT_LIMITS).validate_json(raw)
     result = parse_event(raw)
     assert isinstance(result, ParsedEvent)
     assert result.event.constraints == {"extended_id": ("7",)}
@@ -199,9 +200,9 @@ def test_settable_limits_are_compiled_in() -> None:
 
 
 def test_the_scm_data_memory_is_bounded() -> None:
-    for number in range(contract.SCM_DATA_VERDICTS_MAX + 10):
+    for number in range(parsing.SCM_DATA_VERDICTS_MAX + 10):
         assert shortcut(encode({**VALID, "scm_data": {"lot": f"L{number}"}})) is not None
-        assert len(contract._scm_data_verdicts) <= contract.SCM_DATA_VERDICTS_MAX
+        assert len(parsing._scm_data_verdicts) <= parsing.SCM_DATA_VERDICTS_MAX
 
 
 awkward_text = st.text(

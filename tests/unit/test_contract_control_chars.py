@@ -21,9 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.core import contract
-from service.core.contract import DEFAULT_LIMITS, ParsedEvent, Reason, Rejection, parse_event
+from service.core import parsing
+from service.core.contract_limits import DEFAULT_LIMITS
 from service.core.control_chars import first_control, is_control
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Reason, Rejection
 
 CODE_POINTS = [cp for cp in range(sys.maxunicode + 1) if not 0xD800 <= cp <= 0xDFFF]
 ALLOWED = [cp for cp in CODE_POINTS if not is_control(cp)]
@@ -55,9 +57,9 @@ def groups(strings: Iterator[str], size: int) -> Iterator[list[str]]:
 def accepted_by_both_paths(raw: bytes) -> ParsedEvent:
     result = parse_event(raw)
     assert isinstance(result, ParsedEvent), result
-    fast = contract._accept_compiled(raw, DEFAULT_LIMITS)
+    fast = parsing._accept_compiled(raw, DEFAULT_LIMITS)
     assert fast is not None, "a valid event fell back to the validators"
-    slow = contract._judge(raw, DEFAULT_LIMITS)
+    slow = parsing._judge(raw, DEFAULT_LIMITS)
     assert isinstance(slow, ParsedEvent)
     assert fast.event == slow.event == result.event
     return result
@@ -102,7 +104,7 @@ def test_every_refused_code_point_is_refused_naming_it_and_its_index(
     assert len(REFUSED) == 235
     for cp in REFUSED:
         raw = encode(placed(where, f"a{chr(cp)}z"))
-        assert contract._accept_compiled(raw, DEFAULT_LIMITS) is None, hex(cp)
+        assert parsing._accept_compiled(raw, DEFAULT_LIMITS) is None, hex(cp)
         result = parse_event(raw)
         assert isinstance(result, Rejection), hex(cp)
         assert (result.reason, result.field) == (reason, field), hex(cp)

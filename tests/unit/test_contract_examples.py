@@ -10,8 +10,10 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from devkit.schemas import schema_of
-from service.core.contract import ChangeEvent, ParsedEvent, Reason, Rejection, parse_event
+from service.core.contract import ChangeEvent
 from service.core.contract_limits import ContractLimits
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Reason, Rejection
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "schemas" / "examples"
 VALID = sorted((EXAMPLES / "valid").glob("*.json"))

@@ -8,13 +8,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.core.contract import (
-    ChangeEvent,
-    ParsedEvent,
-    Reason,
-    Rejection,
-    parse_event,
-)
+from service.core.contract import ChangeEvent
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Reason, Rejection
 from tests.unit.relay.support import batch_key
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from service.core.contract import ParsedEvent, Reason, Rejection, Stage, parse_event
 from service.core.contract_limits import ContractLimits
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Reason, Rejection, Stage
 from tests.unit.relay.support import expected_codes
 
 

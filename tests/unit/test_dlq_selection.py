@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from service.core.contract import Reason, Stage
+from service.core.reasons import Reason, Stage
 from service.core.records import DeadLetterHeaders
 from service.tools.dlq import DeadLetter, Selection, UsageError, parse_offsets, parse_since
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.core.contract import DEFAULT_LIMITS
+from service.core.contract_limits import DEFAULT_LIMITS
 from service.tools.sources import CsvEvents, HeaderError, JsonLinesEvents, judge
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from service.core.contract import Reason, Stage
+from service.core.reasons import Reason, Stage
 from service.core.records import (
     HEADER_API_BODY,
     HEADER_REASON,

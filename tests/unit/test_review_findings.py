@@ -12,7 +12,6 @@ from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from service.core.batching import Batch, Batcher, PendingEvent, Source
-from service.core.contract import ParsedEvent, parse_event
 from service.core.offsets import (
     METADATA_PREFIX,
     PartitionOffsets,
@@ -20,6 +19,7 @@ from service.core.offsets import (
     encode_progress,
     progress_digest,
 )
+from service.core.parsing import ParsedEvent, parse_event
 from service.core.records import IntentRecord
 from service.relay.book import OffsetBook
 from service.relay.intents import carried, resolution_batch

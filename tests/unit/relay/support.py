@@ -8,15 +8,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.core.batching import Batch, Batcher, GroupKey, PendingEvent, Source
-from service.core.contract import (
-    DEFAULT_LIMITS,
-    ChangeEvent,
-    ParsedEvent,
-    Reason,
-    Stage,
-    parse_event,
-)
-from service.core.contract_limits import ContractLimits
+from service.core.contract import ChangeEvent
+from service.core.contract_limits import DEFAULT_LIMITS, ContractLimits
+from service.core.parsing import ParsedEvent, parse_event
+from service.core.reasons import Reason, Stage
 from service.core.records import DeadLetterHeaders, TaskLedgerRecord
 from service.relay.messages import DeadLetter
 from service.scantrust.outcomes import ApiTask, TaskApiState

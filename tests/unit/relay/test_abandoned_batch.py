@@ -16,7 +16,7 @@ import asyncio
 from aiokafka import TopicPartition
 
 from service.core.batching import Batch, Batcher, PendingEvent, Source
-from service.core.contract import ParsedEvent, parse_event
+from service.core.parsing import ParsedEvent, parse_event
 from service.relay.messages import (
     BatchAbandoned,
     IntentClosed,

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from service.core.batching import Batcher, PendingEvent, Source
-from service.core.contract import ParsedEvent, parse_event
+from service.core.parsing import ParsedEvent, parse_event
 from service.relay.admission import Admission
 from tests.unit.relay.support import (
     _offsets,  # one order of publication for every event

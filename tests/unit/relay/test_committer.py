@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from service.core.task_outcomes import task_outcome
 from service.metrics import RelayMetrics
 from service.relay.committer import Committer, ReplicaFencedError
 from service.relay.ledger import WrittenRecords
@@ -19,7 +21,6 @@ from service.relay.messages import (
     ResultFence,
     TaskFinished,
 )
-from service.relay.poller import task_outcome
 from service.scantrust.outcomes import Rejected, TaskApiState
 from tests.unit.relay.fakes import FakeAccounting, FakeProducer, config
 from tests.unit.relay.support import api_task, batch, dead_letter, ledger_record
@@ -109,7 +110,9 @@ async def test_a_rejected_batch_dead_letters_each_event_once_and_a_result_tombst
     await stage.submit(ApiRejection(refused, rejection))  # the same events again: once
     forgotten: list[str] = []
     entry = ledger_record("t9", ["c"])
-    outcome = task_outcome(entry, api_task("t9", TaskApiState.COMPLETE, 1))
+    outcome = task_outcome(
+        entry, api_task("t9", TaskApiState.COMPLETE, 1), published_at=datetime.now(UTC)
+    )
     await stage.submit(TaskFinished(outcome, lambda: forgotten.append("t9")))
     await stage.flush()
     assert len(producer.written("dlq")) == 1
@@ -134,7 +137,9 @@ async def test_results_commit_under_the_poller_generation_they_were_polled_under
     runner = asyncio.create_task(stage.run())
     outcomes = {
         task_id: task_outcome(
-            ledger_record(task_id, [task_id]), api_task(task_id, TaskApiState.COMPLETE, 1)
+            ledger_record(task_id, [task_id]),
+            api_task(task_id, TaskApiState.COMPLETE, 1),
+            published_at=datetime.now(UTC),
         )
         for task_id in ("t1", "t2", "t3")
     }

@@ -18,7 +18,7 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from service.core.batching import Done, PendingEvent, Source
-from service.core.contract import ParsedEvent, parse_event
+from service.core.parsing import ParsedEvent, parse_event
 from service.core.records import IntentOutcome, IntentRecord
 from service.metrics import RelayMetrics
 from service.relay.book import OffsetBook

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
 
 from service.core.batching import Done
+from service.core.task_outcomes import task_outcome
 from service.metrics import RelayMetrics
 from service.relay.item_writer import ItemWriter
 from service.relay.ledger import WrittenRecords
 from service.relay.messages import ApiRejection, IntentWrite, LedgerAppend, TaskFinished
-from service.relay.poller import task_outcome
 from service.scantrust.outcomes import Rejected, TaskApiState
 from tests.unit.relay.fakes import FakeAccounting, FakeProducer, config
 from tests.unit.relay.support import api_task, batch, ledger_record
@@ -100,7 +101,11 @@ async def test_a_resolved_rejection_dead_letters_events_it_never_read_by_positio
 async def test_a_finished_task_leaves_its_done_to_run_after_the_commit() -> None:
     items, producer, _, _ = await writer()
     forgotten: list[str] = []
-    outcome = task_outcome(ledger_record("t9", ["c"]), api_task("t9", TaskApiState.COMPLETE, 1))
+    outcome = task_outcome(
+        ledger_record("t9", ["c"]),
+        api_task("t9", TaskApiState.COMPLETE, 1),
+        published_at=datetime.now(UTC),
+    )
     finished: list[Callable[[], None]] = []
     await items.write(TaskFinished(outcome, lambda: forgotten.append("t9")), finished)
     assert forgotten == [], "done before the transaction committed"

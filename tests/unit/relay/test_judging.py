@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from service.core.batching import PendingEvent, Source
-from service.core.contract import DEFAULT_LIMITS
+from service.core.contract_limits import DEFAULT_LIMITS
 from service.metrics import RelayMetrics
 from service.relay.judging import judge
 from service.relay.messages import DeadLetter

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from service.core.batching import Batch, Batcher, PendingEvent, Source
-from service.core.contract import ParsedEvent, parse_event
+from service.core.parsing import ParsedEvent, parse_event
 from service.core.records import IntentRecord
 from service.metrics import RelayMetrics
 from service.relay.config import WALL_CLOCK
