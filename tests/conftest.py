@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
+import structlog
 from hypothesis import settings
 
 from tests.kafka_support import LocalBroker, TopicFactory, admin_client, unique_name
@@ -13,6 +15,34 @@ from tests.kafka_support import LocalBroker, TopicFactory, admin_client, unique_
 # turned a busy shared machine into a failure (DeadlineExceeded) of a correct test.
 settings.register_profile("no-deadline", deadline=None)
 settings.load_profile("no-deadline")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loggers_never_cached() -> Iterator[None]:
+    """Tests read logs through `structlog.testing.capture_logs`, which swaps only the
+    processors for its block. The relay's `configure_logging` caches each logger on
+    first use (right in production), so a test that configured logging (a tool run in
+    process, the demo) froze every logger it touched on its configuration, and a later
+    test's `capture_logs` saw nothing of them. In tests no logger is cached."""
+    configure = structlog.configure
+
+    def uncached(**options: Any) -> None:
+        configure(**{**options, "cache_logger_on_first_use": False})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(structlog, "configure", uncached)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def logging_as_structlog_defaults() -> Iterator[None]:
+    """Each test starts from structlog's defaults: a test that configured logging at
+    WARNING (the demo does) left its level filter in place, and `capture_logs` keeps the
+    filter, so a later test's info lines were dropped before they were captured. Which
+    tests failed depended on the order they ran in."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

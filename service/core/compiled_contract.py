@@ -13,7 +13,7 @@ constraint value, a float in scm_data, any mistake) is judged again by
 `ChangeEvent`'s validators, which give the reason. `parsing.parse_event` runs
 the few checks a schema cannot express (forbidden keys, duplicate values, the
 request bounds of an event with several constraint keys, warnings) on what this
-returns. `tests/unit/test_compiled_contract.py` holds the
+returns. `tests/unit/core/test_compiled_contract.py` holds the
 two to the same verdicts.
 """
 

@@ -15,7 +15,7 @@ Unicode 15.0) Cf as well. `\\p{Cf}` on one path and `unicodedata.category` on
 the other would disagree on those; both use these ranges instead (the compiled
 contract as an explicit Rust regex class, the validators as the same ranges in
 a Python regex, the JSON Schema as a pattern of the same characters).
-`tests/unit/test_control_chars.py` holds the set to every Cc and Cf code point of
+`tests/unit/core/test_control_chars.py` holds the set to every Cc and Cf code point of
 the running Python and of pydantic-core's regex crate, so an upgrade that
 knows more fails there first.
 """

@@ -10,7 +10,6 @@ import random
 from typing import Any
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 from tenacity import retry_if_exception_type, retry_if_result, stop_after_attempt
 
@@ -131,12 +130,9 @@ async def test_read_retries_log_each_retry_with_its_number_and_backoff_wait() ->
 
 @pytest.fixture
 def quick_startup(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start-up waits of milliseconds instead of seconds, and a logger of its own: a test
-    that configured logging earlier (cache_logger_on_first_use) leaves the module's
-    logger bound past capture_logs."""
+    """Start-up waits of milliseconds instead of seconds."""
     monkeypatch.setattr(kafka, "STARTUP_RETRY_INITIAL_S", 0.001)
     monkeypatch.setattr(kafka, "STARTUP_RETRY_MAX_S", 0.002)
-    monkeypatch.setattr(kafka, "log", structlog.get_logger(kafka.__name__))
 
 
 def scripted_probe(monkeypatch: pytest.MonkeyPatch, failures: list[Exception]) -> list[float]:

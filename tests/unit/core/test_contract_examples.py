@@ -15,7 +15,7 @@ from service.core.contract_limits import ContractLimits
 from service.core.parsing import ParsedEvent, parse_event
 from service.core.reasons import Reason, Rejection
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "schemas" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "schemas" / "examples"
 VALID = sorted((EXAMPLES / "valid").glob("*.json"))
 INVALID = sorted(p for p in (EXAMPLES / "invalid").glob("*.json") if ".limits." not in p.name)
 VALIDATOR = Draft202012Validator(schema_of(ChangeEvent))

@@ -1,5 +1,5 @@
 """Second adversarial review of issue 27: the owner's fixes of the first review's
-findings (tests/unit/test_review_findings.py), broken. Each test shows one way the
+findings (tests/unit/relay/test_review_findings.py), broken. Each test shows one way the
 fixed code still sends an event twice or stops a partition for good. They fail on the
 reviewed change on purpose (the owner fixes the service)."""
 
@@ -17,7 +17,7 @@ from tests.unit.relay.fakes import change
 from tests.unit.relay.support import dead_letter
 from tests.unit.relay.test_intake import Queue, running, values
 from tests.unit.relay.test_intents import committer
-from tests.unit.test_review_findings import resuming_intake, with_an_orphan
+from tests.unit.relay.test_review_findings import resuming_intake, with_an_orphan
 from tests.wait_support import eventually
 
 # -- 1. An older progress record with the same commit point passes for the named one ----
@@ -161,7 +161,7 @@ def _committer(book: OffsetBook) -> Any:
 def _moved_book() -> tuple[OffsetBook, Any]:
     """A book that owned in:0 in generation 1, handed a batch carrying offset 3 on, and
     after a rebalance whose revoke deadline passed owns only in:1 (generation 3)."""
-    from tests.unit.test_review_findings import _batch_at
+    from tests.unit.relay.test_review_findings import _batch_at
 
     book = OffsetBook()
     book.assigned({("in", 0)}, 1)

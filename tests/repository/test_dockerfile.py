@@ -1,5 +1,5 @@
 """The Dockerfile's stages, read from the file (no Docker engine runs on the test
-machines; hadolint in `make lint` checks its style, tests/integration/test_packaging.py
+machines; hadolint in `make lint` checks its style, tests/repository/test_packaging.py
 the wheel the image installs)."""
 
 from __future__ import annotations

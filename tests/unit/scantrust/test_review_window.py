@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from service.scantrust.limits import INPUT, SLOT_SETTLE_S, RateLimits
 from tests.sim.vloop import VirtualLoop
-from tests.unit.test_answered_window import server_refusals as drf_refusals
+from tests.unit.scantrust.test_answered_window import server_refusals as drf_refusals
 
 T = TypeVar("T")
 LIMIT = 10

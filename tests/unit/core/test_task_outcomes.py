@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 
 from service.core.records import TaskLedgerRecord, TaskState
 from service.core.task_outcomes import task_outcome
-from tests.unit.test_records import NOW as SUBMITTED
-from tests.unit.test_records import ledger as record_of_two_codes
+from tests.unit.core.test_records import NOW as SUBMITTED
+from tests.unit.core.test_records import ledger as record_of_two_codes
 
 PUBLISHED = SUBMITTED + timedelta(minutes=5)
 
