@@ -31,7 +31,6 @@ from bench.common import (
     REPO,
     committed,
     create_topics,
-    end_offsets,
     kafka,
     produce,
     relay_process,
@@ -39,7 +38,7 @@ from bench.common import (
     simulator,
 )
 from bench.drain import API_UPLOADS_PER_S, API_VALUES_PER_UPLOAD, REAL_LIMITS, backlog
-from tests.wait_support import wait_until
+from devkit.harness import end_offsets, wait_until
 
 PARTITIONS = 6
 

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 from hypothesis import settings
 
-from tests.kafka_support import LocalBroker, TopicFactory, admin_client, unique_name
+from devkit.harness import TopicFactory, admin_client, unique_name
+from tests.kafka_support import LocalBroker
 
 # Property tests judge results, never speed: hypothesis's per-example deadline (200 ms)
 # turned a busy shared machine into a failure (DeadlineExceeded) of a correct test.

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.kafka_support import kafka_local
+from devkit.harness import kafka_local
 
 USER = "relay-test"
 PASSWORD = "relay-test-secret"  # a throwaway credential for a loopback broker

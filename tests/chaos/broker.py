@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
-from tests.kafka_support import admin_client, kafka_local
+from devkit.harness import admin_client, kafka_local
 
 
 class Broker:

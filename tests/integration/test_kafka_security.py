@@ -22,14 +22,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
+from devkit.harness import TopicFactory, admin_client, make_topics, unique_name
 from service.app import EXIT_CONFIG, EXIT_FAILED, run_relay
 from service.kafka import KafkaSetupError, client_options, probe_connection
 from service.settings import Settings, load_settings
 from tests.api_support import FAST, simulator
-from tests.kafka_support import TopicFactory, admin_client, unique_name
 from tests.pipeline_support import (
     event,
-    make_topics,
     publish,
     relay_settings,
     results,
