@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -23,21 +22,28 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.harness import (
+    REPO_ROOT,
+    TopicFactory,
+    Topics,
+    admin_client,
+    end_offsets,
+    local_broker,
+    make_topics,
+    wait_until,
+)
+from devkit.harness import relay_process as harness_relay_process
 from devkit.simulator.app import running_simulator
 from devkit.simulator.seed import default_seed
 from devkit.simulator.state import Account, Faults
 from devkit.simulator.tasks import Task
 from service.http import free_port
-from tests.kafka_support import TopicFactory, Topics, admin_client
-from tests.pipeline_support import make_topics
-from tests.wait_support import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
-KAFKA_LOCAL = REPO / "deploy" / "local-kafka" / "kafka-local"
+REPO = REPO_ROOT
 TOKEN = "bench-token"
 # Simulator knobs for "answers at once, limits lifted".
 INSTANT_API: Final = {
@@ -64,24 +70,9 @@ async def kafka() -> AsyncIterator[str]:
     if address:
         yield address
         return
-    env = {
-        **os.environ,
-        "SCM_RELAY_KAFKA_RUN_DIR": str(REPO / "bench" / ".run"),
-        "SCM_RELAY_KAFKA_HEAP": os.environ.get("SCM_RELAY_KAFKA_HEAP", "1g"),
-    }
-    env.pop("SCM_RELAY_KAFKA_PORT", None)
-
-    def kafka_local(*args: str) -> str:
-        done = subprocess.run(
-            [str(KAFKA_LOCAL), *args], env=env, check=True, capture_output=True, text=True
-        )
-        return done.stdout.strip()
-
-    await asyncio.to_thread(kafka_local, "start")
-    try:
-        yield await asyncio.to_thread(kafka_local, "address")
-    finally:
-        await asyncio.to_thread(kafka_local, "stop")
+    heap = {"SCM_RELAY_KAFKA_HEAP": os.environ.get("SCM_RELAY_KAFKA_HEAP", "1g")}
+    async with local_broker(REPO / "bench" / ".run", env=heap) as bootstrap:
+        yield bootstrap
 
 
 async def create_topics(bootstrap: str, partitions: int = 3) -> Topics:
@@ -159,25 +150,6 @@ async def produce(
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
-
-
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    """The high watermark of each partition of `topic`."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (description,) = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    tps = [TopicPartition(topic, p["partition"]) for p in description["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        return {tp.partition: offset for tp, offset in ends.items()}
-    finally:
-        await consumer.stop()
 
 
 async def committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> dict[int, int]:
@@ -266,7 +238,8 @@ async def relay_process(
     profile: Path | None = None,
     **settings: Any,
 ) -> AsyncIterator[RelayProcess]:
-    """`python -m service run` with these settings; stopped with SIGTERM on exit.
+    """`python -m service run` with these settings, once it serves /metrics; stopped
+    with SIGTERM on exit (killed if it has not stopped 90 s later).
 
     With `profile`, the relay runs under pyinstrument, whose text report is written
     to that file when the relay exits."""
@@ -277,42 +250,28 @@ async def relay_process(
         "api_token": TOKEN,
         "http_host": "127.0.0.1",
         "http_port": port,
-        "log_format": "json",
         # Stopping is not measured: with the API down a full drain would wait a minute.
         "shutdown_timeout_s": 3,
         "rebalance_timeout_s": 3,
         **topics.settings(),
         **settings,
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCM_RELAY_")}
-    env |= {f"SCM_RELAY_{name.upper()}": str(value) for name, value in values.items()}
     log_path = log_dir / f"relay-{topics.group}.log"
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        profiler = ["-m", "pyinstrument", "-r", "text", "-o", str(profile)] if profile else []
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, *profiler, "-m", "service", "run", env=env, stdout=log, stderr=log
-        )
-    relay = RelayProcess(process, port, log_path)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
+    profiler = ("-m", "pyinstrument", "-r", "text", "-o", str(profile)) if profile else ()
+    command = (sys.executable, *profiler, "-m", "service", "run")
+    async with harness_relay_process(values, log_path, command=command, stop_grace_s=90) as process:
+        relay = RelayProcess(process, port, log_path)
+
+        async def serving() -> bool:
             relay.check_alive()
             with suppress(aiohttp.ClientError, OSError):
                 await relay.metrics()
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the relay did not serve /metrics within 60 s")
-            await asyncio.sleep(0.05)
+                return True
+            return False
+
+        await wait_until(serving, what="the relay to serve /metrics", timeout_s=60)
         yield relay
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout=90)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
 
 
 @dataclass(frozen=True)
@@ -333,9 +292,7 @@ async def first_fetch_to_last_commit(
 ) -> Span:
     """Watch a relay work through the input topic as it stands now (its end offsets)."""
     ends = await end_offsets(bootstrap, topics.input)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
+    async with admin_client(bootstrap) as admin:
 
         async def fetched() -> bool:
             relay.check_alive()
@@ -351,8 +308,6 @@ async def first_fetch_to_last_commit(
             all_committed, timeout_s=timeout_s, interval_s=every_s, what="the last offset committed"
         )
         return Span(first_fetch, last_commit, relay.cpu_seconds() - cpu_before)
-    finally:
-        await admin.close()
 
 
 def rate(count: float, seconds: float) -> float:

@@ -35,7 +35,7 @@ from bench.common import (
     simulator,
     values_of,
 )
-from tests.wait_support import wait_until
+from devkit.harness import wait_until
 
 LIGHT_LOAD_GROUPS = 5
 

@@ -25,13 +25,10 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient
-
 from bench.common import (
     REPO,
     committed,
     create_topics,
-    end_offsets,
     kafka,
     produce,
     relay_process,
@@ -39,7 +36,7 @@ from bench.common import (
     simulator,
 )
 from bench.drain import API_UPLOADS_PER_S, API_VALUES_PER_UPLOAD, REAL_LIMITS, backlog
-from tests.wait_support import wait_until
+from devkit.harness import admin_client, end_offsets, wait_until
 
 PARTITIONS = 6
 
@@ -66,9 +63,7 @@ async def scale_out_drain(
             )
             for n in range(replicas)
         ]
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        try:
+        async with admin_client(bootstrap) as admin:
 
             async def fetched() -> bool:
                 for relay in relays:
@@ -85,8 +80,6 @@ async def scale_out_drain(
             started = time.monotonic()
             await wait_until(all_committed, timeout_s=1200, interval_s=0.05, what="the last commit")
             seconds = time.monotonic() - started
-        finally:
-            await admin.close()
         stats = account.stats
     minimum = values / (API_UPLOADS_PER_S * API_VALUES_PER_UPLOAD)
     return {

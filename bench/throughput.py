@@ -47,9 +47,8 @@ from bench.common import (
     say,
     simulator,
 )
+from devkit.harness import Topics, wait_until
 from service.core.parsing import parse_event
-from tests.kafka_support import Topics
-from tests.wait_support import wait_until
 
 STATUS_ROUTES = ("task", "tasks_bulk", "task_list", "task_group")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -24,13 +23,21 @@ from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaProducer
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from devkit.harness import (
+    KAFKA_LOCAL,
+    BrokerError,
+    TopicFactory,
+    Topics,
+    admin_client,
+    committed_reader,
+    local_broker,
+    make_topics,
+)
 from devkit.simulator.app import running_simulator
 from devkit.simulator.seed import default_seed
 from devkit.simulator.state import Account, Faults
@@ -41,10 +48,6 @@ from service.http import free_port
 from service.logs import configure_logging
 from service.settings import Settings
 
-# The broker script of the source checkout the demo runs from.
-SOURCE_KAFKA_LOCAL: Final = (
-    Path(__file__).resolve().parents[1] / "deploy" / "local-kafka" / "kafka-local"
-)
 # What the broker script may take from the environment: where its jars come from and
 # go, its heap and start-up wait. Not its host, listeners or nodes: the demo's broker is
 # one plain node on loopback whatever the environment says.
@@ -160,20 +163,19 @@ class DemoUnavailableError(RuntimeError):
     """What the demo needs and this machine lacks, said so that it can be fixed."""
 
 
-def kafka_local_command(environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The broker script to run and its environment."""
+def check_broker_script() -> None:
+    """Say what the local broker needs and this machine lacks, if anything."""
     if shutil.which("java") is None:
         raise DemoUnavailableError(
             "the demo's local Kafka broker needs Java 17 or newer (`java` on PATH)"
         )
     if shutil.which("bash") is None:
         raise DemoUnavailableError("the local broker script needs bash")
-    if not SOURCE_KAFKA_LOCAL.exists():
+    if not KAFKA_LOCAL.exists():
         raise DemoUnavailableError(
-            f"no local broker script ({SOURCE_KAFKA_LOCAL} is missing): the demo runs from "
+            f"no local broker script ({KAFKA_LOCAL} is missing): the demo runs from "
             "a source checkout (`make demo`)"
         )
-    return ["bash", str(SOURCE_KAFKA_LOCAL)], broker_environment(environ)
 
 
 def broker_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -185,26 +187,21 @@ def broker_environment(environ: Mapping[str, str]) -> dict[str, str]:
     }
     # A run dir of its own: `kafka-local start` replaces the broker of its run dir, and
     # the default one is the test suite's.
-    env["SCM_RELAY_KAFKA_RUN_DIR"] = str(SOURCE_KAFKA_LOCAL.parent / ".run-demo")
+    env["SCM_RELAY_KAFKA_RUN_DIR"] = str(KAFKA_LOCAL.parent / ".run-demo")
     return env
 
 
 @asynccontextmanager
-async def local_broker(environ: Mapping[str, str]) -> AsyncIterator[str]:
-    """Start the local broker (a source checkout's or the wheel's); yields its address."""
-    command, env = kafka_local_command(environ)
-
-    def kafka_local(action: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*command, action], env=env, text=True, **kwargs)  # noqa: S603
-
-    started = await asyncio.to_thread(kafka_local, "start", check=False, timeout=900)
-    if started.returncode != 0:
-        raise DemoUnavailableError("the local Kafka broker did not start (its messages above)")
+async def demo_broker(environ: Mapping[str, str]) -> AsyncIterator[str]:
+    """Start the source checkout's local broker, its messages shown; yields its address."""
+    check_broker_script()
     try:
-        address = await asyncio.to_thread(kafka_local, "address", check=True, capture_output=True)
-        yield address.stdout.strip()
-    finally:
-        await asyncio.to_thread(kafka_local, "stop", check=False, timeout=120)
+        async with local_broker(
+            None, base=broker_environment(environ), show_output=True
+        ) as address:
+            yield address
+    except BrokerError as exc:
+        raise DemoUnavailableError(str(exc)) from exc
 
 
 class _ArgumentsOnly(Settings):
@@ -258,7 +255,7 @@ async def run_demo(
     summary = DemoSummary()
     async with AsyncExitStack() as stack:
         if bootstrap is None:
-            bootstrap = await stack.enter_async_context(local_broker(environ))
+            bootstrap = await stack.enter_async_context(demo_broker(environ))
         seed = default_seed(max(2500, lines * codes_per_line))
         account = Account(seed, Faults(fail_reference=FAILING_LINE))
         api_url = await stack.enter_async_context(running_simulator(account, DEMO_TOKEN))
@@ -268,19 +265,21 @@ async def run_demo(
         summary.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         print(f"relay metrics on {summary.metrics_url} while the demo runs", file=sys.stderr)
         settings = demo_settings(bootstrap, api_url, run, metrics_port)
-        topics = {
-            "changes": settings.kafka.input_topic,
-            "results": settings.kafka.results_topic,
-            "dlq": settings.kafka.dlq_topic,
-            "tasks": settings.kafka.tasks_topic,
-        }
-        await _create_topics(bootstrap, topics)
+        topics = Topics(
+            input=settings.kafka.input_topic,
+            results=settings.kafka.results_topic,
+            dlq=settings.kafka.dlq_topic,
+            tasks=settings.kafka.tasks_topic,
+            group=settings.kafka.group_id,
+        )
+        async with admin_client(bootstrap) as admin:
+            await make_topics(TopicFactory(admin), partitions=3, topics=topics)
         records, summary.invalid_published = sample_events(lines, codes_per_line)
         summary.events_published = len(records)
         stop = asyncio.Event()
         relay = asyncio.create_task(run_relay(settings, stop))
         try:
-            await _publish(bootstrap, topics["changes"], records)
+            await _publish(bootstrap, topics.input, records)
             await _wait_for_results(bootstrap, topics, summary, relay)
             await _fix_and_replay(settings, summary)
         finally:
@@ -288,21 +287,6 @@ async def run_demo(
             await asyncio.wait_for(relay, timeout=60)
     summary.seconds = time.monotonic() - started
     return summary
-
-
-async def _create_topics(bootstrap: str, topics: Mapping[str, str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(topics["changes"], num_partitions=3, replication_factor=1),
-                NewTopic(topics["results"], num_partitions=3, replication_factor=1),
-                NewTopic(topics["dlq"], num_partitions=1, replication_factor=1),
-            ]
-        )
-    finally:
-        await admin.close()
 
 
 async def _publish(bootstrap: str, topic: str, records: list[bytes]) -> None:
@@ -317,18 +301,16 @@ async def _publish(bootstrap: str, topic: str, records: list[bytes]) -> None:
 
 
 async def _wait_for_results(
-    bootstrap: str, topics: Mapping[str, str], summary: DemoSummary, relay: asyncio.Task[int]
+    bootstrap: str, topics: Topics, summary: DemoSummary, relay: asyncio.Task[int]
 ) -> None:
     """Read results and dead letters until every recorded task has its result."""
     readers = {
-        name: AIOKafkaConsumer(
-            topics[name],
-            bootstrap_servers=bootstrap,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
+        name: committed_reader(bootstrap, topic)
+        for name, topic in (
+            ("results", topics.results),
+            ("dlq", topics.dlq),
+            ("tasks", topics.tasks),
         )
-        for name in ("results", "dlq", "tasks")
     }
     for reader in readers.values():
         await reader.start()
@@ -408,13 +390,7 @@ async def _fix_and_replay(settings: Settings, summary: DemoSummary) -> None:
 
 async def _result_carrying(settings: Settings, event_id: str) -> dict[str, Any]:
     """The result of the task that carried `event_id` (waits up to WAIT_LIMIT_S)."""
-    reader = AIOKafkaConsumer(
-        settings.kafka.results_topic,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
+    reader = committed_reader(settings.kafka.bootstrap_servers, settings.kafka.results_topic)
     await reader.start()
     try:
         async with asyncio.timeout(WAIT_LIMIT_S):

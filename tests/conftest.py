@@ -9,7 +9,8 @@ import pytest
 import structlog
 from hypothesis import settings
 
-from tests.kafka_support import LocalBroker, TopicFactory, admin_client, unique_name
+from devkit.harness import TopicFactory, admin_client, unique_name
+from tests.kafka_support import LocalBroker
 
 # Property tests judge results, never speed: hypothesis's per-example deadline (200 ms)
 # turned a busy shared machine into a failure (DeadlineExceeded) of a correct test.

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,21 +13,18 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from devkit.harness import (
+    Topics,
+    assigned_partitions,
+    committed_reader,
+    end_offsets,
+    read_all,
+    relay_process,
+    wait_until,
+)
 from service.app import run_relay
-from service.settings import Settings, flat_values
+from service.settings import Settings
 from tests.api_support import TOKEN, Simulator
-from tests.kafka_support import TopicFactory, Topics, committed_reader, read_all, unique_name
-
-
-async def make_topics(factory: TopicFactory, partitions: int = 3) -> Topics:
-    """Input, results and dead-letter topics; the relay creates the ledger itself."""
-    return Topics(
-        input=await factory.create("scm-changes", partitions=partitions),
-        results=await factory.create("scm-results", partitions=partitions),
-        dlq=await factory.create("scm-dlq"),
-        tasks=unique_name("scm-tasks"),
-        group=unique_name("relay"),
-    )
 
 
 def relay_settings(bootstrap: str, api_url: str, topics: Topics, **overrides: Any) -> Settings:
@@ -130,15 +125,6 @@ async def results(
     return [json.loads(record.value) for record in records]
 
 
-async def assigned_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """Wait until a group-less consumer subscribed to `topic` is assigned its partitions."""
-    for _ in range(100):
-        if consumer.assignment():
-            return sorted(consumer.assignment())
-        await consumer.getmany(timeout_ms=100)
-    raise AssertionError(f"no partitions found for {topic}")
-
-
 async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
     """The group's committed offset of every partition of `topic`."""
     partitions = list((await end_offsets(bootstrap, topic)).keys())
@@ -152,73 +138,27 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
         await consumer.stop()
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    """The end offset of every partition of `topic`."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(await assigned_partitions(consumer, topic))
-        return {tp.partition: offset for tp, offset in ends.items()}
-    finally:
-        await consumer.stop()
-
-
 async def wait_for_commit(
     bootstrap: str, topics: Topics, relay: RunningRelay | None = None, timeout_s: float = 60
 ) -> None:
     """Wait until the relay's group has committed the end of every input partition."""
     ends = await end_offsets(bootstrap, topics.input)
     assert ends, f"no partitions found for {topics.input}"
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
+    committed: dict[int, int | None] = {}
+
+    async def caught_up() -> bool:
+        nonlocal committed
         if relay is not None:
             relay.check_alive()
         committed = await committed_offsets(bootstrap, topics.group, topics.input)
-        if all((committed.get(p) or 0) >= end for p, end in ends.items()):
-            return
-        assert asyncio.get_running_loop().time() < deadline, (committed, ends)
-        await asyncio.sleep(0.3)
+        return all((committed.get(p) or 0) >= end for p, end in ends.items())
 
-
-def relay_environment(settings: Settings) -> dict[str, str]:
-    """The environment that gives `scm-relay run` in a subprocess these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCM_RELAY_")}
-    for name, value in flat_values(settings).items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        elif isinstance(value, frozenset | set | list):
-            value = ",".join(sorted(value))
-        env[f"SCM_RELAY_{name.upper()}"] = str(value)
-    env["SCM_RELAY_LOG_FORMAT"] = "json"
-    return env
-
-
-@asynccontextmanager
-async def relay_process(
-    settings: Settings,
-    log_path: Path,
-    prefix: tuple[str, ...] = (),
-    command: tuple[str, ...] = (sys.executable, "-m", "service", "run"),
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`python -m service run` (or `command`) as a child process, its log in `log_path`;
-    killed on exit. `prefix` runs it through another command (a network namespace's
-    `ip netns exec`)."""
-    with log_path.open("ab") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            *prefix,
-            *command,
-            env=relay_environment(settings),
-            stdout=log_file,
-            stderr=log_file,
-        )
-        try:
-            yield process
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+    await wait_until(
+        caught_up,
+        what=lambda: f"the input committed to its end: committed {committed}, ends {ends}",
+        timeout_s=timeout_s,
+        interval_s=0.3,
+    )
 
 
 async def sigkill_while_uploading(

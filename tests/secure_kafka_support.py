@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.kafka_support import kafka_local
+from devkit.harness import kafka_local, start_broker, stop_broker
 
 USER = "relay-test"
 PASSWORD = "relay-test-secret"  # a throwaway credential for a loopback broker
@@ -94,14 +94,12 @@ def secure_broker(directory: Path) -> Iterator[SecureBroker]:
     run_dir = directory / "run"
     env = {"SCM_RELAY_KAFKA_SECURE_DIR": str(directory / "tls"), "SCM_RELAY_KAFKA_HEAP": "512m"}
 
-    started = kafka_local(run_dir, "start", env=env)
     try:
-        if started.returncode != 0:
-            raise RuntimeError(f"the secure broker did not start:\n{started.stderr}")
+        start_broker(run_dir, env=env)
         listeners = {
             protocol: kafka_local(run_dir, "address", protocol).stdout.strip()
             for protocol in ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL")
         }
         yield SecureBroker(listeners, certificates)
     finally:
-        kafka_local(run_dir, "stop")
+        stop_broker(run_dir)

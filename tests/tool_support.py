@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devkit.harness import Topics, relay_environment
 from service.settings import Settings
-from tests.kafka_support import Topics
-from tests.pipeline_support import relay_environment, relay_settings
+from tests.pipeline_support import relay_settings
 
 
 @dataclass

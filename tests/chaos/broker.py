@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
-from tests.kafka_support import admin_client, kafka_local
+from devkit.harness import admin_client, kafka_local, start_broker, stop_broker
 
 
 class Broker:
@@ -23,12 +23,11 @@ class Broker:
         self.nodes = nodes
         self.bootstrap = ""
 
+    def _env(self) -> dict[str, str]:
+        return {"SCM_RELAY_KAFKA_HOST": self.host, "SCM_RELAY_KAFKA_NODES": str(self.nodes)}
+
     def _run(self, *args: str) -> str:
-        done = kafka_local(
-            self.run_dir,
-            *args,
-            env={"SCM_RELAY_KAFKA_HOST": self.host, "SCM_RELAY_KAFKA_NODES": str(self.nodes)},
-        )
+        done = kafka_local(self.run_dir, *args, env=self._env())
         assert done.returncode == 0, f"kafka-local {' '.join(args)}: {done.stderr}"
         return done.stdout.strip()
 
@@ -37,11 +36,10 @@ class Broker:
         return () if node is None else (str(node),)
 
     def start(self) -> None:
-        self._run("start")
-        self.bootstrap = self._run("address")
+        self.bootstrap = start_broker(self.run_dir, env=self._env())
 
     def stop(self) -> None:
-        kafka_local(self.run_dir, "stop")
+        stop_broker(self.run_dir)
 
     def crash(self, node: int | None = None) -> None:
         """SIGKILL: no shutdown, no flush; the data stays."""

@@ -41,6 +41,10 @@ class Env:
     def seconds(self, full: float, smoke: float) -> float:
         return smoke if self.smoke else full
 
+    def case(self, name: str, fault: str, **options: Any) -> AbstractAsyncContextManager[Case]:
+        """`running_case` on this run's broker, at its size, logging to its folder."""
+        return running_case(name, fault, self.broker.bootstrap, self.size, self.logs, **options)
+
 
 async def relay_sigkill(env: Env) -> Row:
     kills = env.times(20, 3)
@@ -69,9 +73,7 @@ async def relay_sigkill(env: Env) -> Row:
 
 async def relay_sigterm(env: Env) -> Row:
     stops = env.times(5, 2)
-    async with running_case(
-        "relay_sigterm", f"relay SIGTERM x {stops}", env.broker.bootstrap, env.size, env.logs
-    ) as case:
+    async with env.case("relay_sigterm", f"relay SIGTERM x {stops}") as case:
         for stop in range(stops):
             process = await case.relay(f"t{stop}")
             # Each SIGTERM lands on a relay that runs: once the backlog is drained,
@@ -88,12 +90,9 @@ async def relay_sigterm(env: Env) -> Row:
 
 async def relay_paused(env: Env) -> Row:
     pause = env.seconds(30, 15)
-    async with running_case(
+    async with env.case(
         "relay_paused",
         f"one of two relays SIGSTOPped {pause:g} s",
-        env.broker.bootstrap,
-        env.size,
-        env.logs,
         upload_rate_per_s=5,
     ) as case:
         # The paused one at DEBUG: its log shows every commit that moved offsets.
@@ -123,12 +122,9 @@ async def relay_paused(env: Env) -> Row:
 
 
 async def scale_1_3_1(env: Env) -> Row:
-    async with running_case(
+    async with env.case(
         "scale_1_3_1",
         "scale 1 -> 3 -> 1 replicas mid-run",
-        env.broker.bootstrap,
-        env.size,
-        env.logs,
     ) as case:
         first = await case.relay("r0")
         await case.progress(env.times(30, 8))
@@ -145,12 +141,9 @@ async def scale_1_3_1(env: Env) -> Row:
 
 async def broker_sigkill(env: Env) -> Row:
     kills = env.times(5, 2)
-    async with running_case(
+    async with env.case(
         "broker_sigkill",
         f"broker SIGKILL and restart on its data x {kills}, the last while a relay restarts",
-        env.broker.bootstrap,
-        env.size,
-        env.logs,
     ) as case:
         relay = await case.relay("r0")
         for kill in range(kills):
@@ -168,9 +161,7 @@ async def broker_sigkill(env: Env) -> Row:
 
 async def broker_paused(env: Env) -> Row:
     pause = env.seconds(30, 10)
-    async with running_case(
-        "broker_paused", f"broker SIGSTOPped {pause:g} s", env.broker.bootstrap, env.size, env.logs
-    ) as case:
+    async with env.case("broker_paused", f"broker SIGSTOPped {pause:g} s") as case:
         relay = await case.relay("r0")
         await case.progress(10)
         env.broker.pause()
@@ -288,12 +279,9 @@ def interleaved_case(env: Env, name: str, what: str) -> AbstractAsyncContextMana
         f"{what}; {backlog.events} events (1 to {backlog.largest} values, {backlog.values} "
         "in all) of 5 interleaved scm_data groups, shared references, A, B, A codes"
     )
-    return running_case(
+    return env.case(
         name,
         fault,
-        env.broker.bootstrap,
-        env.size,
-        env.logs,
         backlog=backlog,
         batch_max_values=INTERLEAVED_MAX_VALUES,
     )
@@ -350,12 +338,9 @@ def api_storm(
 
     async def case_fn(env: Env) -> Row:
         seconds = env.seconds(full_s, smoke_s)
-        async with running_case(
+        async with env.case(
             name,
             fault.format(seconds=seconds),
-            env.broker.bootstrap,
-            env.size,
-            env.logs,
             **settings,
         ) as case:
             relay = await case.relay("r0")
@@ -373,12 +358,9 @@ def api_storm(
 
 async def api_lost_answers(env: Env) -> Row:
     faults = STEADY.model_copy(update={"drop_response_rate": 0.3})
-    async with running_case(
+    async with env.case(
         "api_lost_answers",
         "30 % of upload answers lost (all run)",
-        env.broker.bootstrap,
-        env.size,
-        env.logs,
         faults=faults,
     ) as case:
         relay = await case.relay("r0")

@@ -26,22 +26,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devkit.harness import (
+    TopicFactory,
+    Topics,
+    admin_client,
+    make_topics,
+    relay_process,
+    wait_until,
+)
 from devkit.simulator.state import Faults
 from tests.api_support import Simulator, simulator
 from tests.chaos.backlog import INVALID, Backlog, publish_lanes
 from tests.integration.test_exactly_once import a_b_a_events, everything_settled
 from tests.integration.test_pipeline_resilience import GROUP, by_code, one_code_events
-from tests.kafka_support import TopicFactory, Topics, admin_client
 from tests.pipeline_support import (
     holds_partitions,
     ledger_task_ids,
-    make_topics,
     publish,
     read_topic,
-    relay_process,
     relay_settings,
 )
-from tests.wait_support import wait_until
 
 STEADY = Faults(pending_delay_s=0.05, progress_delay_s=0.05, jitter_s=0.05)
 

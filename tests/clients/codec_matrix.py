@@ -35,16 +35,18 @@ from typing import Any, Final
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from tests.api_support import Simulator, simulator
-from tests.clients.publishers import CLIENTS, CODECS, KAFKA_LOCAL, Outgoing, publish
-from tests.kafka_support import TopicFactory, Topics, admin_client, unique_name
-from tests.pipeline_support import (
-    committed_offsets,
+from devkit.harness import (
+    TopicFactory,
+    Topics,
+    admin_client,
     end_offsets,
-    relay_settings,
-    running_relay,
-    wait_for_commit,
+    start_broker,
+    stop_broker,
+    unique_name,
 )
+from tests.api_support import Simulator, simulator
+from tests.clients.publishers import CLIENTS, CODECS, Outgoing, publish
+from tests.pipeline_support import committed_offsets, relay_settings, running_relay, wait_for_commit
 from tests.tool_support import scm_relay
 
 # Events per case: sizes (values per event) vary and their scm_data groups interleave, as
@@ -351,16 +353,11 @@ def broker() -> Iterator[str]:
         yield given
         return
     with tempfile.TemporaryDirectory(prefix="codec-matrix-") as run_dir:
-        env = {**os.environ, "SCM_RELAY_KAFKA_RUN_DIR": run_dir}
-        env.pop("SCM_RELAY_KAFKA_PORT", None)
-        subprocess.run([str(KAFKA_LOCAL), "start"], env=env, check=True, timeout=600)
+        address = start_broker(Path(run_dir), show_output=True)
         try:
-            address = subprocess.run(
-                [str(KAFKA_LOCAL), "address"], env=env, capture_output=True, text=True, check=True
-            ).stdout.strip()
             yield address
         finally:
-            subprocess.run([str(KAFKA_LOCAL), "stop"], env=env, check=False, timeout=120)
+            stop_broker(Path(run_dir))
 
 
 async def measure(bootstrap: str) -> str:

@@ -18,8 +18,8 @@ from typing import Final
 
 from aiokafka import AIOKafkaProducer
 
-REPO_ROOT: Final = Path(__file__).resolve().parent.parent.parent
-KAFKA_LOCAL: Final = REPO_ROOT / "deploy" / "local-kafka" / "kafka-local"
+from devkit.harness import KAFKA_LOCAL
+
 JAVA_PUBLISH: Final = Path(__file__).resolve().parent / "JavaPublish.java"
 CLIENTS: Final = ("aiokafka", "librdkafka", "java")
 # Every compression codec Kafka defines ("none" leaves compression to the topic).

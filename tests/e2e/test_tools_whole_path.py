@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit.harness import TopicFactory, make_topics, relay_process
 from tests.api_support import simulator
 from tests.integration.test_exactly_once import everything_settled
-from tests.kafka_support import TopicFactory
-from tests.pipeline_support import (
-    make_topics,
-    publish,
-    read_topic,
-    relay_process,
-    relay_settings,
-    results,
-)
+from tests.pipeline_support import publish, read_topic, relay_settings, results
 from tests.tool_support import ToolRun, scm_relay
 
 pytestmark = pytest.mark.kafka

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from devkit.harness import TopicFactory, end_offsets, make_topics, relay_process, wait_until
 from service.http import free_port
 from service.kafka import readable_codecs
 from tests.api_support import simulator
@@ -31,16 +32,7 @@ from tests.clients.codec_matrix import (
     topic_cases,
 )
 from tests.clients.publishers import CODECS, Outgoing, publish
-from tests.kafka_support import TopicFactory
-from tests.pipeline_support import (
-    committed_offsets,
-    end_offsets,
-    make_topics,
-    relay_process,
-    relay_settings,
-    running_relay,
-)
-from tests.wait_support import wait_until
+from tests.pipeline_support import committed_offsets, relay_settings, running_relay
 
 pytestmark = pytest.mark.kafka
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from devkit.harness import TopicFactory, Topics, make_topics, relay_process, wait_until
 from devkit.simulator.state import Faults
 from tests.api_support import Simulator, simulator
 from tests.integration.test_pipeline_resilience import (
@@ -28,23 +29,19 @@ from tests.integration.test_pipeline_resilience import (
     by_code,
     one_code_events,
 )
-from tests.kafka_support import TopicFactory, Topics
 from tests.pipeline_support import (
     event,
     holds_partitions,
     ledger_task_ids,
-    make_topics,
     open_intents,
     publish,
     read_topic,
-    relay_process,
     relay_settings,
     results,
     running_relay,
     sigkill_while_uploading,
     wait_for_commit,
 )
-from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 

@@ -14,10 +14,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from devkit.harness import TopicFactory, committed_reader, read_all, wait_until
 from service import fencing
 from tests.integration.test_kafka_features import started
-from tests.kafka_support import TopicFactory, committed_reader, read_all
-from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 

@@ -15,17 +15,11 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from devkit.harness import TopicFactory, make_topics
 from service.core.reasons import Reason
 from tests.api_support import simulator
 from tests.integration.test_pipeline_resilience import STEADY, applied, one_code_events
-from tests.kafka_support import TopicFactory
-from tests.pipeline_support import (
-    make_topics,
-    read_topic,
-    relay_settings,
-    running_relay,
-    wait_for_commit,
-)
+from tests.pipeline_support import read_topic, relay_settings, running_relay, wait_for_commit
 
 pytestmark = pytest.mark.kafka
 

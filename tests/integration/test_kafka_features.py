@@ -19,13 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from tests.kafka_support import (
-    CALL_TIMEOUT_S,
-    TopicFactory,
-    committed_reader,
-    read_all,
-)
-from tests.wait_support import wait_until
+from devkit.harness import CALL_TIMEOUT_S, TopicFactory, committed_reader, read_all, wait_until
 
 pytestmark = pytest.mark.kafka
 

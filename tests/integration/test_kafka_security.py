@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
@@ -22,14 +21,20 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
+from devkit.harness import (
+    RELAY_COMMAND,
+    TopicFactory,
+    admin_client,
+    make_topics,
+    relay_environment,
+    unique_name,
+)
 from service.app import EXIT_CONFIG, EXIT_FAILED, run_relay
 from service.kafka import KafkaSetupError, client_options, probe_connection
 from service.settings import Settings, load_settings
 from tests.api_support import FAST, simulator
-from tests.kafka_support import TopicFactory, admin_client, unique_name
 from tests.pipeline_support import (
     event,
-    make_topics,
     publish,
     relay_settings,
     results,
@@ -237,22 +242,20 @@ def test_the_relay_process_prints_no_secret_when_kafka_refuses_it(
     # prints may hold the password it sent or the API token.
     password = "sasl-p4ss-w0rd-42"
     token = "uat-7f3c9a1e5b2d4c6e"
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("SCM_RELAY_")
-    }
-    environment |= {
-        "SCM_RELAY_API_TOKEN": f"{token}\n",
-        "SCM_RELAY_KAFKA_BOOTSTRAP_SERVERS": broker.listeners["SASL_PLAINTEXT"],
-        "SCM_RELAY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-        "SCM_RELAY_KAFKA_SASL_MECHANISM": "PLAIN",
-        "SCM_RELAY_KAFKA_SASL_USERNAME": USER,
-        "SCM_RELAY_KAFKA_SASL_PASSWORD": password,
-        "SCM_RELAY_KAFKA_ALLOW_PLAINTEXT_SASL": "true",
-        "SCM_RELAY_LOG_FORMAT": "json",
-        "SCM_RELAY_LOG_LEVEL": "DEBUG",
-    }
+    environment = relay_environment(
+        {
+            "api_token": f"{token}\n",
+            "kafka_bootstrap_servers": broker.listeners["SASL_PLAINTEXT"],
+            "kafka_security_protocol": "SASL_PLAINTEXT",
+            "kafka_sasl_mechanism": "PLAIN",
+            "kafka_sasl_username": USER,
+            "kafka_sasl_password": password,
+            "kafka_allow_plaintext_sasl": "true",
+            "log_level": "DEBUG",
+        }
+    )
     finished = subprocess.run(
-        [sys.executable, "-m", "service", "run"],
+        RELAY_COMMAND,
         env=environment,
         capture_output=True,
         timeout=60,
@@ -299,7 +302,6 @@ async def test_a_rotated_password_file_reaches_the_clients_already_built(
 ) -> None:
     """Clients built while the file held a stale password connect once it holds the
     right one: the watcher gives the new password to their next connections."""
-    import os
 
     from service.kafka import watch_sasl_password
 

@@ -10,13 +10,12 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.harness import TopicFactory, make_topics
 from devkit.simulator.state import Faults
 from service.http import free_port
 from tests.api_support import simulator
-from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     event,
-    make_topics,
     publish,
     relay_settings,
     results,

@@ -10,13 +10,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from devkit.harness import TopicFactory, make_topics
 from devkit.simulator.state import Faults
 from service.core.records import DeadLetterHeaders
 from tests.api_support import FAST, Simulator, simulator
-from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     event,
-    make_topics,
     publish,
     read_topic,
     relay_settings,

@@ -10,35 +10,33 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
+from devkit.harness import TopicFactory, make_topics, relay_process, wait_until
 from devkit.simulator.state import Faults
 from service import app
 from service.http import free_port
 from service.relay.supervisor import COMMIT_DEADLINE_S
 from tests.api_support import Simulator, simulator
 from tests.integration.test_observability import get_json, scrape, value
-from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     RunningRelay,
     committed_offsets,
     event,
     ledger_task_ids,
-    make_topics,
     publish,
     read_topic,
-    relay_process,
     relay_settings,
     results,
     running_relay,
     sigkill_while_uploading,
     wait_for_commit,
 )
-from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 STEADY = Faults(pending_delay_s=0.05, progress_delay_s=0.05, jitter_s=0.05)
@@ -62,12 +60,16 @@ def by_code(item: Any) -> bytes:
 async def applied(sim: Simulator, count: int, timeout_s: float = 15) -> Counter[int]:
     """`applications` once every one of `count` codes has been applied at least once (a
     task recorded in the ledger may still be running at the API), or at the timeout."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
+    seen: Counter[int] = Counter()
+
+    async def all_applied() -> bool:
+        nonlocal seen
         seen = await applications(sim, count)
-        if len(seen) >= count or asyncio.get_running_loop().time() > deadline:
-            return seen
-        await asyncio.sleep(0.1)
+        return len(seen) >= count
+
+    with suppress(TimeoutError):  # the caller judges what was seen
+        await wait_until(all_applied, timeout_s=timeout_s, interval_s=0.1)
+    return seen
 
 
 async def applications(sim: Simulator, count: int, first: int = 0) -> Counter[int]:

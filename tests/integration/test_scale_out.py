@@ -16,17 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from devkit.harness import TopicFactory, make_topics, relay_process, wait_until
 from devkit.simulator.state import Faults
 from tests.api_support import simulator
-from tests.kafka_support import TopicFactory
-from tests.pipeline_support import (
-    event,
-    make_topics,
-    publish,
-    relay_process,
-    relay_settings,
-    wait_for_commit,
-)
+from tests.pipeline_support import event, publish, relay_settings, wait_for_commit
 
 pytestmark = pytest.mark.kafka
 STEADY = Faults(pending_delay_s=0.05, progress_delay_s=0.05, jitter_s=0.02)
@@ -45,13 +38,16 @@ def input_shares(log: Path) -> list[list[int]]:
 
 async def settled_assignment(logs: list[Path], timeout_s: float = 90) -> None:
     """Wait until every replica's last assignment holds its even part of the input."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
+    last: list[list[int]] = []
+
+    def even() -> bool:
+        nonlocal last
         last = [shares[-1] if (shares := input_shares(log)) else [] for log in logs]
-        if sorted(len(owned) for owned in last) == [PARTITIONS // REPLICAS] * REPLICAS:
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"assignments: {last}"
-        await asyncio.sleep(0.2)
+        return sorted(len(owned) for owned in last) == [PARTITIONS // REPLICAS] * REPLICAS
+
+    await wait_until(
+        even, what=lambda: f"even assignments: {last}", timeout_s=timeout_s, interval_s=0.2
+    )
 
 
 async def test_three_replicas_share_the_accounts_upload_limit_with_no_429(

@@ -9,6 +9,7 @@ import socket
 import pytest
 from structlog.testing import capture_logs
 
+from devkit.harness import wait_until
 from devkit.simulator.state import Faults
 from service.core.resilience import BreakerState
 from service.scantrust.client import ScantrustClient, UploadRequest
@@ -25,7 +26,6 @@ from service.scantrust.outcomes import (
     Unavailable,
 )
 from tests.api_support import TOKEN, RecordingObserver, client, config, simulator
-from tests.wait_support import wait_until
 
 MARKET = UploadRequest(
     constraints={"extended_id": ["11X000001", "11X000002", "unknown-code"]},

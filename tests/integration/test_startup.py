@@ -13,19 +13,12 @@ from contextlib import asynccontextmanager, suppress
 
 import pytest
 
+from devkit.harness import TopicFactory, make_topics
 from service.http import free_port
 from tests.api_support import simulator
 from tests.integration.test_observability import get_json
 from tests.integration.test_pipeline_resilience import STEADY
-from tests.kafka_support import TopicFactory
-from tests.pipeline_support import (
-    event,
-    make_topics,
-    publish,
-    relay_settings,
-    results,
-    running_relay,
-)
+from tests.pipeline_support import event, publish, relay_settings, results, running_relay
 
 pytestmark = pytest.mark.kafka
 

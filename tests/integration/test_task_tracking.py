@@ -13,24 +13,21 @@ from typing import Any
 import pytest
 
 from devkit.demo import run_demo
+from devkit.harness import TopicFactory, make_topics, relay_process, wait_until
 from devkit.simulator.state import Faults
 from tests.api_support import simulator
-from tests.kafka_support import TopicFactory
 from tests.pipeline_support import (
     event,
     holds_partitions,
     ledger_task_ids,
-    make_topics,
     publish,
     read_topic,
-    relay_process,
     relay_settings,
     results,
     running_relay,
     sigkill_while_uploading,
     wait_for_commit,
 )
-from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -206,16 +203,17 @@ async def test_each_task_yields_exactly_one_result_across_kills_and_a_takeover(
 async def _results_until(
     bootstrap: str, topic: str, created: set[str], timeout_s: float = 90
 ) -> list[dict[str, Any]]:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
+
+    async def every_result() -> bool:
         records = await read_topic(bootstrap, topic, expected=10**6, timeout_s=2)
         outcomes = [json.loads(r.value) for r in records]
-        if {o["task_id"] for o in outcomes if o["kind"] == "result"} >= created:
-            # Give a possible duplicate time to show up before judging.
-            await asyncio.sleep(2)
-            records = await read_topic(bootstrap, topic, expected=10**6, timeout_s=2)
-            return [json.loads(r.value) for r in records]
-        assert asyncio.get_running_loop().time() < deadline, "results missing"
+        return {o["task_id"] for o in outcomes if o["kind"] == "result"} >= created
+
+    await wait_until(every_result, what="every task's result", timeout_s=timeout_s, interval_s=0)
+    # Give a possible duplicate time to show up before judging.
+    await asyncio.sleep(2)
+    records = await read_topic(bootstrap, topic, expected=10**6, timeout_s=2)
+    return [json.loads(r.value) for r in records]
 
 
 async def test_the_demo_summarises_what_happened(kafka_bootstrap: str) -> None:

@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
+from devkit.harness import TopicFactory, Topics, admin_client, make_topics
 from service.kafka import check_topics
 from service.settings import KafkaSettings
 from tests.api_support import TOKEN, simulator
-from tests.kafka_support import TopicFactory, Topics, admin_client
-from tests.pipeline_support import make_topics
 from tests.tool_support import ToolRun, scm_relay, tool_settings
 
 pytestmark = pytest.mark.kafka

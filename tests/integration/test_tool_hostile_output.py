@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from devkit.harness import TopicFactory, Topics, make_topics
 from service.core.reasons import Reason, Stage
 from service.core.records import DeadLetterHeaders
-from tests.kafka_support import TopicFactory, Topics
-from tests.pipeline_support import make_topics
 from tests.tool_support import ToolRun, scm_relay, tool_settings
 
 pytestmark = pytest.mark.kafka

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.kafka_support import TopicFactory, Topics
-from tests.pipeline_support import make_topics, read_topic, relay_environment
+from devkit.harness import TopicFactory, Topics, make_topics, relay_environment
+from tests.pipeline_support import read_topic
 from tests.tool_support import ToolRun, scm_relay, tool_settings
 
 pytestmark = pytest.mark.kafka

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafka_support import KAFKA_LOCAL, kafka_local
+from devkit.harness import KAFKA_LOCAL, kafka_local
 
 pytestmark = pytest.mark.kafka
 

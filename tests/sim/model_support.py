@@ -23,13 +23,12 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from devkit.harness import CALL_TIMEOUT_S, TopicFactory, unique_name, wait_until
 from service import fencing
 from service.fencing import GroupGeneration
 from tests.integration.test_kafka_features import started  # the model's clients too
-from tests.kafka_support import CALL_TIMEOUT_S, TopicFactory, unique_name
 from tests.sim.kafka import Broker, SimAdmin, SimConsumer, SimProducer
 from tests.sim.vloop import REPLICA, VirtualLoop
-from tests.wait_support import wait_until
 
 T = TypeVar("T")
 

@@ -27,9 +27,9 @@ from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata
 
+from devkit.harness import TopicFactory, wait_until
 from service.fencing import GroupGeneration
 from tests.integration.test_kafka_features import started
-from tests.kafka_support import TopicFactory
 from tests.sim.model_support import (
     Cluster,
     Event,
@@ -42,7 +42,6 @@ from tests.sim.model_support import (
     on_both,
     send,
 )
-from tests.wait_support import wait_until
 
 pytestmark = pytest.mark.kafka
 

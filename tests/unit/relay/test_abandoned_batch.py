@@ -15,6 +15,7 @@ import asyncio
 
 from aiokafka import TopicPartition
 
+from devkit.harness import eventually
 from service.core.batching import Batch, Batcher, PendingEvent, Source
 from service.core.parsing import ParsedEvent, parse_event
 from service.relay.messages import (
@@ -27,7 +28,6 @@ from service.relay.messages import (
 from tests.unit.relay.fakes import change
 from tests.unit.relay.test_intake import rig, running, values
 from tests.unit.relay.test_intents import intent
-from tests.wait_support import eventually
 
 
 def _cut_event(offset: int, codes: list[str]) -> list[Batch]:

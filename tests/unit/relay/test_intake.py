@@ -13,6 +13,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
+from devkit.harness import eventually
 from service.core.batching import Batch, Batcher, Source
 from service.metrics import RelayMetrics
 from service.relay.admission import Admission
@@ -31,7 +32,6 @@ from service.relay.messages import (
     TaskRecorded,
 )
 from tests.unit.relay.fakes import FakeAdmin, FakeConsumer, change, config
-from tests.wait_support import eventually
 
 
 class Queue:

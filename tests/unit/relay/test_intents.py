@@ -17,6 +17,7 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from devkit.harness import eventually
 from service.core.batching import Done, PendingEvent, Source
 from service.core.parsing import ParsedEvent, parse_event
 from service.core.records import IntentOutcome, IntentRecord
@@ -49,7 +50,6 @@ from tests.unit.relay.fakes import (
 from tests.unit.relay.support import api_task, batch, ledger_record, pending
 from tests.unit.relay.test_intake import rig, running
 from tests.unit.relay.test_uploaders import Recorder, run_until_drained
-from tests.wait_support import eventually
 
 
 def intent(

@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from devkit.harness import eventually
 from service.core.records import IntentClosure, IntentOutcome, intent_key
 from service.metrics import RelayMetrics
 from service.relay.committer import Membership
@@ -30,7 +31,6 @@ from service.relay.poller import TaskPoller, bounded_details
 from service.scantrust.outcomes import ApiTask, AuthFailed, TaskApiState, Unavailable
 from tests.unit.relay.fakes import FakeApi, FakeConsumer, FakeMember, Inbox, config
 from tests.unit.relay.support import api_task, ledger_record
-from tests.wait_support import eventually
 
 
 def ledger_view(

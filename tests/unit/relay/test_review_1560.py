@@ -22,6 +22,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from devkit.harness import eventually
 from service.core.batching import Batch, Source
 from service.relay.messages import (
     ApiRejection,
@@ -36,7 +37,6 @@ from tests.unit.relay.fakes import FakeAccounting, FakeProducer, change
 from tests.unit.relay.test_committer import committer
 from tests.unit.relay.test_intake import Rig, rig, running, values
 from tests.unit.relay.test_intents import intent
-from tests.wait_support import eventually
 
 
 async def _under_way_when_revoked(subject: Rig, codes: list[str]) -> Batch:

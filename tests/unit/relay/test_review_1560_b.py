@@ -17,6 +17,7 @@ import asyncio
 
 from aiokafka import TopicPartition
 
+from devkit.harness import eventually
 from service.core.batching import Source
 from service.relay.messages import (
     BatchAbandoned,
@@ -27,7 +28,6 @@ from tests.unit.relay.fakes import change
 from tests.unit.relay.test_intake import rig, running, values
 from tests.unit.relay.test_intents import intent
 from tests.unit.relay.test_review_1560 import _under_way_when_revoked
-from tests.wait_support import eventually
 
 
 async def test_a_batch_given_up_while_a_revoke_waits_for_it_is_held_once() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from devkit.harness import eventually
 from service.core.batching import Batch, Batcher, PendingEvent, Source
 from service.core.offsets import (
     METADATA_PREFIX,
@@ -39,7 +40,6 @@ from tests.unit.relay.support import batch, dead_letter
 from tests.unit.relay.test_intake import Rig, rig, running, values
 from tests.unit.relay.test_intents import committer, intent
 from tests.unit.relay.test_uploaders import Recorder, uploaders
-from tests.wait_support import eventually
 
 # -- 1. A progress record newer than the commit point the new owner fetched ------------
 

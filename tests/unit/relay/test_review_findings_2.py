@@ -10,6 +10,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from devkit.harness import eventually
 from service.core.offsets import Progress, encode_progress
 from service.relay.book import OffsetBook
 from service.relay.messages import IntentOpened, LedgerCaughtUp, Resolution
@@ -18,7 +19,6 @@ from tests.unit.relay.support import dead_letter
 from tests.unit.relay.test_intake import Queue, running, values
 from tests.unit.relay.test_intents import committer
 from tests.unit.relay.test_review_findings import resuming_intake, with_an_orphan
-from tests.wait_support import eventually
 
 # -- 1. An older progress record with the same commit point passes for the named one ----
 
