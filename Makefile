@@ -103,15 +103,15 @@ test: lint ## lint + every test against a freshly started local Kafka broker
 	  SCM_RELAY_TEST_KAFKA=$$($(KAFKA_LOCAL) address) $(BIN)/pytest || { \
 	    rc=$$?; echo "--- tail of the Kafka broker log ---"; $(KAFKA_LOCAL) logs 60; exit $$rc; }
 
-# The deterministic simulation (tests/sim): SEEDS histories from START, or one SEED with its
+# The deterministic simulation (sim): SEEDS histories from START, or one SEED with its
 # history when HISTORY is set. No broker: Kafka and the API are in memory.
 SEEDS ?= 200
 START ?= 0
 sim: setup ## the deterministic simulation: make sim SEEDS=N [START=S], or make sim SEED=S [HISTORY=1]
 	@if [ -n "$(SEED)" ]; then \
-	  $(BIN)/python -m tests.sim --seed $(SEED) $(if $(HISTORY),--history,); \
+	  $(BIN)/python -m sim --seed $(SEED) $(if $(HISTORY),--history,); \
 	else \
-	  $(BIN)/python -m tests.sim --seeds $(SEEDS) --start $(START); \
+	  $(BIN)/python -m sim --seeds $(SEEDS) --start $(START); \
 	fi
 
 # The benchmarks start a broker of their own (bench/.run) and write docs/benchmarks.md.
@@ -119,8 +119,8 @@ sim: setup ## the deterministic simulation: make sim SEEDS=N [START=S], or make 
 CHAOS_SEEDS ?= 10000
 chaos: setup ## the fault suite (about 30 minutes, a broker of its own) and CHAOS_SEEDS (10 000) seeds of the simulation (about an hour); writes docs/reliability.md
 	rc=0; \
-	  $(BIN)/python -m tests.chaos.run --write docs/reliability.md || rc=1; \
-	  $(BIN)/python -m tests.sim --seeds $(CHAOS_SEEDS) --write docs/reliability.md || rc=1; \
+	  $(BIN)/python -m chaos.run --write docs/reliability.md || rc=1; \
+	  $(BIN)/python -m sim --seeds $(CHAOS_SEEDS) --write docs/reliability.md || rc=1; \
 	  exit $$rc
 
 bench: setup ## run every benchmark (about 15 minutes) and write docs/benchmarks.md

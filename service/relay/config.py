@@ -23,7 +23,7 @@ from service.settings import (
 )
 
 # The wall clock the relay reads: the system's, or in the deterministic simulation
-# (tests/sim) each replica's own, drifting one. A context variable, so that several
+# (sim) each replica's own, drifting one. A context variable, so that several
 # replicas in one process each read their own.
 WALL_CLOCK: Final[ContextVar[Callable[[], float]]] = ContextVar(
     "scm_relay_wall_clock", default=time.time

@@ -95,7 +95,7 @@ def test_the_wheel_holds_no_development_tool(wheel: Path) -> None:
     development = [
         name
         for name in names
-        if name.split("/")[0] in {"devkit", "bench", "tests", "deploy"}
+        if name.split("/")[0] in {"devkit", "bench", "chaos", "sim", "tests", "deploy"}
         # The kit's modules where they lived before it: the simulator, the demo, the
         # schema and settings-reference generators.
         or name.startswith(("service/simulator/", "service/_kafka_local/"))

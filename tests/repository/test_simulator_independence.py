@@ -103,11 +103,11 @@ def test_the_check_lets_the_allowed_imports_through(source: str) -> None:
     assert not any(forbidden(m) for m in imported_modules(source)), source
 
 
-# The simulation's verdict (tests/sim): the oracle and the workload's truth it judges by
+# The simulation's verdict (sim): the oracle and the workload's truth it judges by
 # import the standard library and the simulation's own records, nothing of the relay.
-SIMULATION = Path(__file__).resolve().parents[2] / "tests" / "sim"
+SIMULATION = Path(__file__).resolve().parents[2] / "sim"
 SIMULATION_JUDGES = ("oracle.py", "workload.py")
-SIMULATION_RECORDS = frozenset({"tests.sim.api.Applied", "tests.sim.kafka.Record"})
+SIMULATION_RECORDS = frozenset({"sim.api.Applied", "sim.kafka.Record"})
 
 
 def test_the_simulations_verdict_imports_nothing_of_the_relay() -> None:
@@ -117,10 +117,10 @@ def test_the_simulations_verdict_imports_nothing_of_the_relay() -> None:
         if (
             bad := [
                 module
-                for module in imported_modules((SIMULATION / name).read_text(), "tests.sim")
+                for module in imported_modules((SIMULATION / name).read_text(), "sim")
                 if module.split(".")[0] not in sys.stdlib_module_names
                 and module not in SIMULATION_RECORDS
-                and not module.startswith("tests.sim.workload.")
+                and not module.startswith("sim.workload.")
             ]
         )
     }

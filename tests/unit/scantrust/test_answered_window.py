@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from service.core.slots import AnsweredWindow, UploadSlots
 from service.scantrust.limits import ALONE_MARGIN_S, INPUT, SLOT_SETTLE_S, RateLimits
-from tests.sim.vloop import VirtualLoop
+from sim.vloop import VirtualLoop
 
 LIMIT, PERIOD = 10, 1.0
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from service.scantrust.limits import INPUT, SLOT_SETTLE_S, RateLimits
-from tests.sim.vloop import VirtualLoop
+from sim.vloop import VirtualLoop
 from tests.unit.scantrust.test_answered_window import server_refusals as drf_refusals
 
 T = TypeVar("T")

@@ -13,7 +13,7 @@ from pydantic import AnyHttpUrl, SecretStr
 from service.scantrust.client import ScantrustClient, UploadRequest
 from service.scantrust.limits import INPUT, RateLimits
 from service.settings import ApiSettings
-from tests.sim.vloop import VirtualLoop
+from sim.vloop import VirtualLoop
 
 RATE = 10.0  # slots of (1 + 0.03) / 10 = 0.103 s
 T = TypeVar("T")

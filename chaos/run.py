@@ -1,6 +1,6 @@
 """`make chaos`: every case at full size on a broker of its own; writes docs/reliability.md.
 
-    python -m tests.chaos.run [--smoke] [--case NAME ...] [--write FILE] [--seed N] [--logs DIR]
+    python -m chaos.run [--smoke] [--case NAME ...] [--write FILE] [--seed N] [--logs DIR]
 
 Exit status 0 when every case that ran is clean (nothing lost, nothing twice, order
 kept, every task recorded once with one result, every dead letter once), 1 otherwise.
@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 
 from bench.common import commit
-from tests.chaos.broker import Broker
-from tests.chaos.cases import CASES, Env
-from tests.chaos.harness import SMOKE, Row, Size
+from chaos.broker import Broker
+from chaos.cases import CASES, Env
+from chaos.harness import SMOKE, Row, Size
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 KEPT_MARK = "<!-- kept below -->"
 
 
@@ -82,7 +82,7 @@ def write(path: Path, rows: list[Row], seed: int, names: list[str]) -> None:
         f"Written by `make chaos` on {today} at commit `{commit()}` ({machine()}, seed {seed})"
         + (f"; {', '.join(fresh)} run alone, other rows kept from {earlier_date}" if old else "")
         + "; every row is one "
-        "case of `tests/chaos/cases.py`: a backlog published to a real broker of the run's "
+        "case of `chaos/cases.py`: a backlog published to a real broker of the run's "
         "own, drained by the relay as its own processes against the simulator (10 uploads "
         "per second, 10 values per request, 250 in the interleaved_* cases), broken as the "
         "fault column says. "

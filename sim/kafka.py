@@ -1,7 +1,7 @@
 """An in-memory Kafka: the rules the relay's guarantees rest on, and nothing else.
 
 Modelled (each rule is pinned by a test against the real broker in
-tests/sim/test_kafka_model.py, so that the model cannot drift from Kafka):
+tests/repository/test_kafka_model.py, so that the model cannot drift from Kafka):
 
 - partitions and offsets; the producer's partitioner (murmur2 of the key, as
   aiokafka's default); keyless records spread by the seed;

@@ -1,12 +1,12 @@
-"""tests/chaos/run.py's report: a case run alone replaces its own row only."""
+"""chaos/run.py's report: a case run alone replaces its own row only."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from tests.chaos.harness import Row
-from tests.chaos.run import KEPT_MARK, write
+from chaos.harness import Row
+from chaos.run import KEPT_MARK, write
 
 NAMES = ["first", "second", "third"]
 
@@ -52,7 +52,7 @@ def test_the_header_names_the_commit_and_kept_rows_keep_theirs(tmp_path: Path) -
 
 
 def test_every_row_of_the_published_report_is_a_case_that_exists() -> None:
-    from tests.chaos.cases import CASES
+    from chaos.cases import CASES
 
     text = (Path(__file__).parents[2] / "docs" / "reliability.md").read_text()
     table = text[: text.index(KEPT_MARK)]

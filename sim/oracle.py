@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.sim.api import Applied
-from tests.sim.kafka import Record
-from tests.sim.workload import Published
+from sim.api import Applied
+from sim.kafka import Record
+from sim.workload import Published
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The in-memory Kafka of the simulation (tests/sim/kafka.py) against the real broker.
+"""The in-memory Kafka of the simulation (sim/kafka.py) against the real broker.
 
 Each rule the model's docstring lists is a small scenario here, run twice by the same
 code: against the local broker with aiokafka's clients (and service/fencing.py's fenced
@@ -29,8 +29,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from devkit.harness import TopicFactory, wait_until
 from service.fencing import GroupGeneration
-from tests.integration.test_kafka_features import started
-from tests.sim.model_support import (
+from sim.model_support import (
     Cluster,
     Event,
     KafkaCluster,
@@ -42,6 +41,7 @@ from tests.sim.model_support import (
     on_both,
     send,
 )
+from tests.integration.test_kafka_features import started
 
 pytestmark = pytest.mark.kafka
 

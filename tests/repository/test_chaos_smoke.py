@@ -1,4 +1,4 @@
-"""The fault suite's smoke inside `make test`: a few cases of tests/chaos at small size.
+"""The fault suite's smoke inside `make test`: a few cases of chaos at small size.
 
 `make chaos` runs every case at full size and writes docs/reliability.md; here a
 relay killed three times, the broker killed and restarted on its data twice (a
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos import netns
-from tests.chaos.broker import Broker
-from tests.chaos.cases import CASES, Env
-from tests.chaos.harness import SMOKE, Row
+from chaos import netns
+from chaos.broker import Broker
+from chaos.cases import CASES, Env
+from chaos.harness import SMOKE, Row
 
 pytestmark = pytest.mark.kafka
 BY_NAME = {case.__name__: case for case in CASES}

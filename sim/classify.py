@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 
-from tests.sim.oracle import Verdict
-from tests.sim.world import World
+from sim.oracle import Verdict
+from sim.world import World
 
 # The relay keeps its commit metadata under 3 500 characters: near that, ranges were cut.
 METADATA_NEAR_CUT = 3300

@@ -1,4 +1,4 @@
-"""The fault suite's verdict (tests/chaos): it fails on what it must find."""
+"""The fault suite's verdict (chaos): it fails on what it must find."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 import random
 from collections import defaultdict
 
-from tests.chaos.backlog import INVALID, interleaved
-from tests.chaos.harness import CodeVerdict, Row, code_verdict, dead_letter_verdict
-from tests.chaos.run import line
+from chaos.backlog import INVALID, interleaved
+from chaos.harness import CodeVerdict, Row, code_verdict, dead_letter_verdict
+from chaos.run import line
 
 EXPECTED = {"X1": ["G1"], "X2": ["G0", "G3", "G0"], "X3": ["G2"]}
 

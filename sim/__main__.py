@@ -1,7 +1,7 @@
-"""`python -m tests.sim` (`make sim`): run seeded histories of the whole relay and judge them.
+"""`python -m sim` (`make sim`): run seeded histories of the whole relay and judge them.
 
-    python -m tests.sim --seeds 200            # seeds 0..199, two processes
-    python -m tests.sim --seed 1234 --history  # one seed and its readable history
+    python -m sim --seeds 200            # seeds 0..199, two processes
+    python -m sim --seed 1234 --history  # one seed and its readable history
 
 A history is the same for the same seed, byte for byte (the process runs with
 PYTHONHASHSEED=0: it starts itself again with it when needed). A failing seed is
@@ -31,7 +31,7 @@ from bench.common import commit
 def markers(section: str) -> tuple[str, str]:
     """The comments around a section `--write` replaces."""
     return (
-        f"<!-- simulation:{section}:begin (written by python -m tests.sim) -->",
+        f"<!-- simulation:{section}:begin (written by python -m sim) -->",
         f"<!-- simulation:{section}:end -->",
     )
 
@@ -50,8 +50,8 @@ class Outcome:
 
 
 def run_seed(seed: int) -> Outcome:
-    from tests.sim.classify import classify
-    from tests.sim.world import simulate
+    from sim.classify import classify
+    from sim.world import simulate
 
     started = time.perf_counter()
     try:
@@ -77,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         # Set iteration order of strings depends on the hash seed: fix it, for histories
         # that repeat byte for byte.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
-        return subprocess.call(
-            [sys.executable, "-m", "tests.sim", *(argv or sys.argv[1:])], env=env
-        )
-    parser = argparse.ArgumentParser(prog="python -m tests.sim", description=__doc__.split("\n")[0])
+        return subprocess.call([sys.executable, "-m", "sim", *(argv or sys.argv[1:])], env=env)
+    parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=100, help="how many seeds (default 100)")
     parser.add_argument("--start", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--seed", type=int, help="run this one seed only")
@@ -134,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one(seed: int, *, history: bool) -> int:
-    from tests.sim.classify import classify
-    from tests.sim.world import simulate
+    from sim.classify import classify
+    from sim.world import simulate
 
     verdict, world = simulate(seed)
     if history:

@@ -15,8 +15,8 @@ import pytest
 
 from service.core import offsets
 from service.relay import ledger
-from tests.sim.classify import classify
-from tests.sim.world import simulate
+from sim.classify import classify
+from sim.world import simulate
 
 # The windows issue 27 closed, and what takes each fix out again (a mutant relay): the
 # simulation must find every one of them again within a few seeds, or it could no
@@ -48,7 +48,7 @@ def run(*args: str, hash_seed: str | None = None) -> subprocess.CompletedProcess
     if hash_seed is not None:
         env["PYTHONHASHSEED"] = hash_seed
     return subprocess.run(
-        [sys.executable, "-m", "tests.sim", *args],
+        [sys.executable, "-m", "sim", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.chaos import netns
-from tests.chaos.backlog import interleaved
-from tests.chaos.broker import Broker
-from tests.chaos.harness import STEADY, Case, Row, Size, running_case
+from chaos import netns
+from chaos.backlog import interleaved
+from chaos.broker import Broker
+from chaos.harness import STEADY, Case, Row, Size, running_case
 from tests.integration.test_exactly_once import after_resume
 
 
@@ -273,7 +273,7 @@ INTERLEAVED_MAX_VALUES = 250
 
 def interleaved_case(env: Env, name: str, what: str) -> AbstractAsyncContextManager[Case]:
     """A case draining a few thousand interleaved events over every input partition
-    (tests/chaos/backlog.py), broken as `what` says."""
+    (chaos/backlog.py), broken as `what` says."""
     backlog = interleaved(env.rng, events=env.times(3000, 600), partitions=env.size.partitions)
     fault = (
         f"{what}; {backlog.events} events (1 to {backlog.largest} values, {backlog.values} "

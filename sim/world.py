@@ -34,12 +34,12 @@ from service.fencing import GroupGeneration
 from service.metrics import RelayMetrics
 from service.relay.config import WALL_CLOCK, RelayConfig
 from service.relay.supervisor import Relay
+from sim.api import EPOCH, ApiFaults, SimApiClient, VendorApi
+from sim.kafka import Broker, SimAdmin, SimConsumer, SimProducer
+from sim.oracle import Verdict, judge
+from sim.vloop import REPLICA, SimulationStalledError, VirtualLoop
+from sim.workload import Workload, generate
 from tests.settings_support import relay_config
-from tests.sim.api import EPOCH, ApiFaults, SimApiClient, VendorApi
-from tests.sim.kafka import Broker, SimAdmin, SimConsumer, SimProducer
-from tests.sim.oracle import Verdict, judge
-from tests.sim.vloop import REPLICA, SimulationStalledError, VirtualLoop
-from tests.sim.workload import Workload, generate
 
 INPUT, RESULTS, DLQ, TASKS = "scm.changes", "scm.results", "scm.dlq", "scm.tasks"
 GROUP: Final = "scm-relay"

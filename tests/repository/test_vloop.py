@@ -1,4 +1,4 @@
-"""The simulation's virtual loop (tests/sim/vloop.py): a clock that jumps, and replicas
+"""The simulation's virtual loop (sim/vloop.py): a clock that jumps, and replicas
 that can be paused or killed between any two of their steps."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.sim import vloop
-from tests.sim.model_support import close
-from tests.sim.vloop import REPLICA, VirtualLoop
+from sim import vloop
+from sim.model_support import close
+from sim.vloop import REPLICA, VirtualLoop
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chaos.backlog import INVALID, Backlog, publish_lanes
 from devkit.harness import (
     TopicFactory,
     Topics,
@@ -36,7 +37,6 @@ from devkit.harness import (
 )
 from devkit.simulator.state import Faults
 from tests.api_support import Simulator, simulator
-from tests.chaos.backlog import INVALID, Backlog, publish_lanes
 from tests.integration.test_exactly_once import a_b_a_events, everything_settled
 from tests.integration.test_pipeline_resilience import GROUP, by_code, one_code_events
 from tests.pipeline_support import (

@@ -1,5 +1,5 @@
 """One small scenario, run against the real broker and against the in-memory Kafka of
-tests/sim/kafka.py, so that tests/sim/test_kafka_model.py can compare what each shows.
+sim/kafka.py, so that tests/repository/test_kafka_model.py can compare what each shows.
 
 A scenario is an async function of a `Cluster`. The model's clients take the same calls
 as aiokafka's, so the same code runs twice: on the test's event loop against the broker
@@ -26,9 +26,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from devkit.harness import CALL_TIMEOUT_S, TopicFactory, unique_name, wait_until
 from service import fencing
 from service.fencing import GroupGeneration
+from sim.kafka import Broker, SimAdmin, SimConsumer, SimProducer
+from sim.vloop import REPLICA, VirtualLoop
 from tests.integration.test_kafka_features import started  # the model's clients too
-from tests.sim.kafka import Broker, SimAdmin, SimConsumer, SimProducer
-from tests.sim.vloop import REPLICA, VirtualLoop
 
 T = TypeVar("T")
 

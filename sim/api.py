@@ -43,7 +43,7 @@ from service.scantrust.outcomes import (
     Unavailable,
     UploadOutcome,
 )
-from tests.sim.vloop import REPLICA
+from sim.vloop import REPLICA
 
 EPOCH: Final = datetime(2026, 11, 27, 6, 0, tzinfo=UTC)
 UPLOADS_PER_S: Final = 10
