@@ -35,9 +35,11 @@ from service.relay.item_writer import ItemWriter, WrittenLedger
 from service.relay.messages import (
     BatchRevokedError,
     CommitItem,
+    EndOfStream,
     Flush,
     IntentWrite,
     LedgerAppend,
+    Mailbox,
     Progress,
     ResultFence,
     TaskFinished,
@@ -83,25 +85,25 @@ class Committer:
         self._items = ItemWriter(
             config, producer=producer, accounting=accounting, written=written, metrics=metrics
         )
-        # None closes the queue: the committer commits what came before it and returns.
-        self._queue: asyncio.Queue[CommitItem | None] = asyncio.Queue(maxsize=COMMIT_BATCH_MAX * 4)
+        # Its end (`close`): the committer commits what came before it and returns.
+        self._inbox: Mailbox[CommitItem] = Mailbox(COMMIT_BATCH_MAX * 4)
         self._free = asyncio.Event()  # cleared while a rebalance holds commits (`hold`)
         self._free.set()
         self._hold_round = 0  # moved on by every `resume`
 
     async def submit(self, item: CommitItem) -> None:
         """Queue `item` for the next transaction (waits for room)."""
-        await self._queue.put(item)
+        await self._inbox.tell(item)
 
     async def write_intent(self, intent: IntentWrite) -> None:
         """Queue an intent and wait until it is committed."""
-        await self._queue.put(intent)
+        await self._inbox.tell(intent)
         await intent.written
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
         flush = Flush()
-        await self._queue.put(flush)
+        await self._inbox.tell(flush)
         await flush.flushed
 
     async def flush_and_hold(self) -> None:
@@ -117,7 +119,7 @@ class Committer:
         if not self._free.is_set():
             return  # already held: nothing more will be committed before `resume`
         flush = Flush(then_hold=True, hold_round=self._hold_round)
-        await self._queue.put(flush)
+        await self._inbox.tell(flush)
         await flush.flushed
 
     def hold(self) -> None:
@@ -133,16 +135,15 @@ class Committer:
     async def close(self) -> None:
         """Commit what is queued, then end `run`."""
         self._free.set()
-        await self._queue.put(None)
+        await self._inbox.end()
 
     async def run(self) -> None:
         """Commit rounds until closed."""
         while True:
             await self._free.wait()
-            items = [await self._queue.get()]
-            while len(items) < COMMIT_BATCH_MAX and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            work = [item for item in items if item is not None]
+            first = await self._inbox.next()
+            items = [first, *self._inbox.waiting(COMMIT_BATCH_MAX - 1)]
+            work = [item for item in items if not isinstance(item, EndOfStream)]
             for transaction, fence in _transactions(work):
                 await self._commit(transaction, fence)
             if len(work) < len(items):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from service.core.batching import Batch, Done, Source
 from service.core.records import (
@@ -237,31 +237,71 @@ class LedgerChange:
 # -- addresses -------------------------------------------------------------------------
 
 Message = TypeVar("Message")
+Told = TypeVar("Told", contravariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Queued by `Mailbox.end` after what was told before it: the receiver that takes
+    it stops taking (one per receiving worker)."""
+
+
+class Inbox(Protocol[Told]):
+    """A stage's inbox as a sender sees it: what it may tell the stage."""
+
+    async def tell(self, message: Told) -> None:
+        """Deliver `message`; waits while the inbox is full."""
 
 
 class Mailbox(Generic[Message]):
     """A stage's bounded inbox: senders `tell` (waiting while it is full), the owning
-    stage takes what arrived in its own task."""
+    stage takes what arrived in its own task. A sender ends a stage that stops at the
+    end of its stream with `end`, which takes a place in the inbox like a message."""
 
     def __init__(self, size: int) -> None:
-        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=size)
+        self._queue: asyncio.Queue[Message | EndOfStream] = asyncio.Queue(maxsize=size)
 
     async def tell(self, message: Message) -> None:
         """Deliver `message`; waits while the inbox is full."""
         await self._queue.put(message)
 
-    def take_all(self) -> list[Message]:
-        """Every message waiting now, oldest first."""
-        taken = []
-        while not self._queue.empty():
+    async def end(self) -> None:
+        """Queue the end of the stream after what was told; waits while the inbox is full."""
+        await self._queue.put(EndOfStream())
+
+    @property
+    def empty(self) -> bool:
+        """Nothing waits in the inbox (no message, no end)."""
+        return self._queue.empty()
+
+    async def next(self) -> Message | EndOfStream:
+        """The oldest message (or end), waiting for one."""
+        return await self._queue.get()
+
+    def waiting(self, limit: int) -> list[Message | EndOfStream]:
+        """What waits now, oldest first, at most `limit` (ends included)."""
+        taken: list[Message | EndOfStream] = []
+        while len(taken) < limit and not self._queue.empty():
             taken.append(self._queue.get_nowait())
         return taken
 
+    def take_all(self) -> list[Message]:
+        """Every message waiting now, oldest first; an end waiting among them is taken
+        and dropped."""
+        taken = []
+        while not self._queue.empty():
+            message = self._queue.get_nowait()
+            if not isinstance(message, EndOfStream):
+                taken.append(message)
+        return taken
+
     async def take(self, timeout_s: float) -> list[Message]:
-        """What arrives within `timeout_s` (at least one message, or none at the end)."""
+        """What arrives within `timeout_s` (at least one message, or none at the timeout;
+        an end is dropped, as by `take_all`)."""
         try:
             async with asyncio.timeout(timeout_s):
                 first = await self._queue.get()
         except TimeoutError:
             return []
-        return [first, *self.take_all()]
+        rest = self.take_all()
+        return rest if isinstance(first, EndOfStream) else [first, *rest]
