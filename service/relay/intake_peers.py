@@ -23,15 +23,15 @@ class UploadQueue(Protocol):
 
 
 class LedgerSync(Protocol):
-    """The ledger view, as intake waits for it at an assignment."""
+    """The ledger view (ledger.LedgerView), as intake waits for it at an assignment."""
 
     async def end_offsets(self) -> dict[int, int]:
         """Where each ledger partition ends now, open transactions included."""
 
-    def reached(self, ends: dict[int, int]) -> bool:
+    def has_read_to(self, ends: dict[int, int]) -> bool:
         """Whether the view has read and told every partition up to `ends`."""
 
-    def stopped(self) -> bool:
+    def partition_stopped(self) -> bool:
         """Whether a ledger partition is stopped at a record batch it cannot decode."""
 
     def progress(self, topic: str, partition: int) -> bytes | None:

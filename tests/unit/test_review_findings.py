@@ -68,10 +68,10 @@ class Ledger:
     async def end_offsets(self) -> dict[int, int]:
         return {0: 10}
 
-    def reached(self, ends: dict[int, int]) -> bool:
+    def has_read_to(self, ends: dict[int, int]) -> bool:
         return True
 
-    def stopped(self) -> bool:
+    def partition_stopped(self) -> bool:
         return False
 
     def progress(self, topic: str, partition: int) -> bytes | None:
