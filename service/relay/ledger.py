@@ -31,6 +31,7 @@ from service.core.records import (
 from service.kafka import UndecodableRecordsError
 from service.metrics import RelayMetrics
 from service.relay.messages import (
+    Inbox,
     IntentClosed,
     IntentOpened,
     LedgerCaughtUp,
@@ -116,20 +117,8 @@ class WrittenRecords:
         return self._records.pop(task_id, None)
 
 
-class IntakeInbox(Protocol):
-    """Intake, as the ledger view sees it."""
-
-    async def tell(
-        self, message: TaskRecorded | TaskEnded | LedgerCaughtUp | IntentOpened | IntentClosed
-    ) -> None:
-        """Send intake a message."""
-
-
-class PollerInbox(Protocol):
-    """The task poller, as the ledger view sees it."""
-
-    async def tell(self, change: LedgerChange) -> None:
-        """Send the poller a ledger change."""
+# What the ledger view tells intake, and the poller.
+IntakeNews = TaskRecorded | TaskEnded | LedgerCaughtUp | IntentOpened | IntentClosed
 
 
 class LedgerEnds(Protocol):
@@ -150,8 +139,8 @@ class LedgerView:
         reader: LedgerConsumer,
         ends: LedgerEnds,
         written: WrittenRecords,
-        intake: IntakeInbox,
-        poller: PollerInbox,
+        intake: Inbox[IntakeNews],
+        poller: Inbox[LedgerChange],
         metrics: RelayMetrics,
         clock: Callable[[], float],
         known: KnownTasks | None = None,

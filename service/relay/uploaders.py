@@ -26,7 +26,6 @@ from service.core.batching import Batch
 from service.metrics import RelayMetrics
 from service.relay.batch_upload import (
     BatchUploader,
-    IntakeInbox,
     Recorder,
     UploadAndLookupApi,
     UploadShutdown,
@@ -34,7 +33,14 @@ from service.relay.batch_upload import (
 from service.relay.config import RelayConfig
 from service.relay.health import ApiHealth
 from service.relay.ledger import KnownTasks
-from service.relay.messages import EndOfStream, Mailbox, Resolution
+from service.relay.messages import (
+    BatchAbandoned,
+    BatchRejected,
+    EndOfStream,
+    Inbox,
+    Mailbox,
+    Resolution,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -48,7 +54,7 @@ class Uploaders:
         *,
         api: UploadAndLookupApi,
         committer: Recorder,
-        intake: IntakeInbox,
+        intake: Inbox[BatchRejected | BatchAbandoned],
         health: ApiHealth,
         metrics: RelayMetrics,
         owns: Callable[[Batch], bool] = lambda _batch: True,
