@@ -54,7 +54,7 @@ class Done(NamedTuple):
     total: int | None = None
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class PendingEvent:
     """An accepted event on its way to the API.
 
@@ -70,7 +70,6 @@ class PendingEvent:
     key: bytes | None
     received_at: float
     parts: int = 0
-    rejected: bool = False
     total: int = 0
     indexes: tuple[int, ...] | None = None
     published: ChangeEvent | None = None  # the event as published, when `event` is not

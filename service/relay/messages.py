@@ -1,8 +1,27 @@
-"""The typed messages stages send each other over their bounded queues.
+"""The typed messages stages send each other, and the one way they are handed over.
 
 Each message has one receiver: `CommitItem`s go to the committer, `IntakeMessage`s
-to intake, `LedgerChange`s to the task poller. A stage never changes another
-stage's state; it sends one of these and the owner acts on it in its own task.
+to intake, `LedgerChange`s to the task poller, batches and `Resolution`s to the
+uploaders. Every hand-off is a bounded `Mailbox` its receiver owns: senders `tell`
+(waiting while it is full) and the receiver takes what arrived in its own task; a
+receiver that stops at the end of its stream (an uploader worker, the committer)
+is ended by `Mailbox.end`, queued behind what was told before it.
+
+A stage owns its state and changes no other stage's, but for four objects shared on
+the one event loop, by calls that never await (no stage sees one half-changed);
+docs/design.md section 9 says the same:
+- intake's offset book (book.py): the committer marks what a transaction accounts
+  for, and takes the offsets that releases, through `Accounting` (ports.py), and
+  only inside its open transaction, so that the offsets travel with the records
+  that account for them (guarantee 2): a message intake acted on later would
+  commit them apart (tests/unit/relay/test_shared_book.py). The uploaders ask it
+  whether a batch's partitions are still intake's (`owns`), and change nothing.
+- `WrittenRecords` (ledger.py): the committer leaves the ledger records it wrote,
+  the ledger view takes each back once instead of parsing it.
+- `KnownTasks` (ledger.py): the ledger view and the uploaders note task ids,
+  reconciliation reads them.
+- `ApiHealth` (health.py): what the API answered, written by whoever called it
+  (uploaders, task poller, the supervisor's check), read by intake and readiness.
 """
 
 from __future__ import annotations

@@ -196,6 +196,11 @@ class FakeProducer:
         self.aborted: list[Transaction] = []
         self.hold_commit: asyncio.Event | None = None
 
+    @property
+    def in_transaction(self) -> bool:
+        """A transaction is open (begun, not yet committed or aborted)."""
+        return self._open is not None
+
     async def begin_transaction(self) -> None:
         assert self._open is None, "a transaction is already open"
         self._open = Transaction([], {})
