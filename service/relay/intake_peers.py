@@ -47,11 +47,11 @@ class CommitQueue(Protocol):
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
 
-    async def flush_and_hold(self) -> None:
+    async def flush_and_suspend(self) -> None:
         """Commit what is queued, then start no transaction until `resume`."""
 
-    def hold(self) -> None:
+    def suspend(self) -> None:
         """Start no new transaction until `resume` (a rebalance is under way)."""
 
     def resume(self) -> None:
-        """Commit again after a hold."""
+        """Commit again after a suspension."""

@@ -137,12 +137,12 @@ class Progress:
 @dataclass
 class Flush:
     """Resolves `flushed` once every item queued before it is committed; with
-    `then_hold`, the committer starts no further transaction until it is resumed."""
+    `then_suspend`, the committer starts no further transaction until it is resumed."""
 
-    then_hold: bool = False
-    # Which rebalance the hold is for: a hold whose flush outlived the revoke's deadline
-    # and the next assignment (`resume`) must not hold the committer again after it.
-    hold_round: int = 0
+    then_suspend: bool = False
+    # Which rebalance the suspension is for: one whose flush outlived the revoke's
+    # deadline and the next assignment (`resume`) must not suspend the committer again.
+    suspend_round: int = 0
     flushed: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

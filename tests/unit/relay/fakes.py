@@ -194,7 +194,7 @@ class FakeProducer:
         # The broker fenced the producer meanwhile: aborting raises (it aborted already).
         self.fence_abort = False
         self.aborted: list[Transaction] = []
-        self.hold_commit: asyncio.Event | None = None
+        self.slow_commit: asyncio.Event | None = None
 
     @property
     def in_transaction(self) -> bool:
@@ -236,8 +236,8 @@ class FakeProducer:
         assert self._open is not None
         if self.fence_commit:
             raise GroupFencedError("group refused generation 1 of member m: IllegalGenerationError")
-        if self.hold_commit is not None:
-            await self.hold_commit.wait()
+        if self.slow_commit is not None:
+            await self.slow_commit.wait()
         if self.fail_commit:
             self._open = None
             raise RuntimeError("the broker refused the transaction")

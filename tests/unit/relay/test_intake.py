@@ -79,11 +79,11 @@ class Committer:
     async def flush(self) -> None:
         self.flushes += 1
 
-    async def flush_and_hold(self) -> None:
+    async def flush_and_suspend(self) -> None:
         self.flushes += 1
         self.held = True
 
-    def hold(self) -> None:
+    def suspend(self) -> None:
         self.held = True
 
     def resume(self) -> None:

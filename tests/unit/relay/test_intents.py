@@ -400,16 +400,16 @@ def _rejected() -> Any:
     return Rejected(400, {"scm_data": ["bad"]}, "{}")
 
 
-async def test_a_held_committer_starts_no_transaction_until_resumed() -> None:
+async def test_a_suspended_committer_starts_no_transaction_until_resumed() -> None:
     producer, accounting = FakeProducer(), FakeAccounting()
     stage = committer(producer, accounting)
     runner = asyncio.create_task(stage.run())
-    stage.hold()
+    stage.suspend()
     from service.relay.messages import IntentWrite
 
     writing = asyncio.create_task(stage.write_intent(IntentWrite(intent(["a"], [(0, 1)]))))
     await asyncio.sleep(0.1)
-    assert producer.committed == [], "committed while a rebalance held the committer"
+    assert producer.committed == [], "committed while a rebalance suspended the committer"
     stage.resume()
     await asyncio.wait_for(writing, 1)
     assert len(producer.committed) == 1
@@ -417,7 +417,7 @@ async def test_a_held_committer_starts_no_transaction_until_resumed() -> None:
     await runner
 
 
-async def test_flush_and_hold_lets_no_transaction_begin_between_the_flush_and_the_hold() -> None:
+async def test_flush_and_suspend_lets_no_transaction_begin_before_the_suspension() -> None:
     # The revoke callback flushes, then the group rejoins under a new generation: an item
     # queued while the flush commits must wait for the assignment, or it would be
     # committed under the old generation and fence a replica that is no zombie.
@@ -427,12 +427,12 @@ async def test_flush_and_hold_lets_no_transaction_begin_between_the_flush_and_th
     stage = committer(producer, accounting)
     runner = asyncio.create_task(stage.run())
     first = asyncio.create_task(stage.write_intent(IntentWrite(intent(["a"], [(0, 1)]))))
-    holding = asyncio.create_task(stage.flush_and_hold())
+    holding = asyncio.create_task(stage.flush_and_suspend())
     await asyncio.wait_for(asyncio.gather(first, holding), 1)
     committed = len(producer.committed)
     later = asyncio.create_task(stage.write_intent(IntentWrite(intent(["b"], [(0, 2)]))))
     await asyncio.sleep(0.1)
-    assert len(producer.committed) == committed, "a transaction began after the hold"
+    assert len(producer.committed) == committed, "a transaction began after the suspension"
     stage.resume()
     await asyncio.wait_for(later, 1)
     assert len(producer.committed) == committed + 1
