@@ -60,8 +60,8 @@ class Admission:
             return
         self._guard.claim(batch_id, Change(constraints, scm_data))
 
-    def claim_held(self, batch_id: str, pending: PendingEvent) -> None:
-        """An event held behind another process's open intent claims all its codes for
+    def claim_deferred(self, batch_id: str, pending: PendingEvent) -> None:
+        """An event deferred behind another process's open intent claims all its codes for
         that intent (not only the values the intent carries): a later change to any of
         them waits until the intent closes and the event is sent."""
         event = pending.event

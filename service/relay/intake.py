@@ -261,7 +261,7 @@ class Intake:
                 self._metrics.events_skipped.inc()
                 return []
             pending = unsent
-        if self._claims.hold(pending):
+        if self._claims.defer(pending):
             # In an upload another process may still send: held until its intent closes.
             self._metrics.events_held_back.inc()
             log.info(
@@ -316,7 +316,7 @@ class Intake:
                 pass
             else:
                 return
-            self._reader.hold("uploads queued behind a busy API")
+            self._reader.pause_all("uploads queued behind a busy API")
             await self._reader.keepalive()
             if epoch != self._reader.epoch:
                 self._claims.revoked_while_queued(job)

@@ -98,7 +98,7 @@ class InputRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._catch_up.revoked()
         batch_ids, dropped = self._admission.drop_unsent(self._uploaders.take_queued())
         self._book.forget(batch_ids)
-        dropped += self._claims.forget_held()
+        dropped += self._claims.forget_deferred()
         self._claims.reclaim_intents()
         try:
             async with asyncio.timeout(self._timeout_s):

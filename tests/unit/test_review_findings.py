@@ -421,7 +421,7 @@ async def test_a_batch_given_up_is_resolved_by_its_newest_intent_not_by_the_one_
 
 async def test_an_orphan_is_resolved_once_although_a_rebalance_came_while_it_was_resolved() -> None:
     """Intake hands an orphan intent to an uploader, which starts looking it up (the
-    API is down: lookups retry). A rebalance: `IntentWatch.forget_held` marks every
+    API is down: lookups retry). A rebalance: `IntentWatch.forget_deferred` marks every
     intent not resolving, the revoke's deadline passes with the resolution still under
     way, `keep_in_flight` forgets its batch (no intent of this process's was written
     for it) and releases the intent's claim. The partition is assigned again, its event
