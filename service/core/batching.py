@@ -354,8 +354,8 @@ class Batcher:
             ready.append(self._close(batch, FlushReason.LINGER))
         return ready
 
-    def drain(self, reason: FlushReason = FlushReason.SHUTDOWN) -> list[Batch]:
-        """Every open batch."""
+    def close_all(self, reason: FlushReason = FlushReason.SHUTDOWN) -> list[Batch]:
+        """Every open batch, closed."""
         return [self._close(batch, reason) for batch in list(self._open.values())]
 
     def discard(self) -> list[Batch]:

@@ -79,9 +79,9 @@ class Admission:
         """Batches whose linger passed."""
         return self._batcher.due(now, limit=limit)
 
-    def drain(self) -> list[Batch]:
+    def close_all(self) -> list[Batch]:
         """Every open batch, closed for a shutdown flush."""
-        return self._batcher.drain(FlushReason.SHUTDOWN)
+        return self._batcher.close_all(FlushReason.SHUTDOWN)
 
     def drop_unsent(self, queued: Iterable[Batch]) -> tuple[list[str], int]:
         """Forget open batches, held events and the `queued` batches (never sent): their

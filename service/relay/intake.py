@@ -188,7 +188,7 @@ class Intake:
                 for batch in self._admission.due(self._clock(), limit=1):
                     await self._send(batch, stop)
         log.info("relay_stopping", open_batches=self._admission.open_batches)
-        flushed = self._admission.drain()
+        flushed = self._admission.close_all()
         for batch in flushed:
             # Flushed at shutdown: handed on under the partitions still owned (the
             # consumer lets go of them only after the uploaders have drained).
