@@ -117,7 +117,7 @@ class Committer:
         suspension taken by the caller would run under the old generation while the group
         moves on (seen as ILLEGAL_GENERATION right after a rebalance)."""
         if not self._free.is_set():
-            return  # already held: nothing more will be committed before `resume`
+            return  # already suspended: nothing more is committed before `resume`
         flush = Flush(then_suspend=True, suspend_round=self._suspend_round)
         await self._inbox.tell(flush)
         await flush.flushed
