@@ -55,7 +55,7 @@ class Done(NamedTuple):
     total: int | None = None
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class PendingEvent:
     """An accepted event on its way to the API.
 
@@ -71,7 +71,6 @@ class PendingEvent:
     key: bytes | None
     received_at: float
     parts: int = 0
-    rejected: bool = False
     total: int = 0
     indexes: tuple[int, ...] | None = None
     published: ChangeEvent | None = None  # the event as published, when `event` is not
@@ -356,8 +355,8 @@ class Batcher:
             ready.append(self._close(batch, FlushReason.LINGER))
         return ready
 
-    def drain(self, reason: FlushReason = FlushReason.SHUTDOWN) -> list[Batch]:
-        """Every open batch."""
+    def close_all(self, reason: FlushReason = FlushReason.SHUTDOWN) -> list[Batch]:
+        """Every open batch, closed."""
         return [self._close(batch, reason) for batch in list(self._open.values())]
 
     def discard(self) -> list[Batch]:

@@ -234,19 +234,19 @@ class PartitionOffsets:
             self._partial.pop(offset, None)
             self._version += 1
 
-    def hold_in_flight(self, offset: int) -> None:
+    def mark_in_flight(self, offset: int) -> None:
         """The event at `offset` is in an upload of this process still under way when the
         partition is assigned to it again: skip it when read, and keep the commit point
         below it until its upload is accounted for."""
         if offset in self._done_above or (self.committed and offset < self.committed[0]):
-            return  # done by the partition's owner meanwhile (it held it behind the intent)
+            return  # done by the partition's owner meanwhile (it deferred it behind the intent)
         if offset not in self._pending:
             self._pending.add(offset)
             heapq.heappush(self._heap, offset)
         self._in_flight.add(offset)
 
     def in_flight_released(self, offset: int) -> None:
-        """The upload `hold_in_flight` waited for was given up: the event is read (and
+        """The upload `mark_in_flight` waited for was given up: the event is read (and
         taken) again, and stays unaccounted until then."""
         self._in_flight.discard(offset)
 

@@ -60,8 +60,8 @@ class Admission:
             return
         self._guard.claim(batch_id, Change(constraints, scm_data))
 
-    def claim_held(self, batch_id: str, pending: PendingEvent) -> None:
-        """An event held behind another process's open intent claims all its codes for
+    def claim_deferred(self, batch_id: str, pending: PendingEvent) -> None:
+        """An event deferred behind another process's open intent claims all its codes for
         that intent (not only the values the intent carries): a later change to any of
         them waits until the intent closes and the event is sent."""
         event = pending.event
@@ -79,9 +79,9 @@ class Admission:
         """Batches whose linger passed."""
         return self._batcher.due(now, limit=limit)
 
-    def drain(self) -> list[Batch]:
+    def close_all(self) -> list[Batch]:
         """Every open batch, closed for a shutdown flush."""
-        return self._batcher.drain(FlushReason.SHUTDOWN)
+        return self._batcher.close_all(FlushReason.SHUTDOWN)
 
     def drop_unsent(self, queued: Iterable[Batch]) -> tuple[list[str], int]:
         """Forget open batches, held events and the `queued` batches (never sent): their

@@ -37,6 +37,7 @@ from service.relay.messages import (
     BatchAbandoned,
     BatchRejected,
     BatchRevokedError,
+    Inbox,
     IntentWrite,
     LedgerAppend,
 )
@@ -71,13 +72,6 @@ class Recorder(Protocol):
 
     async def write_intent(self, intent: IntentWrite) -> None:
         """Commit an intent; returns once it is committed."""
-
-
-class IntakeInbox(Protocol):
-    """Intake, as the uploaders see it."""
-
-    async def tell(self, message: BatchRejected | BatchAbandoned) -> None:
-        """Tell intake a batch's claims end, or that it was given up."""
 
 
 class UploadShutdown:
@@ -185,7 +179,7 @@ class BatchUploader:
         *,
         api: UploadAndLookupApi,
         committer: Recorder,
-        intake: IntakeInbox,
+        intake: Inbox[BatchRejected | BatchAbandoned],
         health: ApiHealth,
         metrics: RelayMetrics,
         owns: Callable[[Batch], bool],

@@ -69,13 +69,13 @@ class OffsetBook:
             for part in batch.parts:
                 source = part.event.source
                 if (source.topic, source.partition) == (topic, partition):
-                    self._hold(tracker, part)
+                    self._mark_in_flight(tracker, part)
 
     @staticmethod
-    def _hold(tracker: PartitionOffsets, part: Part) -> None:
+    def _mark_in_flight(tracker: PartitionOffsets, part: Part) -> None:
         offset = part.event.source.offset
         if part.covered is None:
-            tracker.hold_in_flight(offset)
+            tracker.mark_in_flight(offset)
         else:
             tracker.values_in_flight(offset, part.event.total, part.covered)
 

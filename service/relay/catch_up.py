@@ -99,7 +99,7 @@ class LedgerCatchUp:
         """Why intake may not read yet as far as the ledger goes; applies the progress
         records once they may be."""
         if self._ledger_target is not None:
-            if self._ledger is not None and not self._ledger.reached(self._ledger_target):
+            if self._ledger is not None and not self._ledger.has_read_to(self._ledger_target):
                 return "reading the ledger to where it ended at the assignment"
             self._ledger_target = None
         if self._awaiting_progress:
@@ -108,7 +108,7 @@ class LedgerCatchUp:
             if self._progress_not_read_yet():
                 return "reading the progress records the commit points name"
             self._apply_progress()
-        if self._ledger is not None and self._ledger.stopped():
+        if self._ledger is not None and self._ledger.partition_stopped():
             # Intents and tasks past the batch are unknown: events they hold could go twice.
             return "a ledger partition is stopped at a record batch it cannot decode"
         return None

@@ -1,8 +1,8 @@
 """Intake's claim bookkeeping: which codes wait for what. The ledger view tells intake
 of tasks recorded and ended and of other processes' intents opened and closed; the
 uploaders of batches rejected or given up. Each claims codes in the order guard
-(`Admission`) or lets a claim end; events held behind an intent are held, read in
-again or done when it closes; intents whose writer is gone are handed on to be
+(`Admission`) or lets a claim end; events deferred behind an intent are deferred
+further, read in again or done when it closes; intents whose writer is gone are handed on to be
 resolved (docs/design.md section 11, "Who may send what an intent covers").
 """
 
@@ -38,7 +38,7 @@ log = structlog.get_logger(__name__)
 
 
 class Claims:
-    """The tasks and open intents that claim codes, and the events held behind them."""
+    """The tasks and open intents that claim codes, and the events deferred behind them."""
 
     def __init__(
         self,
@@ -74,7 +74,7 @@ class Claims:
 
     def needed_up_to(self, topic: str, partition: int) -> int | None:
         """The furthest offset of the partition an open intent covers (its resolver needs
-        every one of its events held)."""
+        every one of its events deferred)."""
         return self._intents.needed_up_to(topic, partition)
 
     def closed_in(self, partitions: Collection[tuple[str, int]]) -> list[Done]:
@@ -119,13 +119,13 @@ class Claims:
                     await self._committer.submit(Flush())
                 readmit.extend(closed.readmit)
                 for behind, moved in closed.moved:
-                    self._admission.claim_held(behind, moved)
+                    self._admission.claim_deferred(behind, moved)
                 # A recorded intent's claim passes to its tasks (see LedgerTasks).
                 for task_id in message.task_ids:
                     self._ledger_tasks.started(task_id, message.batch_id, named_by_closure=True)
                 released |= self._claim_may_end(message.batch_id)
-        for held in readmit:
-            unsent = self.still_unsent(held)
+        for deferred in readmit:
+            unsent = self.still_unsent(deferred)
             if unsent is not None:
                 await self._admit(unsent, stop, False)
         if released:
@@ -144,12 +144,12 @@ class Claims:
         the intent is watched as another process's and resolved by whoever owns its first
         partition. What the batch carried of events this intake will not read again
         (read since it took their partitions back, and skipped as in flight then) is
-        held behind the intent while it is open; once another process closed it, the
+        deferred behind the intent while it is open; once another process closed it, the
         values it did not account for are returned, to be read in again.
 
-        While a rebalance settles, nothing is held: every partition is read again from
+        While a rebalance settles, nothing is deferred: every partition is read again from
         its commit point after the assignment, and the batch is no longer in flight
-        then, so the read takes its events (and holds them behind the intent)."""
+        then, so the read takes its events (and defers them behind the intent)."""
         batch = self._book.in_flight(message.batch_id)
         seen = self._book.intent_seen_last(message.batch_id)
         self._book.forget([message.batch_id])
@@ -174,13 +174,13 @@ class Claims:
                 not self._book.owns_partition(source.topic, source.partition)
                 or self._book.is_done(source)
                 # Not read again yet since the partition came back (`forget` above let
-                # go of its values in flight): the read holds it behind the intent.
+                # go of its values in flight): the read defers it behind the intent.
                 or source.offset >= self._book.next_to_read(source.topic, source.partition)
             ):
                 continue
-            behind = self._intents.hold(pending) if open_here else None
+            behind = self._intents.defer(pending) if open_here else None
             if behind is not None:
-                self._admission.claim_held(behind, pending)
+                self._admission.claim_deferred(behind, pending)
             elif not open_here:
                 readmit.append(pending)
         return readmit
@@ -223,17 +223,17 @@ class Claims:
             )
             await self._send(Resolution(batch, record, sources), stop)
 
-    def hold(self, pending: PendingEvent) -> bool:
-        """Hold an event just read behind the open intent that covers it, if one does (in
-        an upload another process may still send); True if held."""
-        behind = self._intents.hold(pending) if self._intents else None
+    def defer(self, pending: PendingEvent) -> bool:
+        """Defer an event just read until the open intent that covers it closes, if one
+        does (in an upload another process may still send); True if deferred."""
+        behind = self._intents.defer(pending) if self._intents else None
         if behind is None:
             return False
-        self._admission.claim_held(behind, pending)
+        self._admission.claim_deferred(behind, pending)
         return True
 
     def still_unsent(self, pending: PendingEvent) -> PendingEvent | None:
-        """A held event read in again: without what is recorded meanwhile, or in an upload
+        """A deferred event read in again: without what is recorded meanwhile, or in an upload
         under way here. An event that carries only some of its values (`indexes`) never
         grows back to the others: they are another read's, or another batch's."""
         source = pending.source
@@ -246,11 +246,11 @@ class Claims:
             )
         return without(pending, excluded) if excluded else pending
 
-    def forget_held(self) -> int:
-        """A revoke: events held behind intents are let go (read again after the
+    def forget_deferred(self) -> int:
+        """A revoke: events deferred behind intents are let go (read again after the
         assignment), but for intents of uploads under way or closed here. Returns how
         many."""
-        return self._intents.forget_held(under_way=self._book.under_way_or_closed_here)
+        return self._intents.forget_deferred(under_way=self._book.under_way_or_closed_here)
 
     def reclaim_intents(self) -> None:
         """Open intents claim their codes again (dropping unsent work released them)."""

@@ -35,9 +35,11 @@ from service.relay.item_writer import ItemWriter, WrittenLedger
 from service.relay.messages import (
     BatchRevokedError,
     CommitItem,
+    EndOfStream,
     Flush,
     IntentWrite,
     LedgerAppend,
+    Mailbox,
     Progress,
     ResultFence,
     TaskFinished,
@@ -83,66 +85,65 @@ class Committer:
         self._items = ItemWriter(
             config, producer=producer, accounting=accounting, written=written, metrics=metrics
         )
-        # None closes the queue: the committer commits what came before it and returns.
-        self._queue: asyncio.Queue[CommitItem | None] = asyncio.Queue(maxsize=COMMIT_BATCH_MAX * 4)
-        self._free = asyncio.Event()  # cleared while a rebalance holds commits (`hold`)
+        # Its end (`close`): the committer commits what came before it and returns.
+        self._inbox: Mailbox[CommitItem] = Mailbox(COMMIT_BATCH_MAX * 4)
+        self._free = asyncio.Event()  # cleared while a rebalance suspends commits (`suspend`)
         self._free.set()
-        self._hold_round = 0  # moved on by every `resume`
+        self._suspend_round = 0  # moved on by every `resume`
 
     async def submit(self, item: CommitItem) -> None:
         """Queue `item` for the next transaction (waits for room)."""
-        await self._queue.put(item)
+        await self._inbox.tell(item)
 
     async def write_intent(self, intent: IntentWrite) -> None:
         """Queue an intent and wait until it is committed."""
-        await self._queue.put(intent)
+        await self._inbox.tell(intent)
         await intent.written
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
         flush = Flush()
-        await self._queue.put(flush)
+        await self._inbox.tell(flush)
         await flush.flushed
 
-    async def flush_and_hold(self) -> None:
+    async def flush_and_suspend(self) -> None:
         """Commit everything queued so far, then start no transaction until `resume`.
 
         Intake asks for this when the group revokes its partitions: until the group
         assigns partitions again, this member's generation may already be stale at the
         broker while the consumer still holds it, and a fenced commit would stop a replica
-        that is no zombie. The hold is taken by the committer itself, in the same step
+        that is no zombie. The suspension is taken by the committer itself, in the same step
         that ends the flushing transaction: a transaction begun between the flush and a
-        hold taken by the caller would run under the old generation while the group
+        suspension taken by the caller would run under the old generation while the group
         moves on (seen as ILLEGAL_GENERATION right after a rebalance)."""
         if not self._free.is_set():
-            return  # already held: nothing more will be committed before `resume`
-        flush = Flush(then_hold=True, hold_round=self._hold_round)
-        await self._queue.put(flush)
+            return  # already suspended: nothing more is committed before `resume`
+        flush = Flush(then_suspend=True, suspend_round=self._suspend_round)
+        await self._inbox.tell(flush)
         await flush.flushed
 
-    def hold(self) -> None:
+    def suspend(self) -> None:
         """Start no new transaction until `resume` (one under way still ends): for a
         revoke whose flush did not finish in time."""
         self._free.clear()
 
     def resume(self) -> None:
         """The group assigned partitions (the generation is current): commit again."""
-        self._hold_round += 1
+        self._suspend_round += 1
         self._free.set()
 
     async def close(self) -> None:
         """Commit what is queued, then end `run`."""
         self._free.set()
-        await self._queue.put(None)
+        await self._inbox.end()
 
     async def run(self) -> None:
         """Commit rounds until closed."""
         while True:
             await self._free.wait()
-            items = [await self._queue.get()]
-            while len(items) < COMMIT_BATCH_MAX and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            work = [item for item in items if item is not None]
+            first = await self._inbox.next()
+            items = [first, *self._inbox.waiting(COMMIT_BATCH_MAX - 1)]
+            work = [item for item in items if not isinstance(item, EndOfStream)]
             for transaction, fence in _transactions(work):
                 await self._commit(transaction, fence)
             if len(work) < len(items):
@@ -209,7 +210,9 @@ class Committer:
             raise
         self._metrics.last_commit.set(wall_time())
         if any(
-            isinstance(item, Flush) and item.then_hold and item.hold_round == self._hold_round
+            isinstance(item, Flush)
+            and item.then_suspend
+            and item.suspend_round == self._suspend_round
             for item in items
         ):
             self._free.clear()

@@ -188,7 +188,7 @@ class Intake:
                 for batch in self._admission.due(self._clock(), limit=1):
                     await self._send(batch, stop)
         log.info("relay_stopping", open_batches=self._admission.open_batches)
-        flushed = self._admission.drain()
+        flushed = self._admission.close_all()
         for batch in flushed:
             # Flushed at shutdown: handed on under the partitions still owned (the
             # consumer lets go of them only after the uploaders have drained).
@@ -261,7 +261,7 @@ class Intake:
                 self._metrics.events_skipped.inc()
                 return []
             pending = unsent
-        if self._claims.hold(pending):
+        if self._claims.defer(pending):
             # In an upload another process may still send: held until its intent closes.
             self._metrics.events_held_back.inc()
             log.info(
@@ -316,7 +316,7 @@ class Intake:
                 pass
             else:
                 return
-            self._reader.hold("uploads queued behind a busy API")
+            self._reader.pause_all("uploads queued behind a busy API")
             await self._reader.keepalive()
             if epoch != self._reader.epoch:
                 self._claims.revoked_while_queued(job)

@@ -23,15 +23,15 @@ class UploadQueue(Protocol):
 
 
 class LedgerSync(Protocol):
-    """The ledger view, as intake waits for it at an assignment."""
+    """The ledger view (ledger.LedgerView), as intake waits for it at an assignment."""
 
     async def end_offsets(self) -> dict[int, int]:
         """Where each ledger partition ends now, open transactions included."""
 
-    def reached(self, ends: dict[int, int]) -> bool:
+    def has_read_to(self, ends: dict[int, int]) -> bool:
         """Whether the view has read and told every partition up to `ends`."""
 
-    def stopped(self) -> bool:
+    def partition_stopped(self) -> bool:
         """Whether a ledger partition is stopped at a record batch it cannot decode."""
 
     def progress(self, topic: str, partition: int) -> bytes | None:
@@ -47,11 +47,11 @@ class CommitQueue(Protocol):
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
 
-    async def flush_and_hold(self) -> None:
+    async def flush_and_suspend(self) -> None:
         """Commit what is queued, then start no transaction until `resume`."""
 
-    def hold(self) -> None:
+    def suspend(self) -> None:
         """Start no new transaction until `resume` (a rebalance is under way)."""
 
     def resume(self) -> None:
-        """Commit again after a hold."""
+        """Commit again after a suspension."""

@@ -1,9 +1,9 @@
 """Intake's view of the open intents other processes wrote (docs/design.md section 11).
 
 An intent in the ledger says: "these events are in an upload its writer may still
-send". Until it closes, nobody else may send them: intake holds every event the
+send". Until it closes, nobody else may send them: intake defers every event the
 intent covers when it reads it (the order guard holds other changes to the same
-codes). When the intent closes, what it carried is done (the writer, or a
+codes back). When the intent closes, what it carried is done (the writer, or a
 resolver, recorded it), whether intake has read the event yet or not: an event
 read late is skipped then; an event only partly inside the intent is read in
 again without the values it carried. Closures are remembered a while (bounded), so
@@ -50,19 +50,19 @@ def position(source: Source) -> Position:
 @dataclass
 class _Open:
     record: IntentRecord
-    held: list[PendingEvent] = field(default_factory=list)
+    deferred: list[PendingEvent] = field(default_factory=list)  # read, waiting for it
     resolving: bool = False
 
 
 @dataclass(frozen=True)
 class Closed:
     """What an intent's closure means here: what it carried is done (whole events, or
-    some values of events cut across uploads), and the held events with values left to
-    send are read in again."""
+    some values of events cut across uploads), and the deferred events with values left
+    to send are read in again."""
 
     done: list[Done]
     readmit: list[PendingEvent]
-    # Held events another open intent covers too, now held behind it (its batch id).
+    # Deferred events another open intent covers too, now deferred behind it (its batch id).
     moved: list[tuple[str, PendingEvent]] = field(default_factory=list)
 
 
@@ -73,7 +73,7 @@ def carried(source: EventSource) -> Done:
 
 
 class IntentWatch:
-    """The open intents this process did not write, and the events they hold back."""
+    """The open intents this process did not write, and the events deferred behind them."""
 
     def __init__(self) -> None:
         self._open: dict[str, _Open] = {}
@@ -110,20 +110,21 @@ class IntentWatch:
             self._covering.setdefault(key, []).append(record.batch_id)
         return True
 
-    def hold(self, pending: PendingEvent) -> str | None:
-        """Hold `pending` if an open intent covers it: the batch id of that intent (whose
-        claim in the order guard must cover the whole event: values of it outside the
-        intent are held too, and later changes to them must wait); None if none does."""
+    def defer(self, pending: PendingEvent) -> str | None:
+        """Defer `pending` until the open intent that covers it closes, if one does: the
+        batch id of that intent (whose claim in the order guard must cover the whole
+        event: values of it outside the intent wait too, and later changes to them must
+        wait); None if none does."""
         covering = self._covering.get(position(pending.source))
         if not covering:
             return None
-        self._open[covering[0]].held.append(pending)
+        self._open[covering[0]].deferred.append(pending)
         return covering[0]
 
     def closed(self, batch_id: str, *, recorded: bool, own: Sequence[Done] | None = None) -> Closed:
         """An intent closed: `recorded` (its tasks are in the ledger) or rejected (its
         events are dead letters, by the writer or the resolver). What it carried is done,
-        read yet or not (an event partly inside it: those values, when recorded); held
+        read yet or not (an event partly inside it: those values, when recorded); deferred
         events with values left go to the next intent covering them, or are read in
         again. `own`: what this process's batch under that intent carries, when the
         batch is still in flight here (its partitions moved and their new owner resolved
@@ -151,10 +152,10 @@ class IntentWatch:
         whole = {(d.topic, d.partition, d.offset) for d in done if d.values is None}
         readmit: list[PendingEvent] = []
         moved: list[tuple[str, PendingEvent]] = []
-        for pending in entry.held:
+        for pending in entry.deferred:
             if position(pending.source) in whole:
                 continue
-            behind = self.hold(pending)
+            behind = self.defer(pending)
             if behind is None:
                 readmit.append(pending)
             else:
@@ -172,7 +173,7 @@ class IntentWatch:
         is_done: Callable[[Source], bool],
     ) -> list[tuple[Batch, IntentRecord, list[Done]]]:
         """Intents past `resolve_after` that this intake resolves: it owns the partition
-        of the first event, and holds (or has done) every event of the intent in its
+        of the first event, and has deferred (or done) every event of the intent in its
         partitions. Each is handed out once, until `forget_resolving`."""
         ready = []
         for entry in self._open.values():
@@ -182,10 +183,10 @@ class IntentWatch:
                 continue
             if (first.topic, first.partition) not in owned:
                 continue
-            held = {position(pending.source) for pending in entry.held}
+            deferred = {position(pending.source) for pending in entry.deferred}
             mine = [s for s in record.events if (s.topic, s.partition) in owned]
             if any(
-                (s.topic, s.partition, s.offset) not in held
+                (s.topic, s.partition, s.offset) not in deferred
                 and not is_done(Source(s.topic, s.partition, s.offset))
                 for s in mine
             ):
@@ -194,18 +195,18 @@ class IntentWatch:
             # What the task (adopted or sent again) carries of each event, by position: an
             # event partly inside the intent has the rest of its values read in again.
             sources = [carried(source) for source in record.events]
-            ready.append((resolution_batch(record, entry.held), record, sources))
+            ready.append((resolution_batch(record, entry.deferred), record, sources))
         return ready
 
-    def forget_held(self, under_way: Callable[[str], bool]) -> int:
-        """The partitions were revoked: held events are read again by their next owner,
+    def forget_deferred(self, under_way: Callable[[str], bool]) -> int:
+        """The partitions were revoked: deferred events are read again by their next owner,
         and resolutions not `under_way` (dropped from the queue) are handed out again;
         one an uploader runs stays its own until it ends or is given up (`given_up`).
         Returns the events dropped."""
         dropped = 0
         for batch_id, entry in self._open.items():
-            dropped += len(entry.held)
-            entry.held.clear()
+            dropped += len(entry.deferred)
+            entry.deferred.clear()
             if not under_way(batch_id):
                 entry.resolving = False
         return dropped
@@ -213,7 +214,7 @@ class IntentWatch:
     def needed_up_to(self, topic: str, partition: int) -> int | None:
         """The furthest offset of this partition an open intent covers: read up to it
         whatever the read-ahead bound says, or its resolver, which needs every event
-        of the intent held, would wait behind a commit point that waits for it."""
+        of the intent deferred, would wait behind a commit point that waits for it."""
         offsets = [
             source.offset
             for entry in self._open.values()
@@ -234,9 +235,9 @@ class IntentWatch:
         return [entry.record for entry in self._open.values()]
 
 
-def resolution_batch(record: IntentRecord, held: list[PendingEvent]) -> Batch:
+def resolution_batch(record: IntentRecord, deferred: list[PendingEvent]) -> Batch:
     """A batch carrying the intent's request (its constraints and scm_data, sent again
-    exactly) and, as parts without values, the events of it this intake holds (their
+    exactly) and, as parts without values, the events of it this intake deferred (their
     bytes for dead letters)."""
     batch = Batch(
         group=(
@@ -252,10 +253,10 @@ def resolution_batch(record: IntentRecord, held: list[PendingEvent]) -> Batch:
         batch.values[key] = dict.fromkeys(values)
         batch.size += len(values)
     # Copies: the parts lend their bytes to dead letters and say what the intent carried
-    # of each held event; the held events keep their own part counts.
+    # of each deferred event; they keep their own part counts.
     sources = {(s.topic, s.partition, s.offset): s for s in record.events}
     parts = []
-    for pending in held:
+    for pending in deferred:
         source = sources.get(position(pending.source))
         covered = tuple(source.values) if source and source.values is not None else None
         total = (source.total or 0) if source else 0

@@ -11,12 +11,13 @@ has to be read through the other.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
 import structlog
 
-from service.core.batching import Batch, Done, Source
+from service.core.batching import Batch, Done, PendingEvent, Source
 from service.core.reasons import Reason, Stage
 from service.core.records import (
     DeadLetterHeaders,
@@ -70,6 +71,10 @@ class ItemWriter:
         self._accounting = accounting
         self._written = written
         self._metrics = metrics
+        # Events of rejected batches already dead-lettered: an event split over two
+        # rejected batches is written once. The writer's own (no other stage reads it);
+        # weak, so an event leaves it with the last batch that carries it.
+        self._rejected: weakref.WeakSet[PendingEvent] = weakref.WeakSet()
 
     async def write(self, item: CommitItem, finished: list[Callable[[], None]]) -> None:
         """Write `item`; an item whose batch or partition is no longer this replica's is
@@ -175,8 +180,8 @@ class ItemWriter:
         for pending in item.batch.events():
             source = pending.source
             held.add((source.topic, source.partition, source.offset))
-            if not pending.rejected:
-                pending.rejected = True
+            if pending not in self._rejected:
+                self._rejected.add(pending)
                 await self._dead_letter_rejected(item, source, pending.raw, pending.key)
         for done in item.sources or []:
             if (done.topic, done.partition, done.offset) not in held:

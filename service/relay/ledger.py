@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Final, Protocol
 
 import structlog
@@ -31,6 +31,7 @@ from service.core.records import (
 from service.kafka import UndecodableRecordsError
 from service.metrics import RelayMetrics
 from service.relay.messages import (
+    Inbox,
     IntentClosed,
     IntentOpened,
     LedgerCaughtUp,
@@ -116,37 +117,37 @@ class WrittenRecords:
         return self._records.pop(task_id, None)
 
 
-class IntakeInbox(Protocol):
-    """Intake, as the ledger view sees it."""
-
-    async def tell(
-        self, message: TaskRecorded | TaskEnded | LedgerCaughtUp | IntentOpened | IntentClosed
-    ) -> None:
-        """Send intake a message."""
+# What the ledger view tells intake, and the poller.
+IntakeNews = TaskRecorded | TaskEnded | LedgerCaughtUp | IntentOpened | IntentClosed
 
 
-class PollerInbox(Protocol):
-    """The task poller, as the ledger view sees it."""
+class LedgerEnds(Protocol):
+    """Where ledger partitions end, open transactions included (the poller's group
+    member, which reads uncommitted)."""
 
-    async def tell(self, change: LedgerChange) -> None:
-        """Send the poller a ledger change."""
+    async def end_offsets(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """The high watermark of each partition."""
 
 
 class LedgerView:
-    """Follows the ledger from its beginning for the lifetime of the process."""
+    """Follows the ledger from its beginning for the lifetime of the process, and
+    answers whether it has caught up (intake asks it at each assignment: catch_up.py)."""
 
     def __init__(
         self,
         *,
         reader: LedgerConsumer,
+        ends: LedgerEnds,
         written: WrittenRecords,
-        intake: IntakeInbox,
-        poller: PollerInbox,
+        intake: Inbox[IntakeNews],
+        poller: Inbox[LedgerChange],
         metrics: RelayMetrics,
         clock: Callable[[], float],
         known: KnownTasks | None = None,
     ) -> None:
         self._reader = reader
+        self._ends = ends
+        self._topic = ""  # the ledger's, once the view has started reading
         self._written = written
         self.known = known if known is not None else KnownTasks()
         self._intake = intake
@@ -169,6 +170,23 @@ class LedgerView:
         """The ledger's partitions (empty until the view has started reading)."""
         return sorted(self._positions)
 
+    async def end_offsets(self) -> dict[int, int]:
+        """Where every ledger partition ends now, open transactions included; empty while
+        the view has not started (intake waits for the whole ledger then anyway)."""
+        partitions = self.partitions()
+        if not partitions:
+            return {}
+        ends = await self._ends.end_offsets([TopicPartition(self._topic, p) for p in partitions])
+        return {tp.partition: end for tp, end in ends.items()}
+
+    def has_read_to(self, ends: dict[int, int]) -> bool:
+        """Whether the view has read and told every partition up to `ends`."""
+        return all(self.position(p) >= end for p, end in ends.items())
+
+    def partition_stopped(self) -> bool:
+        """Whether a ledger partition is stopped at a record batch it cannot decode."""
+        return bool(self.stopped)
+
     async def run(self) -> None:
         """Read for ever; `caught_up` is set once the ledger is read to its end."""
         reader = self._reader
@@ -176,6 +194,7 @@ class LedgerView:
         while not reader.assignment():
             await reader.getmany(timeout_ms=100)
         partitions = sorted(reader.assignment())
+        self._topic = partitions[0].topic
         await reader.seek_to_beginning(*partitions)
         while True:
             due = self.stopped.due()  # read again where they stopped; a failure pauses again

@@ -1,8 +1,27 @@
-"""The typed messages stages send each other over their bounded queues.
+"""The typed messages stages send each other, and the one way they are handed over.
 
 Each message has one receiver: `CommitItem`s go to the committer, `IntakeMessage`s
-to intake, `LedgerChange`s to the task poller. A stage never changes another
-stage's state; it sends one of these and the owner acts on it in its own task.
+to intake, `LedgerChange`s to the task poller, batches and `Resolution`s to the
+uploaders. Every hand-off is a bounded `Mailbox` its receiver owns: senders `tell`
+(waiting while it is full) and the receiver takes what arrived in its own task; a
+receiver that stops at the end of its stream (an uploader worker, the committer)
+is ended by `Mailbox.end`, queued behind what was told before it.
+
+A stage owns its state and changes no other stage's, but for four objects shared on
+the one event loop, by calls that never await (no stage sees one half-changed);
+docs/design.md section 9 says the same:
+- intake's offset book (book.py): the committer marks what a transaction accounts
+  for, and takes the offsets that releases, through `Accounting` (ports.py), and
+  only inside its open transaction, so that the offsets travel with the records
+  that account for them (guarantee 2): a message intake acted on later would
+  commit them apart (tests/unit/relay/test_shared_book.py). The uploaders ask it
+  whether a batch's partitions are still intake's (`owns`), and change nothing.
+- `WrittenRecords` (ledger.py): the committer leaves the ledger records it wrote,
+  the ledger view takes each back once instead of parsing it.
+- `KnownTasks` (ledger.py): the ledger view and the uploaders note task ids,
+  reconciliation reads them.
+- `ApiHealth` (health.py): what the API answered, written by whoever called it
+  (uploaders, task poller, the supervisor's check), read by intake and readiness.
 """
 
 from __future__ import annotations
@@ -10,7 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from service.core.batching import Batch, Done, Source
 from service.core.records import (
@@ -118,12 +137,12 @@ class Progress:
 @dataclass
 class Flush:
     """Resolves `flushed` once every item queued before it is committed; with
-    `then_hold`, the committer starts no further transaction until it is resumed."""
+    `then_suspend`, the committer starts no further transaction until it is resumed."""
 
-    then_hold: bool = False
-    # Which rebalance the hold is for: a hold whose flush outlived the revoke's deadline
-    # and the next assignment (`resume`) must not hold the committer again after it.
-    hold_round: int = 0
+    then_suspend: bool = False
+    # Which rebalance the suspension is for: one whose flush outlived the revoke's
+    # deadline and the next assignment (`resume`) must not suspend the committer again.
+    suspend_round: int = 0
     flushed: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -237,31 +256,71 @@ class LedgerChange:
 # -- addresses -------------------------------------------------------------------------
 
 Message = TypeVar("Message")
+Told = TypeVar("Told", contravariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Queued by `Mailbox.end` after what was told before it: the receiver that takes
+    it stops taking (one per receiving worker)."""
+
+
+class Inbox(Protocol[Told]):
+    """A stage's inbox as a sender sees it: what it may tell the stage."""
+
+    async def tell(self, message: Told) -> None:
+        """Deliver `message`; waits while the inbox is full."""
 
 
 class Mailbox(Generic[Message]):
     """A stage's bounded inbox: senders `tell` (waiting while it is full), the owning
-    stage takes what arrived in its own task."""
+    stage takes what arrived in its own task. A sender ends a stage that stops at the
+    end of its stream with `end`, which takes a place in the inbox like a message."""
 
     def __init__(self, size: int) -> None:
-        self._queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=size)
+        self._queue: asyncio.Queue[Message | EndOfStream] = asyncio.Queue(maxsize=size)
 
     async def tell(self, message: Message) -> None:
         """Deliver `message`; waits while the inbox is full."""
         await self._queue.put(message)
 
-    def take_all(self) -> list[Message]:
-        """Every message waiting now, oldest first."""
-        taken = []
-        while not self._queue.empty():
+    async def end(self) -> None:
+        """Queue the end of the stream after what was told; waits while the inbox is full."""
+        await self._queue.put(EndOfStream())
+
+    @property
+    def empty(self) -> bool:
+        """Nothing waits in the inbox (no message, no end)."""
+        return self._queue.empty()
+
+    async def next(self) -> Message | EndOfStream:
+        """The oldest message (or end), waiting for one."""
+        return await self._queue.get()
+
+    def waiting(self, limit: int) -> list[Message | EndOfStream]:
+        """What waits now, oldest first, at most `limit` (ends included)."""
+        taken: list[Message | EndOfStream] = []
+        while len(taken) < limit and not self._queue.empty():
             taken.append(self._queue.get_nowait())
         return taken
 
+    def take_all(self) -> list[Message]:
+        """Every message waiting now, oldest first; an end waiting among them is taken
+        and dropped."""
+        taken = []
+        while not self._queue.empty():
+            message = self._queue.get_nowait()
+            if not isinstance(message, EndOfStream):
+                taken.append(message)
+        return taken
+
     async def take(self, timeout_s: float) -> list[Message]:
-        """What arrives within `timeout_s` (at least one message, or none at the end)."""
+        """What arrives within `timeout_s` (at least one message, or none at the timeout;
+        an end is dropped, as by `take_all`)."""
         try:
             async with asyncio.timeout(timeout_s):
                 first = await self._queue.get()
         except TimeoutError:
             return []
-        return [first, *self.take_all()]
+        rest = self.take_all()
+        return rest if isinstance(first, EndOfStream) else [first, *rest]

@@ -252,7 +252,7 @@ class InputReader:
         self._consumer.resume(*(tp for tp in assignment if tp not in paused))
         self._consumer.pause(*(tp for tp in assignment if tp in paused))
 
-    def hold(self, reason: str) -> None:
+    def pause_all(self, reason: str) -> None:
         """Pause the input partitions until the next round decides again."""
         if not self._paused:
             log.info("intake_paused", reason=reason)

@@ -98,16 +98,16 @@ class InputRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._catch_up.revoked()
         batch_ids, dropped = self._admission.drop_unsent(self._uploaders.take_queued())
         self._book.forget(batch_ids)
-        dropped += self._claims.forget_held()
+        dropped += self._claims.forget_deferred()
         self._claims.reclaim_intents()
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._book.settled()
                 # Accounted is not committed: offsets of partitions that move away would
                 # be lost with their trackers. Then no transaction until the assignment.
-                await self._committer.flush_and_hold()
+                await self._committer.flush_and_suspend()
         except TimeoutError:
-            self._committer.hold()
+            self._committer.suspend()
         for batch_id in self._book.keep_in_flight():
             self._admission.release(batch_id)
         # Nothing is this intake's until the group assigns partitions again: uploads
@@ -115,7 +115,7 @@ class InputRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._book.revoked()
         late = self._book.in_flight_batches
         if late:
-            # Their intents are in the ledger: the next owner holds their events until
+            # Their intents are in the ledger: the next owner defers their events until
             # they close (docs/design.md section 11).
             log.warning("rebalance_deadline_uploads_in_flight", batches=late)
         log.info(

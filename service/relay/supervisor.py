@@ -81,7 +81,6 @@ class Relay:
         self._config = config
         self._rate_share = rate_share
         self._partitions_of = partitions_of or (lambda _topic: None)
-        self._poller_member = poller_member
         self._admin = admin
         self._client = client
         self._metrics = metrics
@@ -123,6 +122,16 @@ class Relay:
             linger_s=config.batch_linger_s,
             max_open_batches=config.batching.max_open_batches,
         )
+        self._ledger = LedgerView(
+            reader=ledger_reader,
+            ends=poller_member,
+            written=written,
+            intake=intake_inbox,
+            poller=poller_inbox,
+            metrics=metrics,
+            clock=self._clock,
+            known=known,
+        )
         self._intake = Intake(
             config,
             consumer=consumer,
@@ -135,21 +144,12 @@ class Relay:
             health=self.health,
             metrics=metrics,
             clock=self._clock,
-            ledger=_LedgerSync(self),
+            ledger=self._ledger,
             generation=lambda: (
                 getattr(membership.group(), "generation_id", None)
                 if membership is not None
                 else None
             ),
-        )
-        self._ledger = LedgerView(
-            reader=ledger_reader,
-            written=written,
-            intake=intake_inbox,
-            poller=poller_inbox,
-            metrics=metrics,
-            clock=self._clock,
-            known=known,
         )
         self._poller = TaskPoller(
             config,
@@ -202,28 +202,6 @@ class Relay:
             ledger.cancel()
             heartbeat.cancel()
             check.cancel()
-
-    async def ledger_end_offsets(self) -> dict[int, int]:
-        """Where every ledger partition ends now, open transactions included (the
-        poller's member reads uncommitted); empty while the view has not started."""
-        partitions = self._ledger.partitions()
-        if not partitions:
-            return {}  # still starting: intake waits for the whole ledger anyway
-        topic = self._config.kafka.tasks_topic
-        ends = await self._poller_member.end_offsets([TopicPartition(topic, p) for p in partitions])
-        return {tp.partition: end for tp, end in ends.items()}
-
-    def ledger_reached(self, ends: dict[int, int]) -> bool:
-        """Whether the ledger view has read every partition up to `ends`."""
-        return all(self._ledger.position(p) >= end for p, end in ends.items())
-
-    def ledger_progress(self, topic: str, partition: int) -> bytes | None:
-        """The latest progress record of an input partition the ledger view has read."""
-        return self._ledger.progress(topic, partition)
-
-    def ledger_stopped(self) -> bool:
-        """Whether a ledger partition is stopped at a record batch it cannot decode."""
-        return bool(self._ledger.stopped)
 
     # -- health and readiness ---------------------------------------------------------
 
@@ -326,22 +304,3 @@ class _SharingRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._share.assigned(self._role, owned, total)
         log.info("rate_share", role=self._role, partitions=sorted(owned), of=total)
         await self._inner.on_partitions_assigned(assigned)
-
-
-class _LedgerSync:
-    """The ledger view and the poller's member, as intake waits for them."""
-
-    def __init__(self, relay: Relay) -> None:
-        self._relay = relay
-
-    async def end_offsets(self) -> dict[int, int]:
-        return await self._relay.ledger_end_offsets()
-
-    def reached(self, ends: dict[int, int]) -> bool:
-        return self._relay.ledger_reached(ends)
-
-    def stopped(self) -> bool:
-        return self._relay.ledger_stopped()
-
-    def progress(self, topic: str, partition: int) -> bytes | None:
-        return self._relay.ledger_progress(topic, partition)

@@ -26,7 +26,6 @@ from service.core.batching import Batch
 from service.metrics import RelayMetrics
 from service.relay.batch_upload import (
     BatchUploader,
-    IntakeInbox,
     Recorder,
     UploadAndLookupApi,
     UploadShutdown,
@@ -34,7 +33,14 @@ from service.relay.batch_upload import (
 from service.relay.config import RelayConfig
 from service.relay.health import ApiHealth
 from service.relay.ledger import KnownTasks
-from service.relay.messages import Resolution
+from service.relay.messages import (
+    BatchAbandoned,
+    BatchRejected,
+    EndOfStream,
+    Inbox,
+    Mailbox,
+    Resolution,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -48,7 +54,7 @@ class Uploaders:
         *,
         api: UploadAndLookupApi,
         committer: Recorder,
-        intake: IntakeInbox,
+        intake: Inbox[BatchRejected | BatchAbandoned],
         health: ApiHealth,
         metrics: RelayMetrics,
         owns: Callable[[Batch], bool] = lambda _batch: True,
@@ -70,32 +76,25 @@ class Uploaders:
             known=known if known is not None else KnownTasks(),
             shutdown=self._shutdown,
         )
-        # None tells one worker to end.
-        self._queue: asyncio.Queue[Batch | Resolution | None] = asyncio.Queue(
-            maxsize=config.batching.max_in_flight_requests * 2
+        # An end of the stream tells one worker to end.
+        self._inbox: Mailbox[Batch | Resolution] = Mailbox(
+            config.batching.max_in_flight_requests * 2
         )
         self._workers: list[asyncio.Task[None]] = []
         self._finished = asyncio.Event()  # every worker has ended
 
     async def put(self, batch: Batch | Resolution) -> None:
         """Queue a batch, or an intent to resolve (waits for room)."""
-        await self._queue.put(batch)
+        await self._inbox.tell(batch)
 
     @property
     def idle(self) -> bool:
         """Nothing queued: a free uploader would take a batch at once."""
-        return self._queue.empty()
+        return self._inbox.empty
 
     def take_queued(self) -> list[Batch]:
         """Take back the batches no uploader has started (a rebalance)."""
-        taken = []
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if isinstance(job, Resolution):
-                taken.append(job.batch)
-            elif job is not None:
-                taken.append(job)
-        return taken
+        return [job.batch if isinstance(job, Resolution) else job for job in self._inbox.take_all()]
 
     async def run(self) -> None:
         """Run the workers until each is told to end (or cancelled by `drain`)."""
@@ -115,10 +114,10 @@ class Uploaders:
         try:
             async with asyncio.timeout(timeout_s):
                 while pending:
-                    await self._queue.put(pending[0])
+                    await self._inbox.tell(pending[0])
                     pending.pop(0)
                 for _ in range(self._config.batching.max_in_flight_requests):
-                    await self._queue.put(None)
+                    await self._inbox.end()
                 await self._finished.wait()
         except TimeoutError:
             pass
@@ -138,7 +137,7 @@ class Uploaders:
             )
 
     async def _work(self) -> None:
-        while (job := await self._queue.get()) is not None:
+        while not isinstance(job := await self._inbox.next(), EndOfStream):
             if isinstance(job, Resolution):
                 await self._uploader.upload(job.batch, job.intent, job.sources)
             else:

@@ -71,8 +71,9 @@ class UsageError(Exception):
 
 
 @dataclass
-class DeadLetter:
-    """One dead letter as read back, with its replay marker when it has one."""
+class DeadLetterRecord:
+    """One record of the dead-letter topic as read back, with its replay marker when it
+    has one (the relay's `messages.DeadLetter` is an input record on its way there)."""
 
     partition: int
     offset: int
@@ -122,7 +123,7 @@ class Selection:
     since_ms: int | None = None
     offsets: tuple[int | None, int, int] | None = None  # partition (None: all), first, last
 
-    def takes(self, letter: DeadLetter) -> bool:
+    def takes(self, letter: DeadLetterRecord) -> bool:
         if self.reason is not None and letter.headers.reason.value != self.reason:
             return False
         if self.since_ms is not None and letter.timestamp_ms < self.since_ms:
@@ -171,7 +172,7 @@ async def read_dead_letters(
     topic: str,
     since_ms: int | None = None,
     markers: dict[str, list[Marker]] | None = None,
-) -> AsyncIterator[DeadLetter]:
+) -> AsyncIterator[DeadLetterRecord]:
     """The dead letters of `topic` in offset order per partition, as they are read (none
     is held here: the caller keeps what it needs). Replay markers come later in the log
     than their dead letters; they are put in `markers` (position -> markers, oldest
@@ -198,7 +199,7 @@ async def read_dead_letters(
             parsed = DeadLetterHeaders.from_kafka(record.headers or ())
         except (KeyError, ValueError, ValidationError):
             continue  # not a dead letter the relay wrote
-        yield DeadLetter(
+        yield DeadLetterRecord(
             record.partition,
             record.offset,
             record.timestamp,
@@ -209,7 +210,7 @@ async def read_dead_letters(
 
 
 async def apply_markers(
-    settings: Settings, letters: list[DeadLetter], markers: dict[str, list[Marker]]
+    settings: Settings, letters: list[DeadLetterRecord], markers: dict[str, list[Marker]]
 ) -> None:
     """Set each letter's `replayed` from the newest of its markers that its replayed copy
     proves: the input record the marker names carries this dead letter's replay
@@ -248,7 +249,7 @@ async def apply_markers(
 
 
 def _marker_claim(
-    settings: Settings, letter: DeadLetter, marker: Marker
+    settings: Settings, letter: DeadLetterRecord, marker: Marker
 ) -> tuple[str | None, str | None]:
     """Why the marker cannot be a replay's of `letter` on its face, or (None, None)."""
     if marker.partition != letter.partition or marker.offset <= letter.offset:
@@ -265,7 +266,7 @@ def _marker_claim(
 
 
 async def _copy_proves(
-    consumer: Any, tp: Any, offset: int, dlq_topic: str, letter: DeadLetter
+    consumer: Any, tp: Any, offset: int, dlq_topic: str, letter: DeadLetterRecord
 ) -> tuple[str | None, str | None]:
     """Whether the input record at `tp`/`offset` is the replayed copy of `letter`."""
     partitions = consumer.partitions_for_topic(tp.topic) or set()
@@ -332,7 +333,7 @@ async def _list(settings: Settings, selection: Selection, limit: int, printer: P
 
     from service.tools.kafka_io import MissingTopicError
 
-    shown: deque[DeadLetter] = deque(maxlen=limit)  # the newest `limit`
+    shown: deque[DeadLetterRecord] = deque(maxlen=limit)  # the newest `limit`
     markers: dict[str, list[Marker]] = {}
     matched = 0
     try:
@@ -413,7 +414,7 @@ def read_fixed(path: Path) -> dict[tuple[int, int], bytes]:
 class Planned:
     """One dead letter to replay: the bytes to republish, or why it cannot be."""
 
-    letter: DeadLetter
+    letter: DeadLetterRecord
     value: bytes | None = None
     fixed: bool = False
     problem: str | None = None
@@ -430,7 +431,7 @@ class Replay:
     dry_run: bool = False
     force: bool = False
     skipped_replayed: list[str] = field(default_factory=list)
-    ignored_markers: list[DeadLetter] = field(default_factory=list)
+    ignored_markers: list[DeadLetterRecord] = field(default_factory=list)
 
     @property
     def transactional_id(self) -> str:
@@ -496,7 +497,7 @@ class Replay:
             raise UsageError(f"--fixed names dead letters not selected (or not found): {listed}")
         return plan
 
-    async def _judge(self, letter: DeadLetter) -> Planned:
+    async def _judge(self, letter: DeadLetterRecord) -> Planned:
         source = letter.headers.source_topic
         if source != self.settings.kafka.input_topic:
             # The relay dead-letters only records of its input topic: a dead letter naming
@@ -537,7 +538,7 @@ class Replay:
             problem=f"{what} would be refused again: {verdict.reason.value}: {verdict.message}",
         )
 
-    async def _original(self, letter: DeadLetter) -> bytes | None:
+    async def _original(self, letter: DeadLetterRecord) -> bytes | None:
         """The whole source record of a dead letter written without (all of) its value."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 

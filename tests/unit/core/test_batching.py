@@ -43,7 +43,7 @@ def test_same_scm_data_merges_and_duplicates_are_dropped_and_counted() -> None:
     b = batcher()
     assert b.add(pending(["a", "b"]), 0.0)[0] == []
     assert b.add(pending(["b", "c"], scm_data={"intended_market": "DE"}), 0.1)[0] == []
-    (batch,) = b.drain()
+    (batch,) = b.close_all()
     assert batch.constraints() == {"extended_id": ["a", "b", "c"]}
     assert b.deduplicated == 1
     assert len(batch.events()) == 2
@@ -77,7 +77,7 @@ def test_full_batch_is_ready_at_max_values_and_big_events_split() -> None:
     assert all(batch.flush_reason is FlushReason.FULL for batch in ready)
     assert len(placed) == 3
     assert placed[0][1].event.parts == 3
-    (rest,) = b.drain()
+    (rest,) = b.close_all()
     assert rest.constraints() == {"extended_id": ["g"]}
 
 
@@ -113,7 +113,7 @@ def test_batch_size_counts_every_value_attached() -> None:
     b = batcher(max_values=10)
     b.add(pending(["A", "B", "C"], scm_data={"lot": "1"}), 0.0)
     b.add(pending(["C", "D"], scm_data={"lot": "1"}), 0.0)
-    (batch,) = b.drain()
+    (batch,) = b.close_all()
     assert batch.size == 4 == sum(len(v) for v in batch.constraints().values())
 
 
@@ -135,7 +135,7 @@ def test_max_keys_shares_a_request_across_constraint_keys() -> None:
         {"extended_id": ["a"], "serial_number": ["s1"]}
     ]
     assert ready[0].flush_reason is FlushReason.KEYS
-    (rest,) = b.drain()
+    (rest,) = b.close_all()
     assert rest.constraints() == {"rfid": ["r1"]}
 
 
@@ -150,15 +150,15 @@ def test_expected_codes_of_a_batch() -> None:
     b = batcher()
     b.add(pending(["a", "b"]), 0.0)
     b.add(pending(["b", "c"]), 0.0)  # b is a duplicate: three codes in all
-    (batch,) = b.drain()
+    (batch,) = b.close_all()
     assert batch.expected_codes(()) == 3
     b.add(pending(["p1"], key="pallet"), 0.0)
-    (pallets,) = b.drain()
+    (pallets,) = b.close_all()
     assert pallets.expected_codes(()) is None
     assert pallets.expected_codes(("pallet",)) == 1
     b.add(pending(["p2"], key="pallet", expected_codes=240), 0.0)
     b.add(pending(["p3"], key="pallet", expected_codes=240), 0.0)
-    (declared,) = b.drain()
+    (declared,) = b.close_all()
     assert declared.expected_codes(()) == 480
 
 
@@ -173,7 +173,7 @@ def test_discard_forgets_open_batches() -> None:
     b.add(pending(["a"]), 0.0)
     assert len(b.discard()) == 1
     assert b.open_batches == 0
-    assert b.drain() == []
+    assert b.close_all() == []
 
 
 def test_a_request_is_bounded_in_bytes_as_well_as_values() -> None:
@@ -182,7 +182,7 @@ def test_a_request_is_bounded_in_bytes_as_well_as_values() -> None:
     ready, _ = b.add(pending(long_codes), 0.0)
     assert [(batch.size, batch.value_bytes) for batch in ready] == [(3, 3000), (3, 3000)]
     assert all(batch.flush_reason is FlushReason.BYTES for batch in ready)
-    (rest,) = b.drain()
+    (rest,) = b.close_all()
     assert rest.constraints()["extended_id"] == long_codes[6:]
     # A value alone over the bound still goes, alone; non-ASCII counts its UTF-8 bytes.
     big = batcher(max_bytes=10)
@@ -221,7 +221,7 @@ def test_an_event_with_several_keys_is_a_request_of_its_own_at_once(max_keys: in
     assert b.deduplicated == 0
     # The single-key events around it merge among themselves only, as before.
     b.add(pending(["c"]), 0.0)
-    rest = b.drain()
+    rest = b.close_all()
     merged = (
         [{"extended_id": ["a", "c"]}, {"rfid": ["r9"]}]
         if max_keys == 1

@@ -202,7 +202,7 @@ def test_tracker_checkpoints_only_partitions_whose_progress_moved() -> None:
 def test_an_in_flight_event_holds_the_commit_point_and_is_skipped() -> None:
     offsets = PartitionOffsets()
     offsets.restore(0, None)
-    offsets.hold_in_flight(1)
+    offsets.mark_in_flight(1)
     assert [offsets.received(o) for o in range(3)] == [False, True, False]
     offsets.accounted(0)
     offsets.accounted(2)
@@ -318,7 +318,7 @@ def test_an_upload_under_way_does_not_carry_the_commit_point_past_what_is_unread
     offsets = PartitionOffsets()
     offsets.restore(6, None)
     offsets.apply(None)
-    offsets.hold_in_flight(9)
+    offsets.mark_in_flight(9)
     offsets.accounted(9)
     assert offsets.committable() == 6
     assert [offsets.received(o) for o in (6, 7, 8, 9)] == [False, False, False, True]

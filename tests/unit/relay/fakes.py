@@ -194,7 +194,12 @@ class FakeProducer:
         # The broker fenced the producer meanwhile: aborting raises (it aborted already).
         self.fence_abort = False
         self.aborted: list[Transaction] = []
-        self.hold_commit: asyncio.Event | None = None
+        self.slow_commit: asyncio.Event | None = None
+
+    @property
+    def in_transaction(self) -> bool:
+        """A transaction is open (begun, not yet committed or aborted)."""
+        return self._open is not None
 
     async def begin_transaction(self) -> None:
         assert self._open is None, "a transaction is already open"
@@ -231,8 +236,8 @@ class FakeProducer:
         assert self._open is not None
         if self.fence_commit:
             raise GroupFencedError("group refused generation 1 of member m: IllegalGenerationError")
-        if self.hold_commit is not None:
-            await self.hold_commit.wait()
+        if self.slow_commit is not None:
+            await self.slow_commit.wait()
         if self.fail_commit:
             self._open = None
             raise RuntimeError("the broker refused the transaction")

@@ -106,5 +106,5 @@ def expected_codes(event: ChangeEvent, limits: ContractLimits = DEFAULT_LIMITS) 
     """The expected codes of a request carrying `event` alone."""
     batcher = Batcher(max_values=1000, max_keys=1, linger_s=1.0, max_open_batches=1)
     ready, _ = batcher.add(PendingEvent(Source("in", 0, 0), event, b"", None, 0.0), 0.0)
-    (only,) = ready + batcher.drain()  # an event with several keys is ready at once
+    (only,) = ready + batcher.close_all()  # an event with several keys is ready at once
     return only.expected_codes(limits.one_code_per_value_keys)

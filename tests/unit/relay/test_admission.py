@@ -22,7 +22,7 @@ def test_a_conflicting_change_is_held_until_the_claim_ends_then_batched() -> Non
     subject = admission()
     first = subject.offer(pending(["a"], "DE"), 0.0)
     assert not first.held
-    (open_batch,) = subject.drain()
+    (open_batch,) = subject.close_all()
     later = pending(["a"], "FR")
     assert subject.offer(later, 0.0).held
     assert subject.next_released() is None
@@ -43,7 +43,7 @@ def test_a_task_in_the_ledger_claims_its_codes_unless_the_batch_is_ours() -> Non
     assert subject.offer(pending(["a"], "FR"), 0.0).held
     ours = admission()
     ours.offer(pending(["b"], "DE"), 0.0)
-    (batch,) = ours.drain()
+    (batch,) = ours.close_all()
     ours.claim_task(batch.batch_id, {"extended_id": ["b"]}, {"intended_market": "DE"})
     ours.release(batch.batch_id)
     assert not ours.offer(pending(["b"], "FR"), 0.0).held, "a claim was left behind"

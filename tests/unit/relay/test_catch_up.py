@@ -31,10 +31,10 @@ class Ledger:
             raise self.ends
         return self.ends
 
-    def reached(self, ends: dict[int, int]) -> bool:
+    def has_read_to(self, ends: dict[int, int]) -> bool:
         return all(self.read_to.get(p, 0) >= end for p, end in ends.items())
 
-    def stopped(self) -> bool:
+    def partition_stopped(self) -> bool:
         return self.is_stopped
 
     def progress(self, topic: str, partition: int) -> bytes | None:

@@ -87,7 +87,7 @@ async def test_an_event_held_behind_a_recorded_intent_is_done_and_committed_soon
     await subject.read(IntentOpened(intent(["a"], [(0, 4)], batch_id="b-other", resolve_in_s=60)))
     read = pending(["a"])
     read.source = Source("in", 0, 4)
-    assert subject.claims.hold(read), "an event the intent covers was not held"
+    assert subject.claims.defer(read), "an event the intent covers was not held"
     await subject.read(IntentClosed("b-other", ("t1",)))
     assert subject.book.is_done(Source("in", 0, 4))
     assert any(isinstance(item, Flush) for item in subject.committer.items)

@@ -81,7 +81,7 @@ async def test_a_ledger_record_and_the_offsets_it_releases_commit_together() -> 
 
 async def test_record_returns_only_once_the_transaction_committed() -> None:
     producer, accounting = FakeProducer(), FakeAccounting()
-    producer.hold_commit = asyncio.Event()
+    producer.slow_commit = asyncio.Event()
     stage, _ = committer(producer, accounting)
     runner = asyncio.create_task(stage.run())
     uploaded = batch(["a"])
@@ -93,7 +93,7 @@ async def test_record_returns_only_once_the_transaction_committed() -> None:
     assert not recording.done()
     assert not flushing.done()
     assert producer.committed == []
-    producer.hold_commit.set()
+    producer.slow_commit.set()
     await asyncio.wait_for(asyncio.gather(recording, flushing), 1)
     assert len(producer.committed) == 1
     await stage.close()

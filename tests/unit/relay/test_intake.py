@@ -71,7 +71,7 @@ class Committer:
     def __init__(self) -> None:
         self.items: list[DeadLetter | Flush] = []
         self.flushes = 0
-        self.held = False
+        self.suspended = False
 
     async def submit(self, item: DeadLetter | Flush) -> None:
         self.items.append(item)
@@ -79,15 +79,15 @@ class Committer:
     async def flush(self) -> None:
         self.flushes += 1
 
-    async def flush_and_hold(self) -> None:
+    async def flush_and_suspend(self) -> None:
         self.flushes += 1
-        self.held = True
+        self.suspended = True
 
-    def hold(self) -> None:
-        self.held = True
+    def suspend(self) -> None:
+        self.suspended = True
 
     def resume(self) -> None:
-        self.held = False
+        self.suspended = False
 
 
 @dataclass

@@ -105,16 +105,16 @@ def test_an_open_intent_holds_what_it_covers_and_its_closure_says_what_is_done()
     # The event at offset 6 was cut across batches: this one carries its value 0 of 2.
     watch.opened(intent(["a", "b", "c"], [(0, 5), (0, 6, [0], 2)]))
     whole, split, elsewhere = held(["a", "b"], 0, 5), held(["c", "z"], 0, 6), held(["a"], 0, 7)
-    assert watch.hold(whole)
-    assert watch.hold(split)
-    assert not watch.hold(elsewhere), "an event the intent does not cover went on hold"
+    assert watch.defer(whole)
+    assert watch.defer(split)
+    assert not watch.defer(elsewhere), "an event the intent does not cover went on hold"
     closed = watch.closed("b-orphan", recorded=True)
     # Done: the whole event, and the value of the cut one it carried.
     assert closed.done == [Done("in", 0, 5), Done("in", 0, 6, (0,), 2)]
     # Only part of this event was in the intent: it is read in again, not lost.
     assert closed.readmit == [split]
     assert len(watch) == 0
-    assert not watch.hold(held(["a"], 0, 5)), "a closed intent still holds"
+    assert not watch.defer(held(["a"], 0, 5)), "a closed intent still holds"
 
 
 def test_a_closed_intent_is_never_opened_again() -> None:
@@ -128,7 +128,7 @@ def test_a_closed_intent_is_never_opened_again() -> None:
     watch.closed(record.batch_id, recorded=True)
     assert not watch.opened(record)
     assert len(watch) == 0
-    assert not watch.hold(held(["a"], 0, 5))
+    assert not watch.defer(held(["a"], 0, 5))
 
 
 def test_an_orphan_is_due_only_after_resolve_after_for_the_owner_of_its_first_event() -> None:
@@ -141,8 +141,8 @@ def test_an_orphan_is_due_only_after_resolve_after_for_the_owner_of_its_first_ev
     assert watch.due(later, {("in", 0)}, lambda _: True) == [], "resolved by a non-owner"
     # The owner, but it has not read the intent's events yet.
     assert watch.due(later, mine, lambda _: False) == []
-    watch.hold(held(["a"], 1, 3))
-    watch.hold(held(["b"], 0, 9))
+    watch.defer(held(["a"], 1, 3))
+    watch.defer(held(["b"], 0, 9))
     ((resolution, record, sources),) = watch.due(later, mine, lambda _: False)
     assert resolution.batch_id == record.batch_id == "b-orphan"
     assert resolution.constraints() == {"extended_id": ["a", "b"]}
@@ -162,7 +162,7 @@ def test_an_intent_carries_an_event_with_several_keys_whole() -> None:
     watch = IntentWatch()
     watch.opened(intent([], [(0, 5)], constraints=both))
     multi = held_several(both, 0, 5)
-    assert watch.hold(multi)
+    assert watch.defer(multi)
     later = datetime.now(UTC) + timedelta(seconds=1)
     ((resolution, _, sources),) = watch.due(later, {("in", 0)}, lambda _: False)
     # Resolved, it is sent again exactly: the event's constraints, every key.
@@ -176,7 +176,7 @@ def test_a_closed_intent_makes_its_events_done_read_or_not_and_is_remembered() -
     paused or behind) was sent again: the closure forgot events not yet held."""
     watch = IntentWatch()
     watch.opened(intent(["a", "b"], [(0, 5), (1, 9)]))
-    watch.hold(held(["a"], 0, 5))  # the event at (1, 9) is not read yet
+    watch.defer(held(["a"], 0, 5))  # the event at (1, 9) is not read yet
     closed = watch.closed("b-orphan", recorded=True)
     assert closed.done == [Done("in", 0, 5), Done("in", 1, 9)]
     assert closed.readmit == []
@@ -188,7 +188,7 @@ def test_a_rejected_intent_leaves_the_values_of_a_cut_event_to_send() -> None:
     watch = IntentWatch()
     watch.opened(intent(["a"], [(0, 5), (0, 6, [0], 2)]))
     split = held(["c", "z"], 0, 6)
-    watch.hold(split)
+    watch.defer(split)
     closed = watch.closed("b-orphan", recorded=False)
     assert closed.done == [Done("in", 0, 5)]
     assert closed.readmit == [split]
@@ -400,16 +400,16 @@ def _rejected() -> Any:
     return Rejected(400, {"scm_data": ["bad"]}, "{}")
 
 
-async def test_a_held_committer_starts_no_transaction_until_resumed() -> None:
+async def test_a_suspended_committer_starts_no_transaction_until_resumed() -> None:
     producer, accounting = FakeProducer(), FakeAccounting()
     stage = committer(producer, accounting)
     runner = asyncio.create_task(stage.run())
-    stage.hold()
+    stage.suspend()
     from service.relay.messages import IntentWrite
 
     writing = asyncio.create_task(stage.write_intent(IntentWrite(intent(["a"], [(0, 1)]))))
     await asyncio.sleep(0.1)
-    assert producer.committed == [], "committed while a rebalance held the committer"
+    assert producer.committed == [], "committed while a rebalance suspended the committer"
     stage.resume()
     await asyncio.wait_for(writing, 1)
     assert len(producer.committed) == 1
@@ -417,7 +417,7 @@ async def test_a_held_committer_starts_no_transaction_until_resumed() -> None:
     await runner
 
 
-async def test_flush_and_hold_lets_no_transaction_begin_between_the_flush_and_the_hold() -> None:
+async def test_flush_and_suspend_lets_no_transaction_begin_before_the_suspension() -> None:
     # The revoke callback flushes, then the group rejoins under a new generation: an item
     # queued while the flush commits must wait for the assignment, or it would be
     # committed under the old generation and fence a replica that is no zombie.
@@ -427,12 +427,12 @@ async def test_flush_and_hold_lets_no_transaction_begin_between_the_flush_and_th
     stage = committer(producer, accounting)
     runner = asyncio.create_task(stage.run())
     first = asyncio.create_task(stage.write_intent(IntentWrite(intent(["a"], [(0, 1)]))))
-    holding = asyncio.create_task(stage.flush_and_hold())
+    holding = asyncio.create_task(stage.flush_and_suspend())
     await asyncio.wait_for(asyncio.gather(first, holding), 1)
     committed = len(producer.committed)
     later = asyncio.create_task(stage.write_intent(IntentWrite(intent(["b"], [(0, 2)]))))
     await asyncio.sleep(0.1)
-    assert len(producer.committed) == committed, "a transaction began after the hold"
+    assert len(producer.committed) == committed, "a transaction began after the suspension"
     stage.resume()
     await asyncio.wait_for(later, 1)
     assert len(producer.committed) == committed + 1

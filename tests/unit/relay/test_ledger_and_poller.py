@@ -42,6 +42,7 @@ def ledger_view(
 ) -> LedgerView:
     return LedgerView(
         reader=reader,
+        ends=FakeMember(reader.topic, len(reader.logs)),
         written=written,
         intake=intake,
         poller=poller,
@@ -73,6 +74,33 @@ async def test_the_view_tells_intake_and_poller_each_record_once_then_caught_up(
     assert view.position(1) == 1
 
 
+async def test_the_view_answers_where_the_ledger_ends_and_whether_it_has_read_to_there() -> None:
+    """The one place intake asks whether the ledger has caught up (catch_up.py): where
+    it ends by the poller's member (reading uncommitted), how far the view has read."""
+    reader = FakeConsumer("tasks", partitions=2)
+    reader.append(ledger_record("t1", ["a"]).model_dump_json().encode(), 0, b"t1")
+    ends = FakeMember("tasks", 2)
+    for _ in range(3):
+        ends.append(None, 1, b"t9")  # the member sees further than the view has read
+    view = LedgerView(
+        reader=reader,
+        ends=ends,
+        written=WrittenRecords(),
+        intake=Inbox(),
+        poller=Inbox(),
+        metrics=RelayMetrics(CollectorRegistry()),
+        clock=lambda: 0.0,
+    )
+    assert await view.end_offsets() == {}, "asked before the view started reading"
+    task = asyncio.create_task(view.run())
+    await asyncio.wait_for(view.caught_up.wait(), 2)
+    task.cancel()
+    assert await view.end_offsets() == {0: 0, 1: 3}
+    assert view.has_read_to({0: 1, 1: 0})
+    assert not view.has_read_to({0: 1, 1: 3}), "partition 1 read to 0, not 3"
+    assert not view.partition_stopped()
+
+
 async def test_the_view_notes_every_task_the_ledger_names_as_known() -> None:
     """Task records, tombstones and the closures of intents: what reconciliation must
     never take for another batch's task."""
@@ -84,6 +112,7 @@ async def test_the_view_notes_every_task_the_ledger_names_as_known() -> None:
     known = KnownTasks()
     view = LedgerView(
         reader=reader,
+        ends=FakeMember("tasks", 2),
         written=WrittenRecords(),
         intake=Inbox(),
         poller=Inbox(),

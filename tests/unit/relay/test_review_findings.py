@@ -68,10 +68,10 @@ class Ledger:
     async def end_offsets(self) -> dict[int, int]:
         return {0: 10}
 
-    def reached(self, ends: dict[int, int]) -> bool:
+    def has_read_to(self, ends: dict[int, int]) -> bool:
         return True
 
-    def stopped(self) -> bool:
+    def partition_stopped(self) -> bool:
         return False
 
     def progress(self, topic: str, partition: int) -> bytes | None:
@@ -421,7 +421,7 @@ async def test_a_batch_given_up_is_resolved_by_its_newest_intent_not_by_the_one_
 
 async def test_an_orphan_is_resolved_once_although_a_rebalance_came_while_it_was_resolved() -> None:
     """Intake hands an orphan intent to an uploader, which starts looking it up (the
-    API is down: lookups retry). A rebalance: `IntentWatch.forget_held` marks every
+    API is down: lookups retry). A rebalance: `IntentWatch.forget_deferred` marks every
     intent not resolving, the revoke's deadline passes with the resolution still under
     way, `keep_in_flight` forgets its batch (no intent of this process's was written
     for it) and releases the intent's claim. The partition is assigned again, its event
@@ -487,11 +487,11 @@ async def test_intake_waits_for_the_progress_record_its_commit_point_names() -> 
 # -- 10. A flush-and-hold cut off by the revoke deadline holds the committer later -------
 
 
-async def test_a_hold_whose_flush_timed_out_does_not_hold_the_committer_after_resume() -> None:
+async def test_a_timed_out_flush_does_not_suspend_the_committer_after_resume() -> None:
     """(Present before this change too.) The revoke's deadline passes while
-    `flush_and_hold` waits behind a slow transaction: intake calls `hold()`, but the
-    `Flush(then_hold=True)` stays queued. At the assignment `resume()` lets it through,
-    and the transaction that commits it holds the committer again, now for good: nothing
+    `flush_and_suspend` waits behind a slow transaction: intake calls `suspend()`, but the
+    `Flush(then_suspend=True)` stays queued. At the assignment `resume()` lets it through,
+    and the transaction that commits it suspends the committer again, now for good: nothing
     is committed until the next rebalance (uploads wait for their records, intents are
     never written, intake fills up and pauses)."""
     from tests.unit.relay.fakes import FakeAccounting, FakeProducer
@@ -499,16 +499,16 @@ async def test_a_hold_whose_flush_timed_out_does_not_hold_the_committer_after_re
     producer, accounting = FakeProducer(), FakeAccounting()
     stage = committer(producer, accounting)
     runner = asyncio.create_task(stage.run())
-    producer.hold_commit = asyncio.Event()  # the broker is slow to commit
+    producer.slow_commit = asyncio.Event()  # the broker is slow to commit
     await stage.submit(dead_letter(0))
     await asyncio.sleep(0.05)  # its transaction waits for the broker
     try:
         async with asyncio.timeout(0.1):  # intake's revoke deadline
-            await stage.flush_and_hold()
+            await stage.flush_and_suspend()
     except TimeoutError:
-        stage.hold()
-    producer.hold_commit.set()
-    producer.hold_commit = None
+        stage.suspend()
+    producer.slow_commit.set()
+    producer.slow_commit = None
     await asyncio.sleep(0.05)
     stage.resume()  # the assignment
     await asyncio.sleep(0.1)  # the stale flush commits

@@ -39,10 +39,10 @@ class LaggingLedger:
             raise KafkaConnectionError("leader not available")
         return {0: 10}
 
-    def reached(self, ends: dict[int, int]) -> bool:
+    def has_read_to(self, ends: dict[int, int]) -> bool:
         return self.caught_up
 
-    def stopped(self) -> bool:
+    def partition_stopped(self) -> bool:
         return False
 
     def progress(self, topic: str, partition: int) -> bytes | None:

@@ -8,12 +8,12 @@ import pytest
 
 from service.core.reasons import Reason, Stage
 from service.core.records import DeadLetterHeaders
-from service.tools.dlq import DeadLetter, Selection, UsageError, parse_offsets, parse_since
+from service.tools.dlq import DeadLetterRecord, Selection, UsageError, parse_offsets, parse_since
 
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 
 
-def letter(partition: int, offset: int, reason: Reason, at: dt.datetime) -> DeadLetter:
+def letter(partition: int, offset: int, reason: Reason, at: dt.datetime) -> DeadLetterRecord:
     headers = DeadLetterHeaders(
         stage=reason.stage,
         reason=reason,
@@ -22,7 +22,7 @@ def letter(partition: int, offset: int, reason: Reason, at: dt.datetime) -> Dead
         source_partition=0,
         source_offset=offset,
     )
-    return DeadLetter(partition, offset, int(at.timestamp() * 1000), None, b"x", headers)
+    return DeadLetterRecord(partition, offset, int(at.timestamp() * 1000), None, b"x", headers)
 
 
 @pytest.mark.parametrize(
