@@ -55,7 +55,16 @@ class Done(NamedTuple):
     total: int | None = None
 
 
-@dataclass(eq=False, slots=True, weakref_slot=True)
+class EventIdentity:
+    """One read of a published event, shared by every copy of its `PendingEvent` (the
+    part still unsent, read in again; the events of a resolved intent's batch): what a
+    stage remembers of the event, keyed by this, holds for each copy, and is forgotten
+    (weakly referenced) with the last of them."""
+
+    __slots__ = ("__weakref__",)
+
+
+@dataclass(eq=False, slots=True)
 class PendingEvent:
     """An accepted event on its way to the API.
 
@@ -74,6 +83,8 @@ class PendingEvent:
     total: int = 0
     indexes: tuple[int, ...] | None = None
     published: ChangeEvent | None = None  # the event as published, when `event` is not
+    # Kept by `dataclasses.replace`, so every copy of this read shares it.
+    identity: EventIdentity = field(default_factory=EventIdentity)
 
 
 def unsent_part(

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import structlog
 
-from service.core.batching import Batch, Done, PendingEvent, Source
+from service.core.batching import Batch, Done, EventIdentity, Source
 from service.core.reasons import Reason, Stage
 from service.core.records import (
     DeadLetterHeaders,
@@ -72,9 +72,10 @@ class ItemWriter:
         self._written = written
         self._metrics = metrics
         # Events of rejected batches already dead-lettered: an event split over two
-        # rejected batches is written once. The writer's own (no other stage reads it);
-        # weak, so an event leaves it with the last batch that carries it.
-        self._rejected: weakref.WeakSet[PendingEvent] = weakref.WeakSet()
+        # rejected batches, or read in again after one was (a copy), is written once.
+        # The writer's own (no other stage reads it); keyed by the identity every copy
+        # of the event shares, and weak, so an event leaves it with its last copy.
+        self._rejected: weakref.WeakSet[EventIdentity] = weakref.WeakSet()
 
     async def write(self, item: CommitItem, finished: list[Callable[[], None]]) -> None:
         """Write `item`; an item whose batch or partition is no longer this replica's is
@@ -180,8 +181,8 @@ class ItemWriter:
         for pending in item.batch.events():
             source = pending.source
             held.add((source.topic, source.partition, source.offset))
-            if pending not in self._rejected:
-                self._rejected.add(pending)
+            if pending.identity not in self._rejected:
+                self._rejected.add(pending.identity)
                 await self._dead_letter_rejected(item, source, pending.raw, pending.key)
         for done in item.sources or []:
             if (done.topic, done.partition, done.offset) not in held:

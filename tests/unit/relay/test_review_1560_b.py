@@ -3,8 +3,8 @@
 `InputRebalance.settling` is true from `OffsetBook.revoked()` to the end of the next
 assignment's restore. `partitions_revoked` calls `revoked()` only after its settle wait,
 which waits for exactly the batches an uploader may give up meanwhile; and it drops the
-held events (`forget_held`) before that wait. A batch given up during the wait is seen to at once,
-by the tracker of the assignment that is ending.
+deferred events (`forget_deferred`) before that wait. A batch given up during the wait is
+seen to at once, by the tracker of the assignment that is ending.
 
 An intent another process closed while this process's batch was in flight now counts
 what the batch carries as done, but only what a recorded closure carries: a refused
@@ -39,7 +39,7 @@ async def test_a_batch_given_up_while_a_revoke_waits_for_it_is_held_once() -> No
     the uploader gives it up during that wait. `settling` is false until `revoked()`,
     so `_abandoned` runs at once, with the ending assignment's tracker (read past the
     event) and tokens (owned): it holds the event behind the intent, after
-    `forget_held`. The partition comes back and the event is read and held a second
+    `forget_deferred`. The partition comes back and the event is read and held a second
     time. The intent's resolution carries it twice; refused by the API, the committer
     dead-letters the one event twice. (Had the partition gone to another member, the
     stale hold would be read in again at the closure, as in test_review_1560's third

@@ -484,7 +484,7 @@ async def test_intake_waits_for_the_progress_record_its_commit_point_names() -> 
     )
 
 
-# -- 10. A flush-and-hold cut off by the revoke deadline holds the committer later -------
+# -- 10. A flush-and-suspend cut off by the revoke deadline suspends the committer later -
 
 
 async def test_a_timed_out_flush_does_not_suspend_the_committer_after_resume() -> None:

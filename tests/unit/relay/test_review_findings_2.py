@@ -106,7 +106,7 @@ async def test_a_resolution_revoked_while_waiting_for_room_is_handed_out_again()
     QUEUE_KEEPALIVE_S it polls the consumer, `getmany(timeout_ms=0)`). The group
     rebalances while `_send` is in that poll (aiokafka runs the listener in its
     coordinator's task, at any await of intake's). The fix of finding 8 keeps the intent
-    `resolving` since its batch is "in flight" (`forget_held(under_way=
+    `resolving` since its batch is "in flight" (`forget_deferred(under_way=
     self._book.is_in_flight)`), although no uploader has it. `_send` then sees the epoch
     moved and forgets the batch (`book.forget`, `_reclaim_intents`), but nothing clears
     `resolving`: `due()` skips the intent for ever, and nobody else resolves it (this
@@ -275,7 +275,7 @@ async def test_a_resolution_recorded_before_its_closure_is_read_back_is_not_hand
 ):
     """Found by the simulation (seed 4969): this process resolved an orphan intent and
     recorded the task (its closure in the same transaction), but the ledger view had not
-    read the closure back when a rebalance came: `forget_held` saw the resolution no
+    read the closure back when a rebalance came: `forget_deferred` saw the resolution no
     longer in flight, marked the still-open intent not resolving, and after the
     assignment `due()` handed it out again: the same task adopted and recorded twice,
     with two results."""
