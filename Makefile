@@ -17,7 +17,7 @@ KAFKA_LOCAL := deploy/local-kafka/kafka-local
 # Port of the local test broker; a free one is picked when unset.
 export SCM_RELAY_KAFKA_PORT ?=
 
-.PHONY: help demo setup lint audit fmt test test-unit sim bench chaos schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
+.PHONY: help demo setup lint audit fmt test test-unit test-repo sim bench chaos schemas settings-doc k8s-rules crd-schemas kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -95,6 +95,9 @@ fmt: setup ## apply ruff's fixes and formatting
 
 test-unit: setup ## the pure unit tests only (no broker)
 	$(BIN)/pytest tests/unit
+
+test-repo: setup ## the tests of the repository's other files that need no broker (Dockerfile, deploy/, wheel, schemas/, the simulation)
+	$(BIN)/pytest tests/repository -m "not kafka"
 
 # Lint, then the whole suite against a broker this target starts and always stops.
 test: lint ## lint + every test against a freshly started local Kafka broker
