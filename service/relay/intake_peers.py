@@ -44,9 +44,6 @@ class CommitQueue(Protocol):
     async def submit(self, item: DeadLetter | Flush) -> None:
         """Queue a dead letter (or a request to commit soon) for the next transaction."""
 
-    async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
-
     async def flush_and_suspend(self) -> None:
         """Commit what is queued, then start no transaction until `resume`."""
 

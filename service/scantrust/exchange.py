@@ -18,7 +18,7 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Final
@@ -70,7 +70,6 @@ class ApiCall:
     url: str
     body: dict[str, Any] | None = None
     is_upload: bool = False
-    params: dict[str, str] = field(default_factory=dict)
     send_by: float | None = None  # Unix time; see `ScantrustClient.upload`
     deadline: float | None = None  # the event loop's clock; see `ScantrustClient.upload`
     slot: Slot | None = None  # an upload's slot, reserved early or granted by the limits
